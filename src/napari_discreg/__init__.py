@@ -1,0 +1,26 @@
+"""napari-discreg: learned discrete multimodal 2D registration, adapted by classifier discrepancy.
+
+Public API (stable names; the GUI and the command line use only these):
+
+* :func:`load_model` - the shipped pretrained model, or a checkpoint file.
+* :func:`register` - register a moving image onto a fixed one -> :class:`RegistrationResult`.
+* :func:`adapt_steps` / :func:`adapt` - unsupervised adaptation to new contrasts by
+  maximum classifier discrepancy (L1, sliced Wasserstein or projected EMD).
+* :func:`save_model` - write a (possibly adapted) model to a safetensors checkpoint.
+"""
+
+from .core.checkpoint import load_model
+from .core.checkpoint import save_checkpoint as save_model
+from .core.register import RegistrationResult, register
+from .core.train import StepRecord, adapt, adapt_steps
+
+__version__ = "0.1.0"
+__all__ = [
+    "RegistrationResult",
+    "StepRecord",
+    "adapt",
+    "adapt_steps",
+    "load_model",
+    "register",
+    "save_model",
+]

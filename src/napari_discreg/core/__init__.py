@@ -1,0 +1,1 @@
+"""Pure numpy/torch engine of napari-discreg: no Qt, no napari."""

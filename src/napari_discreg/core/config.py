@@ -1,0 +1,142 @@
+"""Every default of napari-discreg lives here, once.
+
+The dataclasses are plain, JSON-serialisable records: a checkpoint stores them
+next to its weights so that a model can always be rebuilt exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a clear message."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the two-head discrete registration network.
+
+    Attributes
+    ----------
+    num_labels : int
+        K, the number of candidate displacements per axis (K x K labels). Odd, so
+        that zero displacement is a label.
+    capture_range : float
+        q, the largest candidate displacement in pixels: offsets are
+        ``q * linspace(-1, 1, K)``.
+    stride : int
+        Control-point spacing in pixels. Images are padded to a multiple of it.
+    features : int
+        Channels of the shared feature extractor G.
+    head_channels : int
+        Channels of the hidden layers of the classifier heads F1 and F2.
+    temperature : float
+        Scale applied to the cosine-similarity cost volume before the heads.
+    """
+
+    num_labels: int = 15
+    capture_range: float = 7.0
+    stride: int = 4
+    features: int = 24
+    head_channels: int = 64
+    temperature: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.num_labels < 3 or self.num_labels % 2 == 0:
+            raise ValueError(f"num_labels must be an odd integer >= 3, got {self.num_labels}")
+        if not self.capture_range > 0:
+            raise ValueError(f"capture_range must be > 0 pixels, got {self.capture_range}")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if self.features < 1 or self.head_channels < 1:
+            raise ValueError("features and head_channels must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Synthetic pairs made from the MNI template that nilearn ships.
+
+    Slices are axial, resampled to ``size`` x ``size``. Slices with index in
+    ``train_slices`` are for training, ``test_slices`` for evaluation: the ranges
+    do not overlap, so test anatomy is never seen in training.
+    """
+
+    size: int = 128
+    train_slices: tuple[int, int] = (30, 88)
+    test_slices: tuple[int, int] = (96, 136)
+    max_displacement: float = 5.0
+    smoothness: float = 10.0
+    affine_scale: float = 0.03
+    noise: float = 0.03
+    bias: float = 0.25
+    blur: float = 0.6
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
+        data = dict(data)
+        for key in ("train_slices", "test_slices"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Supervised source training (both heads, soft labels)."""
+
+    steps: int = 1500
+    batch_size: int = 8
+    lr: float = 1e-3
+    source_contrasts: tuple[str, ...] = ("t1", "t2", "pd")
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Maximum classifier discrepancy adaptation (Saito et al. 2018).
+
+    ``generator_updates`` is n, the number of step-C updates of G per iteration;
+    ``source_weight_c`` keeps a fraction of the source cross-entropy in step C,
+    which stabilises long runs (METHOD.md section 7).
+    """
+
+    steps: int = 300
+    batch_size: int = 6
+    lr: float = 2e-4
+    discrepancy_weight: float = 1.0
+    generator_updates: int = 4
+    source_weight_c: float = 0.25
+    select_every: int = 25
+    swd_projections: int = 128
+    pemd_diagonals: bool = True
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DEFAULT_MODEL = ModelConfig()
+DEFAULT_DATA = DataConfig()
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "AdaptConfig"]

@@ -1,0 +1,82 @@
+"""Evaluate a model on pairs with known ground truth (METHOD.md section 5)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import TISSUES, Pair, normalise_intensity
+from .labels import argmax_label, quantise
+from .metrics import dice, end_point_error, folding_fraction
+from .model import DiscreteRegistrationNet
+from .preprocess import pad_to_multiple
+from .train import predict_field
+from .warp import control_point_field, warp_numpy
+
+METRICS = ("label_accuracy", "epe", "dice_csf", "dice_gm", "dice_wm", "folding", "seconds")
+
+
+def pair_metrics(
+    pair: Pair, displacement: np.ndarray, labels: np.ndarray | None, stride: int, k: int, q: float
+) -> dict[str, float]:
+    """Metrics of one predicted dense field (2, H, W) (and control-point labels) on ``pair``."""
+    mask = pair.mask > 0
+    out = {"epe": end_point_error(displacement, pair.displacement, mask)}
+    warped_labels = warp_numpy(pair.moving_labels, displacement, order=0)
+    for value, name in enumerate(TISSUES, start=1):
+        out[f"dice_{name}"] = dice(warped_labels, pair.fixed_labels, value)
+    out["folding"] = folding_fraction(displacement, mask)
+    if labels is not None:
+        # control points cover the image padded to a multiple of the stride, as in register
+        truth = pad_to_multiple(torch.from_numpy(pair.displacement)[None], stride)
+        cp_true = quantise(control_point_field(truth, stride), k, q)[0].numpy()
+        fg_mask = torch.from_numpy(pair.mask.astype(np.float32))[None, None]
+        ph, pw = truth.shape[-2] - fg_mask.shape[-2], truth.shape[-1] - fg_mask.shape[-1]
+        fg = F.max_pool2d(F.pad(fg_mask, (0, pw, 0, ph)), stride)[0, 0].numpy() > 0
+        out["label_accuracy"] = float((labels == cp_true)[fg].mean())
+    return out
+
+
+def evaluate_model(model: DiscreteRegistrationNet, pairs: Sequence[Pair]) -> dict[str, list[float]]:
+    """Per-pair metrics of ``model`` on ``pairs`` (images normalised like :func:`register`)."""
+    cfg = model.config
+    dev = next(model.parameters()).device
+    model.eval()
+    results: dict[str, list[float]] = {m: [] for m in METRICS}
+    for pair in pairs:
+        h, w = pair.fixed.shape
+        t0 = time.perf_counter()
+        f = pad_to_multiple(torch.from_numpy(normalise_intensity(pair.fixed))[None, None], cfg.stride)
+        m = pad_to_multiple(torch.from_numpy(normalise_intensity(pair.moving))[None, None], cfg.stride)
+        dense, _, probs = predict_field(model, f.to(dev), m.to(dev))
+        disp = dense[0, :, :h, :w].cpu().numpy()
+        labels = argmax_label(probs.mean(0))[0].cpu().numpy()
+        seconds = time.perf_counter() - t0
+        vals = pair_metrics(pair, disp, labels, cfg.stride, cfg.num_labels, cfg.capture_range)
+        vals["seconds"] = seconds
+        for key in METRICS:
+            results[key].append(vals.get(key, float("nan")))
+    return results
+
+
+def identity_metrics(pairs: Sequence[Pair], stride: int, k: int, q: float) -> dict[str, list[float]]:
+    """Metrics of the zero field (no registration) on ``pairs``."""
+    results: dict[str, list[float]] = {m: [] for m in METRICS}
+    zero_label = (k // 2) * k + k // 2
+    for pair in pairs:
+        h, w = pair.fixed.shape
+        labels = np.full((-(-h // stride), -(-w // stride)), zero_label)
+        vals = pair_metrics(pair, np.zeros((2, h, w), np.float32), labels, stride, k, q)
+        vals["seconds"] = 0.0
+        for key in METRICS:
+            results[key].append(vals[key])
+    return results
+
+
+def summarise(results: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of each metric."""
+    return {k: float(np.nanmean(v)) for k, v in results.items() if len(v)}

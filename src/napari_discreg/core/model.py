@@ -1,0 +1,195 @@
+"""The two-head discrete registration network.
+
+``G`` (:class:`FeatureExtractor`) turns each image into half-resolution features
+with instance normalisation (so contrast and intensity scale matter less); the
+:func:`correlation_volume` compares fixed features at every control point with
+moving features at each of the K x K candidate displacements (cosine similarity);
+two classifier heads ``F1``/``F2`` (:class:`ClassifierHead`) turn the cost volume
+into K x K logits per control point. The heads have the same architecture and
+different random initialisations, which is what maximum classifier discrepancy
+needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .labels import label_offsets
+from .warp import pixels_to_grid_sample
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as given."""
+    if device is None or (isinstance(device, str) and device.lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available; use 'cpu' or None")
+    return dev
+
+
+def _block(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation),
+        nn.InstanceNorm2d(cout, affine=True),
+        nn.LeakyReLU(0.1, inplace=True),
+    )
+
+
+class FeatureExtractor(nn.Module):
+    """Shared feature extractor G: (B, 1, H, W) -> (B, C, H/2, W/2).
+
+    Downsampling is a 2 x 2 average pool, so half-resolution pixel ``j`` sits at
+    full-resolution coordinate ``2 j + 0.5`` exactly (used by the cost volume).
+    """
+
+    def __init__(self, features: int = 24) -> None:
+        super().__init__()
+        half = max(features // 2, 4)
+        self.full = _block(1, half)
+        self.body = nn.Sequential(
+            _block(half, features),
+            _block(features, features),
+            _block(features, features, dilation=2),
+            nn.Conv2d(features, features, 1),
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.body(F.avg_pool2d(self.full(image), 2))
+
+
+class ClassifierHead(nn.Module):
+    """Classifier head F: cost volume (B, K^2, h, w) -> logits (B, K^2, h, w).
+
+    Convolutions over the control grid let neighbouring control points share
+    evidence (a learned regulariser); the raw cost enters the logits through a
+    learnable gain, so a freshly initialised head already prefers similar offsets.
+    """
+
+    def __init__(self, num_classes: int, channels: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(num_classes, channels, 3, padding=1),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=2, dilation=2),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(channels, num_classes, 1),
+        )
+        self.cost_gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, cost: torch.Tensor) -> torch.Tensor:
+        return self.cost_gain * cost + self.net(cost)
+
+
+def control_point_coords(h: int, w: int, stride: int, *, device=None) -> torch.Tensor:
+    """Full-resolution pixel coordinates (2, h, w) of the control points (block centres)."""
+    r = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * stride - 0.5
+    c = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * stride - 0.5
+    rr, cc = torch.meshgrid(r, c, indexing="ij")
+    return torch.stack([rr, cc])
+
+
+def _sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Bilinearly sample half-resolution features at full-resolution pixel coords.
+
+    features (B, C, H2, W2); coords (B, 2, ...) in full-resolution pixels.
+    Returns (B, C, ...).
+    """
+    b = features.shape[0]
+    h2, w2 = features.shape[-2:]
+    half = (coords - 0.5) / 2.0  # full-res p -> half-res index j, since p = 2 j + 0.5
+    spatial = half.shape[2:]
+    grid = pixels_to_grid_sample(half.reshape(b, 2, -1, 1), h2, w2)
+    out = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.reshape(b, features.shape[1], *spatial)
+
+
+def correlation_volume(
+    fixed_features: torch.Tensor,
+    moving_features: torch.Tensor,
+    offsets: torch.Tensor,
+    stride: int,
+    grid_size: tuple[int, int],
+) -> torch.Tensor:
+    """Cosine similarity between fixed features at the control points and moving
+    features at each candidate displacement: (B, K^2, h, w), label ``a*K + b`` is the
+    displacement ``(offsets[a], offsets[b])``."""
+    b = fixed_features.shape[0]
+    h, w = grid_size
+    k = offsets.numel()
+    # Normalising before sampling keeps the (B, C, K^2, h, w) tensor out of the norm's
+    # backward pass (10x faster training on CPU); a bilinear blend of unit vectors is
+    # within a few percent of unit length, so this is cosine similarity in practice.
+    fixed_features = F.normalize(fixed_features, dim=1, eps=1e-6)
+    moving_features = F.normalize(moving_features, dim=1, eps=1e-6)
+    cp = control_point_coords(h, w, stride, device=fixed_features.device)
+    fixed = _sample_features(fixed_features, cp[None].expand(b, -1, -1, -1))  # (B, C, h, w)
+    dr, dc = torch.meshgrid(offsets, offsets, indexing="ij")
+    disp = torch.stack([dr.reshape(-1), dc.reshape(-1)])  # (2, K^2)
+    coords = cp[:, None] + disp[:, :, None, None]  # (2, K^2, h, w)
+    moving = _sample_features(moving_features, coords[None].expand(b, -1, -1, -1, -1))
+    cost = (fixed[:, :, None] * moving).sum(1)
+    assert cost.shape == (b, k * k, h, w)
+    return cost
+
+
+class DiscreteRegistrationNet(nn.Module):
+    """G + cost volume + heads F1, F2.
+
+    ``forward(fixed, moving)`` takes (B, 1, H, W) tensors with H and W multiples of
+    ``config.stride`` and returns the logits of both heads, each (B, h, w, K, K).
+    """
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ModelConfig()
+        k2 = self.config.num_labels**2
+        self.G = FeatureExtractor(self.config.features)
+        self.F1 = ClassifierHead(k2, self.config.head_channels)
+        self.F2 = ClassifierHead(k2, self.config.head_channels)
+        # F1 and F2 are built one after the other, so they draw different initial weights
+        self.register_buffer(
+            "offsets", label_offsets(self.config.num_labels, self.config.capture_range), persistent=False
+        )
+
+    def cost_volume(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """Scaled cost volume (B, K^2, h, w) of G's features."""
+        self._check(fixed, moving)
+        s = self.config.stride
+        h, w = fixed.shape[-2] // s, fixed.shape[-1] // s
+        feats = self.G(torch.cat([fixed, moving], dim=0))
+        ff, mf = feats.split(fixed.shape[0], dim=0)
+        return self.config.temperature * correlation_volume(ff, mf, self.offsets, s, (h, w))
+
+    def heads(self, cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of F1 and F2, each (B, h, w, K, K)."""
+        return self._to_hist(self.F1(cost)), self._to_hist(self.F2(cost))
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heads(self.cost_volume(fixed, moving))
+
+    def _to_hist(self, logits: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = logits.shape
+        k = self.config.num_labels
+        return logits.permute(0, 2, 3, 1).reshape(b, h, w, k, k)
+
+    def _check(self, fixed: torch.Tensor, moving: torch.Tensor) -> None:
+        if fixed.shape != moving.shape or fixed.ndim != 4 or fixed.shape[1] != 1:
+            raise ValueError(
+                f"fixed and moving must both be (B, 1, H, W) tensors of one shape, got "
+                f"{tuple(fixed.shape)} and {tuple(moving.shape)}"
+            )
+        s = self.config.stride
+        if fixed.shape[-2] % s or fixed.shape[-1] % s:
+            raise ValueError(f"H and W must be multiples of the stride {s}; pad the images first")
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the K x K labels of (B, h, w, K, K) logits."""
+    shape = logits.shape
+    return torch.softmax(logits.flatten(-2), dim=-1).reshape(shape)

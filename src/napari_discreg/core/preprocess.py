@@ -1,0 +1,97 @@
+"""Checks and preparation of user images: every user-reachable entry point calls these.
+
+Errors a user can cause raise :class:`ValueError` with a message that says what
+to do; nothing here modifies the caller's arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Above this many pixels the cost volume and head activations would need several GB:
+# refuse before allocating anything and tell the user to downsample or crop.
+MAX_PIXELS = 2048 * 2048
+
+
+def min_image_size(num_labels: int, capture_range: float, stride: int) -> int:
+    """Smallest side an image may have for a model with this label grid."""
+    return int(max(2 * np.ceil(capture_range) + 2, 4 * stride))
+
+
+def as_image(array, name: str = "image") -> np.ndarray:
+    """Validate one 2D image and return it as a new C-contiguous float32 array.
+
+    Accepts any real numeric or bool dtype, any strides; rejects RGB(A), 1D/3D/4D,
+    NaN/inf and constant images with a message that says what to do.
+    """
+    try:
+        arr = np.asarray(array)
+    except Exception as exc:  # pragma: no cover - exotic array-likes
+        raise ValueError(f"{name}: cannot be read as an array ({exc})") from exc
+    if arr.dtype == object or np.iscomplexobj(arr) or not (
+        np.issubdtype(arr.dtype, np.number) or arr.dtype == bool
+    ):
+        raise ValueError(f"{name}: expected a real-valued numeric image, got dtype {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and min(arr.shape[:2]) > 4:
+        raise ValueError(
+            f"{name}: looks like an RGB/RGBA image {arr.shape}; registration needs one "
+            "grayscale channel: convert it first (e.g. skimage.color.rgb2gray)"
+        )
+    if arr.ndim > 2 and sum(s != 1 for s in arr.shape) == 2:
+        arr = arr.reshape([s for s in arr.shape if s != 1])  # e.g. (1, H, W) or (H, W, 1)
+    if arr.ndim != 2:
+        hint = " pick one slice of the volume (e.g. volume[k])" if arr.ndim >= 3 else ""
+        raise ValueError(f"{name}: expected a 2D image, got shape {arr.shape};{hint or ' reshape it'}")
+    if arr.size > MAX_PIXELS:
+        raise ValueError(
+            f"{name}: {arr.shape[0]} x {arr.shape[1]} is larger than the {MAX_PIXELS} pixels "
+            "napari-discreg registers in one piece; downsample it (e.g. "
+            "skimage.transform.rescale) or crop the region of interest"
+        )
+    out = np.array(arr, dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(out).all():
+        raise ValueError(
+            f"{name}: contains NaN or infinite values; replace them first (e.g. numpy.nan_to_num)"
+        )
+    if out.size == 0 or float(out.max()) == float(out.min()):
+        value = float(out.flat[0]) if out.size else "n/a"
+        raise ValueError(f"{name}: the image is constant (every pixel is {value}); nothing to register")
+    return out
+
+
+def check_pair(fixed, moving, *, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a fixed/moving pair: both 2D, same shape, big enough."""
+    f = as_image(fixed, "fixed")
+    m = as_image(moving, "moving")
+    if f.shape != m.shape:
+        raise ValueError(
+            f"fixed {f.shape} and moving {m.shape} must have the same shape; resample or crop "
+            "one onto the other's grid first"
+        )
+    if min(f.shape) < min_size:
+        raise ValueError(
+            f"images of {f.shape[0]} x {f.shape[1]} pixels are smaller than the model's label "
+            f"range needs ({min_size} px per side); use larger images or upsample them"
+        )
+    return f, m
+
+
+def check_stack(array, name: str) -> np.ndarray:
+    """Validate a stack of 2D images (N, H, W) (a single 2D image becomes N = 1)."""
+    arr = np.asarray(array)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"{name}: expected a stack of 2D images (N, H, W), got shape {arr.shape}")
+    return np.stack([as_image(a, f"{name}[{i}]") for i, a in enumerate(arr)])
+
+
+def pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad (B, C, H, W) at the bottom/right by edge replication to multiples of ``multiple``."""
+    h, w = batch.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return batch
+    return F.pad(batch, (0, pw, 0, ph), mode="replicate")

@@ -1,0 +1,369 @@
+"""Source training and MCD adaptation, each a generator of step records.
+
+Long work is a generator so that the command line can show a tqdm bar, the GUI a
+progress bar and a live plot, and both can stop it (``generator.close()``) at
+any yielded step: nothing is ever left half-updated, because records are only
+yielded between complete iterations.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data as data_mod
+from .config import AdaptConfig, DataConfig, TrainConfig
+from .discrepancy import Discrepancy, discrepancy_fn
+from .labels import argmax_label, expected_displacement, quantise, soft_labels
+from .metrics import normalised_mutual_information
+from .model import DiscreteRegistrationNet, probabilities, resolve_device
+from .preprocess import check_stack, pad_to_multiple
+from .warp import control_point_field, upsample_field, warp
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class StepRecord:
+    """What one training or adaptation iteration reports.
+
+    ``losses`` maps a loss name to its value; ``discrepancy`` is the target
+    discrepancy of step C (adaptation only); ``criterion`` the unsupervised model
+    selection score (normalised mutual information of fixed vs warped target,
+    higher is better) when it was evaluated at this iteration, else ``None``.
+    """
+
+    iteration: int
+    total: int
+    losses: dict[str, float] = field(default_factory=dict)
+    discrepancy: float | None = None
+    criterion: float | None = None
+    best_iteration: int | None = None
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def control_point_weights(mask: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, h, w) weights: 1 on control points that touch the foreground, 0.1 elsewhere.
+
+    Background points carry little evidence, but training on them a little keeps the
+    field smooth there.
+    """
+    fg = (F.max_pool2d(mask.float(), stride) > 0).float()[:, 0]
+    return 0.1 + 0.9 * fg
+
+
+def source_cross_entropy(
+    model: DiscreteRegistrationNet, batch: Batch, cost: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Soft-label cross-entropy of both heads on a labelled batch.
+
+    Returns the summed loss and a dict of logged values (per-head CE and the
+    label accuracy of the mean prediction on foreground control points).
+    """
+    cfg = model.config
+    if cost is None:
+        cost = model.cost_volume(batch["fixed"], batch["moving"])
+    logits1, logits2 = model.heads(cost)
+    cp = control_point_field(batch["displacement"], cfg.stride)
+    target = soft_labels(cp, cfg.num_labels, cfg.capture_range).flatten(-2)
+    weights = control_point_weights(batch["mask"], cfg.stride)
+    norm = weights.sum()
+    ce = []
+    for logits in (logits1, logits2):
+        per_point = -(target * F.log_softmax(logits.flatten(-2), dim=-1)).sum(-1)
+        ce.append((per_point * weights).sum() / norm)
+    with torch.no_grad():
+        prob = 0.5 * (probabilities(logits1) + probabilities(logits2))
+        hit = (argmax_label(prob) == quantise(cp, cfg.num_labels, cfg.capture_range)).float()
+        fg = weights > 0.5
+        acc = float(hit[fg].mean()) if bool(fg.any()) else float("nan")
+    return ce[0] + ce[1], {"ce_f1": float(ce[0]), "ce_f2": float(ce[1]), "accuracy": acc}
+
+
+# ------------------------------------------------------------------ source training
+
+
+def source_batches(
+    config: DataConfig,
+    batch_size: int,
+    contrasts: tuple[str, ...],
+    rng: np.random.Generator,
+    device: torch.device,
+) -> Iterator[Batch]:
+    """Endless mono-modal labelled batches (fixed and moving of the same contrast)."""
+    template = data_mod.load_template(config.size)
+    pairs = tuple((c, c) for c in contrasts)
+    while True:
+        batch = data_mod.sample_batch(template, "train", batch_size, rng, config, pairs=pairs)
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def train_steps(
+    model: DiscreteRegistrationNet,
+    *,
+    config: TrainConfig | None = None,
+    data_config: DataConfig | None = None,
+    batches: Iterator[Batch] | None = None,
+    device=None,
+) -> Iterator[StepRecord]:
+    """Supervised source training of G, F1 and F2; yields one record per step.
+
+    ``batches`` defaults to mono-modal pairs of ``config.source_contrasts`` made from
+    the template. The model is trained in place.
+    """
+    config = config or TrainConfig()
+    data_config = data_config or DataConfig()
+    dev = resolve_device(device)
+    model.to(dev).train()
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    if batches is None:
+        batches = source_batches(data_config, config.batch_size, config.source_contrasts, rng, dev)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1
+    )
+    for step in range(config.steps):
+        batch = next(batches)
+        loss, logs = source_cross_entropy(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        yield StepRecord(step + 1, config.steps, {"loss": float(loss), **logs})
+    model.eval()
+
+
+# ----------------------------------------------------------------------- prediction
+
+
+@torch.no_grad()
+def predict_field(
+    model: DiscreteRegistrationNet, fixed: torch.Tensor, moving: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean-head prediction for padded (B, 1, H, W) pairs.
+
+    Returns the dense field (B, 2, H, W), the control-point field (B, 2, h, w) and
+    the probabilities of both heads (2, B, h, w, K, K).
+    """
+    logits1, logits2 = model(fixed, moving)
+    probs = torch.stack([probabilities(logits1), probabilities(logits2)])
+    cp = expected_displacement(probs.mean(0), model.offsets)
+    dense = upsample_field(cp, model.config.stride, tuple(fixed.shape[-2:]))
+    return dense, cp, probs
+
+
+def selection_criterion(
+    model: DiscreteRegistrationNet, fixed: torch.Tensor, moving: torch.Tensor, masks: torch.Tensor
+) -> float:
+    """Unsupervised model-selection score on unlabelled pairs: mean normalised mutual
+    information between fixed and warped moving over the foreground (higher is better)."""
+    was_training = model.training
+    model.eval()
+    scores = []
+    for i in range(fixed.shape[0]):
+        dense, _, _ = predict_field(model, fixed[i : i + 1], moving[i : i + 1])
+        warped = warp(moving[i : i + 1], dense)[0, 0].cpu().numpy()
+        m = masks[i, 0].cpu().numpy() > 0
+        scores.append(normalised_mutual_information(fixed[i, 0].cpu().numpy(), warped, mask=m))
+    model.train(was_training)
+    return float(np.mean(scores))
+
+
+def prepare_target(fixed, moving, stride: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Validate, normalise and pad unlabelled target pairs (N, H, W) -> tensors."""
+    f = check_stack(fixed, "fixed")
+    m = check_stack(moving, "moving")
+    if f.shape != m.shape:
+        raise ValueError(f"fixed {f.shape} and moving {m.shape} stacks must have the same shape")
+    f = np.stack([data_mod.normalise_intensity(a) for a in f])
+    m = np.stack([data_mod.normalise_intensity(a) for a in m])
+    ft = pad_to_multiple(torch.from_numpy(f)[:, None], stride).to(device)
+    mt = pad_to_multiple(torch.from_numpy(m)[:, None], stride).to(device)
+    mask = ((ft > 0.05) | (mt > 0.05)).float()
+    return ft, mt, mask
+
+
+# ----------------------------------------------------------------------- adaptation
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def adapt_steps(
+    model: DiscreteRegistrationNet,
+    fixed,
+    moving,
+    *,
+    discrepancy: str | Discrepancy = "pemd",
+    steps: int | None = None,
+    seed: int | None = None,
+    lr: float | None = None,
+    config: AdaptConfig | None = None,
+    data_config: DataConfig | None = None,
+    source: Iterator[Batch] | None = None,
+    device=None,
+    selection_pairs: int = 16,
+) -> Iterator[StepRecord]:
+    """Adapt ``model`` to unlabelled target pairs by maximum classifier discrepancy.
+
+    Parameters
+    ----------
+    model : DiscreteRegistrationNet
+        Trained on the source domain; adapted in place.
+    fixed, moving : array_like, shape (N, H, W)
+        Unlabelled target pairs (e.g. T1 fixed vs T2 moving). Their ground truth,
+        if any, is never used.
+    discrepancy : {"l1", "swd", "pemd"}
+        Discrepancy between the heads' histograms (METHOD.md section 3).
+    steps, seed, lr : optional
+        Override the corresponding fields of ``config``.
+    source : iterator of batches, optional
+        Labelled source batches; default: built-in mono-modal template pairs.
+
+    Yields
+    ------
+    StepRecord
+        One per MCD iteration (steps A, B and C). Closing the generator stops
+        adaptation after a complete iteration.
+
+    Notes
+    -----
+    Every ``config.select_every`` iterations (and at the start and the end) the
+    unsupervised criterion of :func:`selection_criterion` is computed on up to
+    ``selection_pairs`` target pairs; when the generator finishes, is closed, or
+    fails, the model holds the weights with the best criterion seen, so running
+    more steps never returns a model that scores worse than the one passed in.
+    A non-finite loss stops adaptation with a ``FloatingPointError`` after the
+    best weights are restored.
+    """
+    cfg = config or AdaptConfig()
+    overrides = {k: v for k, v in (("steps", steps), ("seed", seed), ("lr", lr)) if v is not None}
+    if overrides:
+        cfg = AdaptConfig(**{**cfg.to_dict(), **overrides})
+    if cfg.steps < 0:
+        raise ValueError(f"steps must be >= 0, got {cfg.steps}")
+    kind = Discrepancy.parse(discrepancy)
+    dev = resolve_device(device)
+    model.to(dev)
+    mcfg = model.config
+    tf, tm, tmask = prepare_target(fixed, moving, mcfg.stride, dev)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if source is None:
+        source = source_batches(data_config or DataConfig(), cfg.batch_size, ("t1", "t2", "pd"), rng, dev)
+    options: dict = {}
+    if kind is Discrepancy.SWD:
+        options = {"num_projections": cfg.swd_projections, "generator": gen}
+    elif kind is Discrepancy.PEMD:
+        options = {"diagonals": cfg.pemd_diagonals}
+    dfun: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = discrepancy_fn(kind, **options)
+
+    heads = list(model.F1.parameters()) + list(model.F2.parameters())
+    opt_g = torch.optim.Adam(model.G.parameters(), lr=cfg.lr)
+    opt_f = torch.optim.Adam(heads, lr=cfg.lr)
+    sel = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(tf.shape[0])[:selection_pairs])
+    sel_f, sel_m, sel_mask = tf[sel], tm[sel], tmask[sel]
+
+    best_state = _snapshot(model)
+    best_score = selection_criterion(model, sel_f, sel_m, sel_mask)
+    best_iter = 0
+    yield StepRecord(0, cfg.steps, {}, None, best_score, best_iter)
+
+    def target_batch():
+        idx = torch.from_numpy(rng.integers(0, tf.shape[0], size=cfg.batch_size))
+        return tf[idx], tm[idx], tmask[idx]
+
+    def target_discrepancy(cost: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        l1_, l2_ = model.heads(cost)
+        p1, p2 = probabilities(l1_), probabilities(l2_)
+        fg = F.max_pool2d(mask, mcfg.stride)[:, 0] > 0
+        return dfun(p1[fg], p2[fg])  # (N, K, K) histograms of foreground control points
+
+    completed = 0
+    try:
+        model.train()
+        for it in range(1, cfg.steps + 1):
+            src = next(source)
+            t_fixed, t_moving, t_mask = target_batch()
+            # A: G, F1, F2 on the source cross-entropy
+            loss_a, logs = source_cross_entropy(model, src)
+            opt_g.zero_grad(set_to_none=True)
+            opt_f.zero_grad(set_to_none=True)
+            loss_a.backward()
+            opt_g.step()
+            opt_f.step()
+            # B: G frozen; heads keep the source right and disagree on the target
+            with torch.no_grad():
+                cost_s = model.cost_volume(src["fixed"], src["moving"])
+                cost_t = model.cost_volume(t_fixed, t_moving)
+            ce_b, _ = source_cross_entropy(model, src, cost=cost_s)
+            d_b = target_discrepancy(cost_t, t_mask)
+            loss_b = ce_b - cfg.discrepancy_weight * d_b
+            opt_f.zero_grad(set_to_none=True)
+            loss_b.backward()
+            opt_f.step()
+            # C: heads frozen; G makes them agree on the target (n updates)
+            for p in heads:
+                p.requires_grad_(False)
+            try:
+                for _ in range(cfg.generator_updates):
+                    d_c = target_discrepancy(model.cost_volume(t_fixed, t_moving), t_mask)
+                    loss_c = cfg.discrepancy_weight * d_c
+                    if cfg.source_weight_c > 0:
+                        ce_c, _ = source_cross_entropy(model, src)
+                        loss_c = loss_c + cfg.source_weight_c * ce_c
+                    opt_g.zero_grad(set_to_none=True)
+                    loss_c.backward()
+                    opt_g.step()
+            finally:
+                for p in heads:
+                    p.requires_grad_(True)
+            values = {
+                "source_ce": float(loss_a),
+                "source_accuracy": logs["accuracy"],
+                "discrepancy_b": float(d_b),
+                "discrepancy_c": float(d_c),
+            }
+            if not all(np.isfinite(v) for k, v in values.items() if k != "source_accuracy"):
+                raise FloatingPointError(
+                    f"adaptation diverged at iteration {it} (non-finite loss); the best weights "
+                    f"(iteration {best_iter}) were restored: lower the learning rate"
+                )
+            completed = it
+            score = None
+            if it % cfg.select_every == 0 or it == cfg.steps:
+                score = selection_criterion(model, sel_f, sel_m, sel_mask)
+                if score > best_score:
+                    best_score, best_iter, best_state = score, it, _snapshot(model)
+            yield StepRecord(it, cfg.steps, values, float(d_c), score, best_iter)
+    except GeneratorExit:
+        # stopped by the consumer after a complete iteration: consider it as a candidate
+        if completed and completed != best_iter:
+            score = selection_criterion(model, sel_f, sel_m, sel_mask)
+            if score > best_score:
+                best_state = _snapshot(model)
+        raise
+    finally:
+        model.load_state_dict(best_state)
+        model.eval()
+
+
+def adapt(model: DiscreteRegistrationNet, fixed, moving, **kwargs) -> DiscreteRegistrationNet:
+    """Run :func:`adapt_steps` to the end and return the adapted ``model``."""
+    for _ in adapt_steps(model, fixed, moving, **kwargs):
+        pass
+    return model
+
+
+def clone_model(model: DiscreteRegistrationNet) -> DiscreteRegistrationNet:
+    """An independent copy (weights and config) of ``model``."""
+    return copy.deepcopy(model)
