@@ -80,7 +80,7 @@ class DataConfig:
     size: int = 128
     train_slices: tuple[int, int] = (30, 88)
     test_slices: tuple[int, int] = (96, 136)
-    max_displacement: float = 5.0
+    max_displacement: float = 6.0
     smoothness: float = 10.0
     affine_scale: float = 0.03
     noise: float = 0.03
