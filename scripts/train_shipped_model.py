@@ -32,7 +32,9 @@ OUT = Path(__file__).resolve().parents[1] / "src" / "napari_discreg" / "weights"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
@@ -54,13 +56,18 @@ def main(argv=None) -> int:
     template = data.load_template(dcfg.size)
     evaluation = {}
     for fc, mc in (("t1", "t1"), ("t2", "t2"), ("t1", "t2"), ("t1", "pd")):
-        pairs = data.fixed_test_pairs(template, dcfg, n=args.eval_pairs, fixed_contrast=fc, moving_contrast=mc, seed=123)
+        pairs = data.fixed_test_pairs(
+            template, dcfg, n=args.eval_pairs, fixed_contrast=fc, moving_contrast=mc, seed=123
+        )
         evaluation[f"{fc}->{mc}"] = {
             "model": summarise(evaluate_model(model, pairs)),
-            "identity": summarise(identity_metrics(pairs, mcfg.stride, mcfg.num_labels, mcfg.capture_range)),
+            "identity": summarise(
+                identity_metrics(pairs, mcfg.stride, mcfg.num_labels, mcfg.capture_range)
+            ),
         }
     record = {
-        "command": "python scripts/train_shipped_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python scripts/train_shipped_model.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "model_config": mcfg.to_dict(),
         "data_config": dcfg.to_dict(),
         "train_config": tcfg.to_dict(),
@@ -89,7 +96,10 @@ def main(argv=None) -> int:
             f"| {name} | {100 * ev['identity']['label_accuracy']:.1f} % | {100 * ev['model']['label_accuracy']:.1f} % | "
             f"{ev['identity']['epe']:.2f} | {ev['model']['epe']:.2f} |"
         )
-    lines += ["", "Settings: see the JSON file beside this one (also stored in the checkpoint's metadata)."]
+    lines += [
+        "",
+        "Settings: see the JSON file beside this one (also stored in the checkpoint's metadata).",
+    ]
     (args.out.parent / "TRAINING.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -16,6 +16,8 @@ from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summa
 from napari_discreg.core.metrics import normalised_mutual_information
 from napari_discreg.core.model import DiscreteRegistrationNet, resolve_device
 
+RNG = np.random.default_rng(12345)
+
 
 def test_heads_start_different_and_output_histograms(tiny_model):
     w1 = torch.cat([p.flatten() for p in tiny_model.F1.net.parameters()])
@@ -56,20 +58,22 @@ def test_register_warps_original_intensities(tiny_model):
     res = nd.register(fixed, moving, model=tiny_model)
     from napari_discreg.core.warp import warp_numpy
 
-    np.testing.assert_allclose(res.warped, warp_numpy(moving.astype(np.float32), res.displacement), rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(
+        res.warped, warp_numpy(moving.astype(np.float32), res.displacement), rtol=1e-5, atol=1e-2
+    )
 
 
 @pytest.mark.parametrize(
     ("fixed", "moving", "match"),
     [
-        (np.random.rand(32, 32), np.random.rand(32, 40), "same shape"),
-        (np.random.rand(32, 32, 3), np.random.rand(32, 32, 3), "RGB"),
-        (np.random.rand(4, 32, 32), np.random.rand(4, 32, 32), "2D image"),
-        (np.random.rand(32), np.random.rand(32), "2D image"),
-        (np.full((32, 32), np.nan), np.random.rand(32, 32), "NaN"),
-        (np.random.rand(32, 32), np.where(np.eye(32) > 0, np.inf, 1.0), "NaN or infinite"),
-        (np.full((32, 32), 5.0), np.random.rand(32, 32), "constant"),
-        (np.random.rand(8, 8), np.random.rand(8, 8), "smaller than the model's label range"),
+        (RNG.random((32, 32)), RNG.random((32, 40)), "same shape"),
+        (RNG.random((32, 32, 3)), RNG.random((32, 32, 3)), "RGB"),
+        (RNG.random((4, 32, 32)), RNG.random((4, 32, 32)), "2D image"),
+        (RNG.random(32), RNG.random(32), "2D image"),
+        (np.full((32, 32), np.nan), RNG.random((32, 32)), "NaN"),
+        (RNG.random((32, 32)), np.where(np.eye(32) > 0, np.inf, 1.0), "NaN or infinite"),
+        (np.full((32, 32), 5.0), RNG.random((32, 32)), "constant"),
+        (RNG.random((8, 8)), RNG.random((8, 8)), "smaller than the model's label range"),
         (np.array([["a"]]), np.array([["b"]]), "numeric"),
     ],
 )
@@ -81,7 +85,13 @@ def test_register_bad_input_raises_clear_value_error(tiny_model, fixed, moving, 
 def test_register_accepts_odd_dtypes_and_strides(tiny_model):
     rng = np.random.default_rng(2)
     base = rng.random((40, 40))
-    for arr in (base > 0.5, (base * 255).astype(np.uint8), base.astype(np.float16), base[::-1, ::-1], np.asfortranarray(base)):
+    for arr in (
+        base > 0.5,
+        (base * 255).astype(np.uint8),
+        base.astype(np.float16),
+        base[::-1, ::-1],
+        np.asfortranarray(base),
+    ):
         res = nd.register(arr, base, model=tiny_model)
         assert np.isfinite(res.displacement).all()
 
@@ -140,12 +150,23 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path, tiny_model, tin
         load_model(foreign)
     # right format, wrong K: config says K=7 but tensors are for K=5
     wrong_k = tmp_path / "k.safetensors"
-    meta = {"format": "napari-discreg", "format_version": "1", "model_config": json.dumps({**tiny_config.to_dict(), "num_labels": 7}), "extra": "{}"}
-    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(wrong_k), metadata=meta)
+    meta = {
+        "format": "napari-discreg",
+        "format_version": "1",
+        "model_config": json.dumps({**tiny_config.to_dict(), "num_labels": 7}),
+        "extra": "{}",
+    }
+    save_file(
+        {k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(wrong_k), metadata=meta
+    )
     with pytest.raises(ValueError, match="does not fit"):
         load_model(wrong_k)
     bad_cfg = tmp_path / "c.safetensors"
-    save_file({"w": torch.zeros(1)}, str(bad_cfg), metadata={**meta, "model_config": json.dumps({"num_labels": 4})})
+    save_file(
+        {"w": torch.zeros(1)},
+        str(bad_cfg),
+        metadata={**meta, "model_config": json.dumps({"num_labels": 4})},
+    )
     with pytest.raises(ValueError, match="odd"):
         load_model(bad_cfg)
     with pytest.raises(ValueError, match="does not exist"):
@@ -166,7 +187,9 @@ def test_config_validation():
 def mono_pairs():
     cfg = DataConfig()
     template = data.load_template(cfg.size)
-    return data.fixed_test_pairs(template, cfg, n=6, fixed_contrast="t1", moving_contrast="t1", seed=7)
+    return data.fixed_test_pairs(
+        template, cfg, n=6, fixed_contrast="t1", moving_contrast="t1", seed=7
+    )
 
 
 def test_shipped_model_loads_without_download(shipped_model):
@@ -185,7 +208,9 @@ def test_identical_images_give_near_zero_field(shipped_model, mono_pairs):
 def test_known_field_recovered_on_held_out_mono_modal_pairs(shipped_model, mono_pairs):
     cfg = shipped_model.config
     model_epe = summarise(evaluate_model(shipped_model, mono_pairs))["epe"]
-    identity_epe = summarise(identity_metrics(mono_pairs, cfg.stride, cfg.num_labels, cfg.capture_range))["epe"]
+    identity_epe = summarise(
+        identity_metrics(mono_pairs, cfg.stride, cfg.num_labels, cfg.capture_range)
+    )["epe"]
     assert identity_epe > 1.2
     assert model_epe < 0.6
 

@@ -53,7 +53,9 @@ def test_soft_labels_are_histograms_with_exact_expectation():
     assert soft.shape == (3, 4, 5, K, K)
     torch.testing.assert_close(soft.sum((-1, -2)), torch.ones(3, 4, 5))
     assert (soft >= 0).all()
-    torch.testing.assert_close(expected_displacement(soft, label_offsets(K, Q)), field, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        expected_displacement(soft, label_offsets(K, Q)), field, atol=1e-5, rtol=0
+    )
     # at most 4 non-zero bins, and the argmax is the quantised label
     assert int((soft > 0).flatten(-2).sum(-1).max()) <= 4
     assert torch.equal(argmax_label(soft), quantise(field, K, Q))
@@ -93,7 +95,9 @@ def test_upsampled_affine_field_is_exact_and_downsampling_inverts_it(stride):
     cp = torch.stack([0.1 * r + 0.05 * c + 1, -0.07 * c + 0.5])[None]  # linear in pixel coords
     dense = upsample_field(cp, stride)
     assert dense.shape == (1, 2, h * stride, w * stride)
-    rr, cc = torch.meshgrid(torch.arange(h * stride * 1.0), torch.arange(w * stride * 1.0), indexing="ij")
+    rr, cc = torch.meshgrid(
+        torch.arange(h * stride * 1.0), torch.arange(w * stride * 1.0), indexing="ij"
+    )
     truth = torch.stack([0.1 * rr + 0.05 * cc + 1, -0.07 * cc + 0.5])[None]
     inner = (slice(None), slice(None), slice(stride, -stride), slice(stride, -stride))
     torch.testing.assert_close(dense[inner], truth[inner], atol=1e-5, rtol=0)

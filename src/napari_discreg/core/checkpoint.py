@@ -53,7 +53,9 @@ def save_checkpoint(
     return path
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def read_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read and validate a checkpoint: (config, tensors, extra)."""
     path = Path(path)
     if not path.is_file():
@@ -78,7 +80,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
         config = ModelConfig.from_dict(json.loads(meta["model_config"]))
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, json.JSONDecodeError, TypeError) as exc:
-        raise ValueError(f"{path}: the model config in the checkpoint is missing or corrupt ({exc})") from exc
+        raise ValueError(
+            f"{path}: the model config in the checkpoint is missing or corrupt ({exc})"
+        ) from exc
     return config, tensors, extra
 
 

@@ -119,7 +119,9 @@ class AdaptConfig:
 
     ``generator_updates`` is n, the number of step-C updates of G per iteration;
     ``source_weight_c`` keeps a fraction of the source cross-entropy in step C,
-    which stabilises long runs (METHOD.md section 7).
+    which stabilises long runs (METHOD.md section 7). With ``keep_best`` the model
+    ends on the weights with the best unsupervised selection criterion seen every
+    ``select_every`` iterations; without it, on the last iteration's weights.
     """
 
     steps: int = 300
@@ -129,9 +131,21 @@ class AdaptConfig:
     generator_updates: int = 4
     source_weight_c: float = 0.25
     select_every: int = 25
+    keep_best: bool = True
     swd_projections: int = 128
     pemd_diagonals: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (
+            self.steps < 0
+            or self.batch_size < 1
+            or self.generator_updates < 1
+            or self.select_every < 1
+        ):
+            raise ValueError("steps must be >= 0; batch_size, generator_updates, select_every >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.lr}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

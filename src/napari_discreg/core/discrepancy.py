@@ -259,19 +259,18 @@ def sliced_wasserstein(
 
 
 @functools.lru_cache(maxsize=32)
-def _diagonal_index(k: int, anti: bool) -> Tensor:
+def _diagonal_matrix(k: int, anti: bool) -> Tensor:
+    """(K^2, 2K - 1) 0/1 matrix that sums bin ``(i, j)`` into diagonal bin ``i -/+ j``."""
     rows = torch.arange(k).view(k, 1)
     cols = torch.arange(k).view(1, k)
-    index = rows + cols if anti else rows - cols + (k - 1)
-    return index.flatten()
+    index = (rows + cols if anti else rows - cols + (k - 1)).flatten()
+    return torch.nn.functional.one_hot(index, 2 * k - 1).to(torch.float64)
 
 
 def _project_diagonal(p: Tensor, anti: bool) -> Tensor:
-    k = p.shape[-1]
-    flat = p.flatten(-2)
-    index = _diagonal_index(k, anti).to(p.device).expand(flat.shape)
-    out = flat.new_zeros((*flat.shape[:-1], 2 * k - 1))
-    return out.scatter_add(-1, index, flat)
+    # a matrix product, not scatter_add: several times faster on CPU, forward and backward
+    matrix = _diagonal_matrix(p.shape[-1], anti).to(device=p.device, dtype=p.dtype)
+    return p.flatten(-2) @ matrix
 
 
 def histogram_projections(p: Tensor, *, diagonals: bool = False) -> tuple[Tensor, ...]:

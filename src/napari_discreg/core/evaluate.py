@@ -50,8 +50,12 @@ def evaluate_model(model: DiscreteRegistrationNet, pairs: Sequence[Pair]) -> dic
     for pair in pairs:
         h, w = pair.fixed.shape
         t0 = time.perf_counter()
-        f = pad_to_multiple(torch.from_numpy(normalise_intensity(pair.fixed))[None, None], cfg.stride)
-        m = pad_to_multiple(torch.from_numpy(normalise_intensity(pair.moving))[None, None], cfg.stride)
+        f = pad_to_multiple(
+            torch.from_numpy(normalise_intensity(pair.fixed))[None, None], cfg.stride
+        )
+        m = pad_to_multiple(
+            torch.from_numpy(normalise_intensity(pair.moving))[None, None], cfg.stride
+        )
         dense, _, probs = predict_field(model, f.to(dev), m.to(dev))
         disp = dense[0, :, :h, :w].cpu().numpy()
         labels = argmax_label(probs.mean(0))[0].cpu().numpy()
@@ -63,7 +67,9 @@ def evaluate_model(model: DiscreteRegistrationNet, pairs: Sequence[Pair]) -> dic
     return results
 
 
-def identity_metrics(pairs: Sequence[Pair], stride: int, k: int, q: float) -> dict[str, list[float]]:
+def identity_metrics(
+    pairs: Sequence[Pair], stride: int, k: int, q: float
+) -> dict[str, list[float]]:
     """Metrics of the zero field (no registration) on ``pairs``."""
     results: dict[str, list[float]] = {m: [] for m in METRICS}
     zero_label = (k // 2) * k + k // 2

@@ -11,12 +11,16 @@ from __future__ import annotations
 import torch
 
 
-def label_offsets(num_labels: int, capture_range: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
+def label_offsets(
+    num_labels: int, capture_range: float, *, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """Displacement in pixels of each of the K bins along one axis."""
     return torch.linspace(-capture_range, capture_range, num_labels, device=device, dtype=dtype)
 
 
-def _fractional_bin(displacement: torch.Tensor, num_labels: int, capture_range: float) -> torch.Tensor:
+def _fractional_bin(
+    displacement: torch.Tensor, num_labels: int, capture_range: float
+) -> torch.Tensor:
     step = 2.0 * capture_range / (num_labels - 1)
     return ((displacement + capture_range) / step).clamp(0.0, num_labels - 1.0)
 
@@ -30,7 +34,9 @@ def quantise(field: torch.Tensor, num_labels: int, capture_range: float) -> torc
     return f[:, 0] * num_labels + f[:, 1]
 
 
-def label_to_displacement(labels: torch.Tensor, num_labels: int, capture_range: float) -> torch.Tensor:
+def label_to_displacement(
+    labels: torch.Tensor, num_labels: int, capture_range: float
+) -> torch.Tensor:
     """Inverse of :func:`quantise`: (B, h, w) labels -> (B, 2, h, w) pixels."""
     offsets = label_offsets(num_labels, capture_range, device=labels.device)
     return torch.stack([offsets[labels // num_labels], offsets[labels % num_labels]], dim=1)

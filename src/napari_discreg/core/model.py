@@ -154,7 +154,9 @@ class DiscreteRegistrationNet(nn.Module):
         self.F2 = ClassifierHead(k2, self.config.head_channels)
         # F1 and F2 are built one after the other, so they draw different initial weights
         self.register_buffer(
-            "offsets", label_offsets(self.config.num_labels, self.config.capture_range), persistent=False
+            "offsets",
+            label_offsets(self.config.num_labels, self.config.capture_range),
+            persistent=False,
         )
 
     def cost_volume(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -170,7 +172,9 @@ class DiscreteRegistrationNet(nn.Module):
         """Logits of F1 and F2, each (B, h, w, K, K)."""
         return self._to_hist(self.F1(cost)), self._to_hist(self.F2(cost))
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, fixed: torch.Tensor, moving: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(self.cost_volume(fixed, moving))
 
     def _to_hist(self, logits: torch.Tensor) -> torch.Tensor:

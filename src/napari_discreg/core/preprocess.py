@@ -30,8 +30,10 @@ def as_image(array, name: str = "image") -> np.ndarray:
         arr = np.asarray(array)
     except Exception as exc:  # pragma: no cover - exotic array-likes
         raise ValueError(f"{name}: cannot be read as an array ({exc})") from exc
-    if arr.dtype == object or np.iscomplexobj(arr) or not (
-        np.issubdtype(arr.dtype, np.number) or arr.dtype == bool
+    if (
+        arr.dtype == object
+        or np.iscomplexobj(arr)
+        or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool)
     ):
         raise ValueError(f"{name}: expected a real-valued numeric image, got dtype {arr.dtype}")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and min(arr.shape[:2]) > 4:
@@ -43,7 +45,9 @@ def as_image(array, name: str = "image") -> np.ndarray:
         arr = arr.reshape([s for s in arr.shape if s != 1])  # e.g. (1, H, W) or (H, W, 1)
     if arr.ndim != 2:
         hint = " pick one slice of the volume (e.g. volume[k])" if arr.ndim >= 3 else ""
-        raise ValueError(f"{name}: expected a 2D image, got shape {arr.shape};{hint or ' reshape it'}")
+        raise ValueError(
+            f"{name}: expected a 2D image, got shape {arr.shape};{hint or ' reshape it'}"
+        )
     if arr.size > MAX_PIXELS:
         raise ValueError(
             f"{name}: {arr.shape[0]} x {arr.shape[1]} is larger than the {MAX_PIXELS} pixels "
@@ -57,7 +61,9 @@ def as_image(array, name: str = "image") -> np.ndarray:
         )
     if out.size == 0 or float(out.max()) == float(out.min()):
         value = float(out.flat[0]) if out.size else "n/a"
-        raise ValueError(f"{name}: the image is constant (every pixel is {value}); nothing to register")
+        raise ValueError(
+            f"{name}: the image is constant (every pixel is {value}); nothing to register"
+        )
     return out
 
 

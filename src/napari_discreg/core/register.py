@@ -117,7 +117,9 @@ def register(
         dev = resolve_device(device) if device is not None else next(model.parameters()).device
         model = model.to(dev)
     cfg = model.config
-    f, m = check_pair(fixed, moving, min_size=min_image_size(cfg.num_labels, cfg.capture_range, cfg.stride))
+    f, m = check_pair(
+        fixed, moving, min_size=min_image_size(cfg.num_labels, cfg.capture_range, cfg.stride)
+    )
     h, w = f.shape
     ft = pad_to_multiple(torch.from_numpy(normalise_intensity(f))[None, None], cfg.stride).to(dev)
     mt = pad_to_multiple(torch.from_numpy(normalise_intensity(m))[None, None], cfg.stride).to(dev)

@@ -84,7 +84,11 @@ def source_cross_entropy(
         hit = (argmax_label(prob) == quantise(cp, cfg.num_labels, cfg.capture_range)).float()
         fg = weights > 0.5
         acc = float(hit[fg].mean()) if bool(fg.any()) else float("nan")
-    return ce[0] + ce[1], {"ce_f1": float(ce[0]), "ce_f2": float(ce[1]), "accuracy": acc}
+    return ce[0] + ce[1], {
+        "ce_f1": float(ce[0].detach()),
+        "ce_f2": float(ce[1].detach()),
+        "accuracy": acc,
+    }
 
 
 # ------------------------------------------------------------------ source training
@@ -137,7 +141,7 @@ def train_steps(
         loss.backward()
         opt.step()
         sched.step()
-        yield StepRecord(step + 1, config.steps, {"loss": float(loss), **logs})
+        yield StepRecord(step + 1, config.steps, {"loss": float(loss.detach()), **logs})
     model.eval()
 
 
@@ -240,10 +244,11 @@ def adapt_steps(
     Every ``config.select_every`` iterations (and at the start and the end) the
     unsupervised criterion of :func:`selection_criterion` is computed on up to
     ``selection_pairs`` target pairs; when the generator finishes, is closed, or
-    fails, the model holds the weights with the best criterion seen, so running
-    more steps never returns a model that scores worse than the one passed in.
-    A non-finite loss stops adaptation with a ``FloatingPointError`` after the
-    best weights are restored.
+    fails, the model holds the weights with the best criterion seen (with
+    ``config.keep_best``, the default), so running more steps never returns a model
+    that scores worse on the criterion than the one passed in. A non-finite loss
+    stops adaptation with a ``FloatingPointError`` after the best (or, without
+    ``keep_best``, the last evaluated) weights are restored.
     """
     cfg = config or AdaptConfig()
     overrides = {k: v for k, v in (("steps", steps), ("seed", seed), ("lr", lr)) if v is not None}
@@ -259,7 +264,9 @@ def adapt_steps(
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if source is None:
-        source = source_batches(data_config or DataConfig(), cfg.batch_size, ("t1", "t2", "pd"), rng, dev)
+        source = source_batches(
+            data_config or DataConfig(), cfg.batch_size, ("t1", "t2", "pd"), rng, dev
+        )
     options: dict = {}
     if kind is Discrepancy.SWD:
         options = {"num_projections": cfg.swd_projections, "generator": gen}
@@ -270,7 +277,9 @@ def adapt_steps(
     heads = list(model.F1.parameters()) + list(model.F2.parameters())
     opt_g = torch.optim.Adam(model.G.parameters(), lr=cfg.lr)
     opt_f = torch.optim.Adam(heads, lr=cfg.lr)
-    sel = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(tf.shape[0])[:selection_pairs])
+    sel = torch.from_numpy(
+        np.random.default_rng(cfg.seed).permutation(tf.shape[0])[:selection_pairs]
+    )
     sel_f, sel_m, sel_mask = tf[sel], tm[sel], tmask[sel]
 
     best_state = _snapshot(model)
@@ -315,8 +324,10 @@ def adapt_steps(
             for p in heads:
                 p.requires_grad_(False)
             try:
+                d_c_first = None
                 for _ in range(cfg.generator_updates):
                     d_c = target_discrepancy(model.cost_volume(t_fixed, t_moving), t_mask)
+                    d_c_first = float(d_c.detach()) if d_c_first is None else d_c_first
                     loss_c = cfg.discrepancy_weight * d_c
                     if cfg.source_weight_c > 0:
                         ce_c, _ = source_cross_entropy(model, src)
@@ -328,10 +339,11 @@ def adapt_steps(
                 for p in heads:
                     p.requires_grad_(True)
             values = {
-                "source_ce": float(loss_a),
+                "source_ce": float(loss_a.detach()),
                 "source_accuracy": logs["accuracy"],
-                "discrepancy_b": float(d_b),
-                "discrepancy_c": float(d_c),
+                "discrepancy_b": float(d_b.detach()),
+                "discrepancy_c_first": d_c_first,
+                "discrepancy_c": float(d_c.detach()),
             }
             if not all(np.isfinite(v) for k, v in values.items() if k != "source_accuracy"):
                 raise FloatingPointError(
@@ -342,14 +354,14 @@ def adapt_steps(
             score = None
             if it % cfg.select_every == 0 or it == cfg.steps:
                 score = selection_criterion(model, sel_f, sel_m, sel_mask)
-                if score > best_score:
+                if score > best_score or not cfg.keep_best:
                     best_score, best_iter, best_state = score, it, _snapshot(model)
-            yield StepRecord(it, cfg.steps, values, float(d_c), score, best_iter)
+            yield StepRecord(it, cfg.steps, values, float(d_c.detach()), score, best_iter)
     except GeneratorExit:
         # stopped by the consumer after a complete iteration: consider it as a candidate
         if completed and completed != best_iter:
             score = selection_criterion(model, sel_f, sel_m, sel_mask)
-            if score > best_score:
+            if score > best_score or not cfg.keep_best:
                 best_state = _snapshot(model)
         raise
     finally:

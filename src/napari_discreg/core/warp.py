@@ -89,7 +89,9 @@ def warp_numpy(image: np.ndarray, displacement: np.ndarray, *, order: int = 1) -
     return out
 
 
-def upsample_field(field: torch.Tensor, stride: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+def upsample_field(
+    field: torch.Tensor, stride: int, size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Dense field (B, 2, H, W) from a control-point field (B, 2, h, w) (bilinear).
 
     Values are in pixels and need no rescaling. ``size`` defaults to ``(h*s, w*s)``.
@@ -120,7 +122,11 @@ def jacobian_determinant(displacement: np.ndarray | torch.Tensor) -> np.ndarray:
     Central differences inside, one-sided at the border (``numpy.gradient``).
     Values <= 0 mark folding.
     """
-    u = displacement.detach().cpu().numpy() if isinstance(displacement, torch.Tensor) else displacement
+    u = (
+        displacement.detach().cpu().numpy()
+        if isinstance(displacement, torch.Tensor)
+        else displacement
+    )
     u = np.asarray(u, dtype=np.float64)
     if u.ndim != 3 or u.shape[0] != 2:
         raise ValueError(f"expected a (2, H, W) displacement, got {u.shape}")

@@ -1,0 +1,101 @@
+"""``napari-discreg benchmark``: the adaptation benchmark table (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .core.benchmark import (
+    BenchmarkSettings,
+    format_table,
+    plot_results,
+    run_benchmark,
+    update_section,
+)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "benchmark",
+        help="adaptation benchmark: identity, source-only, MCD-L1/SWD/pEMD, oracle, elastix, SimpleITK",
+        description="Writes the adaptation section of OUT_DIR/benchmarks.md, OUT_DIR/benchmarks.json "
+        "and OUT_DIR/images/adaptation.png.",
+    )
+    p.add_argument("--quick", action="store_true", help="CI-sized run of the same code path")
+    p.add_argument("--out-dir", type=Path, default=Path("docs"))
+    p.add_argument("--model", default=None, help="source checkpoint (default: the shipped model)")
+    p.add_argument("--steps", type=int, default=None, help="adaptation iterations per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--n-test", type=int, default=None, help="held-out target pairs")
+    p.add_argument("--n-adapt", type=int, default=None, help="unlabelled target pairs to adapt on")
+    p.add_argument("--moving-contrast", choices=("t2", "pd"), default=None)
+    p.add_argument("--discrepancies", nargs="+", default=None, choices=("l1", "swd", "pemd"))
+    p.add_argument("--no-peers", action="store_true", help="skip elastix and SimpleITK")
+    p.add_argument("--no-oracle", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def settings_from_args(args) -> BenchmarkSettings:
+    s = BenchmarkSettings.quick() if args.quick else BenchmarkSettings()
+    changes = {
+        "model_path": args.model,
+        "steps": args.steps,
+        "seeds": tuple(args.seeds) if args.seeds else None,
+        "n_test": args.n_test,
+        "n_adapt": args.n_adapt,
+        "moving_contrast": args.moving_contrast,
+        "discrepancies": tuple(args.discrepancies) if args.discrepancies else None,
+    }
+    s = replace(s, **{k: v for k, v in changes.items() if v is not None})
+    if args.no_peers:
+        s = replace(s, peers=())
+    if args.no_oracle:
+        s = replace(s, oracle=False)
+    return s
+
+
+def run(args) -> int:
+    settings = settings_from_args(args)
+    out_dir: Path = args.out_dir
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    bar = tqdm(desc="benchmark", unit="it")
+
+    def on_record(name, seed, rec):
+        bar.set_postfix_str(f"{name} seed {seed} it {rec.iteration}/{rec.total}")
+        bar.update(1)
+
+    result = run_benchmark(settings, progress=lambda m: tqdm.write(f"-> {m}"), on_record=on_record)
+    bar.close()
+    table = format_table(result)
+    plot_results(result, out_dir / "images" / "adaptation.png")
+    s = result["settings"]
+    text = "\n".join(
+        [
+            f"## Adaptation: T1 fixed vs {s['moving_contrast'].upper()}-like moving",
+            "",
+            f"Written by `napari-discreg benchmark{' --quick' if args.quick else ''}` "
+            f"(`python benchmarks/adaptation.py`). {s['n_test']} held-out test pairs (slices "
+            f"{tuple(s['data_config']['test_slices'])}), adaptation on {s['n_adapt']} unlabelled target pairs from "
+            f"the training slices, {s['steps']} MCD iterations per run, seeds {s['seeds']}; "
+            f"mean ± std over seeds (rows that do not depend on the seed: std 0). "
+            f"CPU, {s['threads']} threads, torch {s['torch']}. Time per pair: inference only for "
+            "the network rows (adaptation time is in benchmarks.json).",
+            "",
+            table,
+            "",
+            "![adaptation](images/adaptation.png)",
+        ]
+    )
+    update_section(out_dir / "benchmarks.md", "adaptation", text)
+    json_path = out_dir / "benchmarks.json"
+    blob = json.loads(json_path.read_text()) if json_path.exists() else {}
+    blob["adaptation"] = result
+    json_path.write_text(json.dumps(blob, indent=1, default=float))
+    print(table)
+    print(f"wrote {out_dir / 'benchmarks.md'} and {json_path}")
+    return 0

@@ -1,0 +1,295 @@
+"""The adaptation benchmark of METHOD.md section 5: one function, used by
+``benchmarks/adaptation.py`` and ``napari-discreg benchmark``.
+
+Protocol
+--------
+* Source model: the shipped model (or a checkpoint), trained on mono-modal pairs only.
+* Adaptation data (unlabelled): T1 fixed vs ``moving_contrast`` moving pairs made from
+  the *training* slice range; their ground truth is never read.
+* Test data: ``n_test`` seeded T1 vs ``moving_contrast`` pairs from the held-out test
+  slice range, the same for every row.
+* Rows: identity, source-only, MCD with each discrepancy (one run per seed), a
+  target-supervised oracle (the source model fine-tuned with the target labels for
+  the same number of iterations), and classical peers (elastix, SimpleITK).
+* Mean +- std over seeds of the per-seed mean over test pairs; rows that do not depend
+  on the seed are run once and have std 0 across seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from .checkpoint import load_model
+from .config import AdaptConfig, DataConfig, TrainConfig
+from .evaluate import METRICS, evaluate_model, identity_metrics, pair_metrics, summarise
+from .train import StepRecord, adapt_steps, train_steps
+
+ROW_NAMES = {"l1": "L1", "swd": "SWD", "pemd": "pEMD"}
+
+
+@dataclass
+class BenchmarkSettings:
+    """What one benchmark run does; :meth:`quick` is the CI-sized variant."""
+
+    n_test: int = 100
+    n_adapt: int = 64
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 150
+    discrepancies: tuple[str, ...] = ("l1", "swd", "pemd")
+    moving_contrast: str = "t2"
+    peers: tuple[str, ...] = ("elastix", "simpleitk")
+    peer_options: dict = field(default_factory=dict)
+    oracle: bool = True
+    model_path: str | None = None
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @classmethod
+    def quick(cls) -> BenchmarkSettings:
+        return cls(
+            n_test=3,
+            n_adapt=4,
+            seeds=(0,),
+            steps=2,
+            peer_options={"elastix": {"iterations": 20}, "simpleitk": {"iterations": 10}},
+            adapt=AdaptConfig(batch_size=2, select_every=1),
+        )
+
+
+def adaptation_pairs(
+    template, config: DataConfig, *, n: int, moving_contrast: str, seed: int = 999
+):
+    """Unlabelled target pairs from the training slice range (fixed T1)."""
+    lo, hi = config.train_slices
+    indices = np.linspace(lo, hi - 1, n).round().astype(int)
+    pairs = [
+        data_mod.make_pair(
+            template, int(i), "t1", moving_contrast, np.random.default_rng([seed, k]), config
+        )
+        for k, i in enumerate(indices)
+    ]
+    return np.stack([p.fixed for p in pairs]), np.stack([p.moving for p in pairs])
+
+
+def _oracle_batches(
+    template, config: DataConfig, moving_contrast: str, batch_size: int, seed: int
+) -> Iterator[dict]:
+    rng = np.random.default_rng(seed)
+    while True:
+        yield data_mod.sample_batch(
+            template, "train", batch_size, rng, config, pairs=(("t1", moving_contrast),)
+        )
+
+
+def run_benchmark(
+    settings: BenchmarkSettings,
+    *,
+    progress: Callable[[str], None] | None = None,
+    on_record: Callable[[str, int, StepRecord], None] | None = None,
+) -> dict:
+    """Run every row and return ``{"settings": ..., "rows": {name: {metric: [per-seed means]}}, "curves": ...}``."""
+    say = progress or (lambda msg: None)
+    cfg = settings.data
+    template = data_mod.load_template(cfg.size)
+    test = data_mod.fixed_test_pairs(
+        template,
+        cfg,
+        n=settings.n_test,
+        fixed_contrast="t1",
+        moving_contrast=settings.moving_contrast,
+        seed=123,
+    )
+    adapt_fixed, adapt_moving = adaptation_pairs(
+        template, cfg, n=settings.n_adapt, moving_contrast=settings.moving_contrast
+    )
+    base = load_model(settings.model_path, device="cpu")
+    mc = base.config
+    rows: dict[str, dict[str, list[float]]] = {}
+    curves: dict[str, list[dict]] = {}
+
+    def add(name: str, per_pair: dict[str, list[float]]):
+        row = rows.setdefault(name, {m: [] for m in METRICS})
+        for key, value in summarise(per_pair).items():
+            row[key].append(value)
+
+    say("identity")
+    add("identity", identity_metrics(test, mc.stride, mc.num_labels, mc.capture_range))
+    say("source-only")
+    add("source-only", evaluate_model(base, test))
+
+    for seed in settings.seeds:
+        for kind in settings.discrepancies:
+            name = f"MCD-{ROW_NAMES.get(kind, kind)}"
+            say(f"{name} seed {seed}")
+            model = load_model(settings.model_path, device="cpu")
+            t0 = time.perf_counter()
+            curve = []
+            for rec in adapt_steps(
+                model,
+                adapt_fixed,
+                adapt_moving,
+                discrepancy=kind,
+                steps=settings.steps,
+                seed=seed,
+                config=settings.adapt,
+                data_config=cfg,
+                device="cpu",
+            ):
+                curve.append(
+                    {
+                        "iteration": rec.iteration,
+                        "criterion": rec.criterion,
+                        "discrepancy": rec.discrepancy,
+                        **rec.losses,
+                    }
+                )
+                if on_record is not None:
+                    on_record(name, seed, rec)
+            seconds = time.perf_counter() - t0
+            curves[f"{name} seed {seed}"] = curve
+            per_pair = evaluate_model(model, test)
+            add(name, per_pair)
+            rows[name].setdefault("adapt_seconds", []).append(seconds)
+            rows[name].setdefault("best_iteration", []).append(float(rec.best_iteration or 0))
+        if settings.oracle:
+            say(f"oracle seed {seed}")
+            model = load_model(settings.model_path, device="cpu")
+            tcfg = TrainConfig(
+                steps=max(settings.steps, 1),
+                batch_size=settings.adapt.batch_size,
+                lr=settings.adapt.lr,
+                seed=seed,
+            )
+            batches = _oracle_batches(
+                template, cfg, settings.moving_contrast, tcfg.batch_size, seed
+            )
+            for _ in train_steps(
+                model, config=tcfg, data_config=cfg, batches=batches, device="cpu"
+            ):
+                pass
+            add("oracle (target-supervised)", evaluate_model(model, test))
+
+    for peer in settings.peers:
+        say(peer)
+        from . import peers as peers_mod
+
+        fn = peers_mod.PEERS[peer]
+        per_pair = {m: [] for m in METRICS}
+        for pair in test:
+            t0 = time.perf_counter()
+            disp = fn(pair.fixed, pair.moving, **settings.peer_options.get(peer, {}))
+            seconds = time.perf_counter() - t0
+            vals = pair_metrics(pair, disp, None, mc.stride, mc.num_labels, mc.capture_range)
+            vals["seconds"] = seconds
+            for key in METRICS:
+                per_pair[key].append(vals.get(key, float("nan")))
+        add(peer, per_pair)
+
+    return {
+        "settings": {
+            "n_test": settings.n_test,
+            "n_adapt": settings.n_adapt,
+            "seeds": list(settings.seeds),
+            "steps": settings.steps,
+            "moving_contrast": settings.moving_contrast,
+            "adapt_config": settings.adapt.to_dict(),
+            "data_config": cfg.to_dict(),
+            "model_config": mc.to_dict(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "rows": rows,
+        "curves": curves,
+    }
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of ``result["rows"]``: mean +- std over seeds."""
+    cols = [
+        ("label_accuracy", "label acc. (%)", 100.0),
+        ("epe", "EPE (px)", 1.0),
+        ("dice_gm", "Dice GM", 1.0),
+        ("dice_wm", "Dice WM", 1.0),
+        ("dice_csf", "Dice CSF", 1.0),
+        ("folding", "folding (%)", 100.0),
+        ("seconds", "s / pair", 1.0),
+    ]
+    lines = [
+        "| row | runs | " + " | ".join(c[1] for c in cols) + " |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
+    for name, row in result["rows"].items():
+        cells = []
+        for key, _, scale in cols:
+            vals = np.asarray(row.get(key, []), dtype=float) * scale
+            if vals.size == 0 or np.all(np.isnan(vals)):
+                cells.append("n/a")
+            else:
+                digits = (
+                    3 if key == "seconds" else 2 if key.startswith("dice") or key == "epe" else 1
+                )
+                cells.append(f"{np.nanmean(vals):.{digits}f} ± {np.nanstd(vals):.{digits}f}")
+        n = len(row.get("epe", []))
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_section(path, name: str, text: str) -> None:
+    """Replace (or append) the section ``name`` of a Markdown file, delimited by
+    ``<!-- name:start -->`` / ``<!-- name:end -->`` markers, so that several benchmark
+    scripts can each own one part of ``docs/benchmarks.md``."""
+    from pathlib import Path
+
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    old = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nEvery number on this page is written by a script in `benchmarks/`; rerun it to check.\n"
+    )
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
+def plot_results(result: dict, path) -> None:
+    """Bar chart of label accuracy and EPE per row, and the adaptation curves."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = list(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, scale, label in (
+        (axes[0], "label_accuracy", 100, "label accuracy (%)"),
+        (axes[1], "epe", 1, "EPE (px)"),
+    ):
+        means = [np.nanmean(np.asarray(rows[n].get(key, [np.nan]), float)) * scale for n in names]
+        stds = [np.nanstd(np.asarray(rows[n].get(key, [np.nan]), float)) * scale for n in names]
+        ax.bar(range(len(names)), np.nan_to_num(means), yerr=np.nan_to_num(stds), color="tab:blue")
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+    ax = axes[2]
+    for name, curve in result["curves"].items():
+        pts = [(c["iteration"], c["criterion"]) for c in curve if c.get("criterion") is not None]
+        if pts:
+            it, crit = zip(*pts, strict=True)
+            ax.plot(it, crit, marker=".", label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("selection criterion (NMI, target)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

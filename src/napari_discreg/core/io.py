@@ -1,0 +1,445 @@
+"""Reading and writing images and displacement fields (no Qt, no napari).
+
+Formats
+-------
+========================  ===========================  =====================================
+extension                 read with                    notes
+========================  ===========================  =====================================
+``.png .jpg .jpeg .bmp``  :mod:`imageio` (Pillow)      RGB(A) -> gray (see below)
+``.tif .tiff``            :mod:`tifffile`              2D image or 3D stack; float kept
+``.nii .nii.gz``          :mod:`nibabel`               2D or 3D; 4D only with one volume
+``.npy``                  :func:`numpy.load`           ``allow_pickle=False``
+========================  ===========================  =====================================
+
+Every reader returns ``float32``. Conventions, stated once here:
+
+* **Colour.** An RGB or RGBA image (PNG/JPEG, or a TIFF whose samples axis holds 3
+  or 4 channels) loses its alpha channel and is converted with
+  :func:`skimage.color.rgb2gray`, which rescales integer images to [0, 1]; a
+  gray-with-alpha PNG keeps its gray channel. Intensity scale does not matter for
+  registration: :func:`napari_discreg.register` normalises every image itself.
+* **Singleton axes** (e.g. a ``(1, H, W)`` stack or an ``(X, Y, Z, 1)`` NIfTI) are
+  dropped before anything else, so ``axis`` counts the remaining axes.
+* **Volumes and stacks.** :func:`read_image` takes one 2D slice of a 3D array:
+  along ``axis`` (default 0 for TIFF and ``.npy`` stacks, 2 for NIfTI volumes, i.e.
+  the third voxel axis) at ``index`` (default: the middle slice). For 2D files
+  ``axis`` and ``index`` are ignored. NIfTI data are used in voxel-array order,
+  with no reorientation by the affine (:func:`write_image` writes an identity
+  affine, so a written image reads back unchanged).
+
+Writing is atomic: every writer writes a temporary file in the destination folder
+and renames it onto the destination (:func:`os.replace`), so an interrupted or
+failed write never leaves a partial file behind.
+
+Errors a user can cause (missing file, unknown extension, corrupt file, a slice
+index out of range, an array of the wrong shape) raise :class:`ValueError` with a
+message that names the file; a destination that cannot be written raises
+:class:`OSError`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "WRITE_EXTENSIONS",
+    "read_image",
+    "read_stack",
+    "write_image",
+    "write_field",
+    "read_field",
+    "image_format",
+    "temporary_sibling",
+]
+
+_FORMATS: dict[str, str] = {
+    ".png": "png",
+    ".jpg": "png",
+    ".jpeg": "png",
+    ".bmp": "png",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".npy": "npy",
+}
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(_FORMATS)
+"""Extensions :func:`read_image` and :func:`read_stack` understand (lower case)."""
+
+WRITE_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff", ".npy", ".nii", ".nii.gz", ".png")
+"""Extensions :func:`write_image` writes."""
+
+_FIELD_EXTENSIONS = (".npy", ".tif", ".tiff")
+_FORMAT_NAMES = {
+    "png": "a PNG/JPEG/BMP image",
+    "tiff": "a TIFF file",
+    "nifti": "a NIfTI file",
+    "npy": "a NumPy .npy file",
+}
+_DEFAULT_AXIS = {"png": 0, "tiff": 0, "npy": 0, "nifti": 2}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _extension(path: Path) -> str:
+    """Lower-case extension, ``.nii.gz`` counted as one."""
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return path.suffix.lower()
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """``"png"`` (PNG, JPEG or BMP), ``"tiff"``, ``"nifti"`` or ``"npy"`` for a file name.
+
+    Raises
+    ------
+    ValueError
+        For an extension napari-discreg does not read.
+    """
+    p = Path(path)
+    ext = _extension(p)
+    try:
+        return _FORMATS[ext]
+    except KeyError:
+        raise ValueError(
+            f"{p}: unknown image extension {ext or '(none)'!r}; napari-discreg reads "
+            f"{', '.join(IMAGE_EXTENSIONS)}"
+        ) from None
+
+
+def temporary_sibling(path: str | os.PathLike) -> Path:
+    """A fresh hidden file name next to ``path`` with the same extension.
+
+    ``out/warped.tif`` -> ``out/.warped.partial-1a2b3c4d.tif``: the extension is kept
+    because the writers pick the format (and compression, for ``.nii.gz``) from it.
+    """
+    p = Path(path)
+    ext = _extension(p)
+    stem = p.name[: len(p.name) - len(ext)] if ext else p.name
+    return p.with_name(f".{stem}.partial-{uuid.uuid4().hex[:8]}{ext}")
+
+
+def _check_readable(path: str | os.PathLike) -> tuple[Path, str]:
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p}: no such file")
+    if not p.is_file():
+        raise ValueError(f"{p}: is not a file (a folder?); give an image file")
+    return p, image_format(p)
+
+
+def _check_numeric(arr: np.ndarray, p: Path) -> None:
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
+        raise ValueError(f"{p}: holds {arr.dtype} data; expected a real-valued numeric image")
+    if arr.ndim < 2 or arr.size == 0:
+        raise ValueError(
+            f"{p}: holds an array of shape {arr.shape}; expected a 2D image or a 3D stack"
+        )
+
+
+def _to_gray(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3 or 4) colour -> (...) gray: alpha dropped, then skimage's rgb2gray."""
+    from skimage.color import rgb2gray
+
+    return rgb2gray(rgb[..., :3])
+
+
+def _load(p: Path, fmt: str) -> np.ndarray:
+    """The file's array with colour converted to gray and singleton axes dropped."""
+    try:
+        if fmt == "png":
+            import imageio.v3 as iio
+
+            # pillow only: imageio would otherwise try every plugin it knows on a bad file
+            arr = np.asarray(iio.imread(p, plugin="pillow"))
+            if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+                arr = _to_gray(arr)
+            elif arr.ndim == 3 and arr.shape[-1] == 2:  # gray + alpha
+                arr = arr[..., 0]
+        elif fmt == "tiff":
+            import tifffile
+
+            with tifffile.TiffFile(str(p)) as tif:
+                series = tif.series[0]
+                axes = series.axes
+                arr = np.asarray(series.asarray())
+            if axes.endswith("S") and arr.shape[-1] in (3, 4):
+                arr = _to_gray(arr)
+        elif fmt == "nifti":
+            import nibabel as nib
+
+            img: Any = nib.load(str(p))  # a Nifti1/2Image (nibabel types it as the base class)
+            arr = np.asarray(img.get_fdata(dtype=np.float32))
+        else:
+            with open(p, "rb") as fh:
+                if fh.read(6) != b"\x93NUMPY":
+                    raise ValueError("the file does not start with the .npy header")
+            arr = np.load(str(p), allow_pickle=False)
+    except ValueError as exc:
+        if str(p) in str(exc):
+            raise
+        raise ValueError(f"{p}: cannot be read as {_FORMAT_NAMES[fmt]} ({exc})") from exc
+    except Exception as exc:  # any reader failure on a corrupt file becomes one clear error
+        raise ValueError(
+            f"{p}: cannot be read as {_FORMAT_NAMES[fmt]} ({type(exc).__name__}: {exc})"
+        ) from exc
+    _check_numeric(arr, p)
+    if arr.ndim > 2:
+        arr = arr.reshape([s for s in arr.shape if s != 1] or [1, 1])
+        if arr.ndim < 2:  # e.g. (1, 1, W): keep it 2D
+            arr = arr.reshape(1, -1)
+    if arr.ndim > 3:
+        hint = " (a 4D NIfTI series: extract one volume first)" if fmt == "nifti" else ""
+        raise ValueError(
+            f"{p}: holds an array of shape {arr.shape}; napari-discreg reads 2D images and "
+            f"3D stacks/volumes{hint}"
+        )
+    return arr
+
+
+def _check_axis(p: Path, shape: tuple[int, ...], axis: int) -> int:
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"{p}: axis {axis} is out of range for a volume of shape {shape}")
+    return axis % len(shape)
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+def read_image(
+    path: str | os.PathLike, *, axis: int | None = None, index: int | None = None
+) -> np.ndarray:
+    """Read one 2D image (float32) from a PNG/JPEG, TIFF, NIfTI or ``.npy`` file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file; its format comes from the extension (see the module docstring).
+    axis : int, optional
+        For 3D files: the axis to slice along. Default 0 for TIFF and ``.npy``
+        stacks, 2 for NIfTI volumes.
+    index : int, optional
+        For 3D files: which slice along ``axis`` (0-based). Default: the middle one,
+        ``n // 2``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` float32.
+
+    Raises
+    ------
+    ValueError
+        Missing file, unknown extension, unreadable or corrupt file, non-numeric
+        data, an array with more than three non-singleton axes, or ``axis``/``index``
+        out of range. The message names the file.
+    """
+    p, fmt = _check_readable(path)
+    arr = _load(p, fmt)
+    if arr.ndim == 3:
+        ax = _check_axis(p, arr.shape, _DEFAULT_AXIS[fmt] if axis is None else int(axis))
+        n = arr.shape[ax]
+        i = n // 2 if index is None else int(index)
+        if not 0 <= i < n:
+            raise ValueError(
+                f"{p}: slice index {i} is out of range: the volume of shape {arr.shape} has "
+                f"{n} slices along axis {ax} (0 to {n - 1})"
+            )
+        arr = np.take(arr, i, axis=ax)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def read_stack(path: str | os.PathLike, *, axis: int | None = None) -> np.ndarray:
+    """Read a stack or volume file as ``(N, H, W)`` float32 slices along ``axis``.
+
+    ``axis`` defaults as in :func:`read_image` (0 for TIFF/``.npy``, 2 for NIfTI);
+    a 2D file gives ``N = 1``. Raises :class:`ValueError` like :func:`read_image`.
+    """
+    p, fmt = _check_readable(path)
+    arr = _load(p, fmt)
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        ax = _check_axis(p, arr.shape, _DEFAULT_AXIS[fmt] if axis is None else int(axis))
+        arr = np.moveaxis(arr, ax, 0)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------- writers
+
+
+def _png_array(arr: np.ndarray, p: Path) -> np.ndarray:
+    if arr.ndim != 2:
+        raise ValueError(
+            f"{p}: PNG holds one 2D gray image, got shape {arr.shape}; use .tif or .npy"
+        )
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype in (np.uint8, np.uint16):
+        return arr
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{p}: the image holds NaN or infinite values, which PNG cannot store")
+    if np.issubdtype(arr.dtype, np.integer) and arr.min() >= 0:
+        if arr.max() <= 255:
+            return arr.astype(np.uint8)
+        if arr.max() <= 65535:
+            return arr.astype(np.uint16)
+    lo, hi = float(arr.min()), float(arr.max())
+    scaled = (arr.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(arr.shape)
+    return np.round(scaled * 65535.0).astype(np.uint16)
+
+
+def _nifti_array(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.dtype in (np.int64, np.uint64):  # nibabel refuses 64-bit integers by default
+        info = np.iinfo(np.int32)
+        if arr.size == 0 or (arr.min() >= info.min and arr.max() <= info.max):
+            return arr.astype(np.int32)
+        return arr.astype(np.float64)
+    return arr
+
+
+def _write_raw(p: Path, arr: np.ndarray, ext: str) -> None:
+    if ext in (".tif", ".tiff"):
+        import tifffile
+
+        tifffile.imwrite(str(p), arr, photometric="minisblack")
+    elif ext == ".npy":
+        with open(p, "wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+    elif ext in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(_nifti_array(arr), np.eye(4)), str(p))
+    else:  # .png, array already converted by _png_array
+        import imageio.v3 as iio
+
+        iio.imwrite(p, arr, plugin="pillow", extension=".png")
+
+
+def _atomic_write(
+    path: str | os.PathLike, arr: np.ndarray, allowed: tuple[str, ...], what: str
+) -> Path:
+    p = Path(path)
+    ext = _extension(p)
+    if ext not in allowed:
+        raise ValueError(
+            f"{p}: cannot write {what} as {ext or '(no extension)'!r}; use {', '.join(allowed)}"
+        )
+    if ext == ".png":
+        arr = _png_array(arr, p)
+    if not p.parent.is_dir():
+        raise OSError(f"cannot write {p}: the folder {p.parent} does not exist")
+    if p.is_dir():
+        raise OSError(f"cannot write {p}: it is a folder")
+    tmp = temporary_sibling(p)
+    try:
+        _write_raw(tmp, arr, ext)
+        os.replace(tmp, p)
+    except OSError as exc:
+        raise OSError(f"cannot write {p} ({exc})") from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p
+
+
+def write_image(path: str | os.PathLike, array) -> Path:
+    """Write an image (2D; 3D stacks also for TIFF, ``.npy`` and NIfTI) atomically.
+
+    Formats by extension:
+
+    * ``.tif``/``.tiff`` (tifffile) and ``.npy``: dtype and values kept exactly
+      (float32 stays float32).
+    * ``.nii``/``.nii.gz`` (nibabel): identity affine, dtype kept (bool -> uint8,
+      64-bit integers -> int32 when they fit).
+    * ``.png`` (2D only, lossy for floats): ``uint8``/``uint16`` and integer images
+      within 0-255 (-> uint8) or 0-65535 (-> uint16) are written unchanged, bool as
+      0/255; anything else (floats, negative integers) is **rescaled** linearly from
+      its min-max to 0-65535 and written as 16-bit. Use TIFF or ``.npy`` to keep
+      values.
+
+    The data go to a temporary file in the same folder that is then renamed onto
+    ``path``, so a failure never leaves a partial file.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        Unknown extension, non-numeric array, or an array PNG cannot hold.
+    OSError
+        The folder does not exist or cannot be written.
+    """
+    p = Path(path)
+    arr = np.asarray(array)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
+        raise ValueError(f"{p}: cannot write {arr.dtype} data as an image")
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"{p}: expected a 2D image or a 3D stack, got shape {arr.shape}")
+    return _atomic_write(p, np.ascontiguousarray(arr), WRITE_EXTENSIONS, "an image")
+
+
+def _check_field(field: np.ndarray, name: str) -> np.ndarray:
+    if field.ndim != 3 or field.shape[0] != 2 or min(field.shape[1:], default=0) < 1:
+        raise ValueError(
+            f"{name}: a displacement field must have shape (2, H, W) (row, col components "
+            f"in pixels), got {field.shape}"
+        )
+    if not (np.issubdtype(field.dtype, np.number) or field.dtype == bool) or np.iscomplexobj(field):
+        raise ValueError(f"{name}: a displacement field must be real-valued, got {field.dtype}")
+    return np.ascontiguousarray(field, dtype=np.float32)
+
+
+def write_field(path: str | os.PathLike, displacement) -> Path:
+    """Write a ``(2, H, W)`` displacement field (pixels, row/col) as float32 ``.npy`` or TIFF.
+
+    Atomic like :func:`write_image`. Raises :class:`ValueError` for another shape or
+    extension.
+    """
+    p = Path(path)
+    field = _check_field(np.asarray(displacement), str(p))
+    return _atomic_write(p, field, _FIELD_EXTENSIONS, "a displacement field")
+
+
+def read_field(path: str | os.PathLike) -> np.ndarray:
+    """Read a displacement field written by :func:`write_field`: ``(2, H, W)`` float32.
+
+    Raises
+    ------
+    ValueError
+        Missing or corrupt file, an extension other than ``.npy``/``.tif``/``.tiff``,
+        or an array that is not ``(2, H, W)``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such file")
+    ext = _extension(p)
+    if ext not in _FIELD_EXTENSIONS:
+        raise ValueError(
+            f"{p}: displacement fields are read from {', '.join(_FIELD_EXTENSIONS)}, not {ext!r}"
+        )
+    try:
+        if ext == ".npy":
+            arr = np.load(str(p), allow_pickle=False)
+        else:
+            import tifffile
+
+            arr = tifffile.imread(str(p))
+    except Exception as exc:
+        raise ValueError(
+            f"{p}: cannot be read as a displacement field ({type(exc).__name__}: {exc})"
+        ) from exc
+    return _check_field(np.asarray(arr), str(p))

@@ -1,0 +1,133 @@
+"""MCD adaptation on a tiny model: mechanics, stopping, safety."""
+
+import numpy as np
+import pytest
+import torch
+
+import napari_discreg as nd
+from napari_discreg.core import data
+from napari_discreg.core.config import AdaptConfig, DataConfig, TrainConfig
+from napari_discreg.core.train import clone_model, train_steps
+
+RNG = np.random.default_rng(12345)
+
+CFG = DataConfig(size=64)
+FAST = AdaptConfig(batch_size=2, select_every=2, generator_updates=2, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def target():
+    template = data.load_template(CFG.size)
+    pairs = data.fixed_test_pairs(
+        template, CFG, n=3, fixed_contrast="t1", moving_contrast="t2", seed=0
+    )
+    return np.stack([p.fixed for p in pairs]), np.stack([p.moving for p in pairs])
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run(model, target, **kw):
+    kw.setdefault("config", FAST)
+    return list(nd.adapt_steps(model, *target, data_config=CFG, device="cpu", **kw))
+
+
+@pytest.mark.parametrize("kind", ["l1", "swd", "pemd"])
+def test_step_c_lowers_target_discrepancy_and_changes_g_only_in_the_adapted_copy(
+    tiny_model, target, kind
+):
+    frozen = clone_model(tiny_model)
+    before = _state(tiny_model)
+    cfg = AdaptConfig(
+        batch_size=2,
+        select_every=4,
+        generator_updates=4,
+        lr=1e-3,
+        source_weight_c=0.0,
+        keep_best=False,
+    )
+    records = run(tiny_model, target, discrepancy=kind, steps=4, config=cfg)
+    assert [r.iteration for r in records] == [0, 1, 2, 3, 4]
+    drops = [r.losses["discrepancy_c"] - r.losses["discrepancy_c_first"] for r in records[1:]]
+    assert np.mean(drops) < 0, drops  # G's updates in step C make the heads agree more
+    g_keys = [k for k in before if k.startswith("G.")]
+    assert any(not torch.equal(before[k], tiny_model.state_dict()[k]) for k in g_keys)
+    assert _same(before, frozen.state_dict())  # the copy is untouched
+
+
+def test_deterministic_for_a_fixed_seed(tiny_model, target):
+    a, b = clone_model(tiny_model), clone_model(tiny_model)
+    cfg = AdaptConfig(batch_size=2, select_every=2, generator_updates=1, keep_best=False)
+    ra = run(a, target, discrepancy="swd", steps=2, seed=3, config=cfg)
+    rb = run(b, target, discrepancy="swd", steps=2, seed=3, config=cfg)
+    assert [r.losses for r in ra] == [r.losses for r in rb]
+    assert _same(a.state_dict(), b.state_dict())
+
+
+def test_keep_best_never_ends_worse_on_the_criterion(tiny_model, target):
+    records = run(tiny_model, target, discrepancy="pemd", steps=4)
+    scores = {r.iteration: r.criterion for r in records if r.criterion is not None}
+    best = records[-1].best_iteration
+    assert scores[best] == max(scores.values())
+    assert scores[best] >= scores[0]
+
+
+def test_closing_the_generator_stops_after_a_complete_iteration(tiny_model, target):
+    cfg = AdaptConfig(batch_size=2, select_every=100, generator_updates=1, keep_best=False)
+    gen = nd.adapt_steps(tiny_model, *target, steps=50, config=cfg, data_config=CFG, device="cpu")
+    seen = [next(gen).iteration for _ in range(3)]
+    gen.close()
+    assert seen == [0, 1, 2]
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_nan_loss_stops_and_restores_weights(tiny_model, target):
+    before = _state(tiny_model)
+    with torch.no_grad():  # poison a head weight halfway: the next loss becomes NaN
+        gen = nd.adapt_steps(
+            tiny_model, *target, steps=5, config=FAST, data_config=CFG, device="cpu"
+        )
+        next(gen)
+        tiny_model.F1.net[0].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="restored"):
+        list(gen)
+    assert _same(before, tiny_model.state_dict())
+
+
+def test_adapt_runs_to_the_end_and_returns_the_model(tiny_model, target):
+    out = nd.adapt(
+        tiny_model, *target, discrepancy="l1", steps=1, config=FAST, data_config=CFG, device="cpu"
+    )
+    assert out is tiny_model
+
+
+@pytest.mark.parametrize(
+    ("fixed", "moving", "match"),
+    [
+        (RNG.random((2, 32, 32)), RNG.random((3, 32, 32)), "same shape"),
+        (RNG.random((2, 2, 32, 32)), RNG.random((2, 2, 32, 32)), r"\(N, H, W\)"),
+        (np.full((2, 32, 32), np.nan), RNG.random((2, 32, 32)), "NaN"),
+    ],
+)
+def test_bad_target_input(tiny_model, fixed, moving, match):
+    with pytest.raises(ValueError, match=match):
+        run(tiny_model, (fixed, moving), steps=1)
+
+
+def test_unknown_discrepancy(tiny_model, target):
+    with pytest.raises(ValueError, match="unknown discrepancy"):
+        run(tiny_model, target, discrepancy="kl", steps=1)
+
+
+def test_source_training_lowers_the_loss(tiny_model):
+    cfg = TrainConfig(steps=12, batch_size=2, lr=3e-3, source_contrasts=("t1",))
+    losses = [
+        r.losses["loss"] for r in train_steps(tiny_model, config=cfg, data_config=CFG, device="cpu")
+    ]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])

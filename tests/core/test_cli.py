@@ -1,0 +1,347 @@
+"""The ``napari-discreg`` command line, driven through ``main([...])``.
+
+A tiny randomly initialised model stands in for the shipped weights, so the tests
+check plumbing (files, shapes, exit codes, atomic outputs), not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import napari_discreg
+import napari_discreg.core.checkpoint as checkpoint_mod
+import napari_discreg.core.train as train_mod
+from napari_discreg import load_model, save_model
+from napari_discreg.cli import main
+from napari_discreg.core import io
+from napari_discreg.core.checkpoint import checkpoint_info
+from napari_discreg.core.config import DataConfig, ModelConfig
+from napari_discreg.core.data import load_template, make_pair
+from napari_discreg.core.model import DiscreteRegistrationNet
+from napari_discreg.core.train import StepRecord
+
+SIZE = 48  # every test uses this template size, so it is built once
+TINY = ["--num-labels", "5", "--capture-range", "2", "--features", "4", "--head-channels", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = DiscreteRegistrationNet(
+        ModelConfig(num_labels=5, capture_range=2, features=4, head_channels=8)
+    )
+    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory) -> tuple[Path, Path]:
+    pair = make_pair(
+        load_template(SIZE), 110, "t1", "t2", np.random.default_rng(0), DataConfig(size=SIZE)
+    )
+    folder = tmp_path_factory.mktemp("pair")
+    return io.write_image(folder / "fixed.tif", pair.fixed), io.write_image(
+        folder / "moving.nii.gz", pair.moving
+    )
+
+
+def run(*args) -> int:
+    """``main`` with every argument turned into a string."""
+    return main([str(a) for a in args])
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("napari-discreg: error: ")
+    return err
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# ------------------------------------------------------------------------- register
+
+
+def test_register_writes_all_outputs(tmp_path, tiny_model, pair_files, capsys):
+    fixed, moving = pair_files
+    out = tmp_path / "a" / "out"
+    assert run("register", fixed, moving, "-o", out, "--model", tiny_model) == 0
+    assert _tree(out) == ["discrepancy.tif", "displacement.npy", "summary.json", "warped.tif"]
+    assert io.read_image(out / "warped.tif").shape == (SIZE, SIZE)
+    u = np.load(out / "displacement.npy")
+    assert u.shape == (2, SIZE, SIZE) and u.dtype == np.float32
+    assert io.read_field(out / "displacement.npy").shape == (2, SIZE, SIZE)
+    assert io.read_image(out / "discrepancy.tif").shape == (SIZE // 4, SIZE // 4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shape"] == [SIZE, SIZE]
+    assert summary["model"] == str(tiny_model)
+    u_mean, u_max = summary["displacement_px"]["mean_abs"], summary["displacement_px"]["max_abs"]
+    assert 0 <= u_mean <= u_max <= 2.0 + 1e-5  # capture range of the tiny model
+    assert 1.0 <= summary["nmi"]["before"] <= 2.0 and 1.0 <= summary["nmi"]["after"] <= 2.0
+    assert summary["runtime_s"] > 0
+    assert "NMI" in capsys.readouterr().out
+
+
+def test_register_slices_volumes(tmp_path, tiny_model, pair_files):
+    fixed, moving = (io.read_image(p) for p in pair_files)
+    vol_f = io.write_image(tmp_path / "f.tif", np.stack([fixed * 0, fixed, fixed * 0]))
+    vol_m = io.write_image(tmp_path / "m.npy", np.stack([moving * 0, moving, moving * 0]))
+    out = tmp_path / "o"
+    assert run("register", vol_f, vol_m, "-o", out, "--model", tiny_model, "--index", 1) == 0
+    assert np.load(tmp_path / "o" / "displacement.npy").shape == (2, SIZE, SIZE)
+
+
+def test_register_missing_input(tmp_path, tiny_model, pair_files, capsys):
+    out = tmp_path / "out"
+    rc = run("register", pair_files[0], tmp_path / "nope.png", "-o", out, "--model", tiny_model)
+    assert rc == 2
+    assert "nope.png: no such file" in _error(capsys)
+    assert not out.exists()
+
+
+def test_register_shape_mismatch(tmp_path, tiny_model, pair_files, capsys):
+    small = io.write_image(tmp_path / "small.npy", np.random.default_rng(0).random((40, 40)))
+    out = tmp_path / "out"
+    rc = run("register", pair_files[0], small, "-o", out, "--model", tiny_model)
+    assert rc == 2
+    assert "48 x 48" in _error(capsys)
+    assert not out.exists()
+
+
+def test_register_unwritable_output(tmp_path, tiny_model, pair_files, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a regular file")
+    out = blocker / "out"
+    rc = run("register", *pair_files, "-o", out, "--model", tiny_model)
+    assert rc == 2
+    assert "is a file, not a folder" in _error(capsys)
+    assert _tree(tmp_path) == ["file.txt"]
+    # an existing file as the output folder
+    assert run("register", *pair_files, "-o", blocker, "--model", tiny_model) == 2
+    assert "is not a folder" in _error(capsys)
+
+
+def test_register_failure_while_writing_leaves_nothing(
+    tmp_path, tiny_model, pair_files, capsys, monkeypatch
+):
+    def broken(path, field):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "write_field", broken)
+    out = tmp_path / "new" / "out"
+    rc = run("register", *pair_files, "-o", out, "--model", tiny_model)
+    assert rc == 2 and "disk full" in _error(capsys)
+    assert _tree(tmp_path) == []  # the folders it created are gone too
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "warped.tif").write_text("old")
+    assert run("register", *pair_files, "-o", existing, "--model", tiny_model) == 2
+    assert _tree(existing) == ["warped.tif"] and (existing / "warped.tif").read_text() == "old"
+
+
+def test_register_bad_checkpoint(tmp_path, pair_files, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    out = tmp_path / "out"
+    assert run("register", *pair_files, "-o", out, "--model", bad) == 2
+    assert "bad.safetensors" in _error(capsys)
+    assert not out.exists()
+
+
+def test_missing_shipped_weights_say_what_to_do(tmp_path, pair_files, capsys, monkeypatch):
+    monkeypatch.setattr(
+        checkpoint_mod, "default_weights_path", lambda: tmp_path / "none.safetensors"
+    )
+    assert run("register", *pair_files, "-o", tmp_path / "out") == 2
+    assert "--model" in _error(capsys)
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def test_train_writes_loadable_checkpoint(tmp_path, capsys):
+    ckpt = tmp_path / "models" / "m.safetensors"
+    assert run("train", "-o", ckpt, "--steps", 2, "--size", SIZE, "--batch-size", 2, *TINY) == 0
+    model = load_model(ckpt, "cpu")
+    assert model.config.num_labels == 5 and model.config.features == 4
+    info = checkpoint_info(ckpt)
+    assert info["training"]["steps"] == 2 and info["training"]["completed_steps"] == 2
+    assert info["training"]["data_config"]["size"] == SIZE
+    assert info["command"].startswith("napari-discreg train -o ")
+    assert "saved" in capsys.readouterr().out
+    assert _tree(tmp_path) == ["models", "models/m.safetensors"]
+
+
+def test_train_ctrl_c_saves_what_it_has(tmp_path, capsys, monkeypatch):
+    def interrupted(model, *, config, **kwargs):
+        yield StepRecord(1, config.steps, {"loss": 1.0, "accuracy": 0.5})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train_steps", interrupted)
+    ckpt = tmp_path / "m.safetensors"
+    assert run("train", "-o", ckpt, "--steps", 10, *TINY) == 130
+    assert checkpoint_info(ckpt)["training"]["interrupted"] is True
+    assert checkpoint_info(ckpt)["training"]["completed_steps"] == 1
+    assert "interrupted after 1 of 10 steps" in capsys.readouterr().out
+
+
+def test_train_bad_settings(tmp_path, capsys):
+    ckpt = tmp_path / "m.safetensors"
+    assert run("train", "-o", ckpt, "--num-labels", 4) == 2
+    assert "num_labels" in _error(capsys)
+    assert run("train", "-o", ckpt, "--contrasts", "t1,ct") == 2
+    assert "--contrasts" in _error(capsys)
+    assert run("train", "-o", ckpt, "--steps", 0) == 2  # argparse usage error
+    assert "--steps: must be >= 1" in capsys.readouterr().err
+    assert run("train", "-o", tmp_path) == 2  # a folder, not a file
+    assert "is a folder" in _error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- adapt
+
+
+def test_adapt_demo_target(tmp_path, tiny_model, capsys):
+    out = tmp_path / "adapted.safetensors"
+    argv = ["adapt", "-o", out, "--model", tiny_model, "--demo-target", 2, "--steps", 2]
+    assert run(*argv, "--size", SIZE, "--batch-size", 2, "--discrepancy", "pemd") == 0
+    load_model(out, "cpu")
+    meta = checkpoint_info(out)["adaptation"]
+    assert meta["discrepancy"] == "pemd" and meta["steps"] == 2 and meta["completed_steps"] == 2
+    assert meta["best_iteration"] in (0, 1, 2)
+    assert meta["best_criterion"] >= meta["initial_criterion"]
+    assert "mutual information" in meta["selection_criterion"]
+    assert meta["target_pairs"] == 2 and meta["base_model"] == str(tiny_model)
+    assert "adapted with pemd" in capsys.readouterr().out
+
+
+def test_adapt_ctrl_c_saves_the_best_weights(tmp_path, tiny_model, capsys, monkeypatch):
+    def interrupted(model, fixed, moving, *, config, **kwargs):
+        yield StepRecord(0, config.steps, {}, None, 1.10, 0)
+        yield StepRecord(1, config.steps, {}, 0.5, 1.20, 1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(napari_discreg, "adapt_steps", interrupted)
+    out = tmp_path / "a.safetensors"
+    argv = ["adapt", "-o", out, "--model", tiny_model, "--demo-target", 1, "--size", SIZE]
+    assert run(*argv, "--steps", 50) == 130
+    meta = checkpoint_info(out)["adaptation"]
+    assert meta["interrupted"] is True and meta["completed_steps"] == 1
+    assert meta["best_iteration"] == 1 and meta["best_criterion"] == 1.20
+    assert "interrupted after 1 of 50 iterations" in capsys.readouterr().out
+
+
+def test_adapt_reads_folders_and_stacks(tmp_path, tiny_model, pair_files):
+    fixed, moving = (io.read_image(p) for p in pair_files)
+    (tmp_path / "fixed").mkdir()
+    for i in range(2):
+        io.write_image(tmp_path / "fixed" / f"{i}.tif", fixed)
+    stack = io.write_image(tmp_path / "moving.npy", np.stack([moving, moving]))
+    out = tmp_path / "a.safetensors"
+    argv = ["adapt", "-o", out, "--model", tiny_model, "--steps", 0, "--size", SIZE]
+    assert run(*argv, "--target-fixed", tmp_path / "fixed", "--target-moving", stack) == 0
+    meta = checkpoint_info(out)["adaptation"]
+    assert meta["target_pairs"] == 2 and "2 images in" in meta["target"]
+
+
+def test_adapt_input_errors(tmp_path, tiny_model, pair_files, capsys):
+    out = tmp_path / "a.safetensors"
+    base = ["adapt", "-o", out, "--model", tiny_model]
+    assert run(*base) == 2
+    assert "--target-fixed" in _error(capsys)
+    assert run(*base, "--demo-target", 2, "--target-fixed", pair_files[0]) == 2
+    assert "not both" in _error(capsys)
+    three = io.write_image(tmp_path / "three.npy", np.random.default_rng(0).random((3, SIZE, SIZE)))
+    two = io.write_image(tmp_path / "two.npy", np.random.default_rng(1).random((2, SIZE, SIZE)))
+    assert run(*base, "--target-fixed", three, "--target-moving", two) == 2
+    assert "counts must be equal" in _error(capsys)
+    (tmp_path / "empty").mkdir()
+    assert run(*base, "--target-fixed", tmp_path / "empty", "--target-moving", two) == 2
+    assert "holds no images" in _error(capsys)
+    assert run(*base, "--target-fixed", tmp_path / "x.tif", "--target-moving", two) == 2
+    assert "x.tif: no such file" in _error(capsys)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo_with_model(tmp_path, tiny_model, capsys):
+    out = tmp_path / "demo"
+    assert run("demo", "-o", out, "--size", SIZE, "--model", tiny_model, "--device", "cpu") == 0
+    assert _tree(out) == ["report.json", "report.md", "report.png"]
+    report = json.loads((out / "report.json").read_text())
+    m = report["metrics"]
+    assert m["epe_px"]["identity"] > 0 and m["epe_px"]["registered"] >= 0
+    assert set(m["dice"]) == {"csf", "gm", "wm"}
+    assert all(0 <= v["before"] <= 1 and 0 <= v["after"] <= 1 for v in m["dice"].values())
+    assert 0 <= m["folding_fraction"] <= 1 and 0 <= m["label_accuracy"] <= 1
+    assert report["pair"] == {
+        "fixed_contrast": "t1",
+        "moving_contrast": "t2",
+        "slice": 116,
+        "size": SIZE,
+        "seed": 0,
+    }
+    assert "| Dice GM |" in (out / "report.md").read_text()
+    from PIL import Image
+
+    with Image.open(out / "report.png") as png:
+        assert png.size[0] > 1000
+    assert f"report: {out / 'report.png'}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    not checkpoint_mod.default_weights_path().is_file(), reason="shipped weights not trained yet"
+)
+def test_demo_with_shipped_model(tmp_path):
+    assert run("demo", "-o", tmp_path, "--size", "64", "--device", "cpu") == 0
+    m = json.loads((tmp_path / "report.json").read_text())["metrics"]
+    assert m["epe_px"]["registered"] < m["epe_px"]["identity"]
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("register", "train", "adapt", "demo"):
+        assert command in out
+    assert main([]) == 2
+    assert main(["frobnicate"]) == 2
+
+
+def test_python_m(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["napari_discreg", "--version"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("napari_discreg", run_name="__main__")
+    assert exc.value.code == 0
+    assert "napari-discreg 0.1.0" in capsys.readouterr().out
+
+
+def test_console_script_reports_user_errors_without_traceback(tmp_path):
+    script = Path(sys.executable).with_name("napari-discreg")
+    if not script.exists():
+        pytest.skip("console script not installed (pip install -e .)")
+    argv = ["register", tmp_path / "f.png", tmp_path / "m.png", "-o", tmp_path / "o"]
+    proc = subprocess.run(
+        [str(script), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("napari-discreg: error: ")
+    assert "f.png: no such file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
