@@ -269,7 +269,7 @@ def adapt_steps(
         )
     options: dict = {}
     if kind is Discrepancy.SWD:
-        options = {"num_projections": cfg.swd_projections, "generator": gen}
+        options = {"num_projections": cfg.swd_projections}
     elif kind is Discrepancy.PEMD:
         options = {"diagonals": cfg.pemd_diagonals}
     dfun: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = discrepancy_fn(kind, **options)
@@ -291,11 +291,20 @@ def adapt_steps(
         idx = torch.from_numpy(rng.integers(0, tf.shape[0], size=cfg.batch_size))
         return tf[idx], tm[idx], tmask[idx]
 
-    def target_discrepancy(cost: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def iteration_discrepancy() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        # SWD: new random directions every iteration (Lee et al.), but the same ones in
+        # steps B and C, so that G minimises the discrepancy the heads just maximised
+        if kind is Discrepancy.SWD:
+            return discrepancy_fn(
+                kind, **options, seed=int(torch.randint(2**31 - 1, (1,), generator=gen))
+            )
+        return dfun
+
+    def target_discrepancy(cost: torch.Tensor, mask: torch.Tensor, d: Callable) -> torch.Tensor:
         l1_, l2_ = model.heads(cost)
         p1, p2 = probabilities(l1_), probabilities(l2_)
         fg = F.max_pool2d(mask, mcfg.stride)[:, 0] > 0
-        return dfun(p1[fg], p2[fg])  # (N, K, K) histograms of foreground control points
+        return d(p1[fg], p2[fg])  # (N, K, K) histograms of foreground control points
 
     completed = 0
     try:
@@ -303,6 +312,7 @@ def adapt_steps(
         for it in range(1, cfg.steps + 1):
             src = next(source)
             t_fixed, t_moving, t_mask = target_batch()
+            dcur = iteration_discrepancy()
             # A: G, F1, F2 on the source cross-entropy
             loss_a, logs = source_cross_entropy(model, src)
             opt_g.zero_grad(set_to_none=True)
@@ -315,7 +325,7 @@ def adapt_steps(
                 cost_s = model.cost_volume(src["fixed"], src["moving"])
                 cost_t = model.cost_volume(t_fixed, t_moving)
             ce_b, _ = source_cross_entropy(model, src, cost=cost_s)
-            d_b = target_discrepancy(cost_t, t_mask)
+            d_b = target_discrepancy(cost_t, t_mask, dcur)
             loss_b = ce_b - cfg.discrepancy_weight * d_b
             opt_f.zero_grad(set_to_none=True)
             loss_b.backward()
@@ -326,7 +336,7 @@ def adapt_steps(
             try:
                 d_c_first = None
                 for _ in range(cfg.generator_updates):
-                    d_c = target_discrepancy(model.cost_volume(t_fixed, t_moving), t_mask)
+                    d_c = target_discrepancy(model.cost_volume(t_fixed, t_moving), t_mask, dcur)
                     d_c_first = float(d_c.detach()) if d_c_first is None else d_c_first
                     loss_c = cfg.discrepancy_weight * d_c
                     if cfg.source_weight_c > 0:
