@@ -62,7 +62,7 @@ BAD_PAIRS = {
     "constant image": (np.full((48, 48), 3.0), IMG, "constant"),
     "all-zero image": (IMG, np.zeros((48, 48)), "constant"),
     "tiny 8x8 (< label range)": (IMG[:8, :8], IMG[:8, :8], "smaller than the model's label range"),
-    "empty 0x0": (np.zeros((0, 0)), np.zeros((0, 0)), "constant|smaller"),
+    "empty 0x0": (np.zeros((0, 0)), np.zeros((0, 0)), "empty"),
     "complex dtype": (IMG.astype(np.complex64), IMG, "real-valued"),
     "string array": (np.array([["a", "b"]]), np.array([["a", "b"]]), "numeric"),
 }
