@@ -59,10 +59,11 @@ def as_image(array, name: str = "image") -> np.ndarray:
         raise ValueError(
             f"{name}: contains NaN or infinite values; replace them first (e.g. numpy.nan_to_num)"
         )
-    if out.size == 0 or float(out.max()) == float(out.min()):
-        value = float(out.flat[0]) if out.size else "n/a"
+    if out.size == 0:
+        raise ValueError(f"{name}: the image is empty (shape {out.shape}); nothing to register")
+    if float(out.max()) == float(out.min()):
         raise ValueError(
-            f"{name}: the image is constant (every pixel is {value}); nothing to register"
+            f"{name}: the image is constant (every pixel is {float(out.flat[0])}); nothing to register"
         )
     return out
 
