@@ -3,8 +3,11 @@
 Sub-commands::
 
     napari-discreg register FIXED MOVING -o OUTDIR [--model CKPT]
-    napari-discreg train -o CKPT [--steps N] [--size PX] ...
-    napari-discreg adapt -o CKPT (--target-fixed PATH --target-moving PATH | --demo-target N)
+    napari-discreg train -o CKPT [--source PATH ...] [--steps N] [--size PX]
+                         [--checkpoint-every N] [--resume STATE] ...
+    napari-discreg adapt -o CKPT [--source PATH ...]
+                         (--target PATH ... [--target-moving PATH] [--unpaired]
+                          | --target-fixed PATH --target-moving PATH | --demo-target N)
     napari-discreg demo -o OUTDIR [--size 192] [--seed 0] [--model CKPT]
 
 Conventions
@@ -19,6 +22,9 @@ Conventions
   leaves nothing behind (not even the output folder, if it created it).
 * Ctrl-C during ``train`` or ``adapt`` stops after the current iteration and saves
   what there is (and says so); the exit status is then 130.
+* ``train`` and ``adapt`` run unchanged under ``torchrun --nproc-per-node N`` (data
+  parallel, :mod:`napari_discreg.core.distributed`): rank 0 prints, shows progress
+  and writes the files; see docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -254,10 +260,18 @@ def _foreground(image: np.ndarray) -> np.ndarray | None:
     return mask if mask.sum() >= 16 else None
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, *, initial: int = 0, disable: bool = False):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=total,
+        desc=desc,
+        initial=initial,
+        unit="it",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=disable,
+    )
 
 
 # ========================================================================== register
@@ -360,6 +374,122 @@ def _run_register(args) -> int:
 # ============================================================================= train
 
 
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= x < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return x
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _add_folder_options(p, *, axis: bool) -> None:
+    """Options shared by ``train`` and ``adapt`` for the user's own image folders."""
+    from .core.config import FolderConfig
+
+    f = FolderConfig()
+    g = p.add_argument_group(
+        "your own images (folders, files or lists of 2D images and 3D volumes: "
+        f"{' '.join(io.IMAGE_EXTENSIONS)})"
+    )
+    if axis:
+        g.add_argument(
+            "--axis",
+            type=int,
+            help="axis to slice 3D volumes along (default 0 for TIFF/.npy, 2 for NIfTI)",
+        )
+    g.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out files that cannot be used (each named in a warning) and go on with "
+        "the good ones; without it any bad file stops the run with a message naming it",
+    )
+    g.add_argument(
+        "--allow-mixed-shapes",
+        action="store_true",
+        help="accept files of different shapes (each is fitted into --size on its own)",
+    )
+    g.add_argument(
+        "--min-foreground",
+        type=_fraction,
+        default=f.min_foreground,
+        help="keep slices whose foreground area is at least this share of the largest "
+        f"slice's in the same file (default {f.min_foreground})",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=f.val_fraction,
+        help="share of the files held out for the evaluation at the end; 0: no evaluation "
+        f"(default {f.val_fraction})",
+    )
+    g.add_argument(
+        "--eval-pairs",
+        type=_non_negative_int,
+        default=f.eval_pairs,
+        help=f"held-out synthetic pairs in that evaluation (default {f.eval_pairs})",
+    )
+    g.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=0,
+        help="background processes that make the training pairs (default 0: none)",
+    )
+
+
+def _load_folder(paths, *, name: str, args, size: int, folder_cfg, ctx):
+    """A SliceDataset of ``paths``; bad files skipped (with a warning) under --skip-bad."""
+    from .core.dataset import SliceDataset
+
+    ds = SliceDataset.from_paths(
+        paths,
+        size=size,
+        config=folder_cfg,
+        skip_bad=args.skip_bad,
+        allow_mixed_shapes=args.allow_mixed_shapes,
+        name=name,
+    )
+    _report_bad(ds.bad, ctx)
+    if ctx.is_main:
+        _say(ds.describe())
+    return ds
+
+
+def _report_bad(bad, ctx) -> None:
+    if ctx.is_main:
+        for b in bad:
+            print(f"{PROG}: warning: skipped {b}", file=sys.stderr)
+
+
+def _state_path(out: Path) -> Path:
+    """Where ``--checkpoint-every`` writes the training state next to ``-o OUT``."""
+    name = out.name
+    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    return out.with_name(stem + ".state.safetensors")
+
+
+def _evaluation_text(evaluation: dict | None) -> str:
+    if not evaluation:
+        return ""
+    ident, mod = evaluation["identity"], evaluation["model"]
+    return (
+        f"held-out evaluation ({evaluation['pairs']} pairs): label accuracy "
+        f"{ident['label_accuracy']:.1%} -> {mod['label_accuracy']:.1%}, EPE "
+        f"{ident['epe']:.3f} -> {mod['epe']:.3f} px, folding {mod['folding']:.3%}"
+    )
+
+
 def _add_train(sub) -> None:
     from .core.config import DataConfig, ModelConfig, TrainConfig
 
@@ -368,12 +498,24 @@ def _add_train(sub) -> None:
         "train",
         help="train a model on synthetic mono-modal pairs (source domain)",
         description=(
-            "Supervised source training of a new model on synthetic pairs made from "
-            "the MNI template shipped with nilearn (fixed and moving of the same "
-            "contrast). Ctrl-C stops early and saves the model trained so far."
+            "Supervised source training of a new model on synthetic mono-modal pairs: "
+            "from your own images with --source (folders/files of 2D images or 3D "
+            "volumes, sliced along --axis), or else from the MNI template shipped with "
+            "nilearn. Each pair is a slice and the same slice warped by a known smooth "
+            "random deformation. With --checkpoint-every N a resumable training state "
+            "(weights, optimiser, step) is written next to OUTPUT every N steps; "
+            "--resume STATE continues from it. Runs under torchrun for data-parallel "
+            "training on several processes/GPUs (docs/scaling.md). Ctrl-C stops early "
+            "and saves the model trained so far."
         ),
     )
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument(
+        "--source",
+        nargs="+",
+        metavar="PATH",
+        help="your images (folders and/or files, one contrast); default: the MNI template",
+    )
     p.add_argument(
         "--steps", type=_positive_int, default=t.steps, help=f"iterations (default {t.steps})"
     )
@@ -381,7 +523,7 @@ def _add_train(sub) -> None:
         "--batch-size",
         type=_positive_int,
         default=t.batch_size,
-        help=f"pairs per step (default {t.batch_size})",
+        help=f"pairs per step and process (default {t.batch_size})",
     )
     p.add_argument(
         "--lr", type=_positive_float, default=t.lr, help=f"peak learning rate (default {t.lr:g})"
@@ -393,9 +535,23 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--contrasts",
         default=",".join(t.source_contrasts),
-        help=f"comma-separated source contrasts, each paired with itself (default {','.join(t.source_contrasts)})",
+        help=f"template contrasts, each paired with itself (default {','.join(t.source_contrasts)})",
     )
     p.add_argument("--device", type=_device_arg, default="auto", help="auto (default), cpu or cuda")
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        metavar="N",
+        help="write a resumable training state (OUTPUT stem + .state.safetensors) every N "
+        "steps, on Ctrl-C and at the end",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="STATE",
+        help="continue the run saved in STATE (a .state.safetensors file): architecture, "
+        "settings and data come from it (--source may point to the data's new place)",
+    )
+    _add_folder_options(p, axis=True)
     arch = p.add_argument_group("architecture (defaults from ModelConfig)")
     arch.add_argument(
         "--num-labels", type=int, default=m.num_labels, help=f"K, odd (default {m.num_labels})"
@@ -428,16 +584,48 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    import torch
-
-    from .core.config import DataConfig, ModelConfig, TrainConfig
-    from .core.model import DiscreteRegistrationNet, resolve_device
-    from .core.train import train_steps
+    from .core.distributed import init_distributed, shutdown
 
     out = check_writable_file(args.output)
-    contrasts = tuple(c.strip().lower() for c in args.contrasts.split(",") if c.strip())
+    ctx = init_distributed(args.device)
+    try:
+        return _train(args, out, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _train_settings(args):
+    """(model config, train config, data config, folder config, run settings) from the
+    command line, or from the training state given with --resume."""
+    from .core.checkpoint import read_checkpoint
+    from .core.config import DataConfig, FolderConfig, ModelConfig, TrainConfig
     from .core.data import CONTRASTS
 
+    if args.resume:
+        mcfg, _, saved = read_checkpoint(args.resume)
+        run = saved.get("training")
+        if not isinstance(run, dict) or "folder_config" not in run:
+            raise ValueError(
+                f"{args.resume}: holds no training run to resume; give the "
+                f"*.state.safetensors file that `{PROG} train --checkpoint-every N` writes"
+            )
+        names = TrainConfig.__dataclass_fields__
+        tdict = {k: v for k, v in run.items() if k in names}
+        tdict["source_contrasts"] = tuple(tdict.get("source_contrasts", ()))
+        settings = {
+            "source": args.source or run.get("source"),
+            "checkpoint_every": args.checkpoint_every or run.get("checkpoint_every"),
+            "skip_bad": args.skip_bad or bool(run.get("skip_bad")),
+            "allow_mixed_shapes": args.allow_mixed_shapes or bool(run.get("allow_mixed_shapes")),
+        }
+        return (
+            mcfg,
+            TrainConfig(**tdict),
+            DataConfig.from_dict(run["data_config"]),
+            FolderConfig.from_dict(run["folder_config"]),
+            settings,
+        )
+    contrasts = tuple(c.strip().lower() for c in args.contrasts.split(",") if c.strip())
     bad = [c for c in contrasts if c not in CONTRASTS]
     if bad or not contrasts:
         raise ValueError(
@@ -457,22 +645,143 @@ def _run_train(args) -> int:
         source_contrasts=contrasts,
         seed=args.seed,
     )
-    dcfg = DataConfig(size=args.size)
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)  # reproducible initial weights
-    model = DiscreteRegistrationNet(mcfg)
+    fcfg = FolderConfig(
+        axis=args.axis,
+        min_foreground=args.min_foreground,
+        val_fraction=args.val_fraction,
+        eval_pairs=args.eval_pairs,
+    )
+    settings = {
+        "source": [str(Path(s).resolve()) for s in args.source] if args.source else None,
+        "checkpoint_every": args.checkpoint_every,
+        "skip_bad": args.skip_bad,
+        "allow_mixed_shapes": args.allow_mixed_shapes,
+    }
+    return mcfg, tcfg, DataConfig(size=args.size), fcfg, settings
 
-    steps = train_steps(model, config=tcfg, data_config=dcfg, device=device)
-    bar = _progress(tcfg.steps, "train")
-    completed, last, interrupted = 0, {}, False
+
+def _train(args, out: Path, ctx) -> int:
+    import torch
+
+    from .core.checkpoint import load_training_state, save_training_state
+    from .core.dataset import PairBatches, PairMaker, evaluate_pairs, make_pairs, split_holdout
+    from .core.distributed import (
+        all_reduce_mean,
+        barrier,
+        ddp_source_loss,
+        max_weight_difference,
+    )
+    from .core.model import DiscreteRegistrationNet
+    from .core.train import source_batches, train_steps
+
+    mcfg, tcfg, dcfg, fcfg, settings = _train_settings(args)
+    args.skip_bad, args.allow_mixed_shapes = settings["skip_bad"], settings["allow_mixed_shapes"]
+    every = settings["checkpoint_every"]
+    torch.manual_seed(tcfg.seed)  # reproducible initial weights (the same on every rank)
+    model = DiscreteRegistrationNet(mcfg).to(ctx.device)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    start_step = 0
+    if args.resume:
+        start_step = load_training_state(args.resume, model, {"adam": opt}).step
+        if ctx.is_main:
+            _say(f"resuming {args.resume} after step {start_step} of {tcfg.steps}")
+
+    source_info: dict[str, Any] = {"data": "MNI template (nilearn)"}
+    maker, val_idx, batches = None, np.zeros(0, dtype=np.int64), None
+    if settings["source"]:
+        ds = _load_folder(
+            settings["source"], name="source", args=args, size=dcfg.size, folder_cfg=fcfg, ctx=ctx
+        )
+        train_idx, val_idx, how = split_holdout(ds, fcfg.val_fraction, tcfg.seed)
+        maker = PairMaker(ds, config=dcfg)
+        batches = PairBatches(
+            maker,
+            train_idx,
+            batch_size=tcfg.batch_size,
+            seed=tcfg.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        ).iterate(start_step, device=ctx.device, workers=args.workers)
+        source_info = {
+            "data": ds.describe(),
+            "files": [str(f) for f in ds.used_files],
+            "skipped": [str(b) for b in ds.bad],
+            "training_slices": int(train_idx.size),
+            "held_out": how,
+        }
+        if ctx.is_main:
+            _say(f"  {how}")
+    elif ctx.distributed or start_step:
+        # a different template stream per rank, and a new one after a resume
+        rng = np.random.default_rng([tcfg.seed, ctx.rank, start_step])
+        batches = source_batches(dcfg, tcfg.batch_size, tcfg.source_contrasts, rng, ctx.device)
+    if ctx.is_main and ctx.distributed:
+        _say(
+            f"data-parallel: {ctx.describe()}; {tcfg.batch_size} pairs per process and step "
+            f"({tcfg.batch_size * ctx.world_size} in all)"
+        )
+
+    def record_extra(completed: int, interrupted: bool, elapsed: float) -> dict:
+        return {
+            "training": {
+                **tcfg.to_dict(),
+                "data_config": dcfg.to_dict(),
+                "folder_config": fcfg.to_dict(),
+                **settings,
+                "source_data": source_info,
+                "completed_steps": completed,
+                "interrupted": interrupted,
+                "final_loss": last.get("loss"),
+                "final_accuracy": last.get("accuracy"),
+                "loss_curve": _downsample(history),
+                "device": str(ctx.device),
+                "distributed": {
+                    "world_size": ctx.world_size,
+                    "backend": ctx.backend,
+                    "pairs_per_step": tcfg.batch_size * ctx.world_size,
+                    "max_weight_difference": sync,
+                },
+                "resumed_from": str(args.resume) if args.resume else None,
+                "runtime_s": elapsed,
+            },
+            "command": args.command_line,
+            "napari_discreg_version": __version__,
+        }
+
+    state_path = _state_path(out)
+
+    def save_state(completed: int, interrupted: bool) -> None:
+        if ctx.is_main and (every or args.resume):
+            _make_dirs(state_path.parent)
+            extra = _jsonable(record_extra(completed, interrupted, time.perf_counter() - start))
+            save_training_state(state_path, model, {"adam": opt}, completed, extra)
+
+    steps = train_steps(
+        model,
+        config=tcfg,
+        data_config=dcfg,
+        batches=batches,
+        device=ctx.device,
+        optimizer=opt,
+        start_step=start_step,
+        loss_fn=ddp_source_loss(model, ctx) if ctx.distributed else None,
+    )
+    bar = _progress(tcfg.steps, "train", initial=start_step, disable=not ctx.is_main)
+    completed, last, interrupted = start_step, {}, False
+    history: list[tuple[int, float]] = []
+    sync: float | None = None
     start = time.perf_counter()
     try:
         for record in steps:
-            completed, last = record.iteration, record.losses
+            logs = all_reduce_mean(record.losses, ctx)
+            completed, last = record.iteration, logs
+            history.append((completed, logs["loss"]))
             bar.update(1)
             bar.set_postfix(
-                loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.1%}", refresh=False
+                loss=f"{logs['loss']:.3f}", acc=f"{logs['accuracy']:.1%}", refresh=False
             )
+            if every and completed % every == 0 and completed < tcfg.steps:
+                save_state(completed, False)
     except KeyboardInterrupt:
         interrupted = True
         steps.close()
@@ -481,32 +790,53 @@ def _run_train(args) -> int:
     model.eval()
     elapsed = time.perf_counter() - start
 
-    extra = {
-        "training": {
-            **tcfg.to_dict(),
-            "data_config": dcfg.to_dict(),
-            "completed_steps": completed,
-            "interrupted": interrupted,
-            "final_loss": last.get("loss"),
-            "final_accuracy": last.get("accuracy"),
-            "device": str(device),
-            "runtime_s": elapsed,
-        },
-        "command": args.command_line,
-        "napari_discreg_version": __version__,
-    }
-    _save_model(model, out, extra)
+    evaluation = None
+    if not interrupted:
+        if ctx.distributed:
+            sync = max_weight_difference(model, ctx)
+        if ctx.is_main and maker is not None and val_idx.size and fcfg.eval_pairs:
+            pairs = make_pairs(maker, val_idx, fcfg.eval_pairs, seed=tcfg.seed, stream=(1,))
+            evaluation = {**evaluate_pairs(model, pairs), "pairs": len(pairs)}
+    extra = record_extra(completed, interrupted, elapsed)
+    extra["training"]["evaluation"] = evaluation
+    if ctx.is_main:
+        save_state(completed, interrupted)
+        _save_model(model, out, extra)
+    if not interrupted:
+        barrier(ctx)
+    if not ctx.is_main:
+        return EXIT_INTERRUPTED if interrupted else 0
     if interrupted:
         _say(
             f"interrupted after {completed} of {tcfg.steps} steps; saved the model trained so far to {out}"
         )
+        if every or args.resume:
+            _say(f"resume with: {PROG} train --resume {state_path} -o {out}")
         return EXIT_INTERRUPTED
     acc = last.get("accuracy", float("nan"))
-    _say(
-        f"trained {completed} steps in {elapsed:.1f} s (last loss {last.get('loss', float('nan')):.3f}, "
-        f"label accuracy {acc:.1%}); saved {out}"
-    )
+    ran = completed - start_step
+    if ran == 0:
+        _say(f"nothing left to train (all {tcfg.steps} steps were done); saved {out}")
+    else:
+        _say(
+            f"trained {ran} steps in {elapsed:.1f} s (last loss {last.get('loss', float('nan')):.3f}, "
+            f"label accuracy {acc:.1%}); saved {out}"
+        )
+    if sync is not None:
+        _say(f"  {ctx.world_size} processes ended with identical weights: {sync == 0.0}")
+    if evaluation:
+        _say(f"  {_evaluation_text(evaluation)}")
+    if every:
+        _say(f"  training state: {state_path}")
     return 0
+
+
+def _downsample(history: list[tuple[int, float]], points: int = 200) -> list[list[float]]:
+    """At most ``points`` (step, loss) pairs, evenly spread, the last one included."""
+    if len(history) <= points:
+        return [[s, v] for s, v in history]
+    idx = np.unique(np.linspace(0, len(history) - 1, points).round().astype(int))
+    return [[history[i][0], history[i][1]] for i in idx]
 
 
 # ============================================================================= adapt
@@ -537,28 +867,65 @@ def read_targets(path: str | os.PathLike, *, axis: int | None = None) -> tuple[n
 
 
 def _add_adapt(sub) -> None:
-    from .core.config import AdaptConfig, DataConfig
+    from .core.config import AdaptConfig, DataConfig, FolderConfig
 
-    a, d = AdaptConfig(), DataConfig()
+    a, d, f = AdaptConfig(), DataConfig(), FolderConfig()
     p = sub.add_parser(
         "adapt",
         help="adapt a model to a new contrast pair without labels (MCD)",
         description=(
             "Unsupervised domain adaptation by maximum classifier discrepancy on "
-            "unlabelled target pairs. --target-fixed and --target-moving are each a "
-            "stack/volume file (sliced along --axis) or a folder of 2D images, paired "
-            "in sorted order; or use --demo-target N for N built-in T1 (fixed) vs "
-            "T2-like (moving) pairs. The weights with the best unsupervised criterion "
-            "(NMI of fixed vs warped target) are kept, so more steps never give a "
-            "worse model by that measure."
+            "unlabelled target pairs. Target pairs come from one of: --target DIR, a "
+            "folder (or files) of a second contrast, whose slices are the moving images "
+            "against fixed slices of --source (or of --target when --target-moving DIR "
+            "gives the second contrast), with a synthetic deformation between them; "
+            "folders with equal file counts are paired subject by subject in sorted "
+            "order (then the deformation is known and a held-out evaluation runs at the "
+            "end), others (or --unpaired) are paired at random at the same relative "
+            "slice position; --target-fixed and --target-moving, ready-made pairs (each "
+            "a stack/volume file or a folder of 2D images, paired in sorted order, used "
+            "as they are); or --demo-target N built-in T1 (fixed) vs T2-like (moving) "
+            "pairs. The labelled source pairs are mono-modal pairs of --source DIR, or "
+            "of the MNI template. The weights with the best unsupervised criterion (NMI "
+            "of fixed vs warped target) are kept, so more steps never give a worse "
+            "model by that measure. Runs under torchrun (docs/scaling.md)."
         ),
     )
     p.add_argument(
         "-o", "--output", required=True, help="adapted checkpoint to write (.safetensors)"
     )
     p.add_argument("--model", help="checkpoint to adapt; default: the shipped pretrained model")
+    p.add_argument(
+        "--source",
+        nargs="+",
+        metavar="PATH",
+        help="labelled source images (one contrast, folders/files); default: the MNI template",
+    )
+    p.add_argument(
+        "--target",
+        nargs="+",
+        metavar="PATH",
+        help="target images (folders/files) of the second contrast (moving, fixed from "
+        "--source), or of the fixed contrast when --target-moving is given too",
+    )
     p.add_argument("--target-fixed", help="fixed target images: stack/volume file or folder")
-    p.add_argument("--target-moving", help="moving target images: stack/volume file or folder")
+    p.add_argument(
+        "--target-moving",
+        help="moving target images: stack/volume file or folder (with --target-fixed), or "
+        "the moving contrast's folder (with --target)",
+    )
+    p.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="the --target folders are not the same subjects as the fixed contrast's: pair "
+        "slices at random (no ground truth, no evaluation)",
+    )
+    p.add_argument(
+        "--target-pairs",
+        type=_positive_int,
+        default=f.target_pairs,
+        help=f"unlabelled target pairs made from --target folders (default {f.target_pairs})",
+    )
     p.add_argument(
         "--demo-target", type=_positive_int, metavar="N", help="use N built-in T1 vs T2-like pairs"
     )
@@ -570,35 +937,168 @@ def _add_adapt(sub) -> None:
         "--lr", type=_positive_float, default=a.lr, help=f"learning rate (default {a.lr:g})"
     )
     p.add_argument(
-        "--batch-size", type=_positive_int, default=a.batch_size, help=f"default {a.batch_size}"
+        "--batch-size",
+        type=_positive_int,
+        default=a.batch_size,
+        help=f"pairs per step and process (default {a.batch_size})",
     )
     p.add_argument("--seed", type=int, default=a.seed, help=f"random seed (default {a.seed})")
     p.add_argument(
         "--size",
         type=_positive_int,
         default=d.size,
-        help=f"px of the built-in source pairs and of --demo-target pairs (default {d.size})",
+        help=f"px of source/target slices and of --demo-target pairs (default {d.size})",
     )
-    p.add_argument("--axis", type=int, help="slice axis of target volumes (default 0; 2 for NIfTI)")
+    p.add_argument(
+        "--axis",
+        type=int,
+        help="slice axis of volumes (default 0 for TIFF/.npy; 2 for NIfTI)",
+    )
     p.add_argument("--device", type=_device_arg, default="auto", help="auto (default), cpu or cuda")
+    _add_folder_options(p, axis=False)
     p.set_defaults(func=_run_adapt)
 
 
+def _check_target_args(args) -> None:
+    if args.demo_target is not None and (args.target_fixed or args.target_moving or args.target):
+        raise ValueError(
+            "give either --demo-target or --target-fixed/--target-moving (or --target), not both"
+        )
+    if args.target and args.target_fixed:
+        raise ValueError(
+            "give either --target (folders: pairs made with a synthetic deformation) or "
+            "--target-fixed/--target-moving (ready-made pairs), not both"
+        )
+    if args.target:
+        if not (args.target_moving or args.source):
+            raise ValueError(
+                "--target holds the moving contrast; give the fixed contrast with --source "
+                "(or give --target FIXED --target-moving MOVING)"
+            )
+        return
+    if args.demo_target is None and not (args.target_fixed and args.target_moving):
+        raise ValueError(
+            "give --target-fixed and --target-moving (or --demo-target N, or --target with "
+            "--source)"
+        )
+
+
 def _run_adapt(args) -> int:
-    from . import adapt_steps
-    from .core.checkpoint import checkpoint_info
-    from .core.config import AdaptConfig, DataConfig
-    from .core.model import resolve_device
+    from .core.distributed import init_distributed, shutdown
 
     out = check_writable_file(args.output)
     if args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
-    dcfg = DataConfig(size=args.size)
-    if args.demo_target is not None:
-        if args.target_fixed or args.target_moving:
-            raise ValueError(
-                "give either --demo-target or --target-fixed/--target-moving, not both"
+    _check_target_args(args)
+    ctx = init_distributed(args.device)
+    try:
+        return _adapt(args, out, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _folder_targets(args, dcfg, fcfg, seed: int, ctx) -> dict[str, Any]:
+    """Target pool (this rank's shard), evaluation pairs and held-out slices from --target."""
+    from .core.dataset import (
+        PairMaker,
+        SliceDataset,
+        list_images,
+        load_paired,
+        make_pairs,
+        shard,
+        split_holdout,
+    )
+
+    if args.target_moving:
+        fixed_src, moving_src = args.target, [args.target_moving]
+        names = ("fixed (--target)", "moving (--target-moving)")
+    else:
+        fixed_src, moving_src = args.source, args.target
+        names = ("fixed (--source)", "moving (--target)")
+    pairing, note = ("unpaired", "--unpaired was given") if args.unpaired else ("paired", "")
+    if not args.unpaired:
+        n_fixed = len(list_images(fixed_src, name=names[0]))
+        n_moving = len(list_images(moving_src, name=names[1]))
+        if n_fixed != n_moving:
+            pairing = "unpaired"
+            note = (
+                f"{names[0]} has {n_fixed} files and {names[1]} {n_moving}: they cannot be "
+                "matched subject by subject"
             )
+    common = {
+        "size": dcfg.size,
+        "config": fcfg,
+        "skip_bad": args.skip_bad,
+        "allow_mixed_shapes": args.allow_mixed_shapes,
+    }
+    if pairing == "paired":
+        ds_f, ds_m = load_paired(fixed_src, moving_src, names=names, **common)
+        _report_bad(ds_f.bad + [b for b in ds_m.bad if b not in ds_f.bad], ctx)
+        train_idx, val_idx, how = split_holdout(ds_f, fcfg.val_fraction, seed)
+    else:
+        ds_f = SliceDataset.from_paths(fixed_src, name=names[0], **common)
+        ds_m = SliceDataset.from_paths(moving_src, name=names[1], **common)
+        _report_bad(ds_f.bad + ds_m.bad, ctx)
+        train_idx, val_idx = np.arange(len(ds_f)), np.zeros(0, dtype=np.int64)
+        how = "unpaired target: no ground truth, so no evaluation"
+    maker = PairMaker(ds_f, ds_m, pairing=pairing, config=dcfg)
+    if ctx.is_main:
+        _say(f"{ds_f.describe()}; {ds_m.describe()}")
+        _say(f"target pairs: {maker.describe()}" + (f" ({note})" if note else ""))
+        _say(f"  {how}")
+    per_rank = -(-fcfg.target_pairs // ctx.world_size)
+    pool = make_pairs(
+        maker, shard(train_idx, ctx.rank, ctx.world_size), per_rank, seed=seed, stream=(0, ctx.rank)
+    )
+    evaluation_pairs = None
+    if val_idx.size and fcfg.eval_pairs:
+        evaluation_pairs = make_pairs(maker, val_idx, fcfg.eval_pairs, seed=seed, stream=(1,))
+    # what the labelled source must not see: the held-out subjects' slices (paired only:
+    # the two datasets are then index-aligned)
+    held_files: set[Path] = set()
+    held_slices: set[tuple[Path, int]] = set()
+    for ds in (ds_f, ds_m) if pairing == "paired" else ():
+        only_held = set(ds.file_index[val_idx].tolist()) - set(ds.file_index[train_idx].tolist())
+        held_files |= {ds.files[f] for f in only_held}
+        held_slices |= {(ds.files[ds.file_index[i]], int(ds.slice_index[i])) for i in val_idx}
+    return {
+        "fixed": pool.fixed,
+        "moving": pool.moving,
+        "description": f"{ds_f.describe()}; {ds_m.describe()}; {maker.describe()}",
+        "pairing": pairing,
+        "pairing_note": note,
+        "held_out": how,
+        "evaluation_pairs": evaluation_pairs,
+        "held_files": held_files,
+        "held_slices": held_slices,
+        "skipped": [str(b) for b in ds_f.bad + ds_m.bad],
+    }
+
+
+def _adapt(args, out: Path, ctx) -> int:
+    from . import adapt_steps
+    from .core.checkpoint import checkpoint_info
+    from .core.config import AdaptConfig, DataConfig, FolderConfig
+    from .core.dataset import PairBatches, PairMaker, evaluate_pairs
+    from .core.distributed import (
+        average_gradients,
+        barrier,
+        broadcast_module,
+        max_weight_difference,
+    )
+    from .core.train import source_batches
+
+    dcfg = DataConfig(size=args.size)
+    fcfg = FolderConfig(
+        axis=args.axis,
+        min_foreground=args.min_foreground,
+        val_fraction=args.val_fraction,
+        eval_pairs=args.eval_pairs,
+        target_pairs=args.target_pairs,
+    )
+    cfg = AdaptConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    folder: dict[str, Any] = {}
+    if args.demo_target is not None:
         from .core.data import fixed_test_pairs, load_template
 
         pairs = fixed_test_pairs(
@@ -612,9 +1112,10 @@ def _run_adapt(args) -> int:
         fixed = np.stack([p.fixed for p in pairs])
         moving = np.stack([p.moving for p in pairs])
         target = f"{len(pairs)} built-in T1 (fixed) vs T2-like (moving) pairs, {args.size} px, seed {args.seed}"
+    elif args.target:
+        folder = _folder_targets(args, dcfg, fcfg, args.seed, ctx)
+        fixed, moving, target = folder["fixed"], folder["moving"], folder["description"]
     else:
-        if not (args.target_fixed and args.target_moving):
-            raise ValueError("give --target-fixed and --target-moving (or --demo-target N)")
         fixed, desc_f = read_targets(args.target_fixed, axis=args.axis)
         moving, desc_m = read_targets(args.target_moving, axis=args.axis)
         if fixed.shape[0] != moving.shape[0]:
@@ -628,12 +1129,47 @@ def _run_adapt(args) -> int:
                 f"are {moving.shape[1]} x {moving.shape[2]}; they must have one shape"
             )
         target = f"fixed: {desc_f}; moving: {desc_m}"
+    total_pairs = int(fixed.shape[0]) * (ctx.world_size if folder else 1)
+    if ctx.distributed and not folder and fixed.shape[0] >= ctx.world_size:
+        fixed, moving = fixed[ctx.rank :: ctx.world_size], moving[ctx.rank :: ctx.world_size]
 
-    device = resolve_device(args.device)
-    model, model_desc = _load_model(args.model, device)
+    source_desc = "MNI template, T1/T2-like/PD-like mono-modal pairs"
+    source = None
+    if args.source:
+        src = _load_folder(
+            args.source, name="source", args=args, size=dcfg.size, folder_cfg=fcfg, ctx=ctx
+        )
+        held_f, held_s = folder.get("held_files", set()), folder.get("held_slices", set())
+        keep = [
+            i
+            for i in range(len(src))
+            if src.files[src.file_index[i]] not in held_f
+            and (src.files[src.file_index[i]], int(src.slice_index[i])) not in held_s
+        ]
+        if not keep:
+            raise ValueError(
+                "every source slice belongs to the held-out target subjects; give more files "
+                "or --val-fraction 0"
+            )
+        source = PairBatches(
+            PairMaker(src, config=dcfg),
+            keep,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        ).iterate(0, device=ctx.device, workers=args.workers)
+        source_desc = f"{src.describe()} ({len(keep)} slices used), mono-modal pairs"
+    elif ctx.distributed:
+        rng = np.random.default_rng([cfg.seed, ctx.rank])
+        source = source_batches(dcfg, cfg.batch_size, ("t1", "t2", "pd"), rng, ctx.device)
+
+    model, model_desc = _load_model(args.model, ctx.device)
     base_info = checkpoint_info(args.model)
     base_info.pop("model_config", None)
-    cfg = AdaptConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    eval_pairs = folder.get("evaluation_pairs")
+    before = evaluate_pairs(model, eval_pairs) if ctx.is_main and eval_pairs is not None else None
+    broadcast_module(model, ctx)
 
     steps = adapt_steps(
         model,
@@ -642,26 +1178,29 @@ def _run_adapt(args) -> int:
         discrepancy=args.discrepancy,
         config=cfg,
         data_config=dcfg,
-        device=device,
+        source=source,
+        device=ctx.device,
     )
-    bar = _progress(cfg.steps, f"adapt ({args.discrepancy})")
+    bar = _progress(cfg.steps, f"adapt ({args.discrepancy})", disable=not ctx.is_main)
     completed, best_iter, interrupted, diverged = 0, 0, False, None
     criteria: dict[int, float] = {}
     start = time.perf_counter()
     try:
-        for record in steps:
-            if record.criterion is not None:
-                criteria[record.iteration] = record.criterion
-            best_iter = record.best_iteration if record.best_iteration is not None else best_iter
-            if record.iteration == 0:
-                continue
-            completed = record.iteration
-            bar.update(1)
-            postfix = {"disc": f"{record.discrepancy:.4f}"}
-            if criteria:
-                postfix["crit"] = f"{criteria[max(criteria)]:.4f}"
-            postfix["best"] = str(best_iter)
-            bar.set_postfix(postfix, refresh=False)
+        with average_gradients(model, ctx):
+            for record in steps:
+                if record.criterion is not None:
+                    criteria[record.iteration] = record.criterion
+                if record.best_iteration is not None:
+                    best_iter = record.best_iteration
+                if record.iteration == 0:
+                    continue
+                completed = record.iteration
+                bar.update(1)
+                postfix = {"disc": f"{record.discrepancy:.4f}"}
+                if criteria:
+                    postfix["crit"] = f"{criteria[max(criteria)]:.4f}"
+                postfix["best"] = str(best_iter)
+                bar.set_postfix(postfix, refresh=False)
     except KeyboardInterrupt:
         interrupted = True
         steps.close()  # restores the best weights seen
@@ -671,6 +1210,21 @@ def _run_adapt(args) -> int:
         bar.close()
     elapsed = time.perf_counter() - start
 
+    sync = None
+    if ctx.distributed and not (interrupted or diverged):
+        # every rank kept the best weights by its own criterion: rank 0's choice wins
+        broadcast_module(model, ctx)
+        sync = max_weight_difference(model, ctx)
+    evaluation = None
+    if before is not None and not interrupted:
+        after = evaluate_pairs(model, eval_pairs)
+        evaluation = {
+            "pairs": len(eval_pairs),
+            "held_out": folder["held_out"],
+            "identity": before["identity"],
+            "before": before["model"],
+            "after": after["model"],
+        }
     extra = {
         "adaptation": {
             "discrepancy": args.discrepancy,
@@ -685,19 +1239,35 @@ def _run_adapt(args) -> int:
             "best_criterion": criteria.get(best_iter),
             "config": cfg.to_dict(),
             "data_config": dcfg.to_dict(),
+            "folder_config": fcfg.to_dict() if (folder or args.source) else None,
             "target": target,
-            "target_pairs": int(fixed.shape[0]),
+            "target_pairs": total_pairs,
+            "pairing": folder.get("pairing"),
+            "pairing_note": folder.get("pairing_note") or None,
+            "skipped": folder.get("skipped", []),
+            "source": source_desc,
+            "evaluation": evaluation,
             "base_model": model_desc,
             "interrupted": interrupted,
             "diverged": diverged,
-            "device": str(device),
+            "device": str(ctx.device),
+            "distributed": {
+                "world_size": ctx.world_size,
+                "backend": ctx.backend,
+                "max_weight_difference": sync,
+            },
             "runtime_s": elapsed,
         },
         "base_model_info": base_info,
         "command": args.command_line,
         "napari_discreg_version": __version__,
     }
-    _save_model(model, out, extra)
+    if ctx.is_main:
+        _save_model(model, out, extra)
+    if not (interrupted or diverged):
+        barrier(ctx)
+    if not ctx.is_main:
+        return 1 if diverged else EXIT_INTERRUPTED if interrupted else 0
     if diverged:
         print(f"{PROG}: warning: {diverged}", file=sys.stderr)
         _say(f"saved the best weights (iteration {best_iter}) to {out}")
@@ -714,6 +1284,15 @@ def _run_adapt(args) -> int:
         f"adapted with {args.discrepancy} for {completed} iterations in {elapsed:.1f} s; best "
         f"iteration {best_iter} ({crit}); saved {out}"
     )
+    if sync is not None:
+        _say(f"  {ctx.world_size} processes ended with identical weights: {sync == 0.0}")
+    if evaluation:
+        b, a, i = evaluation["before"], evaluation["after"], evaluation["identity"]
+        _say(
+            f"  held-out target evaluation ({evaluation['pairs']} pairs): label accuracy "
+            f"{i['label_accuracy']:.1%} (identity) / {b['label_accuracy']:.1%} (before) -> "
+            f"{a['label_accuracy']:.1%}; EPE {i['epe']:.3f} / {b['epe']:.3f} -> {a['epe']:.3f} px"
+        )
     return 0
 
 
@@ -991,6 +1570,7 @@ def _run_demo(args) -> int:
 
 
 # ============================================================================== main
+
 
 # Sub-commands, in the order ``--help`` lists them. Each adder gets the sub-parsers
 # object, adds its parser and sets ``func`` (args -> exit status). The lead adds

@@ -3,12 +3,20 @@
 Never pickle: a checkpoint holds tensors and strings only, so loading one cannot
 execute code. Anything that is not a napari-discreg safetensors file, or whose
 config or tensors do not match the architecture, raises a :class:`ValueError`.
+
+A *training state* (:func:`save_training_state`) is a model checkpoint plus what a
+run needs to continue: the optimisers' tensors (Adam moments, step counts) stored
+as more safetensors tensors under names starting with ``OPTIMIZER_PREFIX``, their
+non-tensor parts (hyper-parameters, param-group layout) and the step as JSON in the
+metadata. :func:`load_model` ignores the optimiser tensors, so a training state is
+also a usable model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -24,6 +32,9 @@ from .model import DiscreteRegistrationNet, resolve_device
 FORMAT = "napari-discreg"
 FORMAT_VERSION = "1"
 DEFAULT_WEIGHTS = "discreg_t1_t2_pd.safetensors"
+OPTIMIZER_PREFIX = "__optimizer__/"
+"""Tensor names of a training state's optimiser tensors start with this (never a
+model parameter name)."""
 
 
 def default_weights_path() -> Path:
@@ -40,17 +51,32 @@ def save_checkpoint(
     never leaves a truncated checkpoint behind.
     """
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {
+    _write(path, _model_tensors(model), _model_metadata(model, extra))
+    return path
+
+
+def _model_tensors(model: DiscreteRegistrationNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _model_metadata(model: DiscreteRegistrationNet, extra: dict[str, Any] | None) -> dict[str, str]:
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_config": json.dumps(model.config.to_dict()),
         "extra": json.dumps(extra or {}),
     }
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors file written to a temporary name and renamed (never a partial file)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def read_checkpoint(
@@ -101,6 +127,14 @@ def load_model(path: str | os.PathLike | None = None, device=None) -> DiscreteRe
     if not p.is_file():
         raise ValueError(f"checkpoint {p} does not exist or is not a file")
     config, tensors, _ = _cached_checkpoint(str(p.resolve()), p.stat().st_mtime)
+    return _build_model(config, tensors, p).to(resolve_device(device)).eval()
+
+
+def _build_model(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], p: Path
+) -> DiscreteRegistrationNet:
+    """A new model with ``tensors`` (optimiser tensors of a training state ignored)."""
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
     model = DiscreteRegistrationNet(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -112,7 +146,7 @@ def load_model(path: str | os.PathLike | None = None, device=None) -> DiscreteRe
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
         )
     model.load_state_dict(tensors)
-    return model.to(resolve_device(device)).eval()
+    return model
 
 
 def checkpoint_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -120,3 +154,194 @@ def checkpoint_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
     p = Path(path) if path is not None else default_weights_path()
     config, _, extra = read_checkpoint(p)
     return {"model_config": config.to_dict(), **extra}
+
+
+# ------------------------------------------------------------------ training states
+
+
+@dataclass
+class TrainingState:
+    """What :func:`load_training_state` restored.
+
+    Attributes
+    ----------
+    model : DiscreteRegistrationNet
+        The model with the saved weights (the one passed in, or a new one).
+    step : int
+        Number of completed steps when the state was saved.
+    extra : dict
+        The JSON-able ``extra`` given to :func:`save_training_state`.
+    optimizers : list of str
+        Names of the optimisers whose state was loaded.
+    """
+
+    model: DiscreteRegistrationNet
+    step: int
+    extra: dict[str, Any]
+    optimizers: list[str]
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if isinstance(value, tuple):
+        return [_json_value(v, where) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_json_value(v, where) for v in value]
+    raise ValueError(
+        f"cannot save {where} = {value!r} ({type(value).__name__}) in a training state"
+    )
+
+
+def save_training_state(
+    path: str | os.PathLike,
+    model: DiscreteRegistrationNet,
+    optimizers: dict[str, torch.optim.Optimizer],
+    step: int,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights, config, optimiser states and ``step`` to one safetensors file.
+
+    Parameters
+    ----------
+    path : path-like
+        The file (written to a temporary name and renamed: never left partial).
+    model : DiscreteRegistrationNet
+        The model (not a DistributedDataParallel wrapper: pass ``wrapper.module``).
+    optimizers : dict of str to torch.optim.Optimizer
+        Named optimisers (e.g. ``{"adam": opt}``); their tensors are stored under
+        ``OPTIMIZER_PREFIX + name/...``, everything else as JSON metadata.
+    step : int
+        Completed steps.
+    extra : dict, optional
+        JSON-able run settings (training config, data paths...), as for
+        :func:`save_checkpoint`.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``. The file is also a model checkpoint for :func:`load_model`.
+    """
+    path = Path(path)
+    tensors = _model_tensors(model)
+    layout: dict[str, Any] = {}
+    for name, opt in optimizers.items():
+        if "/" in name or not name:
+            raise ValueError(f"optimiser names must be non-empty and without '/', got {name!r}")
+        sd = opt.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, entries in sd["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{OPTIMIZER_PREFIX}{name}/{idx}/{key}"] = (
+                        value.detach().cpu().contiguous()
+                    )
+                else:
+                    scalars.setdefault(str(idx), {})[key] = _json_value(
+                        value, f"{name} state {key}"
+                    )
+        groups = []
+        for i, group in enumerate(sd["param_groups"]):
+            plain = {}
+            for key, value in group.items():
+                if isinstance(value, torch.Tensor):  # e.g. a tensor learning rate
+                    tensors[f"{OPTIMIZER_PREFIX}{name}/group{i}/{key}"] = value.detach().cpu()
+                    plain[key] = {"__tensor__": True}
+                else:
+                    plain[key] = _json_value(value, f"{name} param group {key}")
+            groups.append(plain)
+        layout[name] = {
+            "type": type(opt).__name__,
+            "state_indices": [str(i) for i in sd["state"]],
+            "scalars": scalars,
+            "param_groups": groups,
+        }
+    metadata = _model_metadata(model, extra)
+    metadata["training_state"] = json.dumps({"step": int(step), "optimizers": layout})
+    _write(path, tensors, metadata)
+    return path
+
+
+def load_training_state(
+    path: str | os.PathLike,
+    model: DiscreteRegistrationNet | None = None,
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    *,
+    device=None,
+) -> TrainingState:
+    """Restore what :func:`save_training_state` wrote.
+
+    Parameters
+    ----------
+    path : path-like
+        A training state file.
+    model : DiscreteRegistrationNet, optional
+        Loaded in place (its config must equal the saved one); default: a new model
+        built from the saved config, on ``device``.
+    optimizers : dict of str to torch.optim.Optimizer, optional
+        Optimisers over ``model``'s parameters, loaded in place by name. Build them
+        *after* the model is on its device (their state follows the parameters).
+
+    Raises
+    ------
+    ValueError
+        Not a training state (e.g. a plain model checkpoint), a corrupt file, a
+        model of another architecture, an optimiser the file has no state for, or
+        one that does not match the saved parameter layout.
+    """
+    p = Path(path)
+    config, tensors, extra = read_checkpoint(p)
+    with safe_open(str(p), framework="pt", device="cpu") as f:
+        raw = (f.metadata() or {}).get("training_state")
+    if raw is None:
+        raise ValueError(
+            f"{p} is a model checkpoint without a training state (no optimiser or step); "
+            "resume from the *.state.safetensors file that --checkpoint-every writes"
+        )
+    try:
+        info = json.loads(raw)
+        step, layout = int(info["step"]), dict(info["optimizers"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{p}: the training state is corrupt ({exc})") from exc
+    built = _build_model(config, tensors, p)
+    if model is None:
+        model = built.to(resolve_device(device))
+    else:
+        if model.config != config:
+            raise ValueError(
+                f"{p} holds a model with config {config.to_dict()}, not {model.config.to_dict()}"
+            )
+        model.load_state_dict(built.state_dict())
+    restored = []
+    for name, opt in (optimizers or {}).items():
+        if name not in layout:
+            raise ValueError(
+                f"{p} has no state for optimiser {name!r} (it has {', '.join(layout) or 'none'})"
+            )
+        entry = layout[name]
+        prefix = f"{OPTIMIZER_PREFIX}{name}/"
+        state: dict[int, dict[str, Any]] = {}
+        for idx in entry["state_indices"]:
+            values: dict[str, Any] = dict(entry["scalars"].get(idx, {}))
+            head = f"{prefix}{idx}/"
+            values.update({k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)})
+            state[int(idx)] = values
+        groups = []
+        for i, group in enumerate(entry["param_groups"]):
+            g: dict[str, Any] = {}
+            for key, value in group.items():
+                if isinstance(value, dict) and value.get("__tensor__"):
+                    g[key] = tensors[f"{prefix}group{i}/{key}"]
+                elif isinstance(value, list) and key != "params":
+                    g[key] = tuple(value)
+                else:
+                    g[key] = value
+            groups.append(g)
+        try:
+            opt.load_state_dict({"state": state, "param_groups": groups})
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(
+                f"{p}: the saved state of optimiser {name!r} does not fit the one given ({exc})"
+            ) from exc
+        restored.append(name)
+    return TrainingState(model=model, step=step, extra=extra, optimizers=restored)

@@ -151,6 +151,63 @@ class AdaptConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class FolderConfig:
+    """How the user's own image files become training slices (:mod:`.core.dataset`).
+
+    Attributes
+    ----------
+    axis : int or None
+        Axis along which 3D volumes are sliced; ``None``: the reader's default
+        (0 for TIFF/``.npy`` stacks, 2 for NIfTI volumes). 2D images ignore it.
+    foreground_threshold : float
+        A pixel is foreground where the file's normalised intensity (robust
+        percentiles over the whole file, :func:`.data.normalise_intensity`) is above it.
+    min_foreground : float
+        A slice is kept when its foreground area is at least this fraction of the
+        largest foreground area of any slice of the same file (and >= 64 pixels).
+    margin : float
+        Background kept around the foreground bounding box, as a fraction of its
+        larger side, before the box is fitted into ``size x size``.
+    val_fraction : float
+        Share of the files (subjects) held out for the evaluation at the end (a
+        block of slices when there is a single file); 0 disables it.
+    eval_pairs : int
+        Number of held-out synthetic pairs of that evaluation.
+    target_pairs : int
+        Number of unlabelled target pairs made for adaptation.
+    """
+
+    axis: int | None = None
+    foreground_threshold: float = 0.05
+    min_foreground: float = 0.25
+    margin: float = 0.05
+    val_fraction: float = 0.1
+    eval_pairs: int = 32
+    target_pairs: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.foreground_threshold < 1.0:
+            raise ValueError(
+                f"foreground_threshold must be in [0, 1), got {self.foreground_threshold}"
+            )
+        if not 0.0 <= self.min_foreground <= 1.0:
+            raise ValueError(f"min_foreground must be in [0, 1], got {self.min_foreground}")
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.eval_pairs < 0 or self.target_pairs < 1:
+            raise ValueError("eval_pairs must be >= 0 and target_pairs >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FolderConfig:
+        return _from_dict(cls, data)
+
+
 DEFAULT_MODEL = ModelConfig()
 DEFAULT_DATA = DataConfig()
-__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "AdaptConfig"]
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "AdaptConfig", "FolderConfig"]

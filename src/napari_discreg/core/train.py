@@ -9,6 +9,7 @@ yielded between complete iterations.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -116,27 +117,48 @@ def train_steps(
     data_config: DataConfig | None = None,
     batches: Iterator[Batch] | None = None,
     device=None,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_step: int = 0,
+    loss_fn: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]] | None = None,
 ) -> Iterator[StepRecord]:
     """Supervised source training of G, F1 and F2; yields one record per step.
 
     ``batches`` defaults to mono-modal pairs of ``config.source_contrasts`` made from
     the template. The model is trained in place.
+
+    To resume a run (:func:`~napari_discreg.core.checkpoint.load_training_state`),
+    pass its restored ``optimizer`` (Adam over ``model.parameters()``) and the number
+    of completed steps as ``start_step``: the one-cycle learning rate continues where
+    it was, and the first record is step ``start_step + 1``. ``loss_fn(batch) ->
+    (loss, logs)`` replaces :func:`source_cross_entropy` (e.g. the same loss wrapped in
+    DistributedDataParallel, :func:`napari_discreg.core.distributed.ddp_source_loss`).
     """
     config = config or TrainConfig()
     data_config = data_config or DataConfig()
+    if not 0 <= start_step <= config.steps:
+        raise ValueError(f"start_step must be in [0, {config.steps}], got {start_step}")
     dev = resolve_device(device)
     model.to(dev).train()
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     if batches is None:
         batches = source_batches(data_config, config.batch_size, config.source_contrasts, rng, dev)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1
-    )
-    for step in range(config.steps):
+    opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=config.lr)
+    if config.steps >= 20:
+        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1
+        )
+    else:  # too short for a warm-up phase (OneCycleLR divides by zero): constant rate
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    if start_step > 0:  # the schedule is a function of the step: jump to it
+        sched.last_epoch = start_step - 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+            sched.step()
+    compute = loss_fn if loss_fn is not None else (lambda b: source_cross_entropy(model, b))
+    for step in range(start_step, config.steps):
         batch = next(batches)
-        loss, logs = source_cross_entropy(model, batch)
+        loss, logs = compute(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
