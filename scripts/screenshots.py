@@ -1,0 +1,171 @@
+"""Take the screenshots of docs/usage.md with a real napari window.
+
+Run under a display, e.g. headless::
+
+    xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python scripts/screenshots.py
+
+It opens the multimodal sample pair, registers it with the Register widget, inspects
+a control point with the histogram inspector, opens the adaptation target set and
+runs a few adaptation steps, and saves after each stage a screenshot of the whole
+window and one of the widget to ``docs/images/`` (``--out``):
+
+=============================  ==============================================
+file                           shows
+=============================  ==============================================
+``register.png``               viewer: fixed, warped moving, grid, vectors
+``register_widget.png``        the Register widget
+``discrepancy.png``            viewer: the discrepancy map over the fixed image
+``inspector.png``              viewer with the histogram inspector docked
+``inspector_widget.png``       the histogram inspector
+``adaptation.png``             viewer with the adaptation widget docked
+``adaptation_widget.png``      the adaptation widget after a few steps
+=============================  ==============================================
+
+``--model`` takes a checkpoint instead of the shipped pretrained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images", help="output folder")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="checkpoint (default: shipped model)"
+    )
+    parser.add_argument("--steps", type=int, default=6, help="adaptation iterations to run")
+    parser.add_argument(
+        "--size", type=int, nargs=2, default=(1600, 1000), help="window width height"
+    )
+    return parser.parse_args(argv)
+
+
+def process_events(seconds: float = 0.3) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def wait_for(job, timeout: float = 1800.0, what: str = "job") -> None:
+    if job is None:
+        raise SystemExit(f"the {what} did not start (see the notification above)")
+    end = time.monotonic() + timeout
+    while job.is_running:
+        if time.monotonic() > end:
+            job.stop_and_wait()
+            raise SystemExit(f"the {what} took longer than {timeout:.0f} s")
+        process_events(0.1)
+    process_events(0.5)
+
+
+def save_window(viewer, path: Path) -> None:
+    process_events(0.5)
+    viewer.screenshot(str(path), canvas_only=False, flash=False)
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def save_widget(widget, path: Path) -> None:
+    process_events(0.3)
+    if not widget.grab().save(str(path)):
+        raise SystemExit(f"could not write {path}")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") != "offscreen":
+        print("no display: run with xvfb-run (see the module docstring)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import napari
+
+    from napari_discreg._widgets import state_for
+
+    viewer = napari.Viewer(title="napari-discreg", show=True)
+    viewer.window.resize(*args.size)
+    viewer.open_sample("napari-discreg", "multimodal_pair")
+    _, register = viewer.window.add_plugin_dock_widget("napari-discreg", "Register")
+    if args.model is not None and not register.load_checkpoint(args.model):
+        return 1
+    wait_for(register.run(), what="registration")
+    state = state_for(viewer)
+    if state.run is None:
+        print("registration failed (see the notification above)", file=sys.stderr)
+        return 1
+
+    # stage 1: the registration result
+    layers = viewer.layers
+    for layer in layers:
+        layer.visible = layer.name in (
+            "fixed (T1)",
+            "moving (T2-like) warped",
+            "deformation grid",
+            "displacement",
+        )
+    layers["moving (T2-like) warped"].opacity = 0.5
+    viewer.reset_view()
+    save_window(viewer, args.out / "register.png")
+    save_widget(register, args.out / "register_widget.png")
+
+    layers["discrepancy"].visible = True
+    layers["deformation grid"].visible = False
+    layers["displacement"].visible = False
+    layers["moving (T2-like) warped"].visible = False
+    save_window(viewer, args.out / "discrepancy.png")
+
+    # stage 2: inspect the brain control point where the heads disagree most
+    _, inspector = viewer.window.add_plugin_dock_widget(
+        "napari-discreg", "Histogram inspector", tabify=True
+    )
+    result = state.run.results[None]
+    brain = layers["fixed tissue labels"].data > 0
+    stride = result.stride
+    h, w = result.discrepancy.shape
+    inside = brain[: h * stride : stride, : w * stride : stride][:h, :w]
+    disc = np.where(inside, result.discrepancy, -np.inf)
+    i, j = np.unravel_index(int(np.argmax(disc)), disc.shape)
+    row, col = result.control_point_position(i, j)
+    inspector.inspect(row, col)
+    layers["deformation grid"].visible = True
+    save_window(viewer, args.out / "inspector.png")
+    save_widget(inspector, args.out / "inspector_widget.png")
+
+    # stage 3: a few adaptation steps on the target set
+    viewer.open_sample("napari-discreg", "adaptation_target_set")
+    _, adaptation = viewer.window.add_plugin_dock_widget(
+        "napari-discreg", "Adaptation", tabify=True
+    )
+    adaptation.fixed_combo.set_layer(layers["target fixed (T1)"])
+    adaptation.moving_combo.set_layer(layers["target moving (T2-like)"])
+    adaptation.steps_spin.setValue(args.steps)
+    adaptation.adapt_config = type(adaptation.adapt_config)(
+        **{**adaptation.adapt_config.to_dict(), "select_every": max(1, args.steps // 3)}
+    )
+    for layer in layers:
+        layer.visible = layer.name in ("target fixed (T1)", "target moving (T2-like)")
+    layers["target moving (T2-like)"].opacity = 0.5
+    wait_for(adaptation.start(), what="adaptation")
+    save_window(viewer, args.out / "adaptation.png")
+    save_widget(adaptation, args.out / "adaptation_widget.png")
+
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

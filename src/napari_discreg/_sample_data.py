@@ -1,0 +1,134 @@
+"""Sample data contributions (npe2): synthetic multimodal pairs made from the MNI template.
+
+Both samples are made with :mod:`napari_discreg.core.data` from the template that
+nilearn ships (no download). The moving layers carry the true displacement in their
+metadata (``"true_displacement"``, pixels, row/col, same convention as
+:attr:`napari_discreg.RegistrationResult.displacement`), so a registration can be
+compared with the truth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SAMPLE_SIZE = 192
+"""Side of the sample images in pixels."""
+TARGET_PAIRS = 8
+"""Number of pairs in the adaptation target set."""
+_SEED = 0
+
+_CONVENTION = "warped(r, c) = moving(r + u[0, r, c], c + u[1, r, c]); fixed ~ warped"
+
+
+def _config():
+    from .core.config import DataConfig
+
+    return DataConfig(size=SAMPLE_SIZE)
+
+
+def _middle_test_slice(config) -> int:
+    lo, hi = config.test_slices
+    return (lo + hi) // 2
+
+
+def multimodal_pair():
+    """A T1 fixed image, a T2-like moving image and the fixed image's tissue labels.
+
+    ``make_pair`` at 192 x 192 with seed 0 on the middle slice of the held-out test range:
+    the fixed T1 is the template warped by a smooth random field, the moving image is the
+    same slice in the synthetic T2-like contrast. The moving layer's metadata holds the
+    true field; a hidden Labels layer holds the moving image's tissue labels (to try
+    *apply the field to a Labels layer* and compare with the fixed labels).
+    """
+    from .core.data import load_template, make_pair
+
+    config = _config()
+    template = load_template(config.size)
+    index = _middle_test_slice(config)
+    pair = make_pair(template, index, "t1", "t2", np.random.default_rng(_SEED), config)
+    meta = {"slice_index": index, "size": config.size, "seed": _SEED}
+    return [
+        (
+            pair.fixed,
+            {"name": "fixed (T1)", "colormap": "gray", "metadata": {**meta, "contrast": "t1"}},
+            "image",
+        ),
+        (
+            pair.moving,
+            {
+                "name": "moving (T2-like)",
+                "colormap": "gray",
+                "metadata": {
+                    **meta,
+                    "contrast": "t2",
+                    "true_displacement": pair.displacement,
+                    "convention": _CONVENTION,
+                },
+            },
+            "image",
+        ),
+        (
+            pair.fixed_labels,
+            {
+                "name": "fixed tissue labels",
+                "opacity": 0.35,
+                "visible": False,
+                "metadata": {"labels": {0: "background", 1: "CSF", 2: "GM", 3: "WM"}},
+            },
+            "labels",
+        ),
+        (
+            pair.moving_labels,
+            {
+                "name": "moving tissue labels",
+                "opacity": 0.35,
+                "visible": False,
+                "metadata": {"labels": {0: "background", 1: "CSF", 2: "GM", 3: "WM"}},
+            },
+            "labels",
+        ),
+    ]
+
+
+def adaptation_target_set():
+    """Eight unlabelled target pairs as two 3D stacks: fixed T1 and moving T2-like.
+
+    ``fixed_test_pairs`` (n = 8, seed 0) from the held-out slice range at 192 x 192. The
+    true fields are in the moving layer's metadata for evaluation only; adaptation never
+    reads them.
+    """
+    from .core.data import fixed_test_pairs, load_template
+
+    config = _config()
+    template = load_template(config.size)
+    pairs = fixed_test_pairs(
+        template, config, n=TARGET_PAIRS, fixed_contrast="t1", moving_contrast="t2", seed=_SEED
+    )
+    fixed = np.stack([p.fixed for p in pairs])
+    moving = np.stack([p.moving for p in pairs])
+    meta = {"slice_indices": [p.index for p in pairs], "size": config.size, "seed": _SEED}
+    return [
+        (
+            fixed,
+            {
+                "name": "target fixed (T1)",
+                "colormap": "gray",
+                "metadata": {**meta, "contrast": "t1"},
+            },
+            "image",
+        ),
+        (
+            moving,
+            {
+                "name": "target moving (T2-like)",
+                "colormap": "gray",
+                "metadata": {
+                    **meta,
+                    "contrast": "t2",
+                    "true_displacement": np.stack([p.displacement for p in pairs]),
+                    "convention": _CONVENTION,
+                },
+            },
+            "image",
+        ),
+    ]

@@ -1,0 +1,78 @@
+"""Add a layer, or update the one with the same name: re-running never duplicates layers."""
+
+from __future__ import annotations
+
+import numpy as np
+from napari.layers import Image, Labels, Points, Shapes, Vectors
+
+_KINDS = {"image": Image, "labels": Labels, "points": Points, "vectors": Vectors, "shapes": Shapes}
+
+# properties napari lets us set again on an existing layer
+_SETTABLE = (
+    "scale",
+    "translate",
+    "colormap",
+    "contrast_limits",
+    "opacity",
+    "blending",
+    "metadata",
+    "edge_color",
+    "edge_width",
+    "vector_style",
+    "length",
+    "size",
+    "face_color",
+    "border_color",
+    "symbol",
+    "visible",
+)
+
+
+def upsert_layer(viewer, name: str, kind: str, data, **kwargs):
+    """Add a ``kind`` layer called ``name`` or update the existing one in place.
+
+    An existing layer of another type, or of another dimensionality, is replaced
+    (at the same position in the layer list).
+    """
+    cls = _KINDS[kind]
+    existing = viewer.layers[name] if name in viewer.layers else None
+    ndim = _data_ndim(kind, data)
+    if existing is not None and (not isinstance(existing, cls) or existing.ndim != ndim):
+        index = viewer.layers.index(existing)
+        viewer.layers.remove(existing)
+        layer = getattr(viewer, f"add_{kind}")(data, name=name, **kwargs)
+        viewer.layers.move(viewer.layers.index(layer), index)
+        return layer
+    if existing is None:
+        return getattr(viewer, f"add_{kind}")(data, name=name, **kwargs)
+    layer = existing
+    # geometry first so that the new data lands in the right place
+    for key in ("scale", "translate"):
+        if key in kwargs:
+            setattr(layer, key, kwargs[key])
+    if kind == "image" and "contrast_limits" not in kwargs:
+        layer.data = data
+        layer.reset_contrast_limits()
+    else:
+        layer.data = data
+    for key, value in kwargs.items():
+        if key in ("scale", "translate") or key not in _SETTABLE:
+            continue
+        try:
+            setattr(layer, key, value)
+        except (ValueError, TypeError, AttributeError):  # pragma: no cover - style only
+            pass
+    layer.refresh()
+    return layer
+
+
+def _data_ndim(kind: str, data) -> int:
+    if kind in ("image", "labels"):
+        return np.asarray(data).ndim
+    if kind == "vectors":
+        arr = np.asarray(data)
+        return arr.shape[-1]
+    if kind == "points":
+        arr = np.asarray(data)
+        return arr.shape[-1] if arr.ndim == 2 and arr.size else 2
+    raise ValueError(kind)

@@ -1,0 +1,170 @@
+"""What the widgets of one viewer share: the current model and the last registration.
+
+Each :class:`napari.viewer.Viewer` gets one :class:`SessionState` (see :func:`state_for`),
+kept in a registry that holds the viewer only weakly, so closing a viewer frees it.
+The Register widget writes :attr:`SessionState.run`, the histogram inspector reads it,
+and the adaptation widget swaps :attr:`SessionState.model` (Keep / Revert).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from psygnal import Signal
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from ..core.model import DiscreteRegistrationNet
+    from ..core.register import RegistrationResult
+
+SHIPPED_MODEL_NAME = "shipped pretrained"
+
+
+@dataclass
+class RegistrationRun:
+    """One registration (or a loaded field) as the widgets display it.
+
+    Attributes
+    ----------
+    fields : dict
+        Slice index (``None`` for a 2D pair) -> displacement ``(2, H, W)`` in pixels.
+    results : dict
+        Slice index -> :class:`~napari_discreg.RegistrationResult`; empty for a field
+        loaded from a file (no histograms then).
+    axis : int or None
+        Axis of the 3D fixed layer the slices were taken along; ``None`` for 2D.
+    fixed_layer, moving_layer : weakref.ref
+        The layers that were registered.
+    model_name : str
+        Which model produced it (for the status line and the inspector title).
+    warped : dict
+        Slice index -> the moving slice warped with its field.
+    stride : int
+        Control-point spacing of the model (pixels).
+    """
+
+    fields: dict[int | None, np.ndarray]
+    results: dict[int | None, RegistrationResult] = field(default_factory=dict)
+    axis: int | None = None
+    fixed_layer: Any = None
+    moving_layer: Any = None
+    model_name: str = ""
+    warped: dict[int | None, np.ndarray] = field(default_factory=dict)
+    stride: int = 4
+
+    @property
+    def indices(self) -> list[int | None]:
+        return list(self.fields)
+
+    def layer(self, which: str = "fixed"):
+        ref = self.fixed_layer if which == "fixed" else self.moving_layer
+        return ref() if ref is not None else None
+
+    def result_for(self, index: int | None) -> RegistrationResult | None:
+        """The result of slice ``index``; for a single registered slice, that one."""
+        if index in self.results:
+            return self.results[index]
+        if len(self.results) == 1:
+            return next(iter(self.results.values()))
+        return None
+
+
+class SessionState:
+    """Model and results shared by the widgets of one viewer.
+
+    Signals
+    -------
+    model_changed(str)
+        The current model was replaced (argument: its display name).
+    run_changed()
+        A new registration result (or loaded field) is available.
+    """
+
+    model_changed = Signal(str)
+    run_changed = Signal()
+
+    def __init__(self) -> None:
+        self._model: DiscreteRegistrationNet | None = None
+        self.model_name: str = SHIPPED_MODEL_NAME
+        self.run: RegistrationRun | None = None
+        self._register_widget: weakref.ref | None = None
+        # models are used from worker threads; swap and load under a lock
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ model
+    @property
+    def model(self) -> DiscreteRegistrationNet | None:
+        """The model registration uses; ``None`` means the shipped pretrained model."""
+        return self._model
+
+    def set_model(self, model: DiscreteRegistrationNet | None, name: str | None = None) -> None:
+        """Make ``model`` current (``None``: back to the shipped model)."""
+        with self._lock:
+            self._model = model
+            self.model_name = name or (SHIPPED_MODEL_NAME if model is None else "custom model")
+        self.model_changed.emit(self.model_name)
+
+    def resolve_model(self, device=None) -> DiscreteRegistrationNet:
+        """The current model, loading the shipped one when none is set.
+
+        Safe to call from a worker thread; raises ``ValueError`` when the shipped
+        weights are missing or unreadable.
+        """
+        from ..core.checkpoint import load_model
+        from ..core.model import resolve_device
+
+        with self._lock:
+            if self._model is not None:
+                if device is not None:
+                    self._model.to(resolve_device(device))
+                return self._model
+            return load_model(None, device)
+
+    # ------------------------------------------------------------------ run
+    def set_run(self, run: RegistrationRun | None) -> None:
+        self.run = run
+        self.run_changed.emit()
+
+    # ------------------------------------------------------------------ widgets
+    @property
+    def register_widget(self):
+        return self._register_widget() if self._register_widget is not None else None
+
+    @register_widget.setter
+    def register_widget(self, widget) -> None:
+        self._register_widget = weakref.ref(widget) if widget is not None else None
+
+
+_STATES: dict[int, tuple[weakref.ref, SessionState]] = {}
+
+
+def unwrap_viewer(viewer):
+    """The viewer itself when napari hands a plugin widget a ``PublicOnlyProxy``.
+
+    napari wraps the viewer (and every layer reached through it) in a new proxy on each
+    access, so identity checks, weak references and per-viewer registries would not
+    work on proxies; the widgets only use the viewer's public API.
+    """
+    return getattr(viewer, "__wrapped__", viewer)
+
+
+def state_for(viewer) -> SessionState:
+    """The :class:`SessionState` of ``viewer`` (created on first use, freed with the viewer)."""
+    viewer = unwrap_viewer(viewer)
+    key = id(viewer)
+    entry = _STATES.get(key)
+    if entry is not None and entry[0]() is viewer:
+        return entry[1]
+    state = SessionState()
+
+    def _forget(_ref, key=key):
+        current = _STATES.get(key)
+        if current is not None and current[0] is _ref:
+            del _STATES[key]
+
+    _STATES[key] = (weakref.ref(viewer, _forget), state)
+    return state

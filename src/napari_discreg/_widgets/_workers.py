@@ -1,0 +1,197 @@
+"""Background work: napari ``thread_worker`` jobs that can be stopped and are never leaked.
+
+Every slow call (registration, model loading, adaptation) runs in a
+:func:`napari.qt.threading.thread_worker`. A :class:`Job` wraps one worker with a
+stop flag that the job's generator checks between complete units of work (a
+registered slice, an adaptation iteration), so *Stop* takes effect within one unit.
+Widgets call :meth:`Job.stop_and_wait` when they close, so no worker outlives them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from napari.qt.threading import thread_worker
+from qtpy.QtCore import QEvent, QObject
+from qtpy.QtWidgets import QApplication, QWidget
+
+from ._notify import notify_exception
+
+
+class Failure:
+    """Returned by a job instead of raising, for errors the user caused."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"Failure({self.exc!r})"
+
+
+class Job:
+    """A running (or finished) stoppable background job.
+
+    Parameters
+    ----------
+    body : callable
+        ``body(stop: threading.Event)`` returning a generator; every value it yields is
+        passed to ``on_yield`` in the GUI thread, its return value to ``on_return``.
+        Any exception is turned into a :class:`Failure`, shown as a notification
+        (unexpected ones are also logged with their traceback) and passed to
+        ``on_failure``.
+    context : str
+        Prefix of error notifications ("registration", "adaptation").
+    """
+
+    def __init__(
+        self,
+        body: Callable[[threading.Event], Iterator[Any]],
+        *,
+        context: str,
+        on_yield: Callable[[Any], None] | None = None,
+        on_return: Callable[[Any], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+        on_finish: Callable[[], None] | None = None,
+    ) -> None:
+        self.stop_event = threading.Event()
+        self.context = context
+        self._done = False
+        self._started = False
+        self._exited = threading.Event()  # set by the worker thread when the body is over
+        stop = self.stop_event
+        exited = self._exited
+
+        def run():
+            # Every exception becomes a returned Failure: superqt's generator workers
+            # swallow a RuntimeError (taking it for a deleted Qt object) without
+            # emitting ``finished``, which would leave the job "running" forever.
+            try:
+                result = yield from body(stop)
+            except Exception as exc:  # noqa: BLE001 - reported by ``returned``
+                return Failure(exc)
+            finally:
+                exited.set()
+            return result
+
+        worker = thread_worker(run, start_thread=False)()
+        # napari relays worker errors to its notification manager with a traceback;
+        # we report them ourselves with a clear message instead.
+        relay = getattr(worker, "_relay_error", None)
+        if relay is not None:
+            try:
+                worker.errored.disconnect(relay)
+            except (TypeError, RuntimeError):  # pragma: no cover - napari internals changed
+                pass
+        if on_yield is not None:
+            worker.yielded.connect(on_yield)
+
+        def returned(value):
+            if isinstance(value, Failure):
+                notify_exception(value.exc, context)
+                if on_failure is not None:
+                    on_failure(value.exc)
+            elif on_return is not None:
+                on_return(value)
+
+        def errored(exc):
+            notify_exception(exc, context)
+            if on_failure is not None:
+                on_failure(exc)
+
+        def finished():
+            self._done = True
+            if on_finish is not None:
+                on_finish()
+
+        worker.returned.connect(returned)
+        worker.errored.connect(errored)
+        worker.finished.connect(finished)
+        self.worker = worker
+
+    def start(self) -> Job:
+        self._started = True
+        self.worker.start()
+        return self
+
+    @property
+    def is_running(self) -> bool:
+        """True from :meth:`start` until the worker finished and its handlers ran."""
+        return self._started and not self._done
+
+    def request_stop(self) -> None:
+        """Ask the job to stop after the current unit of work."""
+        self.stop_event.set()
+
+    def stop_and_wait(self, timeout: float = 60.0) -> bool:
+        """Stop the job and wait (processing Qt events) until it has finished.
+
+        Returns True when the worker finished within ``timeout`` seconds.
+        """
+        self.request_stop()
+        if not self._started:
+            return True
+        deadline = time.monotonic() + timeout
+        app = QApplication.instance()
+        # first the thread, then the queued ``returned``/``finished`` signals
+        while not self._done and time.monotonic() < deadline:
+            if app is not None:
+                app.processEvents()
+            self._exited.wait(0.01)
+        return self._exited.is_set()
+
+
+class _AncestorWatcher(QObject):
+    """Event filter on a widget's ancestors: a Close stops the jobs, a re-parenting
+    extends the watch to the new ancestors (napari docks a widget in two steps)."""
+
+    def __init__(self, owner: WorkerWidgetMixin) -> None:
+        super().__init__(owner)
+        self._owner = owner
+
+    def eventFilter(self, obj, event):  # noqa: N802 - Qt API
+        kind = event.type()
+        if kind == QEvent.Type.Close:
+            self._owner.shutdown()
+        elif kind == QEvent.Type.ParentChange:
+            self._owner._watch_ancestors()
+        return False
+
+
+class WorkerWidgetMixin:
+    """For widgets with background jobs: ``shutdown()`` runs when the widget closes, when
+    any widget it is docked in (the dock, the napari main window) closes, and when the
+    application quits, so no worker outlives its widget or viewer.
+
+    Subclasses implement ``shutdown()`` (stop and wait for their jobs).
+    """
+
+    def _init_lifecycle(self) -> None:
+        self._watcher = _AncestorWatcher(self)
+        self._watched: set[int] = set()  # ids only: no references to the napari window
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.shutdown)
+        self._watch_ancestors()
+
+    def shutdown(self) -> None:  # pragma: no cover - overridden
+        """Stop and wait for the widget's jobs."""
+
+    def _watch_ancestors(self) -> None:
+        parent = self.parentWidget()
+        while parent is not None:
+            if id(parent) not in self._watched:
+                parent.installEventFilter(self._watcher)
+                self._watched.add(id(parent))
+            parent = parent.parentWidget()
+
+    def event(self, event):
+        if event.type() == QEvent.Type.ParentChange:
+            self._watch_ancestors()
+        return QWidget.event(self, event)
+
+    def closeEvent(self, event):  # noqa: N802 - Qt API
+        self.shutdown()
+        QWidget.closeEvent(self, event)

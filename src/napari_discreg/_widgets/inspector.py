@@ -1,0 +1,328 @@
+"""Histogram inspector: click a pixel, see what both heads believe about its displacement.
+
+For the control point under the click it draws, for heads F1 and F2, the K x K
+displacement histogram, the row and column marginals and their cumulative sums (the
+area between two cumulative sums is the 1D Earth Mover's distance that the projected
+EMD averages), and the pEMD, L1 and sliced-Wasserstein discrepancies of that point,
+computed with :mod:`napari_discreg.core.discrepancy`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel
+
+from ..core.discrepancy import emd_1d, histogram_projections, l1, projected_emd, sliced_wasserstein
+from . import _notify
+from ._geometry import in_plane_axes, insert_axis, sample_field
+from ._layers import upsert_layer
+from ._mpl import FigureWidget
+from ._state import state_for
+
+MARKER_LAYER = "inspected point"
+ROW_LABEL = "row displacement (px)"
+COL_LABEL = "column displacement (px)"
+
+
+class HistogramInspectorWidget(FigureWidget):
+    """Per-control-point view of the two heads' displacement histograms.
+
+    Attributes
+    ----------
+    last_histograms : dict of str to ndarray
+        What was drawn last: ``"f1"``, ``"f2"`` (K, K); ``"rows_f1"``, ``"rows_f2"``,
+        ``"cols_f1"``, ``"cols_f2"`` (K,) marginals; ``"cdf_rows_f1"`` ... cumulative
+        sums; ``"offsets"`` (K,) bin positions in pixels.
+    last_values : dict
+        The numbers drawn: ``"pemd"``, ``"l1"``, ``"swd"``, ``"emd_rows"``, ``"emd_cols"``
+        (bins), ``"control_point"`` (i, j), ``"position"`` (row, col) of the control point
+        in pixels, ``"slice"``, ``"expected_f1"``/``"expected_f2"``/``"expected"``
+        (row, col) displacement in pixels and ``"true_displacement"`` when the moving
+        layer's metadata holds one.
+    """
+
+    def __init__(self, napari_viewer, parent=None) -> None:
+        self.last_histograms: dict[str, np.ndarray] = {}
+        self.last_values: dict = {}
+        self._query: tuple | None = None
+        self._last_hover = 0.0
+        super().__init__(napari_viewer, figsize=(5.0, 8.0), parent=parent)
+        self.state = state_for(self.viewer)
+
+        self.pick_check = QCheckBox("inspect on click")
+        self.pick_check.setChecked(True)
+        self.pick_check.setToolTip(
+            "Click (without dragging) on the image to inspect that control point"
+        )
+        self.hover_check = QCheckBox("follow the mouse")
+        self.hover_check.setToolTip("Inspect the control point under the mouse while it moves")
+        self.info_label = QLabel("Register an image pair, then click on it (without dragging).")
+        self.info_label.setWordWrap(True)
+        controls = QHBoxLayout()
+        controls.addWidget(self.pick_check)
+        controls.addWidget(self.hover_check)
+        controls.addStretch(1)
+        self.layout().insertLayout(0, controls)
+        self.layout().insertWidget(1, self.info_label)
+
+        self.viewer.mouse_drag_callbacks.append(self._on_mouse_drag)
+        self.viewer.mouse_move_callbacks.append(self._on_mouse_move)
+        self.state.run_changed.connect(self._on_run_changed)
+
+    # ------------------------------------------------------------------ events
+    def _on_mouse_drag(self, viewer, event):
+        """Inspect on a click; a drag (panning) does not inspect."""
+        if not self.pick_check.isChecked() or self.state.run is None:
+            return
+        start = tuple(event.position)
+        dragged = False
+        yield
+        while event.type == "mouse_move":
+            dragged = True
+            yield
+        if not dragged:
+            self.inspect_world(start, quiet=True)
+
+    def _on_mouse_move(self, viewer, event):
+        if not self.hover_check.isChecked() or self.state.run is None:
+            return
+        now = time.monotonic()
+        if now - self._last_hover < 0.1:  # at most ten redraws a second
+            return
+        self._last_hover = now
+        self.inspect_world(tuple(event.position), quiet=True)
+
+    def _on_run_changed(self) -> None:
+        if self._query is not None and self.state.run is not None:
+            row, col, index = self._query
+            if self.state.run.result_for(index) is not None:
+                self.inspect(row, col, index)
+                return
+        self.last_histograms, self.last_values = {}, {}
+        self.refresh()
+
+    # ------------------------------------------------------------------ inspection
+    def inspect_world(self, position, *, quiet: bool = False) -> bool:
+        """Inspect the control point at a world position (e.g. a mouse click)."""
+        run = self.state.run
+        fixed = run.layer("fixed") if run is not None else None
+        if fixed is None:
+            if not quiet:
+                _notify.warning("register an image pair first")
+            return False
+        coords = np.asarray(fixed.world_to_data(position), dtype=float)
+        shape = fixed.data.shape
+        if np.any(coords < -0.5) or np.any(coords > np.asarray(shape) - 0.5):
+            return False  # outside the image
+        plane = in_plane_axes(fixed.ndim, run.axis)
+        index = None if run.axis is None else int(np.round(coords[run.axis]))
+        return self.inspect(coords[plane[0]], coords[plane[1]], index, quiet=quiet)
+
+    def inspect(
+        self, row: float, col: float, slice_index: int | None = None, *, quiet: bool = False
+    ) -> bool:
+        """Draw the histograms of the control point that holds pixel ``(row, col)``.
+
+        ``slice_index`` picks the slice of a 3D registration (default: the registered
+        slice when there is only one). Returns False (after a notification unless
+        ``quiet``) when there is nothing to inspect.
+        """
+        run = self.state.run
+        if run is None:
+            if not quiet:
+                _notify.warning("register an image pair first: there is nothing to inspect")
+            return False
+        result = run.result_for(slice_index)
+        if result is None:
+            if not quiet:
+                if not run.results:
+                    _notify.warning("a field loaded from a file has no histograms to inspect")
+                else:
+                    _notify.warning(f"slice {slice_index} was not registered")
+            return False
+        if slice_index is None and run.axis is not None:
+            slice_index = next(iter(run.results))
+        i, j = result.control_point(row, col)
+        p1 = np.asarray(result.probabilities[0, i, j], dtype=np.float32)
+        p2 = np.asarray(result.probabilities[1, i, j], dtype=np.float32)
+        offsets = np.asarray(result.offsets, dtype=np.float32)
+        t1, t2 = torch.from_numpy(p1)[None], torch.from_numpy(p2)[None]
+        rows1, cols1 = (x[0].numpy() for x in histogram_projections(t1))
+        rows2, cols2 = (x[0].numpy() for x in histogram_projections(t2))
+        with torch.no_grad():
+            values = {
+                "pemd": float(projected_emd(t1, t2)),
+                "l1": float(l1(t1, t2)),
+                "swd": float(sliced_wasserstein(t1, t2)),
+                "emd_rows": float(emd_1d(torch.from_numpy(rows1), torch.from_numpy(rows2))),
+                "emd_cols": float(emd_1d(torch.from_numpy(cols1), torch.from_numpy(cols2))),
+            }
+        mean = 0.5 * (p1 + p2)
+        position = result.control_point_position(i, j)
+
+        def expected(p):
+            return (float((p.sum(1) * offsets).sum()), float((p.sum(0) * offsets).sum()))
+
+        values.update(
+            control_point=(i, j),
+            position=(float(position[0]), float(position[1])),
+            slice=slice_index,
+            expected_f1=expected(p1),
+            expected_f2=expected(p2),
+            expected=expected(mean),
+            discrepancy_map=float(result.discrepancy[i, j]),
+            model=run.model_name,
+        )
+        truth = self._true_displacement(run, slice_index, position)
+        if truth is not None:
+            values["true_displacement"] = truth
+        self.last_values = values
+        self.last_histograms = {
+            "f1": p1,
+            "f2": p2,
+            "rows_f1": rows1,
+            "rows_f2": rows2,
+            "cols_f1": cols1,
+            "cols_f2": cols2,
+            "cdf_rows_f1": np.cumsum(rows1),
+            "cdf_rows_f2": np.cumsum(rows2),
+            "cdf_cols_f1": np.cumsum(cols1),
+            "cdf_cols_f2": np.cumsum(cols2),
+            "offsets": offsets,
+        }
+        self._query = (float(row), float(col), slice_index)
+        self._update_marker(run, position, slice_index, result.stride)
+        self.info_label.setText(
+            f"model: {run.model_name}; pEMD per control point is the 'discrepancy' layer"
+        )
+        self.refresh()
+        return True
+
+    @staticmethod
+    def _true_displacement(run, index, position) -> tuple[float, float] | None:
+        moving = run.layer("moving")
+        truth = None if moving is None else moving.metadata.get("true_displacement")
+        if truth is None:
+            return None
+        truth = np.asarray(truth)
+        if truth.ndim == 4 and index is not None and index < truth.shape[0]:
+            truth = truth[index]
+        if truth.ndim != 3 or truth.shape[0] != 2:
+            return None
+        value = sample_field(truth, np.asarray([position]))[0]
+        return float(value[0]), float(value[1])
+
+    def _update_marker(self, run, position, index, stride) -> None:
+        fixed = run.layer("fixed")
+        if fixed is None:
+            return
+        point = insert_axis(
+            np.asarray([position], dtype=float), run.axis, index if index is not None else 0
+        )
+        active = self.viewer.layers.selection.active
+        upsert_layer(
+            self.viewer,
+            MARKER_LAYER,
+            "points",
+            point,
+            scale=np.asarray(fixed.scale),
+            translate=np.asarray(fixed.translate),
+            symbol="cross",
+            size=float(max(1.5 * stride, 4)),
+            face_color="red",
+            border_color="white",
+        )
+        if active is not None and active in self.viewer.layers:
+            self.viewer.layers.selection.active = active  # keep the user's selection
+
+    # ------------------------------------------------------------------ drawing
+    def draw(self) -> None:
+        h = self.last_histograms
+        if not h:
+            ax = self.figure.add_subplot(1, 1, 1)
+            ax.set_axis_off()
+            ax.text(
+                0.5,
+                0.5,
+                "Register an image pair, then click on the image\nto inspect a control point.",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
+            return
+        v = self.last_values
+        c1, c2 = self.theme.series
+        off = h["offsets"]
+        d = float(off[1] - off[0]) if len(off) > 1 else 1.0
+        extent = (off[0] - d / 2, off[-1] + d / 2, off[-1] + d / 2, off[0] - d / 2)
+        vmax = float(max(h["f1"].max(), h["f2"].max(), 1e-6))
+        axes = self.figure.subplots(3, 2)
+        for ax, key, name, expected in (
+            (axes[0, 0], "f1", "head F1", v["expected_f1"]),
+            (axes[0, 1], "f2", "head F2", v["expected_f2"]),
+        ):
+            im = ax.imshow(h[key], extent=extent, origin="upper", cmap="viridis", vmin=0, vmax=vmax)
+            ax.plot(expected[1], expected[0], "+", color="white", ms=10, mew=2, label="expected")
+            if "true_displacement" in v:
+                t = v["true_displacement"]
+                ax.plot(t[1], t[0], "x", color="#ff5252", ms=8, mew=2, label="truth")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel(COL_LABEL, fontsize=8)
+            ax.set_ylabel(ROW_LABEL, fontsize=8)
+        self.figure.colorbar(im, ax=list(axes[0]), shrink=0.8, label="probability")
+        for ax, kind, label in ((axes[1, 0], "rows", ROW_LABEL), (axes[1, 1], "cols", COL_LABEL)):
+            ax.step(off, h[f"{kind}_f1"], where="mid", color=c1, label="F1")
+            ax.step(off, h[f"{kind}_f2"], where="mid", color=c2, label="F2")
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_ylabel("probability", fontsize=8)
+            ax.set_title(f"{'row' if kind == 'rows' else 'column'} marginal", fontsize=9)
+        axes[1, 0].legend(fontsize=7)
+        for ax, kind, label in ((axes[2, 0], "rows", ROW_LABEL), (axes[2, 1], "cols", COL_LABEL)):
+            a, b = h[f"cdf_{kind}_f1"], h[f"cdf_{kind}_f2"]
+            ax.step(off, a, where="mid", color=c1, label="F1")
+            ax.step(off, b, where="mid", color=c2, label="F2")
+            ax.fill_between(
+                off, a, b, step="mid", color=self.theme.highlight, alpha=0.5, label="EMD"
+            )
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_ylabel("cumulative", fontsize=8)
+            emd = v["emd_rows" if kind == "rows" else "emd_cols"]
+            ax.set_title(f"cumulative (EMD {emd:.3f})", fontsize=9)
+        axes[2, 0].legend(fontsize=7, loc="upper left")
+        for ax in axes.ravel():
+            ax.tick_params(labelsize=7)
+        i, j = v["control_point"]
+        where = f"slice {v['slice']}, " if v.get("slice") is not None else ""
+        self.figure.suptitle(
+            f"control point ({i}, {j}), {where}pixel ({v['position'][0]:.1f}, {v['position'][1]:.1f})\n"
+            f"pEMD {v['pemd']:.3f} bins   L1 {v['l1']:.3g}   SWD {v['swd']:.3g}",
+            fontsize=9,
+        )
+
+    def apply_theme(self) -> None:
+        super().apply_theme()
+        if self.figure._suptitle is not None:
+            self.figure._suptitle.set_color(self.theme.text)
+
+    # ------------------------------------------------------------------ lifecycle
+    def shutdown(self) -> None:
+        """Remove the viewer callbacks (called when the widget closes)."""
+        for callbacks, func in (
+            (self.viewer.mouse_drag_callbacks, self._on_mouse_drag),
+            (self.viewer.mouse_move_callbacks, self._on_mouse_move),
+        ):
+            if func in callbacks:
+                callbacks.remove(func)
+        try:
+            self.state.run_changed.disconnect(self._on_run_changed)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+        self.disconnect_viewer()
+
+    def closeEvent(self, event):  # noqa: N802 - Qt API
+        self.shutdown()
+        super().closeEvent(event)
