@@ -4,7 +4,7 @@
     python benchmarks/adaptation.py --quick    # CI-sized run of the same code path
 
 Writes the "adaptation" section of docs/benchmarks.md, docs/benchmarks.json and
-docs/images/adaptation.png (``--out-dir`` elsewhere for quick runs).
+docs/images/benchmark_adaptation.png (``--out-dir`` elsewhere for quick runs).
 """
 
 from napari_discreg.cli import main

@@ -23,7 +23,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "benchmark",
         help="adaptation benchmark: identity, source-only, MCD-L1/SWD/pEMD, oracle, elastix, SimpleITK",
         description="Writes the adaptation section of OUT_DIR/benchmarks.md, OUT_DIR/benchmarks.json "
-        "and OUT_DIR/images/adaptation.png.",
+        "and OUT_DIR/images/benchmark_adaptation.png.",
     )
     p.add_argument("--quick", action="store_true", help="CI-sized run of the same code path")
     p.add_argument("--out-dir", type=Path, default=Path("docs"))
@@ -72,7 +72,7 @@ def run(args) -> int:
     result = run_benchmark(settings, progress=lambda m: tqdm.write(f"-> {m}"), on_record=on_record)
     bar.close()
     table = format_table(result)
-    plot_results(result, out_dir / "images" / "adaptation.png")
+    plot_results(result, out_dir / "images" / "benchmark_adaptation.png")
     s = result["settings"]
     text = "\n".join(
         [
@@ -88,7 +88,7 @@ def run(args) -> int:
             "",
             table,
             "",
-            "![adaptation](images/adaptation.png)",
+            "![adaptation benchmark](images/benchmark_adaptation.png)",
         ]
     )
     update_section(out_dir / "benchmarks.md", "adaptation", text)
