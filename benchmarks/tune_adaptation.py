@@ -35,6 +35,10 @@ VARIANTS = {
     "lambda2": {"discrepancy_weight": 2.0},
     "pemd-marginals": {"pemd_diagonals": False},
     "batch4": {"batch_size": 4},
+    "fast": {"batch_size": 4, "generator_updates": 2},
+    "fast-lr1e-4": {"batch_size": 4, "generator_updates": 2, "lr": 1e-4},
+    "fast-lr5e-4": {"batch_size": 4, "generator_updates": 2, "lr": 5e-4},
+    "fast-noCE": {"batch_size": 4, "generator_updates": 2, "source_weight_c": 0.0},
 }
 
 
@@ -84,6 +88,9 @@ def main(argv=None) -> int:
                     entry["val"] = summarise(evaluate_model(model, val))
                     model.train()
                 curve.append(entry)
+                if "val" in entry:
+                    v = entry["val"]
+                    print(f"  {variant}/{kind} it {rec.iteration}: crit {rec.criterion} acc {v['label_accuracy']:.3f} epe {v['epe']:.2f}", flush=True)
             name = f"{variant}/{kind}"
             results[name] = {
                 **summarise(evaluate_model(model, val)),

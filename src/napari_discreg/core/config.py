@@ -124,13 +124,13 @@ class AdaptConfig:
     ``select_every`` iterations; without it, on the last iteration's weights.
     """
 
-    steps: int = 300
-    batch_size: int = 6
+    steps: int = 100
+    batch_size: int = 4
     lr: float = 2e-4
     discrepancy_weight: float = 1.0
-    generator_updates: int = 4
+    generator_updates: int = 2
     source_weight_c: float = 0.25
-    select_every: int = 25
+    select_every: int = 10
     keep_best: bool = True
     swd_projections: int = 128
     pemd_diagonals: bool = True
