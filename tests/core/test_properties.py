@@ -15,6 +15,13 @@ from napari_discreg.core.discrepancy import (
     projected_emd,
     sliced_wasserstein,
 )
+from napari_discreg.core.labels import (
+    label_offsets,
+    label_to_displacement,
+    quantise,
+    soft_labels,
+)
+from napari_discreg.core.warp import warp
 
 # =======================================================================================
 # Discrepancies (napari_discreg.core.discrepancy)
@@ -129,3 +136,66 @@ def test_histogram_projections_preserve_mass(single):
     for proj in histogram_projections(p, diagonals=True):
         assert (proj >= 0).all()
         torch.testing.assert_close(proj.sum(-1), torch.ones(p.shape[0], dtype=p.dtype))
+
+
+# === Warping and quantisation (napari_discreg.core.warp, napari_discreg.core.labels) ===
+
+WARP_SETTINGS = settings(max_examples=40, deadline=None)
+
+
+@WARP_SETTINGS
+@given(
+    st.integers(4, 24),
+    st.integers(4, 24),
+    st.integers(0, 2**31 - 1),
+)
+def test_zero_field_is_identity(h, w, seed):
+    img = torch.from_numpy(np.random.default_rng(seed).random((1, 1, h, w)))
+    out = warp(img, torch.zeros(1, 2, h, w, dtype=img.dtype))
+    torch.testing.assert_close(out, img, atol=1e-12, rtol=0)
+
+
+@WARP_SETTINGS
+@given(
+    st.integers(-3, 3),
+    st.integers(-3, 3),
+    st.integers(-3, 3),
+    st.integers(-3, 3),
+    st.integers(0, 2**31 - 1),
+)
+def test_composition_of_integer_shifts(a0, a1, b0, b1, seed):
+    # warping by shift a, then by shift b equals one warp by a + b in the interior
+    img = torch.from_numpy(np.random.default_rng(seed).random((1, 1, 24, 24)))
+
+    def shift(r, c):
+        f = torch.zeros(1, 2, 24, 24, dtype=img.dtype)
+        f[:, 0], f[:, 1] = float(r), float(c)
+        return f
+
+    twice = warp(warp(img, shift(a0, a1)), shift(b0, b1))
+    once = warp(img, shift(a0 + b0, a1 + b1))
+    torch.testing.assert_close(twice[..., 7:-7, 7:-7], once[..., 7:-7, 7:-7], atol=1e-12, rtol=0)
+
+
+@WARP_SETTINGS
+@given(
+    st.sampled_from([3, 5, 7, 11, 15]),
+    st.floats(0.5, 10.0),
+    st.integers(0, 2**31 - 1),
+)
+def test_quantisation_round_trip(k, q, seed):
+    rng = np.random.default_rng(seed)
+    labels = torch.from_numpy(rng.integers(0, k * k, size=(1, 3, 4)))
+    field = label_to_displacement(labels, k, q)
+    assert torch.equal(quantise(field, k, q), labels)
+    # a field off a bin centre by less than half a bin still quantises to that bin
+    step = 2 * q / (k - 1)
+    jitter = torch.from_numpy(rng.uniform(-0.49, 0.49, size=field.shape).astype(np.float32)) * step
+    assert torch.equal(quantise(field + jitter, k, q), labels)
+    # soft labels put their expectation exactly on the field
+    soft = soft_labels(field + jitter, k, q)
+    offsets = label_offsets(k, q)
+    expect = torch.stack(
+        [(soft.sum(-1) * offsets).sum(-1), (soft.sum(-2) * offsets).sum(-1)], dim=1
+    )
+    torch.testing.assert_close(expect, (field + jitter).clamp(-q, q), atol=1e-4, rtol=1e-4)
