@@ -76,3 +76,33 @@ def _data_ndim(kind: str, data) -> int:
         arr = np.asarray(data)
         return arr.shape[-1] if arr.ndim == 2 and arr.size else 2
     raise ValueError(kind)
+
+
+def check_image_pair(fixed, moving, *, what: str = "", missing: str) -> None:
+    """Raise a clear ValueError unless ``fixed`` and ``moving`` are two grayscale,
+    single-scale 2D/3D Image layers of one shape (``what``: e.g. "target ")."""
+    if fixed is None or moving is None:
+        raise ValueError(missing)
+    for role, layer in (("fixed", fixed), ("moving", moving)):
+        if not isinstance(layer, Image):
+            raise ValueError(f"the {role} {what}layer {layer.name!r} is not an image layer")
+        if getattr(layer, "rgb", False):
+            raise ValueError(
+                f"the {role} {what}layer {layer.name!r} is an RGB image; registration needs one "
+                "grayscale channel (convert it first, e.g. skimage.color.rgb2gray)"
+            )
+        if getattr(layer, "multiscale", False):
+            raise ValueError(
+                f"the {role} {what}layer {layer.name!r} is multiscale; use one scale level"
+            )
+        if layer.ndim not in (2, 3):
+            raise ValueError(
+                f"the {role} {what}layer {layer.name!r} has {layer.ndim} dimensions; use 2D images "
+                "or 3D stacks (one 2D slice per index)"
+            )
+    if tuple(fixed.data.shape) != tuple(moving.data.shape):
+        raise ValueError(
+            f"{what}fixed {tuple(fixed.data.shape)} ({fixed.name!r}) and moving "
+            f"{tuple(moving.data.shape)} ({moving.name!r}) must have the same shape; "
+            "resample or crop one onto the other's grid first"
+        )

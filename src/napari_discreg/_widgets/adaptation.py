@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
 from ..core.config import AdaptConfig, DataConfig
 from . import _notify
 from ._io import CHECKPOINT_FILTER
+from ._layers import check_image_pair
 from ._mpl import FigureWidget
 from ._pickers import LayerCombo, preferring
 from ._state import state_for, unwrap_viewer
@@ -134,6 +135,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.job: Job | None = None
         self.adapted_model = None
         self.records: list = []
+        self.worker_iteration = 0  # last iteration the background worker finished
         self._previous: tuple | None = None  # (model or None, name, state_dict copy)
         self._kept = False
         self._last_draw = 0.0
@@ -233,25 +235,12 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
 
     def _targets(self) -> tuple[np.ndarray, np.ndarray]:
         fixed, moving = self.fixed_combo.layer(), self.moving_combo.layer()
-        if fixed is None or moving is None:
-            raise ValueError(
-                "choose the fixed and moving target image layers (2D pairs or 3D stacks)"
-            )
-        for role, layer in (("fixed", fixed), ("moving", moving)):
-            if getattr(layer, "rgb", False):
-                raise ValueError(
-                    f"the {role} target layer {layer.name!r} is RGB; use grayscale images"
-                )
-            if layer.ndim not in (2, 3):
-                raise ValueError(
-                    f"the {role} target layer {layer.name!r} has {layer.ndim} dimensions; use 2D "
-                    "images (one pair) or 3D stacks (one pair per slice)"
-                )
-        if tuple(fixed.data.shape) != tuple(moving.data.shape):
-            raise ValueError(
-                f"target fixed {tuple(fixed.data.shape)} and moving {tuple(moving.data.shape)} "
-                "must have the same shape"
-            )
+        check_image_pair(
+            fixed,
+            moving,
+            what="target ",
+            missing="choose the fixed and moving target image layers (2D pairs or 3D stacks)",
+        )
         f, m = np.asarray(fixed.data), np.asarray(moving.data)
         return (f[None], m[None]) if f.ndim == 2 else (f, m)
 
@@ -290,6 +279,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         data_config = self.data_config
         device = self._device()
         self.records = []
+        self.worker_iteration = 0
         self.plot.reset(kind.upper() if kind != "pemd" else "pEMD")
         self.progress.setRange(0, config.steps)
         self.progress.setValue(0)
@@ -307,6 +297,8 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             )
             try:
                 for record in gen:
+                    # the worker's own count: records reach the GUI thread later, via signals
+                    self.worker_iteration = record.iteration
                     yield record
                     if stop.is_set():
                         break

@@ -57,7 +57,7 @@ from ._io import (
     read_image_file,
     save_field,
 )
-from ._layers import upsert_layer
+from ._layers import check_image_pair, upsert_layer
 from ._pickers import LayerCombo, preferring
 from ._state import SHIPPED_MODEL_NAME, RegistrationRun, state_for, unwrap_viewer
 from ._workers import Job, WorkerWidgetMixin
@@ -304,33 +304,11 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
     def _request(self) -> _Request:
         """Validate the chosen layers and slices (ValueError with a clear message)."""
         fixed, moving = self.fixed_combo.layer(), self.moving_combo.layer()
-        if fixed is None or moving is None:
-            raise ValueError(
-                "choose a fixed and a moving image layer (or open image files with 'Open…')"
-            )
-        for role, layer in (("fixed", fixed), ("moving", moving)):
-            if not isinstance(layer, Image):
-                raise ValueError(f"the {role} layer {layer.name!r} is not an image layer")
-            if getattr(layer, "rgb", False):
-                raise ValueError(
-                    f"the {role} layer {layer.name!r} is an RGB image; registration needs one "
-                    "grayscale channel (convert it first, e.g. skimage.color.rgb2gray)"
-                )
-            if getattr(layer, "multiscale", False):
-                raise ValueError(
-                    f"the {role} layer {layer.name!r} is multiscale; use one scale level"
-                )
-            if layer.ndim not in (2, 3):
-                raise ValueError(
-                    f"the {role} layer {layer.name!r} has {layer.ndim} dimensions; napari-discreg "
-                    "registers 2D images or slices of 3D stacks"
-                )
-        if tuple(fixed.data.shape) != tuple(moving.data.shape):
-            raise ValueError(
-                f"fixed {tuple(fixed.data.shape)} ({fixed.name!r}) and moving "
-                f"{tuple(moving.data.shape)} ({moving.name!r}) must have the same shape; "
-                "resample or crop one onto the other's grid first"
-            )
+        check_image_pair(
+            fixed,
+            moving,
+            missing="choose a fixed and a moving image layer (or open image files with 'Open…')",
+        )
         if fixed.ndim == 2:
             return _Request(fixed, moving, None, [None])
         axis = self.axis_spin.value()

@@ -568,6 +568,29 @@ class Pair:
     index: int
 
 
+def deform_pair(
+    a_clean: np.ndarray,
+    a_noise: np.ndarray,
+    b_clean: np.ndarray,
+    b_noise: np.ndarray,
+    rng: np.random.Generator,
+    config: DataConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pair convention, in one place: draw ``u``, ``fixed = warp(a, u) + noise_a``,
+    ``moving = b + noise_b`` (noise added after the warp so the warp does not smooth it),
+    both clipped to [0, 1]. Returns ``(fixed, moving, u)``."""
+    u = random_field(
+        a_clean.shape,
+        rng,
+        max_displacement=config.max_displacement,
+        smoothness=config.smoothness,
+        affine_scale=config.affine_scale,
+    )
+    fixed = np.clip(warp_numpy(a_clean, u) + a_noise, 0.0, 1.0)
+    moving = np.clip(b_clean + b_noise, 0.0, 1.0)
+    return fixed, moving, u
+
+
 def make_pair(
     template: Template,
     index: int,
@@ -609,15 +632,7 @@ def make_pair(
     index = _check_index(template, index)
     a_clean, a_noise = _render(template, index, fixed_contrast, rng, config)
     b_clean, b_noise = _render(template, index, moving_contrast, rng, config)
-    u = random_field(
-        a_clean.shape,
-        rng,
-        max_displacement=config.max_displacement,
-        smoothness=config.smoothness,
-        affine_scale=config.affine_scale,
-    )
-    fixed = np.clip(warp_numpy(a_clean, u) + a_noise, 0.0, 1.0)
-    moving = np.clip(b_clean + b_noise, 0.0, 1.0)
+    fixed, moving, u = deform_pair(a_clean, a_noise, b_clean, b_noise, rng, config)
     # labels and mask in one nearest-neighbour warp
     maps = np.stack([template.labels[index], template.mask[index]]).astype(np.float32)
     warped = warp(torch.from_numpy(maps)[None], torch.from_numpy(u)[None], mode="nearest")[

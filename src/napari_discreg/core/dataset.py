@@ -79,7 +79,7 @@ from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from . import io
 from .config import DataConfig, FolderConfig
-from .data import _bias_field, normalise_intensity, random_field
+from .data import _bias_field, deform_pair, normalise_intensity
 from .warp import warp_numpy
 
 __all__ = [
@@ -595,15 +595,7 @@ def synthetic_pair(
     """
     a_clean, a_noise = _appearance(image_a, mask_a, rng, config)
     b_clean, b_noise = _appearance(image_b, mask_b, rng, config)
-    u = random_field(
-        image_a.shape,
-        rng,
-        max_displacement=config.max_displacement,
-        smoothness=config.smoothness,
-        affine_scale=config.affine_scale,
-    )
-    fixed = np.clip(warp_numpy(a_clean, u) + a_noise, 0.0, 1.0)
-    moving = np.clip(b_clean + b_noise, 0.0, 1.0)
+    fixed, moving, u = deform_pair(a_clean, a_noise, b_clean, b_noise, rng, config)
     mask = warp_numpy(mask_a.astype(np.float32), u, order=0) > 0.5
     return {
         "fixed": fixed.astype(np.float32, copy=False),
