@@ -90,7 +90,10 @@ def main(argv=None) -> int:
                 curve.append(entry)
                 if "val" in entry:
                     v = entry["val"]
-                    print(f"  {variant}/{kind} it {rec.iteration}: crit {rec.criterion} acc {v['label_accuracy']:.3f} epe {v['epe']:.2f}", flush=True)
+                    print(
+                        f"  {variant}/{kind} it {rec.iteration}: crit {rec.criterion} acc {v['label_accuracy']:.3f} epe {v['epe']:.2f}",
+                        flush=True,
+                    )
             name = f"{variant}/{kind}"
             results[name] = {
                 **summarise(evaluate_model(model, val)),

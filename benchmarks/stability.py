@@ -1,0 +1,137 @@
+"""Long MCD-pEMD run: does keeping the best weights by the unsupervised criterion hold?
+
+    python benchmarks/stability.py --steps 1000 --eval-every 25
+
+Adapts the shipped model with the default settings and, every ``--eval-every``
+iterations, evaluates (evaluation only: nothing here feeds back into adaptation) the
+current weights on held-out T1 vs T2-like test pairs, next to the unsupervised
+selection criterion (NMI on the unlabelled adaptation pairs). ``keep_best=False`` so
+that the curve shows the raw weights; the "kept" line shows what a user with the
+default ``keep_best=True`` would get at each point: the weights with the best criterion
+so far. Writes the "stability" section of docs/benchmarks.md and docs/images/stability.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+import napari_discreg as nd
+from napari_discreg.core import data
+from napari_discreg.core.benchmark import adaptation_pairs, update_section
+from napari_discreg.core.config import AdaptConfig, DataConfig
+from napari_discreg.core.evaluate import evaluate_model, summarise
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def write_report(points, args, seconds: float) -> None:
+    """Plot and the docs section; called after every evaluation so a stopped run still reports."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [p["iteration"] for p in points]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot(it, [100 * p["accuracy"] for p in points], label="current weights")
+    axes[0].plot(
+        it, [100 * p["kept_accuracy"] for p in points], label="kept (best criterion so far)"
+    )
+    axes[0].set_ylabel("target label accuracy (%)")
+    axes[1].plot(it, [p["epe"] for p in points], label="current weights")
+    axes[1].plot(it, [p["kept_epe"] for p in points], label="kept")
+    axes[1].set_ylabel("target EPE (px)")
+    axes[2].plot(it, [p["criterion"] for p in points], color="tab:green")
+    axes[2].set_ylabel("criterion: NMI fixed vs warped (unlabelled)")
+    for ax in axes:
+        ax.set_xlabel("MCD iteration")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    (DOCS / "images").mkdir(parents=True, exist_ok=True)
+    fig.savefig(DOCS / "images" / "stability.png", dpi=110)
+    plt.close(fig)
+    first, last = points[0], points[-1]
+    text = "\n".join(
+        [
+            f"## Stability of a long {args.discrepancy} run",
+            "",
+            f"Written by `python benchmarks/stability.py --steps {args.steps} --eval-every {args.eval_every}` "
+            f"({seconds:.0f} s). Evaluation on {args.n_test} held-out T1 vs T2-like test pairs "
+            "(evaluation only); criterion on the unlabelled adaptation pairs.",
+            "",
+            "| iteration | criterion | accuracy, current (%) | EPE, current | accuracy, kept (%) | EPE, kept |",
+            "|---|---|---|---|---|---|",
+            *[
+                f"| {p['iteration']} | {p['criterion']:.4f} | {100 * p['accuracy']:.1f} | {p['epe']:.2f} | "
+                f"{100 * p['kept_accuracy']:.1f} | {p['kept_epe']:.2f} |"
+                for p in points
+            ],
+            "",
+            f"From iteration {first['iteration']} to {last['iteration']}, the kept model went from "
+            f"{100 * first['kept_accuracy']:.1f} % / {first['kept_epe']:.2f} px to "
+            f"{100 * last['kept_accuracy']:.1f} % / {last['kept_epe']:.2f} px.",
+            "",
+            "![stability](images/stability.png)",
+        ]
+    )
+    update_section(DOCS / "benchmarks.md", "stability", text)
+    (DOCS / "stability.json").write_text(json.dumps(points, indent=1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--n-test", type=int, default=24)
+    ap.add_argument("--n-adapt", type=int, default=64)
+    ap.add_argument("--discrepancy", default="pemd")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    cfg = DataConfig()
+    template = data.load_template(cfg.size)
+    test = data.fixed_test_pairs(
+        template, cfg, n=args.n_test, fixed_contrast="t1", moving_contrast="t2", seed=123
+    )
+    af, am = adaptation_pairs(template, cfg, n=args.n_adapt, moving_contrast="t2")
+    acfg = replace(AdaptConfig(), select_every=args.eval_every, keep_best=False, seed=args.seed)
+    model = nd.load_model(device="cpu")
+    points = []
+    best = (-np.inf, None)
+    t0 = time.perf_counter()
+    for rec in nd.adapt_steps(
+        model, af, am, discrepancy=args.discrepancy, steps=args.steps, config=acfg, device="cpu"
+    ):
+        if rec.criterion is None:
+            continue
+        ev = summarise(evaluate_model(model, test))
+        model.train()
+        if rec.criterion > best[0]:
+            best = (rec.criterion, ev)
+        points.append(
+            {
+                "iteration": rec.iteration,
+                "criterion": rec.criterion,
+                "accuracy": ev["label_accuracy"],
+                "epe": ev["epe"],
+                "kept_accuracy": best[1]["label_accuracy"],
+                "kept_epe": best[1]["epe"],
+            }
+        )
+        print(points[-1], f"{time.perf_counter() - t0:.0f} s", flush=True)
+        write_report(points, args, time.perf_counter() - t0)
+
+    print(f"done: {len(points)} evaluations")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
