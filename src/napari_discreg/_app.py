@@ -16,7 +16,8 @@ def make_viewer(*, show: bool = True) -> napari.Viewer:
     viewer = napari.Viewer(title="napari-discreg", show=show)
     viewer.open_sample(PLUGIN, "multimodal_pair")
     for name in WIDGETS:
-        viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        # the adaptation widget shares a tabbed dock with the inspector, so the canvas keeps room
+        viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=name == "Adaptation")
     return viewer
 
 
