@@ -136,6 +136,25 @@ def test_register_adds_then_updates_layers(viewer, tiny_model_path, small_pair, 
     assert not np.array_equal(warped.data, result.warped)
 
 
+def test_anisotropic_layer_scale_is_carried_to_every_output(
+    viewer, tiny_model_path, small_pair, wait_job
+):
+    # registration works on pixels; the outputs must overlay the fixed layer in world space
+    _pair_viewer(viewer, small_pair, scale=(1.0, 2.5), translate=(3.0, 0.0))
+    widget = RegisterWidget(viewer)
+    assert widget.load_checkpoint(tiny_model_path)
+    wait_job(widget.run())
+    result = state_for(viewer).run.results[None]
+    np.testing.assert_allclose(viewer.layers["moving warped"].scale, [1.0, 2.5])
+    np.testing.assert_allclose(viewer.layers["displacement"].scale, [1.0, 2.5])
+    disc = viewer.layers["discrepancy"]
+    s = result.stride
+    np.testing.assert_allclose(disc.scale, [s, 2.5 * s])
+    i, j = 3, 4
+    start = np.asarray(result.control_point_position(i, j))
+    np.testing.assert_allclose(disc.data_to_world((i, j)), start * [1.0, 2.5] + [3.0, 0.0])
+
+
 def test_register_slice_and_every_slice_of_a_stack(
     viewer, tiny_model_path, small_targets, wait_job
 ):
