@@ -31,7 +31,9 @@ def test_npe2_manifest_validates_with_imports():
 def test_ruff_passes():
     out = subprocess.run(
         [_tool("ruff"), "check", "src", "tests", "benchmarks", "scripts"],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -55,9 +57,14 @@ def test_core_sources_never_import_gui_modules():
         for mod in ("qtpy", "PyQt", "PySide", "napari", "magicgui", "vispy"):
             for line in text.splitlines():
                 stripped = line.strip()
-                if stripped.startswith(("import ", "from ")) and (
-                    f" {mod}" in stripped.split(" import")[0] or stripped.startswith(f"import {mod}")
-                ) and not stripped.startswith("from ."):
+                if (
+                    stripped.startswith(("import ", "from "))
+                    and (
+                        f" {mod}" in stripped.split(" import")[0]
+                        or stripped.startswith(f"import {mod}")
+                    )
+                    and not stripped.startswith("from .")
+                ):
                     if mod == "napari" and "napari_discreg" in stripped:
                         continue
                     offenders.append(f"{path.name}: {stripped}")
