@@ -16,7 +16,7 @@ from typing import Any
 
 from napari.qt.threading import thread_worker
 from qtpy.QtCore import QEvent, QObject
-from qtpy.QtWidgets import QApplication, QWidget
+from qtpy.QtWidgets import QApplication, QLabel, QProgressBar, QPushButton, QWidget
 
 from ._notify import notify_exception
 
@@ -195,3 +195,15 @@ class WorkerWidgetMixin:
     def closeEvent(self, event):  # noqa: N802 - Qt API
         self.shutdown()
         QWidget.closeEvent(self, event)
+
+
+def job_controls(owner: QWidget) -> None:
+    """Give a job-running widget its standard controls: ``stop_button`` (disabled until a
+    job runs), ``progress`` (a bar at 0 of 1) and ``status_label`` (wrapping text)."""
+    owner.stop_button = QPushButton("Stop")
+    owner.stop_button.setEnabled(False)
+    owner.progress = QProgressBar()
+    owner.progress.setRange(0, 1)
+    owner.progress.setValue(0)
+    owner.status_label = QLabel("")
+    owner.status_label.setWordWrap(True)

@@ -25,7 +25,6 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QLabel,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -39,7 +38,7 @@ from ._layers import check_image_pair
 from ._mpl import FigureWidget
 from ._pickers import LayerCombo, preferring
 from ._state import state_for, unwrap_viewer
-from ._workers import Job, WorkerWidgetMixin
+from ._workers import Job, WorkerWidgetMixin, job_controls
 from .register import OUTPUT_WORDS, _row
 
 DISCREPANCIES = {
@@ -184,13 +183,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         sform.addRow("Learning rate", self.lr_spin)
 
         self.start_button = QPushButton("Start")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setEnabled(False)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
+        job_controls(self)
         self.plot = AdaptationPlot(napari_viewer)
         self.keep_button = QPushButton("Keep")
         self.keep_button.setToolTip("Use the adapted model for registration from now on")

@@ -32,7 +32,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -60,7 +59,7 @@ from ._io import (
 from ._layers import check_image_pair, upsert_layer
 from ._pickers import LayerCombo, preferring
 from ._state import SHIPPED_MODEL_NAME, RegistrationRun, state_for, unwrap_viewer
-from ._workers import Job, WorkerWidgetMixin
+from ._workers import Job, WorkerWidgetMixin, job_controls
 
 WARPED_SUFFIX = " warped"
 DISPLACEMENT_LAYER = "displacement"
@@ -173,13 +172,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         oform.addRow("Grid spacing", self.grid_spacing_spin)
 
         self.register_button = QPushButton("Register")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setEnabled(False)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
+        job_controls(self)
 
         # apply the field to other layers
         apply_box = QGroupBox("Apply the field to another layer")
