@@ -1328,19 +1328,10 @@ def _add_demo(sub) -> None:
 
 def _label_accuracy(result, truth: np.ndarray, mask: np.ndarray) -> float:
     """Share of foreground control points whose argmax label is the true quantised one."""
-    import torch
-    import torch.nn.functional as F
+    from .core.evaluate import control_point_accuracy
 
-    from .core.labels import quantise
-    from .core.preprocess import pad_to_multiple
-    from .core.warp import control_point_field
-
-    k, q, s = result.offsets.shape[0], float(result.offsets.max()), result.stride
-    u = pad_to_multiple(torch.from_numpy(truth)[None], s)
-    m = pad_to_multiple(torch.from_numpy(mask.astype(np.float32))[None, None], s)
-    true_labels = quantise(control_point_field(u, s), k, q)[0].numpy()
-    fg = (F.max_pool2d(m, s) > 0)[0, 0].numpy()
-    return float((true_labels == result.labels)[fg].mean()) if fg.any() else float("nan")
+    k, q = result.offsets.shape[0], float(result.offsets.max())
+    return control_point_accuracy(result.labels, truth, mask, result.stride, k, q)
 
 
 def demo_metrics(pair, result, runtime: float) -> dict[str, Any]:

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import TISSUES, Pair, normalise_intensity
+from .data import TISSUES, Pair
 from .labels import argmax_label, quantise
 from .metrics import dice, end_point_error, folding_fraction
 from .model import DiscreteRegistrationNet
-from .preprocess import pad_to_multiple
+from .preprocess import network_input, pad_to_multiple
 from .train import predict_field
 from .warp import control_point_field, warp_numpy
 
@@ -31,14 +31,26 @@ def pair_metrics(
         out[f"dice_{name}"] = dice(warped_labels, pair.fixed_labels, value)
     out["folding"] = folding_fraction(displacement, mask)
     if labels is not None:
-        # control points cover the image padded to a multiple of the stride, as in register
-        truth = pad_to_multiple(torch.from_numpy(pair.displacement)[None], stride)
-        cp_true = quantise(control_point_field(truth, stride), k, q)[0].numpy()
-        fg_mask = torch.from_numpy(pair.mask.astype(np.float32))[None, None]
-        ph, pw = truth.shape[-2] - fg_mask.shape[-2], truth.shape[-1] - fg_mask.shape[-1]
-        fg = F.max_pool2d(F.pad(fg_mask, (0, pw, 0, ph)), stride)[0, 0].numpy() > 0
-        out["label_accuracy"] = float((labels == cp_true)[fg].mean())
+        out["label_accuracy"] = control_point_accuracy(
+            labels, pair.displacement, mask, stride, k, q
+        )
     return out
+
+
+def control_point_accuracy(
+    labels: np.ndarray, truth: np.ndarray, mask: np.ndarray, stride: int, k: int, q: float
+) -> float:
+    """Share of foreground control points whose label (h, w) equals the quantised true
+    field (2, H, W); NaN when no control point touches ``mask``.
+
+    Control points cover the image padded to a multiple of the stride, as in register.
+    """
+    t = pad_to_multiple(torch.from_numpy(np.asarray(truth, np.float32))[None], stride)
+    cp_true = quantise(control_point_field(t, stride), k, q)[0].numpy()
+    fg_mask = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
+    ph, pw = t.shape[-2] - fg_mask.shape[-2], t.shape[-1] - fg_mask.shape[-1]
+    fg = F.max_pool2d(F.pad(fg_mask, (0, pw, 0, ph)), stride)[0, 0].numpy() > 0
+    return float((labels == cp_true)[fg].mean()) if fg.any() else float("nan")
 
 
 def evaluate_model(model: DiscreteRegistrationNet, pairs: Sequence[Pair]) -> dict[str, list[float]]:
@@ -50,13 +62,9 @@ def evaluate_model(model: DiscreteRegistrationNet, pairs: Sequence[Pair]) -> dic
     for pair in pairs:
         h, w = pair.fixed.shape
         t0 = time.perf_counter()
-        f = pad_to_multiple(
-            torch.from_numpy(normalise_intensity(pair.fixed))[None, None], cfg.stride
-        )
-        m = pad_to_multiple(
-            torch.from_numpy(normalise_intensity(pair.moving))[None, None], cfg.stride
-        )
-        dense, _, probs = predict_field(model, f.to(dev), m.to(dev))
+        f = network_input(pair.fixed, cfg.stride, dev)
+        m = network_input(pair.moving, cfg.stride, dev)
+        dense, _, probs = predict_field(model, f, m)
         disp = dense[0, :, :h, :w].cpu().numpy()
         labels = argmax_label(probs.mean(0))[0].cpu().numpy()
         seconds = time.perf_counter() - t0

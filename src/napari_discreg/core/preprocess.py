@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import normalise_intensity
+
 # Above this many pixels the cost volume and head activations would need several GB:
 # refuse before allocating anything and tell the user to downsample or crop.
 MAX_PIXELS = 2048 * 2048
@@ -102,3 +104,13 @@ def pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
     if ph == 0 and pw == 0:
         return batch
     return F.pad(batch, (0, pw, 0, ph), mode="replicate")
+
+
+def network_input(images: np.ndarray, stride: int, device=None) -> torch.Tensor:
+    """Images (H, W) or (N, H, W) -> (N, 1, H', W') float32: each image normalised
+    (:func:`~napari_discreg.core.data.normalise_intensity`) and padded to a multiple of
+    ``stride``, as the network reads them everywhere (register, evaluation, adaptation)."""
+    stack = np.asarray(images)
+    stack = stack[None] if stack.ndim == 2 else stack
+    normalised = np.stack([normalise_intensity(a) for a in stack])
+    return pad_to_multiple(torch.from_numpy(normalised)[:, None], stride).to(device)

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import normalise_intensity
 from .discrepancy import projected_emd
 from .labels import argmax_label
 from .model import DiscreteRegistrationNet, resolve_device
-from .preprocess import check_pair, min_image_size, pad_to_multiple
+from .preprocess import check_pair, min_image_size, network_input
 from .train import predict_field
 from .warp import warp
 
@@ -121,8 +120,8 @@ def register(
         fixed, moving, min_size=min_image_size(cfg.num_labels, cfg.capture_range, cfg.stride)
     )
     h, w = f.shape
-    ft = pad_to_multiple(torch.from_numpy(normalise_intensity(f))[None, None], cfg.stride).to(dev)
-    mt = pad_to_multiple(torch.from_numpy(normalise_intensity(m))[None, None], cfg.stride).to(dev)
+    ft = network_input(f, cfg.stride, dev)
+    mt = network_input(m, cfg.stride, dev)
     was_training = model.training
     model.eval()
     try:

@@ -23,7 +23,7 @@ from .discrepancy import Discrepancy, discrepancy_fn
 from .labels import argmax_label, expected_displacement, quantise, soft_labels
 from .metrics import normalised_mutual_information
 from .model import DiscreteRegistrationNet, probabilities, resolve_device
-from .preprocess import check_stack, pad_to_multiple
+from .preprocess import check_stack, network_input
 from .warp import control_point_field, upsample_field, warp
 
 Batch = dict[str, torch.Tensor]
@@ -209,10 +209,8 @@ def prepare_target(fixed, moving, stride: int, device: torch.device) -> tuple[to
     m = check_stack(moving, "moving")
     if f.shape != m.shape:
         raise ValueError(f"fixed {f.shape} and moving {m.shape} stacks must have the same shape")
-    f = np.stack([data_mod.normalise_intensity(a) for a in f])
-    m = np.stack([data_mod.normalise_intensity(a) for a in m])
-    ft = pad_to_multiple(torch.from_numpy(f)[:, None], stride).to(device)
-    mt = pad_to_multiple(torch.from_numpy(m)[:, None], stride).to(device)
+    ft = network_input(f, stride, device)
+    mt = network_input(m, stride, device)
     mask = ((ft > 0.05) | (mt > 0.05)).float()
     return ft, mt, mask
 
