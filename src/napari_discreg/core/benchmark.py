@@ -40,7 +40,7 @@ class BenchmarkSettings:
     n_test: int = 100
     n_adapt: int = 64
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 100
+    steps: int = AdaptConfig.steps  # one source for the default: config.py
     discrepancies: tuple[str, ...] = ("l1", "swd", "pemd")
     moving_contrast: str = "t2"
     peers: tuple[str, ...] = ("elastix", "simpleitk")
