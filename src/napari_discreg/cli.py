@@ -932,7 +932,12 @@ def _add_adapt(sub) -> None:
     p.add_argument(
         "--discrepancy", choices=("l1", "swd", "pemd"), default="pemd", help="default pemd"
     )
-    p.add_argument("--steps", type=int, default=a.steps, help=f"MCD iterations (default {a.steps})")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help=f"MCD iterations in all (default {a.steps}; with --resume: the saved run's, or "
+        "more to extend it)",
+    )
     p.add_argument(
         "--lr", type=_positive_float, default=a.lr, help=f"learning rate (default {a.lr:g})"
     )
@@ -955,8 +960,23 @@ def _add_adapt(sub) -> None:
         help="slice axis of volumes (default 0 for TIFF/.npy; 2 for NIfTI)",
     )
     p.add_argument("--device", type=_device_arg, default="auto", help="auto (default), cpu or cuda")
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        metavar="N",
+        help="every N iterations (and at the end) write a resumable adaptation state (current "
+        "and best weights, both optimisers, step) to OUTPUT's name with .state.safetensors",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="STATE",
+        help="continue the run saved in STATE (a .state.safetensors file): targets, source, "
+        "model and settings come from it (--source/--target... may give the data's new "
+        "place; --steps may extend the run)",
+    )
     _add_folder_options(p, axis=False)
     p.set_defaults(func=_run_adapt)
+    p.set_defaults(adapt_defaults={x.dest: x.default for x in p._actions})
 
 
 def _check_target_args(args) -> None:
@@ -987,7 +1007,9 @@ def _run_adapt(args) -> int:
     from .core.distributed import init_distributed, shutdown
 
     out = check_writable_file(args.output)
-    if args.steps < 0:
+    if args.resume:
+        _resume_settings(args)
+    if args.steps is not None and args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     _check_target_args(args)
     ctx = init_distributed(args.device)
@@ -995,6 +1017,83 @@ def _run_adapt(args) -> int:
         return _adapt(args, out, ctx)
     finally:
         shutdown(ctx)
+
+
+RUN_KEYS = (
+    "model",
+    "source",
+    "target",
+    "target_fixed",
+    "target_moving",
+    "unpaired",
+    "target_pairs",
+    "demo_target",
+    "discrepancy",
+    "lr",
+    "batch_size",
+    "seed",
+    "size",
+    "axis",
+    "skip_bad",
+    "allow_mixed_shapes",
+    "min_foreground",
+    "val_fraction",
+    "eval_pairs",
+    "checkpoint_every",
+)
+"""The ``adapt`` options a resumable state records and ``--resume`` restores."""
+_DATA_KEYS = ("source", "target", "target_fixed", "target_moving")
+_PATH_KEYS = ("model", *_DATA_KEYS)
+
+
+def _adapt_run_settings(args) -> dict[str, Any]:
+    """The run's options (paths made absolute), as recorded in its state file."""
+
+    def absolute(value):
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [str(Path(v).resolve()) for v in value]
+        return str(Path(value).resolve())
+
+    return {
+        k: absolute(getattr(args, k)) if k in _PATH_KEYS else getattr(args, k) for k in RUN_KEYS
+    }
+
+
+def _resume_settings(args) -> None:
+    """Fill ``args`` from the state given with --resume; an option given on the command
+    line that contradicts the saved run is an error (the run would not be the same)."""
+    from .core.checkpoint import read_checkpoint
+
+    _, _, extra = read_checkpoint(args.resume)
+    saved = extra.get("adaptation_run")
+    if not isinstance(saved, dict) or "adaptation_state" not in extra:
+        raise ValueError(
+            f"{args.resume}: holds no adaptation run to resume; give the *.state.safetensors "
+            f"file that `{PROG} adapt --checkpoint-every N` writes"
+        )
+    defaults = args.adapt_defaults
+    given = _adapt_run_settings(args)
+    for key in RUN_KEYS:
+        value = saved.get(key, defaults.get(key))
+        if key in ("checkpoint_every", *_DATA_KEYS) and getattr(args, key):
+            continue  # may change (the data may have moved)
+        if getattr(args, key) != defaults.get(key) and given[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"{flag} differs from the run saved in {args.resume} ({value!r}); leave it out "
+                "when resuming"
+            )
+        setattr(args, key, value)
+    if args.steps is None:
+        args.steps = int(saved.get("steps", 0))
+    done = int(extra["adaptation_state"].get("step", 0))
+    if args.steps < done:
+        raise ValueError(
+            f"{args.resume} is at iteration {done}; --steps must be at least that (it counts "
+            "the iterations of the whole run)"
+        )
 
 
 def _folder_targets(args, dcfg, fcfg, seed: int, ctx) -> dict[str, Any]:
@@ -1077,7 +1176,7 @@ def _folder_targets(args, dcfg, fcfg, seed: int, ctx) -> dict[str, Any]:
 
 def _adapt(args, out: Path, ctx) -> int:
     from . import adapt_steps
-    from .core.checkpoint import checkpoint_info
+    from .core.checkpoint import checkpoint_info, load_adaptation_state, save_adaptation_state
     from .core.config import AdaptConfig, DataConfig, FolderConfig
     from .core.dataset import PairBatches, PairMaker, evaluate_pairs
     from .core.distributed import (
@@ -1086,7 +1185,7 @@ def _adapt(args, out: Path, ctx) -> int:
         broadcast_module,
         max_weight_difference,
     )
-    from .core.train import source_batches
+    from .core.train import AdaptState, source_batches
 
     dcfg = DataConfig(size=args.size)
     fcfg = FolderConfig(
@@ -1096,7 +1195,8 @@ def _adapt(args, out: Path, ctx) -> int:
         eval_pairs=args.eval_pairs,
         target_pairs=args.target_pairs,
     )
-    cfg = AdaptConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    steps_total = AdaptConfig.steps if args.steps is None else args.steps
+    cfg = AdaptConfig(steps=steps_total, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     folder: dict[str, Any] = {}
     if args.demo_target is not None:
         from .core.data import fixed_test_pairs, load_template
@@ -1133,6 +1233,28 @@ def _adapt(args, out: Path, ctx) -> int:
     if ctx.distributed and not folder and fixed.shape[0] >= ctx.world_size:
         fixed, moving = fixed[ctx.rank :: ctx.world_size], moving[ctx.rank :: ctx.world_size]
 
+    eval_pairs = folder.get("evaluation_pairs")
+    state = AdaptState()
+    criteria: dict[int, float] = {}
+    if args.resume:
+        model, state, saved = load_adaptation_state(args.resume, cfg.lr, ctx.device)
+        record = saved.get("adaptation", {})
+        model_desc, base_info = record.get("base_model"), saved.get("base_model_info", {})
+        before = record.get("evaluation_before") if ctx.is_main else None
+        if record.get("initial_criterion") is not None:
+            criteria[0] = record["initial_criterion"]
+        criteria[state.best_iteration] = float(state.best_score)
+        if ctx.is_main:
+            _say(f"resuming {args.resume} after iteration {state.step} of {cfg.steps}")
+    else:
+        model, model_desc = _load_model(args.model, ctx.device)
+        base_info = checkpoint_info(args.model)
+        base_info.pop("model_config", None)
+        before = (
+            evaluate_pairs(model, eval_pairs) if ctx.is_main and eval_pairs is not None else None
+        )
+    start_step = state.step
+
     source_desc = "MNI template, T1/T2-like/PD-like mono-modal pairs"
     source = None
     if args.source:
@@ -1158,17 +1280,11 @@ def _adapt(args, out: Path, ctx) -> int:
             seed=cfg.seed,
             rank=ctx.rank,
             world_size=ctx.world_size,
-        ).iterate(0, device=ctx.device, workers=args.workers)
+        ).iterate(start_step, device=ctx.device, workers=args.workers)
         source_desc = f"{src.describe()} ({len(keep)} slices used), mono-modal pairs"
     elif ctx.distributed:
-        rng = np.random.default_rng([cfg.seed, ctx.rank])
+        rng = np.random.default_rng([cfg.seed, ctx.rank, start_step])
         source = source_batches(dcfg, cfg.batch_size, ("t1", "t2", "pd"), rng, ctx.device)
-
-    model, model_desc = _load_model(args.model, ctx.device)
-    base_info = checkpoint_info(args.model)
-    base_info.pop("model_config", None)
-    eval_pairs = folder.get("evaluation_pairs")
-    before = evaluate_pairs(model, eval_pairs) if ctx.is_main and eval_pairs is not None else None
     broadcast_module(model, ctx)
 
     steps = adapt_steps(
@@ -1180,11 +1296,70 @@ def _adapt(args, out: Path, ctx) -> int:
         data_config=dcfg,
         source=source,
         device=ctx.device,
+        state=state,
     )
-    bar = _progress(cfg.steps, f"adapt ({args.discrepancy})", disable=not ctx.is_main)
-    completed, best_iter, interrupted, diverged = 0, 0, False, None
-    criteria: dict[int, float] = {}
+    every = args.checkpoint_every
+    state_path = _state_path(out)
+    bar = _progress(
+        cfg.steps, f"adapt ({args.discrepancy})", initial=start_step, disable=not ctx.is_main
+    )
+    completed, best_iter, interrupted, diverged = start_step, state.best_iteration, False, None
     start = time.perf_counter()
+
+    def record_extra(elapsed: float, evaluation: dict | None = None) -> dict[str, Any]:
+        return {
+            "adaptation": {
+                "discrepancy": args.discrepancy,
+                "steps": cfg.steps,
+                "completed_steps": completed,
+                "best_iteration": best_iter,
+                "selection_criterion": (
+                    "normalised mutual information of fixed vs warped target pairs over the "
+                    "foreground (higher is better)"
+                ),
+                "initial_criterion": criteria.get(0),
+                "best_criterion": criteria.get(best_iter),
+                "config": cfg.to_dict(),
+                "data_config": dcfg.to_dict(),
+                "folder_config": fcfg.to_dict() if (folder or args.source) else None,
+                "target": target,
+                "target_pairs": total_pairs,
+                "pairing": folder.get("pairing"),
+                "pairing_note": folder.get("pairing_note") or None,
+                "skipped": folder.get("skipped", []),
+                "source": source_desc,
+                "evaluation": evaluation,
+                "evaluation_before": before,
+                "base_model": model_desc,
+                "resumed_from": str(args.resume) if args.resume else None,
+                "interrupted": interrupted,
+                "diverged": diverged,
+                "device": str(ctx.device),
+                "distributed": {
+                    "world_size": ctx.world_size,
+                    "backend": ctx.backend,
+                    "max_weight_difference": sync,
+                },
+                "runtime_s": elapsed,
+            },
+            "base_model_info": base_info,
+            "command": args.command_line,
+            "napari_discreg_version": __version__,
+        }
+
+    def save_state(running: bool) -> bool:
+        """Write the resumable state (main process); False if the run cannot be resumed."""
+        if not ctx.is_main or not (every or args.resume):
+            return False
+        if not running and state.weights is None:
+            return False
+        _make_dirs(state_path.parent)
+        extra = record_extra(time.perf_counter() - start)
+        extra["adaptation_run"] = {**_adapt_run_settings(args), "steps": cfg.steps}
+        save_adaptation_state(state_path, model, state, _jsonable(extra), running=running)
+        return True
+
+    sync = None
     try:
         with average_gradients(model, ctx):
             for record in steps:
@@ -1192,9 +1367,11 @@ def _adapt(args, out: Path, ctx) -> int:
                     criteria[record.iteration] = record.criterion
                 if record.best_iteration is not None:
                     best_iter = record.best_iteration
-                if record.iteration == 0:
+                if record.iteration == start_step:
                     continue
                 completed = record.iteration
+                if every and completed % every == 0 and completed < cfg.steps:
+                    save_state(running=True)
                 bar.update(1)
                 postfix = {"disc": f"{record.discrepancy:.4f}"}
                 if criteria:
@@ -1210,7 +1387,6 @@ def _adapt(args, out: Path, ctx) -> int:
         bar.close()
     elapsed = time.perf_counter() - start
 
-    sync = None
     if ctx.distributed and not (interrupted or diverged):
         # every rank kept the best weights by its own criterion: rank 0's choice wins
         broadcast_module(model, ctx)
@@ -1225,49 +1401,19 @@ def _adapt(args, out: Path, ctx) -> int:
             "before": before["model"],
             "after": after["model"],
         }
-    extra = {
-        "adaptation": {
-            "discrepancy": args.discrepancy,
-            "steps": cfg.steps,
-            "completed_steps": completed,
-            "best_iteration": best_iter,
-            "selection_criterion": (
-                "normalised mutual information of fixed vs warped target pairs over the "
-                "foreground (higher is better)"
-            ),
-            "initial_criterion": criteria.get(0),
-            "best_criterion": criteria.get(best_iter),
-            "config": cfg.to_dict(),
-            "data_config": dcfg.to_dict(),
-            "folder_config": fcfg.to_dict() if (folder or args.source) else None,
-            "target": target,
-            "target_pairs": total_pairs,
-            "pairing": folder.get("pairing"),
-            "pairing_note": folder.get("pairing_note") or None,
-            "skipped": folder.get("skipped", []),
-            "source": source_desc,
-            "evaluation": evaluation,
-            "base_model": model_desc,
-            "interrupted": interrupted,
-            "diverged": diverged,
-            "device": str(ctx.device),
-            "distributed": {
-                "world_size": ctx.world_size,
-                "backend": ctx.backend,
-                "max_weight_difference": sync,
-            },
-            "runtime_s": elapsed,
-        },
-        "base_model_info": base_info,
-        "command": args.command_line,
-        "napari_discreg_version": __version__,
-    }
+    extra = record_extra(elapsed, evaluation)
+    saved_state = save_state(running=False)
     if ctx.is_main:
         _save_model(model, out, extra)
     if not (interrupted or diverged):
         barrier(ctx)
     if not ctx.is_main:
         return 1 if diverged else EXIT_INTERRUPTED if interrupted else 0
+    resume_hint = ""
+    if (every or args.resume) and state_path.is_file():
+        resume_hint = f"resume with: {PROG} adapt --resume {state_path} -o {out}" + (
+            "" if saved_state else " (from the last saved state)"
+        )
     if diverged:
         print(f"{PROG}: warning: {diverged}", file=sys.stderr)
         _say(f"saved the best weights (iteration {best_iter}) to {out}")
@@ -1277,13 +1423,18 @@ def _adapt(args, out: Path, ctx) -> int:
             f"interrupted after {completed} of {cfg.steps} iterations; saved the best weights "
             f"seen to {out}"
         )
+        if resume_hint:
+            _say(resume_hint)
         return EXIT_INTERRUPTED
     init, best = criteria.get(0), criteria.get(best_iter)
     crit = f"NMI {init:.4f} -> {best:.4f}" if init is not None and best is not None else ""
     _say(
-        f"adapted with {args.discrepancy} for {completed} iterations in {elapsed:.1f} s; best "
-        f"iteration {best_iter} ({crit}); saved {out}"
+        f"adapted with {args.discrepancy} for {completed - start_step} iterations in "
+        f"{elapsed:.1f} s ({completed} of {cfg.steps} in all); best iteration {best_iter} "
+        f"({crit}); saved {out}"
     )
+    if saved_state:
+        _say(f"  adaptation state: {state_path} (continue with --resume and a larger --steps)")
     if sync is not None:
         _say(f"  {ctx.world_size} processes ended with identical weights: {sync == 0.0}")
     if evaluation:

@@ -134,3 +134,82 @@ def test_source_training_lowers_the_loss(tiny_model):
         r.losses["loss"] for r in train_steps(tiny_model, config=cfg, data_config=CFG, device="cpu")
     ]
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
+
+
+def test_resume_from_a_saved_state_is_bit_identical_to_an_uninterrupted_run(
+    tmp_path, tiny_model, target
+):
+    from napari_discreg.core.checkpoint import load_adaptation_state, save_adaptation_state
+    from napari_discreg.core.train import AdaptState
+
+    cfg = AdaptConfig(batch_size=2, select_every=2, generator_updates=2, lr=1e-3, keep_best=True)
+    whole = clone_model(tiny_model)
+    ref = run(whole, target, discrepancy="swd", steps=5, config=cfg)
+
+    first, state = clone_model(tiny_model), AdaptState()
+    gen = nd.adapt_steps(
+        first, *target, discrepancy="swd", steps=5, config=cfg, data_config=CFG, state=state
+    )
+    for record in gen:
+        if record.iteration == 3:
+            break
+    gen.close()  # the model now holds the best weights, the state the current ones
+    assert state.step == 3 and state.weights is not None
+    path = save_adaptation_state(tmp_path / "a.state.safetensors", first, state, {}, running=False)
+
+    resumed, loaded, _ = load_adaptation_state(path, cfg.lr, device="cpu")
+    assert _same(resumed.state_dict(), state.weights)
+    assert _same(loaded.best_weights, state.best_weights)
+    assert (loaded.best_iteration, loaded.best_score) == (state.best_iteration, state.best_score)
+    rest = run(resumed, target, discrepancy="swd", steps=5, config=cfg, state=loaded)
+    assert rest[0].iteration == 3 and [r.iteration for r in rest[1:]] == [4, 5]
+    assert [r.losses for r in rest[1:]] == [r.losses for r in ref[4:]]
+    assert rest[-1].best_iteration == ref[-1].best_iteration
+    assert _same(resumed.state_dict(), whole.state_dict())
+
+
+def test_a_state_saved_while_running_holds_the_current_weights(tmp_path, tiny_model, target):
+    from napari_discreg.core.checkpoint import load_adaptation_state, save_adaptation_state
+    from napari_discreg.core.train import AdaptState
+
+    state = AdaptState()
+    gen = nd.adapt_steps(
+        tiny_model, *target, steps=4, config=FAST, data_config=CFG, device="cpu", state=state
+    )
+    next(gen), next(gen), next(gen)  # iterations 0, 1, 2
+    current = _state(tiny_model)
+    path = save_adaptation_state(tmp_path / "s.safetensors", tiny_model, state, {}, running=True)
+    gen.close()
+    model, loaded, _ = load_adaptation_state(path, FAST.lr, device="cpu")
+    assert loaded.step == 2 and _same(model.state_dict(), current)
+
+
+def test_a_failed_iteration_leaves_nothing_to_resume_from(tmp_path, tiny_model, target):
+    from napari_discreg.core.checkpoint import save_adaptation_state
+    from napari_discreg.core.train import AdaptState
+
+    state = AdaptState()
+    gen = nd.adapt_steps(
+        tiny_model, *target, steps=5, config=FAST, data_config=CFG, device="cpu", state=state
+    )
+    next(gen)
+    with torch.no_grad():
+        tiny_model.F1.net[0].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError):
+        list(gen)
+    assert state.weights is None
+    with pytest.raises(ValueError, match="half-updated"):
+        save_adaptation_state(tmp_path / "x.safetensors", tiny_model, state, {}, running=False)
+
+
+def test_resume_errors_are_clear(tmp_path, tiny_model, target):
+    from napari_discreg.core.checkpoint import load_adaptation_state, save_checkpoint
+    from napari_discreg.core.train import AdaptState
+
+    plain = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="no adaptation run"):
+        load_adaptation_state(plain, 1e-3)
+    with pytest.raises(ValueError, match="needs its best weights"):
+        run(tiny_model, target, steps=4, state=AdaptState(step=2))
+    with pytest.raises(ValueError, match="cannot continue"):
+        run(tiny_model, target, steps=4, state=AdaptState(step=6))

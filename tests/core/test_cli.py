@@ -240,6 +240,56 @@ def test_adapt_ctrl_c_saves_the_best_weights(tmp_path, tiny_model, capsys, monke
     assert "interrupted after 1 of 50 iterations" in capsys.readouterr().out
 
 
+def test_adapt_checkpoints_and_resumes(tmp_path, tiny_model, capsys, monkeypatch):
+    out = tmp_path / "a.safetensors"
+    state = tmp_path / "a.state.safetensors"
+    argv = ["adapt", "-o", out, "--model", tiny_model, "--demo-target", 2, "--size", SIZE]
+    argv += ["--batch-size", 2, "--checkpoint-every", 2]
+
+    # Ctrl-C between iterations 3 and 4: the state holds the complete iteration 3
+    import napari_discreg.cli as cli_mod
+
+    real_progress = cli_mod._progress
+
+    def progress(*args, **kwargs):
+        bar = real_progress(*args, **kwargs)
+        update = bar.update
+
+        def stop_at_3(n=1):
+            update(n)
+            if bar.n == 3:
+                raise KeyboardInterrupt
+
+        bar.update = stop_at_3
+        return bar
+
+    monkeypatch.setattr(cli_mod, "_progress", progress)
+    assert run(*argv, "--steps", 6) == 130
+    assert f"adapt --resume {state}" in capsys.readouterr().out
+    monkeypatch.setattr(cli_mod, "_progress", real_progress)
+    saved = checkpoint_info(state)
+    assert saved["adaptation_state"]["step"] == 3 and saved["adaptation_run"]["steps"] == 6
+
+    # a contradicting option is refused, a matching one is fine
+    assert run("adapt", "-o", out, "--resume", state, "--discrepancy", "l1") == 2
+    assert "--discrepancy differs" in _error(capsys)
+    assert run("adapt", "-o", out, "--resume", state, "--size", SIZE) == 0
+    meta = checkpoint_info(out)["adaptation"]
+    assert meta["completed_steps"] == 6 and meta["steps"] == 6
+    assert meta["resumed_from"] == str(state) and meta["base_model"] == str(tiny_model)
+    assert "resuming" in capsys.readouterr().out
+    assert checkpoint_info(state)["adaptation_state"]["step"] == 6
+
+    # extend the finished run by two iterations
+    assert run("adapt", "-o", out, "--resume", state, "--steps", 8) == 0
+    assert checkpoint_info(out)["adaptation"]["completed_steps"] == 8
+    capsys.readouterr()
+    assert run("adapt", "-o", out, "--resume", state, "--steps", 4) == 2
+    assert "at iteration 8" in _error(capsys)
+    assert run("adapt", "-o", out, "--resume", tiny_model) == 2
+    assert "holds no adaptation run" in _error(capsys)
+
+
 def test_adapt_reads_folders_and_stacks(tmp_path, tiny_model, pair_files):
     fixed, moving = (io.read_image(p) for p in pair_files)
     (tmp_path / "fixed").mkdir()

@@ -8,8 +8,8 @@ A *training state* (:func:`save_training_state`) is a model checkpoint plus what
 run needs to continue: the optimisers' tensors (Adam moments, step counts) stored
 as more safetensors tensors under names starting with ``OPTIMIZER_PREFIX``, their
 non-tensor parts (hyper-parameters, param-group layout) and the step as JSON in the
-metadata. :func:`load_model` ignores the optimiser tensors, so a training state is
-also a usable model.
+metadata, and any other named tensors the run needs under ``STATE_PREFIX``.
+:func:`load_model` ignores both, so a training state is also a usable model.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ DEFAULT_WEIGHTS = "discreg_t1_t2_pd.safetensors"
 OPTIMIZER_PREFIX = "__optimizer__/"
 """Tensor names of a training state's optimiser tensors start with this (never a
 model parameter name)."""
+STATE_PREFIX = "__state__/"
+"""Names of a training state's other tensors (e.g. the best weights of an adaptation)."""
 
 
 def default_weights_path() -> Path:
@@ -133,8 +135,10 @@ def load_model(path: str | os.PathLike | None = None, device=None) -> DiscreteRe
 def _build_model(
     config: ModelConfig, tensors: dict[str, torch.Tensor], p: Path
 ) -> DiscreteRegistrationNet:
-    """A new model with ``tensors`` (optimiser tensors of a training state ignored)."""
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    """A new model with ``tensors`` (the run's tensors of a training state ignored)."""
+    tensors = {
+        k: v for k, v in tensors.items() if not k.startswith((OPTIMIZER_PREFIX, STATE_PREFIX))
+    }
     model = DiscreteRegistrationNet(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -173,12 +177,15 @@ class TrainingState:
         The JSON-able ``extra`` given to :func:`save_training_state`.
     optimizers : list of str
         Names of the optimisers whose state was loaded.
+    tensors : dict of str to torch.Tensor
+        The other tensors given to :func:`save_training_state` (CPU).
     """
 
     model: DiscreteRegistrationNet
     step: int
     extra: dict[str, Any]
     optimizers: list[str]
+    tensors: dict[str, torch.Tensor]
 
 
 def _json_value(value: Any, where: str) -> Any:
@@ -199,6 +206,9 @@ def save_training_state(
     optimizers: dict[str, torch.optim.Optimizer],
     step: int,
     extra: dict[str, Any] | None = None,
+    *,
+    tensors: dict[str, torch.Tensor] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write weights, config, optimiser states and ``step`` to one safetensors file.
 
@@ -216,6 +226,10 @@ def save_training_state(
     extra : dict, optional
         JSON-able run settings (training config, data paths...), as for
         :func:`save_checkpoint`.
+    tensors : dict of str to torch.Tensor, optional
+        More named tensors the run needs (given back by :func:`load_training_state`).
+    weights : dict of str to torch.Tensor, optional
+        Save these weights (a state dict of ``model``) instead of ``model``'s own.
 
     Returns
     -------
@@ -223,7 +237,16 @@ def save_training_state(
         ``path``. The file is also a model checkpoint for :func:`load_model`.
     """
     path = Path(path)
-    tensors = _model_tensors(model)
+    run_tensors = tensors or {}
+    if weights is not None:
+        expected = model.state_dict()
+        if set(weights) != set(expected):
+            raise ValueError("weights must be a state dict of the model")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    else:
+        tensors = _model_tensors(model)
+    for name, value in run_tensors.items():
+        tensors[STATE_PREFIX + name] = value.detach().cpu().contiguous()
     layout: dict[str, Any] = {}
     for name, opt in optimizers.items():
         if "/" in name or not name:
@@ -344,4 +367,92 @@ def load_training_state(
                 f"{p}: the saved state of optimiser {name!r} does not fit the one given ({exc})"
             ) from exc
         restored.append(name)
-    return TrainingState(model=model, step=step, extra=extra, optimizers=restored)
+    run_tensors = {
+        k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)
+    }
+    return TrainingState(
+        model=model, step=step, extra=extra, optimizers=restored, tensors=run_tensors
+    )
+
+
+# -------------------------------------------------------------- adaptation states
+
+BEST = "best/"
+TORCH_RNG = "torch_rng"
+
+
+def save_adaptation_state(
+    path: str | os.PathLike,
+    model: DiscreteRegistrationNet,
+    state,
+    extra: dict[str, Any],
+    *,
+    running: bool,
+) -> Path:
+    """Write an :class:`~napari_discreg.core.train.AdaptState` to ``path``.
+
+    ``running``: the run is between two records (the model holds the current
+    weights); otherwise it has ended and ``state.weights`` holds them. ``extra``
+    must hold everything the run needs to continue (its settings); the step, best
+    iteration and score are added under ``"adaptation_state"``.
+    """
+    weights = None if running else state.weights
+    if not running and weights is None:
+        raise ValueError(
+            "the adaptation stopped inside an iteration; its weights are half-updated and "
+            "cannot be resumed from (an earlier saved state can)"
+        )
+    extra = {
+        **extra,
+        "adaptation_state": {
+            "step": state.step,
+            "best_iteration": state.best_iteration,
+            "best_score": state.best_score,
+            "rng_state": state.rng_state,
+        },
+    }
+    run = {BEST + k: v for k, v in (state.best_weights or {}).items()}
+    if state.torch_rng_state is not None:
+        run[TORCH_RNG] = state.torch_rng_state
+    return save_training_state(
+        path, model, state.optimizers, state.step, extra, tensors=run, weights=weights
+    )
+
+
+def load_adaptation_state(path: str | os.PathLike, lr: float, device=None):
+    """(model with the current weights, AdaptState, extra) from :func:`save_adaptation_state`.
+
+    Raises
+    ------
+    ValueError
+        Not an adaptation state (e.g. a model or a source-training state) or a corrupt one.
+    """
+    from .train import AdaptState, adaptation_optimizers
+
+    p = Path(path)
+    config, _, extra = read_checkpoint(p)
+    info = extra.get("adaptation_state")
+    if not isinstance(info, dict):
+        raise ValueError(
+            f"{p} holds no adaptation run to resume; give the *.state.safetensors file that "
+            "`napari-discreg adapt --checkpoint-every N` writes"
+        )
+    model = DiscreteRegistrationNet(config).to(resolve_device(device))
+    optimizers = adaptation_optimizers(model, lr)
+    loaded = load_training_state(p, model, optimizers)
+    best = {k[len(BEST) :]: v for k, v in loaded.tensors.items() if k.startswith(BEST)}
+    if set(best) != set(model.state_dict()):
+        raise ValueError(f"{p}: the best weights of the adaptation state are missing or corrupt")
+    try:
+        state = AdaptState(
+            step=int(info["step"]),
+            best_iteration=int(info["best_iteration"]),
+            best_score=float(info["best_score"]),
+            best_weights={k: v.to(next(model.parameters()).device) for k, v in best.items()},
+            optimizers=optimizers,
+            rng_state=info.get("rng_state"),
+            torch_rng_state=loaded.tensors.get(TORCH_RNG),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{p}: the adaptation state is corrupt ({exc})") from exc
+    return model, state, extra

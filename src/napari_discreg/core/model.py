@@ -145,6 +145,8 @@ class DiscreteRegistrationNet(nn.Module):
     ``config.stride`` and returns the logits of both heads, each (B, h, w, K, K).
     """
 
+    offsets: torch.Tensor  # (K*K, 2) label displacements in px, a non-persistent buffer
+
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
         self.config = config or ModelConfig()

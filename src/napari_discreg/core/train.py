@@ -182,7 +182,7 @@ def predict_field(
     logits1, logits2 = model(fixed, moving)
     probs = torch.stack([probabilities(logits1), probabilities(logits2)])
     cp = expected_displacement(probs.mean(0), model.offsets)
-    dense = upsample_field(cp, model.config.stride, tuple(fixed.shape[-2:]))
+    dense = upsample_field(cp, model.config.stride, (int(fixed.shape[-2]), int(fixed.shape[-1])))
     return dense, cp, probs
 
 
@@ -222,6 +222,44 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def adaptation_optimizers(
+    model: DiscreteRegistrationNet, lr: float
+) -> dict[str, torch.optim.Optimizer]:
+    """The two Adam optimisers of MCD: ``"generator"`` over G, ``"heads"`` over F1 and F2."""
+    heads = list(model.F1.parameters()) + list(model.F2.parameters())
+    return {
+        "generator": torch.optim.Adam(model.G.parameters(), lr=lr),
+        "heads": torch.optim.Adam(heads, lr=lr),
+    }
+
+
+@dataclass
+class AdaptState:
+    """Where an adaptation stands: what :func:`adapt_steps` needs to continue it.
+
+    Pass an empty ``AdaptState()`` as ``state=`` to follow a run: :func:`adapt_steps`
+    keeps it up to date at every yielded record (completed ``step``, the best
+    weights by the criterion so far, the optimisers). Between two records the model
+    holds the current weights; once the generator has ended (finished, closed or
+    failed) it holds the best ones and ``weights`` the current ones of the last
+    complete iteration (``None`` if it failed inside an iteration: the weights and
+    optimisers are then half-updated and not worth resuming). ``rng_state`` and
+    ``torch_rng_state`` are the random streams (batches, SWD directions) after the
+    last complete iteration. Pass a state with ``step > 0`` (e.g. from
+    :func:`~napari_discreg.core.checkpoint.load_adaptation_state`) to continue that
+    run: the model must then hold the state's current weights.
+    """
+
+    step: int = 0
+    best_iteration: int = 0
+    best_score: float | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] | None = None
+    rng_state: dict | None = None
+    torch_rng_state: torch.Tensor | None = None
+
+
 def adapt_steps(
     model: DiscreteRegistrationNet,
     fixed,
@@ -236,6 +274,7 @@ def adapt_steps(
     source: Iterator[Batch] | None = None,
     device=None,
     selection_pairs: int = 16,
+    state: AdaptState | None = None,
 ) -> Iterator[StepRecord]:
     """Adapt ``model`` to unlabelled target pairs by maximum classifier discrepancy.
 
@@ -252,12 +291,19 @@ def adapt_steps(
         Override the corresponding fields of ``config``.
     source : iterator of batches, optional
         Labelled source batches; default: built-in mono-modal template pairs.
+    state : AdaptState, optional
+        Kept up to date as the run goes (to save it and resume later); one with
+        ``step > 0`` continues that run up to ``steps`` iterations in all: same
+        weights, optimiser moments, best-so-far and random streams, so with the
+        built-in source (or a ``source`` that continues where it stopped) the resumed
+        run is bit-identical on CPU to one that was never interrupted.
 
     Yields
     ------
     StepRecord
-        One per MCD iteration (steps A, B and C). Closing the generator stops
-        adaptation after a complete iteration.
+        A first record at the starting iteration (0, or ``state.step``) with the
+        initial criterion, then one per MCD iteration (steps A, B and C). Closing the
+        generator stops adaptation after a complete iteration.
 
     Notes
     -----
@@ -281,8 +327,16 @@ def adapt_steps(
     model.to(dev)
     mcfg = model.config
     tf, tm, tmask = prepare_target(fixed, moving, mcfg.stride, dev)
+    state = state if state is not None else AdaptState()
+    start = state.step
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    if start and state.rng_state is not None and state.torch_rng_state is not None:
+        rng.bit_generator.state = state.rng_state  # continue the same streams
+        gen.set_state(state.torch_rng_state)
+    elif start:  # no saved streams: fresh ones for the resumed part
+        rng = np.random.default_rng([cfg.seed, start])
+        gen = torch.Generator().manual_seed(cfg.seed + 7919 * start)
     if source is None:
         source = source_batches(
             data_config or DataConfig(), cfg.batch_size, ("t1", "t2", "pd"), rng, dev
@@ -294,18 +348,39 @@ def adapt_steps(
         options = {"diagonals": cfg.pemd_diagonals}
     dfun: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = discrepancy_fn(kind, **options)
 
-    heads = list(model.F1.parameters()) + list(model.F2.parameters())
-    opt_g = torch.optim.Adam(model.G.parameters(), lr=cfg.lr)
-    opt_f = torch.optim.Adam(heads, lr=cfg.lr)
+    if start < 0 or start > cfg.steps:
+        raise ValueError(f"cannot continue a run after step {start} of {cfg.steps}")
+    if start and (state.best_weights is None or state.best_score is None):
+        raise ValueError("a state with step > 0 needs its best weights and best score")
+    if not state.optimizers:
+        state.optimizers = adaptation_optimizers(model, cfg.lr)
+    opt_g, opt_f = state.optimizers["generator"], state.optimizers["heads"]
+    heads = [p for group in opt_f.param_groups for p in group["params"]]
     sel = torch.from_numpy(
         np.random.default_rng(cfg.seed).permutation(tf.shape[0])[:selection_pairs]
     )
     sel_f, sel_m, sel_mask = tf[sel], tm[sel], tmask[sel]
 
-    best_state = _snapshot(model)
-    best_score = selection_criterion(model, sel_f, sel_m, sel_mask)
-    best_iter = 0
-    yield StepRecord(0, cfg.steps, {}, None, best_score, best_iter)
+    best_state: dict[str, torch.Tensor]
+    first_score: float | None = None
+    if start:
+        assert state.best_weights is not None and state.best_score is not None
+        best_state = state.best_weights
+        best_score, best_iter = float(state.best_score), state.best_iteration
+    else:
+        best_state = _snapshot(model)
+        best_score = first_score = selection_criterion(model, sel_f, sel_m, sel_mask)
+        best_iter = 0
+    state.weights = None
+
+    def keep(it: int, score: float, weights: dict[str, torch.Tensor]) -> None:
+        nonlocal best_state, best_score, best_iter
+        best_state, best_score, best_iter = weights, score, it
+        state.best_weights, state.best_score, state.best_iteration = weights, score, it
+
+    keep(best_iter, best_score, best_state)
+    state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
+    yield StepRecord(start, cfg.steps, {}, None, first_score, best_iter)
 
     def target_batch():
         idx = torch.from_numpy(rng.integers(0, tf.shape[0], size=cfg.batch_size))
@@ -326,10 +401,11 @@ def adapt_steps(
         fg = F.max_pool2d(mask, mcfg.stride)[:, 0] > 0
         return d(p1[fg], p2[fg])  # (N, K, K) histograms of foreground control points
 
-    completed = 0
+    completed, busy = start, False
     try:
         model.train()
-        for it in range(1, cfg.steps + 1):
+        for it in range(start + 1, cfg.steps + 1):
+            busy = True
             src = next(source)
             t_fixed, t_moving, t_mask = target_batch()
             dcur = iteration_discrepancy()
@@ -354,10 +430,11 @@ def adapt_steps(
             for p in heads:
                 p.requires_grad_(False)
             try:
-                d_c_first = None
-                for _ in range(cfg.generator_updates):
+                d_c_first = float("nan")
+                for n_update in range(cfg.generator_updates):
                     d_c = target_discrepancy(model.cost_volume(t_fixed, t_moving), t_mask, dcur)
-                    d_c_first = float(d_c.detach()) if d_c_first is None else d_c_first
+                    if n_update == 0:
+                        d_c_first = float(d_c.detach())
                     loss_c = cfg.discrepancy_weight * d_c
                     if cfg.source_weight_c > 0:
                         ce_c, _ = source_cross_entropy(model, src)
@@ -380,21 +457,27 @@ def adapt_steps(
                     f"adaptation diverged at iteration {it} (non-finite loss); the best weights "
                     f"(iteration {best_iter}) were restored: lower the learning rate"
                 )
-            completed = it
             score = None
             if it % cfg.select_every == 0 or it == cfg.steps:
                 score = selection_criterion(model, sel_f, sel_m, sel_mask)
                 if score > best_score or not cfg.keep_best:
-                    best_score, best_iter, best_state = score, it, _snapshot(model)
+                    keep(it, score, _snapshot(model))
+            completed = state.step = it
+            state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
+            busy = False
             yield StepRecord(it, cfg.steps, values, float(d_c.detach()), score, best_iter)
     except GeneratorExit:
         # stopped by the consumer after a complete iteration: consider it as a candidate
-        if completed and completed != best_iter:
+        if completed > start and completed != best_iter:
             score = selection_criterion(model, sel_f, sel_m, sel_mask)
             if score > best_score or not cfg.keep_best:
-                best_state = _snapshot(model)
+                keep(completed, score, _snapshot(model))
         raise
     finally:
+        # the weights (and optimiser moments) of the last complete iteration, to resume
+        # from: after an exception inside an iteration they are half-updated, so then
+        # the state keeps no current weights (resume from an earlier saved state)
+        state.weights = None if busy else _snapshot(model)
         model.load_state_dict(best_state)
         model.eval()
 
