@@ -36,6 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--discrepancies", nargs="+", default=None, choices=("l1", "swd", "pemd"))
     p.add_argument("--no-peers", action="store_true", help="skip elastix and SimpleITK")
     p.add_argument("--no-oracle", action="store_true")
+    p.add_argument("--no-refine", action="store_true", help="skip the refinement rows")
     p.set_defaults(func=run)
     return p
 
@@ -56,6 +57,8 @@ def settings_from_args(args) -> BenchmarkSettings:
         s = replace(s, peers=())
     if args.no_oracle:
         s = replace(s, oracle=False)
+    if args.no_refine:
+        s = replace(s, refine=None)
     return s
 
 
@@ -78,13 +81,17 @@ def run(args) -> int:
         [
             f"## Adaptation: T1 fixed vs {s['moving_contrast'].upper()}-like moving",
             "",
-            f"Written by `napari-discreg benchmark{' --quick' if args.quick else ''}` "
-            f"(`python benchmarks/adaptation.py`). {s['n_test']} held-out test pairs (slices "
+            f"Written by `{args.command_line}` "
+            f"(or `python benchmarks/adaptation.py` with the same options). {s['n_test']} held-out test pairs (slices "
             f"{tuple(s['data_config']['test_slices'])}), adaptation on {s['n_adapt']} unlabelled target pairs from "
             f"the training slices, {s['steps']} MCD iterations per run, seeds {s['seeds']}; "
             f"mean ± std over seeds (rows that do not depend on the seed: std 0). "
             f"CPU, {s['threads']} threads, torch {s['torch']}. Time per pair: inference only for "
-            "the network rows (adaptation time is in benchmarks.json).",
+            'the network rows (adaptation time is in benchmarks.json). "+ refine": the same '
+            f"field after {s['refine_config']['steps'] if s['refine_config'] else 0} steps of "
+            "instance optimisation (MIND-SSC, diffusion regulariser; `register(refine=True)`), "
+            "its label accuracy that of the refined field's quantised control points; "
+            '"refine only": the same optimisation from a zero field, no network.',
             "",
             table,
             "",

@@ -23,7 +23,7 @@ from napari_discreg import load_model, save_model
 from napari_discreg.cli import main
 from napari_discreg.core import io
 from napari_discreg.core.checkpoint import checkpoint_info
-from napari_discreg.core.config import DataConfig, ModelConfig
+from napari_discreg.core.config import DataConfig, ModelConfig, RefineConfig
 from napari_discreg.core.data import load_template, make_pair
 from napari_discreg.core.model import DiscreteRegistrationNet
 from napari_discreg.core.train import StepRecord
@@ -89,6 +89,23 @@ def test_register_writes_all_outputs(tmp_path, tiny_model, pair_files, capsys):
     assert 1.0 <= summary["nmi"]["before"] <= 2.0 and 1.0 <= summary["nmi"]["after"] <= 2.0
     assert summary["runtime_s"] > 0
     assert "NMI" in capsys.readouterr().out
+
+
+def test_register_refine(tmp_path, tiny_model, pair_files, capsys):
+    fixed, moving = pair_files
+    base = ["register", fixed, moving, "--model", tiny_model]
+    assert run(*base, "-o", tmp_path / "plain") == 0
+    assert run(*base, "-o", tmp_path / "refined", "--refine", 7) == 0
+    assert "refined with 7 steps" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "refined" / "summary.json").read_text())
+    assert summary["refine_steps"] == 7
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert plain["refine_steps"] == 0
+    assert summary["nmi"]["after"] > plain["nmi"]["after"]  # the tiny model barely moves
+    assert run(*base, "-o", tmp_path / "default", "--refine") == 0
+    default = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert default["refine_steps"] == RefineConfig().steps
+    assert run(*base, "-o", tmp_path / "bad", "--refine", -2) == 2
 
 
 def test_register_slices_volumes(tmp_path, tiny_model, pair_files):

@@ -76,6 +76,33 @@ def test_registration_improves_mutual_information_with_shipped_model(viewer, wai
     assert epe < np.sqrt((pair.displacement**2).sum(0))[brain].mean()
 
 
+@pytest.mark.shipped_model
+def test_refinement_registers_a_t1_t2_pair_that_the_unadapted_model_cannot(viewer, wait_job):
+    from napari_discreg.core.config import DataConfig
+    from napari_discreg.core.data import load_template, make_pair
+
+    config = DataConfig(size=192)
+    pair = make_pair(load_template(192), 116, "t1", "t2", np.random.default_rng(0), config)
+    viewer.add_image(pair.fixed, name="fixed")
+    viewer.add_image(pair.moving, name="moving")
+    widget = RegisterWidget(viewer)
+    assert not widget.refine_steps_spin.isEnabled()
+    widget.refine_check.setChecked(True)
+    assert widget.refine_steps_spin.isEnabled()
+    widget.refine_steps_spin.setValue(40)
+    wait_job(widget.run())
+    assert "refined (40 steps)" in widget.status_label.text()
+    assert state_for(viewer).run.results[None].refine_steps == 40
+    brain = pair.fixed_labels > 0
+    warped = viewer.layers["moving warped"].data
+    before = normalised_mutual_information(pair.fixed, pair.moving, mask=brain)
+    after = normalised_mutual_information(pair.fixed, warped, mask=brain)
+    assert after > before
+    field = state_for(viewer).run.fields[None]
+    epe = np.sqrt(((field - pair.displacement) ** 2).sum(0))[brain].mean()
+    assert epe < 0.5 * np.sqrt((pair.displacement**2).sum(0))[brain].mean()
+
+
 def test_open_image_files_as_layers(viewer, tmp_path, small_pair, notes):
     import nibabel as nib
     import tifffile

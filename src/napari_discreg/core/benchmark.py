@@ -10,7 +10,9 @@ Protocol
   slice range, the same for every row.
 * Rows: identity, source-only, MCD with each discrepancy (one run per seed), a
   target-supervised oracle (the source model fine-tuned with the target labels for
-  the same number of iterations), and classical peers (elastix, SimpleITK).
+  the same number of iterations), and classical peers (elastix, SimpleITK). With
+  ``refine``: the instance-optimisation refinement alone (from a zero field), and
+  after the source-only and the ``refine_rows`` MCD models ("... + refine").
 * Mean +- std over seeds of the per-seed mean over test pairs; rows that do not depend
   on the seed are run once and have std 0 across seeds.
 """
@@ -28,6 +30,7 @@ from . import data as data_mod
 from .checkpoint import load_model
 from .config import AdaptConfig, DataConfig, TrainConfig
 from .evaluate import METRICS, evaluate_model, identity_metrics, pair_metrics, summarise
+from .refine import RefineConfig
 from .train import StepRecord, adapt_steps, train_steps
 
 ROW_NAMES = {"l1": "L1", "swd": "SWD", "pemd": "pEMD"}
@@ -46,6 +49,8 @@ class BenchmarkSettings:
     peers: tuple[str, ...] = ("elastix", "simpleitk")
     peer_options: dict = field(default_factory=dict)
     oracle: bool = True
+    refine: RefineConfig | None = field(default_factory=RefineConfig)
+    refine_rows: tuple[str, ...] = ("pemd",)
     model_path: str | None = None
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -59,6 +64,7 @@ class BenchmarkSettings:
             steps=2,
             peer_options={"elastix": {"iterations": 20}, "simpleitk": {"iterations": 10}},
             adapt=AdaptConfig(batch_size=2, select_every=1),
+            refine=RefineConfig(steps=2),
         )
 
 
@@ -122,6 +128,20 @@ def run_benchmark(
     add("identity", identity_metrics(test, mc.stride, mc.num_labels, mc.capture_range))
     say("source-only")
     add("source-only", evaluate_model(base, test))
+    if settings.refine is not None:
+        say("refinement")
+        add(
+            "refine only (from zero)",
+            evaluate_model(
+                None,
+                test,
+                refine=settings.refine,
+                stride=mc.stride,
+                k=mc.num_labels,
+                q=mc.capture_range,
+            ),
+        )
+        add("source-only + refine", evaluate_model(base, test, refine=settings.refine))
 
     for seed in settings.seeds:
         for kind in settings.discrepancies:
@@ -157,6 +177,8 @@ def run_benchmark(
             add(name, per_pair)
             rows[name].setdefault("adapt_seconds", []).append(seconds)
             rows[name].setdefault("best_iteration", []).append(float(rec.best_iteration or 0))
+            if settings.refine is not None and kind in settings.refine_rows:
+                add(f"{name} + refine", evaluate_model(model, test, refine=settings.refine))
         if settings.oracle:
             say(f"oracle seed {seed}")
             model = load_model(settings.model_path, device="cpu")
@@ -199,6 +221,7 @@ def run_benchmark(
             "steps": settings.steps,
             "moving_contrast": settings.moving_contrast,
             "adapt_config": settings.adapt.to_dict(),
+            "refine_config": settings.refine.to_dict() if settings.refine else None,
             "data_config": cfg.to_dict(),
             "model_config": mc.to_dict(),
             "torch": torch.__version__,

@@ -208,6 +208,49 @@ class FolderConfig:
         return _from_dict(cls, data)
 
 
+@dataclass(frozen=True)
+class RefineConfig:
+    """Settings of :func:`~napari_discreg.core.refine.refine_field`; defaults chosen on validation pairs from the
+    training slices by ``benchmarks/tune_refine.py`` (never on the test pairs).
+
+    Attributes
+    ----------
+    steps : int
+        Adam iterations (0 disables the refinement).
+    lr : float
+        Adam learning rate, in pixels of displacement.
+    smoothness : float
+        Weight of the diffusion regulariser.
+    grid_stride : int
+        Spacing in pixels of the grid the field is optimised on.
+    radius, dilation : int
+        MIND-SSC patch radius and neighbour distance in pixels.
+    """
+
+    steps: int = 50
+    lr: float = 1.0
+    smoothness: float = 0.1
+    grid_stride: int = 2
+    radius: int = 1
+    dilation: int = 2
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.lr <= 0 or self.smoothness < 0:
+            raise ValueError("refine: steps must be >= 0, lr > 0 and smoothness >= 0")
+        if self.grid_stride < 1 or self.radius < 0 or self.dilation < 1:
+            raise ValueError("refine: grid_stride >= 1, radius >= 0 and dilation >= 1 needed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 DEFAULT_MODEL = ModelConfig()
 DEFAULT_DATA = DataConfig()
-__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "AdaptConfig", "FolderConfig"]
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "AdaptConfig",
+    "FolderConfig",
+    "RefineConfig",
+]

@@ -14,6 +14,7 @@ from .labels import argmax_label, quantise
 from .metrics import dice, end_point_error, folding_fraction
 from .model import DiscreteRegistrationNet
 from .preprocess import network_input, pad_to_multiple
+from .refine import RefineConfig, refine_field
 from .train import predict_field
 from .warp import control_point_field, warp_numpy
 
@@ -53,22 +54,47 @@ def control_point_accuracy(
     return float((labels == cp_true)[fg].mean()) if fg.any() else float("nan")
 
 
-def evaluate_model(model: DiscreteRegistrationNet, pairs: Sequence[Pair]) -> dict[str, list[float]]:
-    """Per-pair metrics of ``model`` on ``pairs`` (images normalised like :func:`register`)."""
-    cfg = model.config
-    dev = next(model.parameters()).device
-    model.eval()
+def evaluate_model(
+    model: DiscreteRegistrationNet | None,
+    pairs: Sequence[Pair],
+    *,
+    refine: RefineConfig | None = None,
+    stride: int = 4,
+    k: int = 15,
+    q: float = 7.0,
+) -> dict[str, list[float]]:
+    """Per-pair metrics of ``model`` on ``pairs`` (images normalised like :func:`register`).
+
+    With ``refine``, the network's field is refined as ``register(refine=...)`` does,
+    and the label accuracy is that of the refined field's quantised control points.
+    ``model=None`` with ``refine``: refinement alone, from a zero field (``stride``,
+    ``k`` and ``q`` then define the control points and labels of the accuracy).
+    """
+    refining = refine is not None and refine.steps > 0
+    if model is None and not refining:
+        raise ValueError("evaluate_model needs a model, a refinement or both")
+    dev = torch.device("cpu")
+    if model is not None:
+        stride, k, q = model.config.stride, model.config.num_labels, model.config.capture_range
+        dev = next(model.parameters()).device
+        model.eval()
     results: dict[str, list[float]] = {m: [] for m in METRICS}
     for pair in pairs:
         h, w = pair.fixed.shape
         t0 = time.perf_counter()
-        f = network_input(pair.fixed, cfg.stride, dev)
-        m = network_input(pair.moving, cfg.stride, dev)
-        dense, _, probs = predict_field(model, f, m)
+        f = network_input(pair.fixed, stride, dev)
+        m = network_input(pair.moving, stride, dev)
+        dense = None
+        if model is not None:
+            dense, _, probs = predict_field(model, f, m)
+            labels = argmax_label(probs.mean(0))
+        if refining:
+            dense = refine_field(f, m, dense, refine)
+            labels = quantise(control_point_field(dense, stride), k, q)
+        assert dense is not None
         disp = dense[0, :, :h, :w].cpu().numpy()
-        labels = argmax_label(probs.mean(0))[0].cpu().numpy()
         seconds = time.perf_counter() - t0
-        vals = pair_metrics(pair, disp, labels, cfg.stride, cfg.num_labels, cfg.capture_range)
+        vals = pair_metrics(pair, disp, labels[0].cpu().numpy(), stride, k, q)
         vals["seconds"] = seconds
         for key in METRICS:
             results[key].append(vals.get(key, float("nan")))

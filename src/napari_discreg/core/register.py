@@ -11,6 +11,7 @@ from .discrepancy import projected_emd
 from .labels import argmax_label
 from .model import DiscreteRegistrationNet, resolve_device
 from .preprocess import check_pair, min_image_size, network_input
+from .refine import RefineConfig, refine_field
 from .train import predict_field
 from .warp import warp
 
@@ -43,6 +44,10 @@ class RegistrationResult:
     stride : int
         Control-point spacing; control point ``(i, j)`` is at pixel
         ``((i + 0.5) * stride - 0.5, (j + 0.5) * stride - 0.5)``.
+    refine_steps : int
+        Instance-optimisation steps applied to ``displacement`` after the network
+        (0: the network's field as it is). ``probabilities``, ``discrepancy`` and
+        ``labels`` are always the network's.
     """
 
     displacement: np.ndarray
@@ -52,6 +57,7 @@ class RegistrationResult:
     discrepancy: np.ndarray
     labels: np.ndarray
     stride: int
+    refine_steps: int = 0
 
     def control_point(self, row: float, col: float) -> tuple[int, int]:
         """Index ``(i, j)`` of the control point whose block holds pixel ``(row, col)``."""
@@ -84,6 +90,7 @@ def register(
     *,
     model: DiscreteRegistrationNet | None = None,
     device=None,
+    refine: bool | int | RefineConfig = False,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (2D images of the same shape).
 
@@ -98,6 +105,11 @@ def register(
     device : str or torch.device, optional
         ``None`` picks CUDA when available, else CPU. Defaults to the model's device
         when a model is given.
+    refine : bool, int or RefineConfig
+        After the network, optimise this pair's field directly (MIND-SSC similarity,
+        diffusion regulariser; :func:`~napari_discreg.core.refine.refine_field`):
+        ``True`` with the default :class:`~napari_discreg.core.refine.RefineConfig`,
+        an int for that many steps, or a config. Default ``False``.
 
     Returns
     -------
@@ -115,6 +127,7 @@ def register(
     else:
         dev = resolve_device(device) if device is not None else next(model.parameters()).device
         model = model.to(dev)
+    rcfg = _refine_config(refine)
     cfg = model.config
     f, m = check_pair(
         fixed, moving, min_size=min_image_size(cfg.num_labels, cfg.capture_range, cfg.stride)
@@ -127,6 +140,9 @@ def register(
     try:
         with torch.no_grad():
             dense, _, probs = predict_field(model, ft, mt)
+        if rcfg.steps:
+            dense = refine_field(ft, mt, dense, rcfg)
+        with torch.no_grad():
             dense = dense[..., :h, :w]
             moving_raw = torch.from_numpy(m)[None, None].to(dev)
             warped = warp(moving_raw, dense)[0, 0]
@@ -143,4 +159,17 @@ def register(
         discrepancy=disc.cpu().numpy().astype(np.float32),
         labels=labels.cpu().numpy(),
         stride=cfg.stride,
+        refine_steps=rcfg.steps,
     )
+
+
+def _refine_config(refine: bool | int | RefineConfig) -> RefineConfig:
+    if isinstance(refine, RefineConfig):
+        return refine
+    if isinstance(refine, bool):
+        return RefineConfig() if refine else RefineConfig(steps=0)
+    if isinstance(refine, int):
+        if refine < 0:
+            raise ValueError(f"refine must be >= 0 steps, got {refine}")
+        return RefineConfig(steps=refine)
+    raise TypeError(f"refine must be a bool, an int or a RefineConfig, got {type(refine).__name__}")
