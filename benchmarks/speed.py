@@ -1,4 +1,5 @@
-"""Speed: register (warm) vs elastix vs SimpleITK on the same pairs, plus adaptation time.
+"""Speed: register (warm, with and without refinement) vs elastix vs SimpleITK on the
+same pairs, plus adaptation time and a profile of one adaptation iteration.
 
     python benchmarks/speed.py [--pairs 10] [--adapt-steps 100] [--sizes 192 256]
 
@@ -23,7 +24,7 @@ import torch
 import napari_discreg as nd
 from napari_discreg.core import data, peers
 from napari_discreg.core.benchmark import update_section
-from napari_discreg.core.config import AdaptConfig, DataConfig
+from napari_discreg.core.config import AdaptConfig, DataConfig, RefineConfig
 from napari_discreg.core.metrics import end_point_error
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -33,14 +34,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def time_register(model, pairs, device) -> tuple[list[float], list[float]]:
-    nd.register(pairs[0].fixed, pairs[0].moving, model=model, device=device)  # warm-up
+def time_register(model, pairs, device, refine=0) -> tuple[list[float], list[float]]:
+    nd.register(pairs[0].fixed, pairs[0].moving, model=model, device=device, refine=refine)
     times, epes = [], []
     for p in pairs:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = nd.register(p.fixed, p.moving, model=model, device=device)
+        res = nd.register(p.fixed, p.moving, model=model, device=device, refine=refine)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -58,6 +59,20 @@ def time_peer(fn, pairs) -> tuple[list[float], list[float]]:
     return times, epes
 
 
+def profile_adaptation(model_path, fixed, moving, device, iterations: int = 3) -> str:
+    """torch.profiler table (self CPU time) of ``iterations`` MCD iterations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = nd.load_model(model_path, device=device)
+    cfg = AdaptConfig(select_every=10_000)  # the criterion's own cost is not profiled here
+    gen = nd.adapt_steps(m, fixed, moving, steps=iterations + 1, config=cfg, device=device)
+    next(gen), next(gen)  # initial record and one warm-up iteration
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in gen:
+            pass
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -65,6 +80,12 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--sizes", type=int, nargs="+", default=[192, 256])
     ap.add_argument("--adapt-steps", type=int, default=100)
+    ap.add_argument(
+        "--fast-refine-steps",
+        type=int,
+        default=20,
+        help="steps of the second, faster refinement variant (default 20)",
+    )
     ap.add_argument("--model", default=None, help="checkpoint to time (default: shipped model)")
     ap.add_argument("--out-dir", type=Path, default=DOCS)
     args = ap.parse_args(argv)
@@ -87,8 +108,11 @@ def main(argv=None) -> int:
             )
         )
         entry = {"size": size, "identity_epe": ident}
+        fast = RefineConfig(steps=args.fast_refine_steps)
         for name, (times, epes) in {
             "register": time_register(model, pairs, device),
+            "register_refine": time_register(model, pairs, device, refine=RefineConfig()),
+            "register_refine_fast": time_register(model, pairs, device, refine=fast),
             "elastix": time_peer(peers.elastix_register, pairs),
             "simpleitk": time_peer(peers.simpleitk_register, pairs),
         }.items():
@@ -122,6 +146,7 @@ def main(argv=None) -> int:
             "target_size": size,
             "seconds": time.perf_counter() - t0,
         }
+        adapt["profile"] = profile_adaptation(args.model, fixed, moving, device)
         print(adapt)
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {device}"
@@ -133,22 +158,45 @@ def main(argv=None) -> int:
         f"Written by `python benchmarks/speed.py --pairs {args.pairs}`; {machine}. Median wall-clock "
         "seconds per pair (model loaded once, one warm-up call; inputs T1 fixed vs T2-like moving from "
         "held-out slices; fields scaled with the image size), mean EPE over the brain beside it. "
-        "`register` here is the shipped source model without adaptation.",
+        f"`register` here is {'the shipped source model without adaptation' if args.model is None else args.model}; "
+        f'"+ refine": `register(refine=...)` with {RefineConfig().steps} (default) or '
+        f"{args.fast_refine_steps} instance-optimisation steps. Ratio: elastix time / variant time.",
         "",
-        "| size | identity EPE | register s | register EPE | elastix s | elastix EPE | SimpleITK s | SimpleITK EPE | elastix / register time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | variant | seconds / pair | EPE (px) | elastix time / this |",
+        "|---|---|---|---|---|",
     ]
+    labels = {
+        "register": "register (network only)",
+        "register_refine": f"register + refine ({RefineConfig().steps} steps)",
+        "register_refine_fast": f"register + refine ({args.fast_refine_steps} steps)",
+        "elastix": "elastix (MI, B-spline, 3 levels)",
+        "simpleitk": "SimpleITK (MI, B-spline)",
+    }
     for r in rows:
         lines.append(
-            f"| {r['size']}² | {r['identity_epe']:.2f} | {r['register']['seconds']:.3f} | {r['register']['epe']:.2f} | "
-            f"{r['elastix']['seconds']:.2f} | {r['elastix']['epe']:.2f} | {r['simpleitk']['seconds']:.2f} | "
-            f"{r['simpleitk']['epe']:.2f} | {r['elastix']['seconds'] / r['register']['seconds']:.0f}x |"
+            f"| {r['size']}² | identity (no registration) | 0 | {r['identity_epe']:.2f} | |"
         )
+        for key, label in labels.items():
+            ratio = r["elastix"]["seconds"] / r[key]["seconds"]
+            lines.append(
+                f"| {r['size']}² | {label} | {r[key]['seconds']:.3f} | {r[key]['epe']:.2f} | "
+                f"{ratio:.1f}x |"
+            )
     if adapt:
+        per = adapt["seconds"] / adapt["steps"]
         lines += [
             "",
-            f"Adaptation: {adapt['steps']} MCD iterations (pEMD, default settings, 8 target pairs of "
-            f"{adapt['target_size']}²) took {adapt['seconds']:.1f} s.",
+            f"Adaptation: {adapt['steps']} MCD iterations (pEMD, default settings: batch "
+            f"{AdaptConfig().batch_size}, {AdaptConfig().generator_updates} generator updates, 8 "
+            f"target pairs of {adapt['target_size']}²) took {adapt['seconds']:.1f} s, "
+            f"{per:.2f} s per iteration (so 100 iterations take about {100 * per:.0f} s here).",
+            "",
+            "Where an adaptation iteration spends its time (torch.profiler, 3 iterations, self "
+            "CPU time):",
+            "",
+            "```",
+            adapt["profile"].rstrip(),
+            "```",
         ]
     lines += ["", f"Peak resident memory of the whole run: {peak_rss_mb():.0f} MB."]
     update_section(args.out_dir / "benchmarks.md", "speed", "\n".join(lines))
