@@ -57,6 +57,22 @@ def test_refinement_recovers_a_multimodal_deformation_from_zero(pair):
     assert epe < 0.5 * identity, (epe, identity)
 
 
+def test_a_start_worse_than_no_motion_is_replaced_by_the_zero_field(pair):
+    f, m = _tensor(pair.fixed), _tensor(pair.moving)
+    cfg = RefineConfig(steps=5)
+    wrong = torch.zeros(1, 2, *pair.fixed.shape)
+    wrong[:, 0] = 6.0  # far off everywhere
+    torch.testing.assert_close(refine_field(f, m, wrong, cfg), refine_field(f, m, None, cfg))
+    # a good start is kept: starting from the truth ends nearer the truth than from zero
+    truth = torch.from_numpy(pair.displacement)[None]
+    from_truth = refine_field(f, m, truth, cfg)
+    epe = end_point_error(from_truth[0].numpy(), pair.displacement, pair.mask)
+    from_zero = end_point_error(
+        refine_field(f, m, None, cfg)[0].numpy(), pair.displacement, pair.mask
+    )
+    assert epe < from_zero
+
+
 def test_refinement_works_on_sizes_that_are_not_multiples_of_the_grid(pair):
     f, m = _tensor(pair.fixed[:-3, :-1]), _tensor(pair.moving[:-3, :-1])
     out = refine_field(f, m, None, RefineConfig(steps=3, grid_stride=4))

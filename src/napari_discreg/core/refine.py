@@ -87,7 +87,8 @@ def refine_field(
     fixed, moving : torch.Tensor
         Images on the same device, intensities normalised to about [0, 1].
     initial : torch.Tensor, optional
-        Starting field in pixels (the network's); default zero.
+        Starting field in pixels (the network's); default zero. Per pair, the zero field
+        is used instead when it matches better by the MIND distance.
     config : RefineConfig, optional
 
     Returns
@@ -114,6 +115,13 @@ def refine_field(
         with torch.no_grad():
             mind_f = mind_ssc(fixed, cfg.radius, cfg.dilation)
             mind_m = mind_ssc(moving, cfg.radius, cfg.dilation)
+            # a network that does not know these contrasts can start further from the
+            # truth than no motion at all: per pair, start from whichever of the two
+            # matches better by the same MIND distance (no labels involved)
+            cost_init = ((mind_f - warp(mind_m, initial)) ** 2).mean(dim=(1, 2, 3))
+            cost_zero = ((mind_f - mind_m) ** 2).mean(dim=(1, 2, 3))
+            use_zero = (cost_zero < cost_init).view(-1, 1, 1, 1)
+            initial = torch.where(use_zero, torch.zeros_like(initial), initial)
             # pad to a multiple of the grid so that pooling and upsampling line up
             ph, pw = (-h) % s, (-w) % s
             start = F.pad(initial.detach(), (0, pw, 0, ph), mode="replicate")
