@@ -9,6 +9,7 @@ With DISCREG_WRITE_DOCS=1 this module writes the "widgets" table of docs/robustn
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,14 @@ from napari_discreg._widgets import (
 )
 
 ROWS: list[tuple[str, str, str]] = []
+_TMP = re.compile(r"\S*/pytest-of-[^/\s]+/pytest-\d+/[^/\s]+")  # pytest's tmp_path
 RNG = np.random.default_rng(11)
 IMG = RNG.random((96, 96)).astype(np.float32)
 REGISTERED = "registered"
 
 
 def record(widget: str, case: str, outcome: str) -> None:
-    ROWS.append((widget, case, outcome.replace("|", "\\|").replace("\n", " ")))
+    ROWS.append((widget, case, _TMP.sub("<tmp>", outcome).replace("|", "\\|").replace("\n", " ")))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,7 +52,9 @@ def write_table():
             "|---|---|---|",
             *[f"| {w} | {c} | {o} |" for w, c, o in ROWS],
         ]
-        update_section(path, "widgets", "\n".join(lines))
+        # the page and its header normally exist (the core table writes them first)
+        header = "# Robustness: what happens with bad input\n"
+        update_section(path, "widgets", "\n".join(lines), header=header)
 
 
 def _last(notes, level="error") -> str | None:
@@ -104,7 +108,8 @@ def test_register_widget_bad_inputs(viewer, notes, tiny_model_path, wait_job, ca
         assert warped.data.shape == np.asarray(fixed).shape
         np.testing.assert_allclose(warped.scale, viewer.layers["fixed"].scale)
         assert np.isfinite(warped.data).all()
-        outcome = f"registered; `moving warped` {warped.data.shape}, scale {tuple(warped.scale)}"
+        scale = ", ".join(f"{v:g}" for v in warped.scale)
+        outcome = f"registered; `moving warped` {warped.data.shape}, scale ({scale})"
     else:
         assert error is not None and expected in error, (error, notes)
         assert state_for(viewer).run is None
@@ -125,9 +130,11 @@ def test_register_widget_bad_checkpoint(viewer, notes, tmp_path):
         assert not widget.load_checkpoint(path)
         assert "cannot load the model" in _last(notes)
         assert state_for(viewer).model is None
-        record("Register", case, f"error notification: {_last(notes)}; the model in use is kept")
+        message = _last(notes).replace(str(tmp_path), "<folder>")
+        record("Register", case, f"error notification: {message}; the model in use is kept")
     assert not widget.load_checkpoint(tmp_path / "missing.safetensors")
-    record("Register", "checkpoint: missing file", f"error notification: {_last(notes)}")
+    message = _last(notes).replace(str(tmp_path), "<folder>")
+    record("Register", "checkpoint: missing file", f"error notification: {message}")
 
 
 ADAPT_CASES = {

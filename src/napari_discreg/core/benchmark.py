@@ -263,20 +263,22 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update_section(path, name: str, text: str) -> None:
+BENCHMARKS_HEADER = (
+    "# Benchmarks\n\nEvery number on this page is written by a script in `benchmarks/`; "
+    "rerun it to check.\n"
+)
+
+
+def update_section(path, name: str, text: str, *, header: str = BENCHMARKS_HEADER) -> None:
     """Replace (or append) the section ``name`` of a Markdown file, delimited by
-    ``<!-- name:start -->`` / ``<!-- name:end -->`` markers, so that several benchmark
-    scripts can each own one part of ``docs/benchmarks.md``."""
+    ``<!-- name:start -->`` / ``<!-- name:end -->`` markers, so that several scripts
+    can each own one part of a page (``header`` starts a page that does not exist yet)."""
     from pathlib import Path
 
     path = Path(path)
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{text.rstrip()}\n{end}"
-    old = (
-        path.read_text()
-        if path.exists()
-        else "# Benchmarks\n\nEvery number on this page is written by a script in `benchmarks/`; rerun it to check.\n"
-    )
+    old = path.read_text() if path.exists() else header
     if start in old and end in old:
         new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
     else:
