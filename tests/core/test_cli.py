@@ -264,7 +264,7 @@ def test_adapt_checkpoints_and_resumes(tmp_path, tiny_model, capsys, monkeypatch
     argv += ["--batch-size", 2, "--checkpoint-every", 2]
 
     # Ctrl-C between iterations 3 and 4: the state holds the complete iteration 3
-    import napari_discreg.cli as cli_mod
+    import napari_discreg.cli.adapt as cli_mod
 
     real_progress = cli_mod._progress
 

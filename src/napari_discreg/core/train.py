@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,7 +120,7 @@ def train_steps(
     optimizer: torch.optim.Optimizer | None = None,
     start_step: int = 0,
     loss_fn: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]] | None = None,
-) -> Iterator[StepRecord]:
+) -> Generator[StepRecord, None, None]:
     """Supervised source training of G, F1 and F2; yields one record per step.
 
     ``batches`` defaults to mono-modal pairs of ``config.source_contrasts`` made from
@@ -275,7 +275,7 @@ def adapt_steps(
     device=None,
     selection_pairs: int = 16,
     state: AdaptState | None = None,
-) -> Iterator[StepRecord]:
+) -> Generator[StepRecord, None, None]:
     """Adapt ``model`` to unlabelled target pairs by maximum classifier discrepancy.
 
     Parameters

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .core.benchmark import (
+from ..core.benchmark import (
     BenchmarkSettings,
     format_table,
     plot_results,

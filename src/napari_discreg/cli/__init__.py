@@ -1,0 +1,111 @@
+"""The ``napari-discreg`` command line (also ``python -m napari_discreg``).
+
+Sub-commands::
+
+    napari-discreg register FIXED MOVING -o OUTDIR [--model CKPT]
+    napari-discreg train -o CKPT [--source PATH ...] [--steps N] [--size PX]
+                         [--checkpoint-every N] [--resume STATE] ...
+    napari-discreg adapt -o CKPT [--source PATH ...]
+                         (--target PATH ... [--target-moving PATH] [--unpaired]
+                          | --target-fixed PATH --target-moving PATH | --demo-target N)
+    napari-discreg demo -o OUTDIR [--size 192] [--seed 0] [--model CKPT]
+
+Conventions
+-----------
+* Errors a user causes (a missing or unreadable file, images of different shapes,
+  a bad checkpoint, an output folder that cannot be written) print
+  ``napari-discreg: error: <message>`` to stderr and exit with status 2, without a
+  traceback (``--traceback`` shows it, for bug reports).
+* Outputs are all-or-nothing: where they will go is checked before any computing,
+  every file is written to a temporary name in the output folder and the names are
+  swapped in only once everything has been written. A failed or interrupted run
+  leaves nothing behind (not even the output folder, if it created it).
+* Ctrl-C during ``train`` or ``adapt`` stops after the current iteration and saves
+  what there is (and says so); the exit status is then 130.
+* ``train`` and ``adapt`` run unchanged under ``torchrun --nproc-per-node N`` (data
+  parallel, :mod:`napari_discreg.core.distributed`): rank 0 prints, shows progress
+  and writes the files; see docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .. import __version__
+from ._common import EXIT_INTERRUPTED, EXIT_USER_ERROR, PROG
+from .adapt import _add_adapt
+from .demo import _add_demo
+from .register import _add_register
+from .train import _add_train
+
+__all__ = ["main", "build_parser"]
+
+
+# Sub-commands, in the order ``--help`` lists them. Each adder gets the sub-parsers
+# object, adds its parser and sets ``func`` (args -> exit status). The lead adds
+# ``benchmark`` here.
+def _add_benchmark(sub) -> None:
+    from .benchmark import add_parser
+
+    add_parser(sub)
+
+
+_SUBCOMMANDS: list[Callable[[Any], None]] = [
+    _add_register,
+    _add_train,
+    _add_adapt,
+    _add_demo,
+    _add_benchmark,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Learned discrete multimodal 2D registration (Heinrich & Hansen, MIDL 2020), "
+            "adapted to new contrasts by maximum classifier discrepancy."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="show the full traceback on errors (for bug reports)",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 user error, 130 Ctrl-C)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (status 2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USER_ERROR
+    args.command_line = shlex.join([PROG, *argv])
+    try:
+        return int(args.func(args))
+    except (ValueError, OSError) as exc:
+        if args.traceback:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""What the sub-commands share: exit codes, argument types, all-or-nothing outputs,
+models, progress bars and the options for the user's own image folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core import io
+
+PROG = "napari-discreg"
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _say(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def _device_arg(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value.strip().lower()):
+        raise argparse.ArgumentTypeError(f"invalid device {value!r}: use auto, cpu or cuda")
+    return value.strip().lower()
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return x
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types; non-finite floats become ``None`` (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)):
+        return _jsonable(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable_dir(folder: str | os.PathLike) -> Path:
+    """Raise :class:`OSError` unless ``folder`` exists and is writable or can be created.
+
+    Creates nothing: run it before any long computation.
+    """
+    folder = Path(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise OSError(f"the output folder {folder} exists and is not a folder")
+        probe = folder
+    else:
+        probe = _existing_ancestor(folder)
+        if not probe.is_dir():
+            raise OSError(
+                f"cannot create the output folder {folder}: {probe} is a file, not a folder"
+            )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write to {probe}: permission denied")
+    return folder
+
+
+def check_writable_file(path: str | os.PathLike) -> Path:
+    """Raise :class:`OSError` unless the file ``path`` could be (over)written."""
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(
+            f"{path} is a folder; give a file name for the output (e.g. model.safetensors)"
+        )
+    check_writable_dir(path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OSError(f"cannot overwrite {path}: permission denied")
+    return path
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, deepest first."""
+    created = []
+    p = folder.absolute()
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(created)
+        raise OSError(f"cannot create the output folder {folder} ({exc.strerror or exc})") from exc
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for d in folders:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+class Outputs:
+    """Files written together or not at all.
+
+    ``Outputs(folder)`` checks at once that ``folder`` can be written (creating
+    nothing). Inside ``with outputs:`` the folder is created, :meth:`path` hands out
+    a temporary name in it for each output, and on a clean exit all temporary files
+    are renamed onto their names; on an exception (or Ctrl-C) they are deleted, and
+    so is any folder the block created.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = check_writable_dir(folder)
+        self._staged: list[tuple[Path, Path]] = []
+        self._created: list[Path] = []
+
+    def __enter__(self) -> Outputs:
+        self._created = _make_dirs(self.folder)
+        return self
+
+    def path(self, name: str) -> Path:
+        """Where to write output ``name`` (a temporary file until the block ends)."""
+        final = self.folder / name
+        tmp = io.temporary_sibling(final)
+        self._staged.append((tmp, final))
+        return tmp
+
+    def final(self, name: str) -> Path:
+        return self.folder / name
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                for tmp, final in self._staged:
+                    os.replace(tmp, final)
+            except OSError as err:
+                self._discard()
+                raise OSError(f"cannot write the outputs in {self.folder} ({err})") from err
+            return
+        self._discard()  # and the exception propagates
+
+    def _discard(self) -> None:
+        for tmp, _ in self._staged:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        _remove_empty(self._created)
+
+
+def _load_model(path: str | None, device):
+    """(model, description) for ``--model``; the shipped model when ``path`` is None."""
+    from ..core.checkpoint import default_weights_path, load_model
+
+    if path is None:
+        shipped = default_weights_path()
+        if not shipped.is_file():
+            raise ValueError(
+                f"the pretrained model shipped with napari-discreg is missing ({shipped}); "
+                f"train one with `{PROG} train -o model.safetensors` and pass it with --model"
+            )
+        return load_model(None, device), f"{shipped} (shipped)"
+    return load_model(path, device), str(Path(path))
+
+
+def _save_model(model, path: Path, extra: dict) -> None:
+    """Save a checkpoint atomically, creating its folder; nothing is left on failure."""
+    from .. import save_model
+
+    created = _make_dirs(path.parent)
+    try:
+        save_model(model, path, extra=_jsonable(extra))
+    except BaseException:
+        tmp = path.with_name(path.name + ".tmp")  # save_checkpoint's temporary name
+        if tmp.exists():
+            tmp.unlink()
+        _remove_empty(created)
+        raise
+
+
+def _foreground(image: np.ndarray) -> np.ndarray | None:
+    """Foreground of an image (normalised intensity > 0.05), None when (nearly) empty."""
+    from ..core.data import normalise_intensity
+
+    mask = normalise_intensity(image) > 0.05
+    return mask if mask.sum() >= 16 else None
+
+
+def _progress(total: int, desc: str, *, initial: int = 0, disable: bool = False):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        initial=initial,
+        unit="it",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=disable,
+    )
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= x < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return x
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _add_folder_options(p, *, axis: bool) -> None:
+    """Options shared by ``train`` and ``adapt`` for the user's own image folders."""
+    from ..core.config import FolderConfig
+
+    f = FolderConfig()
+    g = p.add_argument_group(
+        "your own images (folders, files or lists of 2D images and 3D volumes: "
+        f"{' '.join(io.IMAGE_EXTENSIONS)})"
+    )
+    if axis:
+        g.add_argument(
+            "--axis",
+            type=int,
+            help="axis to slice 3D volumes along (default 0 for TIFF/.npy, 2 for NIfTI)",
+        )
+    g.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out files that cannot be used (each named in a warning) and go on with "
+        "the good ones; without it any bad file stops the run with a message naming it",
+    )
+    g.add_argument(
+        "--allow-mixed-shapes",
+        action="store_true",
+        help="accept files of different shapes (each is fitted into --size on its own)",
+    )
+    g.add_argument(
+        "--min-foreground",
+        type=_fraction,
+        default=f.min_foreground,
+        help="keep slices whose foreground area is at least this share of the largest "
+        f"slice's in the same file (default {f.min_foreground})",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=f.val_fraction,
+        help="share of the files held out for the evaluation at the end; 0: no evaluation "
+        f"(default {f.val_fraction})",
+    )
+    g.add_argument(
+        "--eval-pairs",
+        type=_non_negative_int,
+        default=f.eval_pairs,
+        help=f"held-out synthetic pairs in that evaluation (default {f.eval_pairs})",
+    )
+    g.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=0,
+        help="background processes that make the training pairs (default 0: none)",
+    )
+
+
+def _load_folder(paths, *, name: str, args, size: int, folder_cfg, ctx):
+    """A SliceDataset of ``paths``; bad files skipped (with a warning) under --skip-bad."""
+    from ..core.dataset import SliceDataset
+
+    ds = SliceDataset.from_paths(
+        paths,
+        size=size,
+        config=folder_cfg,
+        skip_bad=args.skip_bad,
+        allow_mixed_shapes=args.allow_mixed_shapes,
+        name=name,
+    )
+    _report_bad(ds.bad, ctx)
+    if ctx.is_main:
+        _say(ds.describe())
+    return ds
+
+
+def _report_bad(bad, ctx) -> None:
+    if ctx.is_main:
+        for b in bad:
+            print(f"{PROG}: warning: skipped {b}", file=sys.stderr)
+
+
+def _state_path(out: Path) -> Path:
+    """Where ``--checkpoint-every`` writes the training state next to ``-o OUT``."""
+    name = out.name
+    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    return out.with_name(stem + ".state.safetensors")
+
+
+def _evaluation_text(evaluation: dict | None) -> str:
+    if not evaluation:
+        return ""
+    ident, mod = evaluation["identity"], evaluation["model"]
+    return (
+        f"held-out evaluation ({evaluation['pairs']} pairs): label accuracy "
+        f"{ident['label_accuracy']:.1%} -> {mod['label_accuracy']:.1%}, EPE "
+        f"{ident['epe']:.3f} -> {mod['epe']:.3f} px, folding {mod['folding']:.3%}"
+    )
