@@ -159,16 +159,17 @@ def main(argv=None) -> int:
         "seconds per pair (model loaded once, one warm-up call; inputs T1 fixed vs T2-like moving from "
         "held-out slices; fields scaled with the image size), mean EPE over the brain beside it. "
         f"`register` here is {'the shipped source model without adaptation' if args.model is None else args.model}; "
-        f'"+ refine": `register(refine=...)` with {RefineConfig().steps} (default) or '
-        f"{args.fast_refine_steps} instance-optimisation steps. Ratio: elastix time / variant time.",
+        f'"+ refine": `register(refine=...)` with the default `RefineConfig` ({RefineConfig().steps} '
+        f"steps per level) or {args.fast_refine_steps} steps per level. Ratio: elastix time / "
+        "variant time.",
         "",
         "| size | variant | seconds / pair | EPE (px) | elastix time / this |",
         "|---|---|---|---|---|",
     ]
     labels = {
         "register": "register (network only)",
-        "register_refine": f"register + refine ({RefineConfig().steps} steps)",
-        "register_refine_fast": f"register + refine ({args.fast_refine_steps} steps)",
+        "register_refine": f"register + refine ({RefineConfig().steps} steps x {RefineConfig().levels} levels)",
+        "register_refine_fast": f"register + refine ({args.fast_refine_steps} steps x {RefineConfig().levels} levels)",
         "elastix": "elastix (MI, B-spline, 3 levels)",
         "simpleitk": "SimpleITK (MI, B-spline)",
     }

@@ -4,7 +4,8 @@ Run under a display, e.g. headless::
 
     xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python scripts/screenshots.py
 
-It opens the multimodal sample pair, registers it with the Register widget, inspects
+It opens the multimodal sample pair, registers it with the Register widget (network +
+refinement), inspects
 a control point with the histogram inspector, opens the adaptation target set and
 runs a few adaptation steps, and saves after each stage a screenshot of the whole
 window and one of the widget to ``docs/images/`` (``--out``):
@@ -102,6 +103,8 @@ def main(argv=None) -> int:
     _, register = viewer.window.add_plugin_dock_widget("napari-discreg", "Register")
     if args.model is not None and not register.load_checkpoint(args.model):
         return 1
+    # the shipped model is not adapted to T1 vs T2: show the default refinement on top
+    register.refine_check.setChecked(True)
     wait_for(register.run(), what="registration")
     state = state_for(viewer)
     if state.run is None:

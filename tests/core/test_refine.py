@@ -73,6 +73,23 @@ def test_a_start_worse_than_no_motion_is_replaced_by_the_zero_field(pair):
     assert epe < from_zero
 
 
+def test_a_coarse_level_reaches_larger_displacements():
+    cfg = DataConfig(size=128, max_displacement=10.0)
+    big = data.make_pair(data.load_template(128), 110, "t1", "t2", np.random.default_rng(5), cfg)
+    f, m = _tensor(big.fixed), _tensor(big.moving)
+    epe = {
+        levels: end_point_error(
+            refine_field(f, m, None, RefineConfig(steps=40, levels=levels))[0].numpy(),
+            big.displacement,
+            big.mask,
+        )
+        for levels in (1, 2)
+    }
+    assert epe[2] < epe[1], epe
+    with pytest.raises(ValueError, match="levels"):
+        RefineConfig(levels=0)
+
+
 def test_refinement_works_on_sizes_that_are_not_multiples_of_the_grid(pair):
     f, m = _tensor(pair.fixed[:-3, :-1]), _tensor(pair.moving[:-3, :-1])
     out = refine_field(f, m, None, RefineConfig(steps=3, grid_stride=4))

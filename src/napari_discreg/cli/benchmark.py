@@ -88,8 +88,8 @@ def run(args) -> int:
             f"mean ± std over seeds (rows that do not depend on the seed: std 0). "
             f"CPU, {s['threads']} threads, torch {s['torch']}. Time per pair: inference only for "
             'the network rows (adaptation time is in benchmarks.json). "+ refine": the same '
-            f"field after {s['refine_config']['steps'] if s['refine_config'] else 0} steps of "
-            "instance optimisation (MIND-SSC, diffusion regulariser; `register(refine=True)`), "
+            f"field after instance optimisation ({_refine_text(s['refine_config'])}; MIND-SSC, "
+            "diffusion regulariser; `register(refine=...)`), "
             "its label accuracy that of the refined field's quantised control points; "
             '"refine only": the same optimisation from a zero field, no network.',
             "",
@@ -106,3 +106,12 @@ def run(args) -> int:
     print(table)
     print(f"wrote {out_dir / 'benchmarks.md'} and {json_path}")
     return 0
+
+
+def _refine_text(config: dict | None) -> str:
+    if not config:
+        return "none"
+    return (
+        f"{config['steps']} steps per level, {config.get('levels', 1)} level(s), smoothness "
+        f"{config['smoothness']}, lr {config['lr']}"
+    )

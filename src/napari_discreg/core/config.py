@@ -225,16 +225,23 @@ class RefineConfig:
         Spacing in pixels of the grid the field is optimised on.
     radius, dilation : int
         MIND-SSC patch radius and neighbour distance in pixels.
+    levels : int
+        Resolution levels, coarse to fine (images halved per level); each level runs
+        ``steps`` iterations from the coarser level's field. More levels reach larger
+        displacements.
     """
 
     steps: int = 50
     lr: float = 1.0
-    smoothness: float = 0.1
+    smoothness: float = 0.03
     grid_stride: int = 2
     radius: int = 1
     dilation: int = 2
+    levels: int = 2
 
     def __post_init__(self) -> None:
+        if self.levels < 1:
+            raise ValueError(f"refine: levels must be >= 1, got {self.levels}")
         if self.steps < 0 or self.lr <= 0 or self.smoothness < 0:
             raise ValueError("refine: steps must be >= 0, lr > 0 and smoothness >= 0")
         if self.grid_stride < 1 or self.radius < 0 or self.dilation < 1:

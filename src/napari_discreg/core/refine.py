@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RefineConfig
+from .preprocess import pad_to_multiple
 from .warp import control_point_field, upsample_field, warp
 
 __all__ = ["RefineConfig", "mind_ssc", "refine_field"]
@@ -110,18 +111,48 @@ def refine_field(
         raise ValueError(f"initial field must be {(b, 2, h, w)}, got {tuple(initial.shape)}")
     if cfg.steps == 0:
         return initial.detach()
+
+    def mind(image: torch.Tensor) -> torch.Tensor:
+        return mind_ssc(image, cfg.radius, cfg.dilation)
+
+    with torch.no_grad():
+        # a network that does not know these contrasts can start further from the
+        # truth than no motion at all: per pair, start from whichever of the two
+        # matches better by the same MIND distance (no labels involved)
+        mind_f, mind_m = mind(fixed), mind(moving)
+        cost_init = ((mind_f - warp(mind_m, initial)) ** 2).mean(dim=(1, 2, 3))
+        cost_zero = ((mind_f - mind_m) ** 2).mean(dim=(1, 2, 3))
+        use_zero = (cost_zero < cost_init).view(-1, 1, 1, 1)
+        field = torch.where(use_zero, torch.zeros_like(initial), initial).detach()
+    for level in reversed(range(cfg.levels)):
+        f = 2**level
+        if f == 1:
+            field = _refine_level(fixed, moving, field, cfg, mind_f, mind_m)
+            continue
+        if min(h, w) < 8 * f:
+            continue  # too small for this level
+        size = (h + (-h) % f, w + (-w) % f)
+        fl = F.avg_pool2d(pad_to_multiple(fixed, f), f)
+        ml = F.avg_pool2d(pad_to_multiple(moving, f), f)
+        coarse = control_point_field(pad_to_multiple(field, f), f) / f
+        coarse = _refine_level(fl, ml, coarse, cfg, mind(fl), mind(ml))
+        field = upsample_field(coarse * f, f, size)[..., :h, :w]
+    return field.detach()
+
+
+def _refine_level(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    initial: torch.Tensor,
+    cfg: RefineConfig,
+    mind_f: torch.Tensor,
+    mind_m: torch.Tensor,
+) -> torch.Tensor:
+    """``cfg.steps`` Adam steps on a field at one resolution (descriptors given)."""
+    b, _, h, w = fixed.shape
     s = cfg.grid_stride
     with torch.enable_grad():
         with torch.no_grad():
-            mind_f = mind_ssc(fixed, cfg.radius, cfg.dilation)
-            mind_m = mind_ssc(moving, cfg.radius, cfg.dilation)
-            # a network that does not know these contrasts can start further from the
-            # truth than no motion at all: per pair, start from whichever of the two
-            # matches better by the same MIND distance (no labels involved)
-            cost_init = ((mind_f - warp(mind_m, initial)) ** 2).mean(dim=(1, 2, 3))
-            cost_zero = ((mind_f - mind_m) ** 2).mean(dim=(1, 2, 3))
-            use_zero = (cost_zero < cost_init).view(-1, 1, 1, 1)
-            initial = torch.where(use_zero, torch.zeros_like(initial), initial)
             # pad to a multiple of the grid so that pooling and upsampling line up
             ph, pw = (-h) % s, (-w) % s
             start = F.pad(initial.detach(), (0, pw, 0, ph), mode="replicate")
