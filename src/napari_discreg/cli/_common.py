@@ -31,24 +31,27 @@ def _device_arg(value: str) -> str:
     return value.strip().lower()
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+def _number(convert, ok, requirement: str, what: str):
+    """An argparse ``type``: ``convert`` the text (else "not {what}"), then check ``ok``."""
+
+    def parse(value: str):
+        try:
+            x = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
+        return x
+
+    return parse
 
 
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not (math.isfinite(x) and x > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return x
+_positive_int = _number(int, lambda n: n >= 1, ">= 1", "an integer")
+_non_negative_int = _number(int, lambda n: n >= 0, ">= 0", "an integer")
+_positive_float = _number(
+    float, lambda x: math.isfinite(x) and x > 0, "a positive number", "a number"
+)
+_fraction = _number(float, lambda x: 0.0 <= x < 1.0, "in [0, 1)", "a number")
 
 
 def _jsonable(value: Any) -> Any:
@@ -238,26 +241,6 @@ def _progress(total: int, desc: str, *, initial: int = 0, disable: bool = False)
         file=sys.stderr,
         disable=disable,
     )
-
-
-def _fraction(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 0.0 <= x < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return x
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
 
 
 def _add_folder_options(p, *, axis: bool) -> None:

@@ -307,7 +307,7 @@ def _run_demo(args) -> int:
         _write_text(outputs.path("report.md"), demo_markdown(report))
 
     epe, d = metrics["epe_px"], metrics["dice"]
-    how = f"network + {args.refine} refinement steps" if args.refine else "network alone"
+    how = f"network + {args.refine} refinement steps per level" if args.refine else "network alone"
     _say(
         f"demo: T1 vs T2-like slice {pair.index}, {args.size} px, registered ({how}) in "
         f"{runtime:.2f} s on {device}"
