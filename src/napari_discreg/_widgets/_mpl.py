@@ -51,6 +51,22 @@ class FigureTheme:
         )
 
 
+class _Canvas(FigureCanvasQTAgg):
+    """A canvas whose queued redraw survives the widget being closed first.
+
+    ``draw_idle`` queues a zero-delay Qt timer; when the dock (or the viewer) is closed
+    before it fires, matplotlib's callback touches a deleted C++ object and Qt prints a
+    RuntimeError traceback. There is nothing left to draw then, so the redraw is skipped.
+    """
+
+    def _draw_idle(self) -> None:
+        try:
+            super()._draw_idle()
+        except RuntimeError as exc:
+            if "has been deleted" not in str(exc):
+                raise
+
+
 class FigureWidget(QWidget):
     """Base of the plotting widgets: owns the figure, the canvas and the theme."""
 
@@ -58,7 +74,7 @@ class FigureWidget(QWidget):
         super().__init__(parent)
         self.viewer = unwrap_viewer(napari_viewer)
         self.figure = Figure(figsize=figsize, layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas = _Canvas(self.figure)
         self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.canvas.setMinimumHeight(int(figsize[1] * 75))
         layout = QVBoxLayout(self)
