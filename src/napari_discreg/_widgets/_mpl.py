@@ -55,13 +55,14 @@ class _Canvas(FigureCanvasQTAgg):
     """A canvas whose queued redraw survives the widget being closed first.
 
     ``draw_idle`` queues a zero-delay Qt timer; when the dock (or the viewer) is closed
-    before it fires, matplotlib's callback touches a deleted C++ object and Qt prints a
-    RuntimeError traceback. There is nothing left to draw then, so the redraw is skipped.
+    while it runs, the draw ends in ``update()`` on a deleted C++ object and matplotlib
+    prints that RuntimeError's traceback. There is nothing left to show then, so the
+    error is dropped.
     """
 
-    def _draw_idle(self) -> None:
+    def draw(self) -> None:
         try:
-            super()._draw_idle()
+            super().draw()
         except RuntimeError as exc:
             if "has been deleted" not in str(exc):
                 raise
