@@ -149,7 +149,7 @@ def _refine_level(
     mind_m: torch.Tensor,
 ) -> torch.Tensor:
     """``cfg.steps`` Adam steps on a field at one resolution (descriptors given)."""
-    b, _, h, w = fixed.shape
+    h, w = fixed.shape[-2:]
     s = cfg.grid_stride
     with torch.enable_grad():
         with torch.no_grad():

@@ -401,7 +401,7 @@ def adapt_steps(
         fg = F.max_pool2d(mask, mcfg.stride)[:, 0] > 0
         return d(p1[fg], p2[fg])  # (N, K, K) histograms of foreground control points
 
-    completed, busy = start, False
+    busy = False
     try:
         model.train()
         for it in range(start + 1, cfg.steps + 1):
@@ -462,16 +462,16 @@ def adapt_steps(
                 score = selection_criterion(model, sel_f, sel_m, sel_mask)
                 if score > best_score or not cfg.keep_best:
                     keep(it, score, _snapshot(model))
-            completed = state.step = it
+            state.step = it
             state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
             busy = False
             yield StepRecord(it, cfg.steps, values, float(d_c.detach()), score, best_iter)
     except GeneratorExit:
         # stopped by the consumer after a complete iteration: consider it as a candidate
-        if completed > start and completed != best_iter:
+        if state.step > start and state.step != best_iter:
             score = selection_criterion(model, sel_f, sel_m, sel_mask)
             if score > best_score or not cfg.keep_best:
-                keep(completed, score, _snapshot(model))
+                keep(state.step, score, _snapshot(model))
         raise
     finally:
         # the weights (and optimiser moments) of the last complete iteration, to resume
