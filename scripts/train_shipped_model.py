@@ -2,7 +2,8 @@
 
     python scripts/train_shipped_model.py [--steps N] [--batch-size B] [--eval-pairs N]
 
-Trains on mono-modal source pairs (T1<->T1, T2<->T2, PD<->PD) from the training
+Trains on mono-modal source pairs (T1<->T1, T2<->T2, PD<->PD) and as many
+contrast-augmented pairs (TrainConfig.contrast_augmentation) from the training
 slice range of the template, evaluates on held-out slices (mono-modal and
 multi-modal, no adaptation) and writes the weights plus TRAINING.md / a JSON
 record with the exact command, settings and measured numbers next to them.
@@ -85,7 +86,13 @@ def main(argv=None) -> int:
         f"on {record['machine']}.",
         "",
         "Source training only (no adaptation): mono-modal pairs of "
-        f"{', '.join(tcfg.source_contrasts)} from template slices {dcfg.train_slices}; evaluated on "
+        f"{', '.join(tcfg.source_contrasts)}"
+        + (
+            " and as many pairs of two random contrasts (contrast augmentation)"
+            if tcfg.contrast_augmentation
+            else ""
+        )
+        + f" from template slices {dcfg.train_slices}; evaluated on "
         f"{args.eval_pairs} held-out pairs from slices {dcfg.test_slices} (seed 123).",
         "",
         "| pairs (fixed->moving) | label acc. identity | label acc. model | EPE identity (px) | EPE model (px) |",

@@ -5,7 +5,9 @@ from napari_discreg.core.checkpoint import default_weights_path
 from napari_discreg.core.config import ModelConfig
 from napari_discreg.core.model import DiscreteRegistrationNet
 
-TINY = ModelConfig(num_labels=5, capture_range=2.0, stride=4, features=4, head_channels=8)
+TINY = ModelConfig(  # no bottleneck: the tiny heads are narrower than one
+    num_labels=5, capture_range=2.0, stride=4, features=4, head_channels=8, head_bottleneck=0
+)
 
 
 @pytest.fixture

@@ -50,6 +50,7 @@ def test_step_c_lowers_target_discrepancy_and_changes_g_only_in_the_adapted_copy
         lr=1e-3,
         source_weight_c=0.0,
         keep_best=False,
+        source_augmentation=False,
     )
     records = run(tiny_model, target, discrepancy=kind, steps=4, config=cfg)
     assert [r.iteration for r in records] == [0, 1, 2, 3, 4]

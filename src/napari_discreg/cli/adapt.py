@@ -368,7 +368,7 @@ def _folder_targets(args, dcfg, fcfg, seed: int, ctx) -> dict[str, Any]:
 def _adapt(args, out: Path, ctx) -> int:
     from .. import adapt_steps
     from ..core.checkpoint import checkpoint_info, load_adaptation_state, save_adaptation_state
-    from ..core.config import AdaptConfig, DataConfig, FolderConfig
+    from ..core.config import AdaptConfig, DataConfig, FolderConfig, TrainConfig
     from ..core.dataset import PairBatches, PairMaker, evaluate_pairs
     from ..core.distributed import (
         average_gradients,
@@ -475,7 +475,14 @@ def _adapt(args, out: Path, ctx) -> int:
         source_desc = f"{src.describe()} ({len(keep)} slices used), mono-modal pairs"
     elif ctx.distributed:
         rng = np.random.default_rng([cfg.seed, ctx.rank, start_step])
-        source = source_batches(dcfg, cfg.batch_size, ("t1", "t2", "pd"), rng, ctx.device)
+        source = source_batches(
+            dcfg,
+            cfg.batch_size,
+            TrainConfig.source_contrasts,
+            rng,
+            ctx.device,
+            augment=cfg.source_augmentation,
+        )
     broadcast_module(model, ctx)
 
     steps = adapt_steps(

@@ -39,6 +39,10 @@ class ModelConfig:
         Channels of the shared feature extractor G.
     head_channels : int
         Channels of the hidden layers of the classifier heads F1 and F2.
+    head_bottleneck : int
+        Channels of a 1 x 1 convolution that first compresses the K^2 costs in each
+        head; 0: no bottleneck (the first head layer is a 3 x 3 convolution over all
+        K^2 channels, as in checkpoints written before it existed).
     temperature : float
         Scale applied to the cosine-similarity cost volume before the heads.
     """
@@ -48,6 +52,7 @@ class ModelConfig:
     stride: int = 4
     features: int = 24
     head_channels: int = 64
+    head_bottleneck: int = 32
     temperature: float = 10.0
 
     def __post_init__(self) -> None:
@@ -59,12 +64,16 @@ class ModelConfig:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         if self.features < 1 or self.head_channels < 1:
             raise ValueError("features and head_channels must be >= 1")
+        if self.head_bottleneck < 0:
+            raise ValueError(f"head_bottleneck must be >= 0, got {self.head_bottleneck}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if isinstance(data, dict) and "head_bottleneck" not in data:
+            data = {**data, "head_bottleneck": 0}  # written before the bottleneck existed
         return _from_dict(cls, data)
 
 
@@ -101,16 +110,28 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Supervised source training (both heads, soft labels)."""
+    """Supervised source training (both heads, soft labels).
+
+    Source pairs are mono-modal pairs of each of ``source_contrasts``; with
+    ``contrast_augmentation`` as many again are pairs whose fixed and moving images
+    each get their own random contrast (:data:`~napari_discreg.core.data.AUGMENTED`),
+    so that G learns features that do not depend on the contrast. Without it the
+    source is the paper's protocol (mono-modal pairs only).
+    """
 
     steps: int = 1500
     batch_size: int = 8
     lr: float = 1e-3
     source_contrasts: tuple[str, ...] = ("t1", "t2", "pd")
+    contrast_augmentation: bool = True
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+SELECTION_CRITERIA: tuple[str, ...] = ("mind", "nmi")
+"""Names of the unsupervised keep-best criteria (:func:`~napari_discreg.core.train.selection_criterion`)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +143,9 @@ class AdaptConfig:
     which stabilises long runs (METHOD.md section 7). With ``keep_best`` the model
     ends on the weights with the best unsupervised selection criterion seen every
     ``select_every`` iterations; without it, on the last iteration's weights.
+    ``criterion`` names that score (MIND-SSC similarity or NMI of fixed vs warped);
+    ``source_augmentation`` draws the source batches with contrast augmentation, as
+    the shipped model was trained (:class:`TrainConfig`).
     """
 
     steps: int = 100
@@ -134,9 +158,15 @@ class AdaptConfig:
     keep_best: bool = True
     swd_projections: int = 128
     pemd_diagonals: bool = True
+    criterion: str = "mind"
+    source_augmentation: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.criterion not in SELECTION_CRITERIA:
+            raise ValueError(
+                f"unknown selection criterion {self.criterion!r}; expected one of {SELECTION_CRITERIA}"
+            )
         if (
             self.steps < 0
             or self.batch_size < 1

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +61,17 @@ __all__ = [
     "make_pair",
     "sample_batch",
     "fixed_test_pairs",
+    "AUGMENTED",
+    "augmented_contrast",
 ]
 
 CONTRASTS: tuple[str, ...] = ("t1", "t2", "pd")
 """Contrasts :func:`synthesize_contrast` can make; only ``"t1"`` is a real image."""
+
+AUGMENTED = "aug"
+"""Pseudo-contrast for source training with contrast augmentation: every image drawn
+with it gets its own random appearance (:func:`augmented_contrast`). Not in
+:data:`CONTRASTS`, which lists the contrasts a benchmark evaluates."""
 
 TISSUES: tuple[str, ...] = ("csf", "gm", "wm")
 """Tissue classes; their label values are 1, 2, 3 (0 is background)."""
@@ -356,8 +363,45 @@ def _t1_texture(template: Template, index: int) -> np.ndarray:
 
 
 def _check_contrast(contrast: str) -> None:
-    if contrast not in CONTRASTS:
-        raise ValueError(f"unknown contrast {contrast!r}; expected one of {CONTRASTS}")
+    if contrast not in CONTRASTS and contrast != AUGMENTED:
+        raise ValueError(
+            f"unknown contrast {contrast!r}; expected one of {CONTRASTS} or {AUGMENTED!r}"
+        )
+
+
+def _remap(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random intensity remapping of a [0, 1]-ish image: a piecewise-linear curve
+    through 6 random knots (non-monotone in general), or a random gamma (monotone)."""
+    image = np.clip(image, 0.0, 1.0)
+    if rng.random() < 0.5:
+        knots = np.linspace(0.0, 1.0, 6)
+        values = rng.random(6)
+        values[0] = 0.0  # background stays dark, as in every MR contrast
+        return np.interp(image, knots, values).astype(np.float32)
+    return (image ** np.float32(np.exp(rng.uniform(-0.7, 0.7)))).astype(np.float32)
+
+
+def augmented_contrast(template: Template, index: int, rng: np.random.Generator) -> np.ndarray:
+    """A random noise-free appearance of slice ``index`` (contrast augmentation).
+
+    With probability 0.3 the real T1 slice, otherwise a mixture of the tissue maps with
+    intensities of CSF, GM and WM each uniform in [0, 1] (any ordering of the tissues)
+    plus the T1 texture with a weight uniform in [-0.6, 0.6]; then, with probability
+    0.7, a random intensity remapping (:func:`_remap`). Bias field, blur, normalisation
+    and noise follow in :func:`_render`, with random strengths.
+    """
+    mask = template.mask[index]
+    if rng.random() < 0.3:
+        base = np.array(template.t1[index], dtype=np.float32)
+        base = base / max(float(np.percentile(base[mask > 0], 99)), 1e-6) if mask.any() else base
+    else:
+        csf_i, gm_i, wm_i = rng.random(3)
+        base = csf_i * template.csf[index] + gm_i * template.gm[index] + wm_i * template.wm[index]
+        base = base + rng.uniform(-0.6, 0.6) * _t1_texture(template, index)
+    base = np.clip(base, 0.0, None) * mask
+    if rng.random() < 0.7:
+        base = _remap(base, rng) * mask
+    return base.astype(np.float32)
 
 
 def _check_index(template: Template, index: int) -> int:
@@ -381,7 +425,17 @@ def _render(
     """
     _check_contrast(contrast)
     index = _check_index(template, index)
-    if contrast == "t1":
+    if contrast == AUGMENTED:
+        # random strengths too, so that bias, blur and noise levels vary between the
+        # two images of a pair (draws more randomness than the fixed contrasts)
+        config = replace(
+            config,
+            bias=float(rng.uniform(0.0, 1.6)) * config.bias,
+            blur=float(rng.uniform(0.0, 2.0)) * config.blur,
+            noise=float(rng.uniform(0.3, 2.0)) * config.noise,
+        )
+        base = augmented_contrast(template, index, rng)
+    elif contrast == "t1":
         base = np.array(template.t1[index], dtype=np.float32)
     else:
         csf_i, gm_i, wm_i = TISSUE_INTENSITIES[contrast]

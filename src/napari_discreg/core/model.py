@@ -67,12 +67,24 @@ class ClassifierHead(nn.Module):
     Convolutions over the control grid let neighbouring control points share
     evidence (a learned regulariser); the raw cost enters the logits through a
     learnable gain, so a freshly initialised head already prefers similar offsets.
+    With ``bottleneck > 0`` a 1 x 1 convolution first maps the K^2 costs to that many
+    channels: the first 3 x 3 convolution over all K^2 = 225 channels was most of the
+    network's FLOPs (``bottleneck=0`` is the original head, kept for old checkpoints).
     """
 
-    def __init__(self, num_classes: int, channels: int = 64) -> None:
+    def __init__(self, num_classes: int, channels: int = 64, bottleneck: int = 0) -> None:
         super().__init__()
+        first: list[nn.Module]
+        if bottleneck > 0:
+            first = [
+                nn.Conv2d(num_classes, bottleneck, 1),
+                nn.LeakyReLU(0.1, inplace=True),
+                nn.Conv2d(bottleneck, channels, 3, padding=1),
+            ]
+        else:
+            first = [nn.Conv2d(num_classes, channels, 3, padding=1)]
         self.net = nn.Sequential(
-            nn.Conv2d(num_classes, channels, 3, padding=1),
+            *first,
             nn.LeakyReLU(0.1, inplace=True),
             nn.Conv2d(channels, channels, 3, padding=2, dilation=2),
             nn.LeakyReLU(0.1, inplace=True),
@@ -86,10 +98,12 @@ class ClassifierHead(nn.Module):
         return self.cost_gain * cost + self.net(cost)
 
 
-def control_point_coords(h: int, w: int, stride: int, *, device=None) -> torch.Tensor:
+def control_point_coords(
+    h: int, w: int, stride: int, *, device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Full-resolution pixel coordinates (2, h, w) of the control points (block centres)."""
-    r = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * stride - 0.5
-    c = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * stride - 0.5
+    r = (torch.arange(h, device=device, dtype=dtype) + 0.5) * stride - 0.5
+    c = (torch.arange(w, device=device, dtype=dtype) + 0.5) * stride - 0.5
     rr, cc = torch.meshgrid(r, c, indexing="ij")
     return torch.stack([rr, cc])
 
@@ -109,6 +123,60 @@ def _sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tens
     return out.reshape(b, features.shape[1], *spatial)
 
 
+class _ShiftCorrelation(torch.autograd.Function):
+    """Dot products of ``fixed`` (B, C, h, w) with strided shifted views of ``grid``.
+
+    Label ``a*K + b`` reads ``grid[:, :, a*g + s*i, b*g + s*j]`` for control point
+    ``(i, j)``. Forward and backward loop over the K^2 shifts and never hold the
+    (B, C, K^2, h, w) tensor that a gather would build (4x faster forward and 2.6x
+    faster backward than ``grid_sample`` on 2 CPU cores at 192 px).
+    """
+
+    @staticmethod
+    def forward(ctx, fixed, grid, k: int, g: int, s: int):  # type: ignore[override]
+        ctx.save_for_backward(fixed, grid)
+        ctx.shape = (k, g, s)
+        b, _, h, w = fixed.shape
+        out = fixed.new_empty(b, k * k, h, w)
+        for a in range(k):
+            for c in range(k):
+                view = grid[:, :, a * g : a * g + s * h : s, c * g : c * g + s * w : s]
+                torch.sum(view * fixed, 1, out=out[:, a * k + c])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        fixed, grid = ctx.saved_tensors
+        k, g, s = ctx.shape
+        h, w = fixed.shape[-2:]
+        grad_fixed = torch.zeros_like(fixed)
+        grad_grid = torch.zeros_like(grid)
+        for a in range(k):
+            for c in range(k):
+                gk = grad[:, a * k + c : a * k + c + 1]
+                rows = slice(a * g, a * g + s * h, s)
+                cols = slice(c * g, c * g + s * w, s)
+                grad_fixed.addcmul_(grid[:, :, rows, cols], gk)
+                grad_grid[:, :, rows, cols].addcmul_(fixed, gk)
+        return grad_fixed, grad_grid, None, None, None
+
+
+def integer_shift_spacing(offsets: torch.Tensor, stride: int) -> int | None:
+    """The label spacing in whole pixels when the cost volume can be built from integer
+    shifts (even stride, offsets ``g * (k - K//2)`` with integer ``g >= 1``), else ``None``."""
+    k = offsets.numel()
+    if stride % 2 or k < 2:
+        return None
+    g = float(offsets[1] - offsets[0])
+    gi = round(g)
+    if gi < 1 or abs(g - gi) > 1e-6:
+        return None
+    expected = gi * (torch.arange(k, dtype=torch.float64) - k // 2)
+    if not torch.allclose(offsets.double().cpu(), expected, atol=1e-6):
+        return None
+    return gi
+
+
 def correlation_volume(
     fixed_features: torch.Tensor,
     moving_features: torch.Tensor,
@@ -118,7 +186,15 @@ def correlation_volume(
 ) -> torch.Tensor:
     """Cosine similarity between fixed features at the control points and moving
     features at each candidate displacement: (B, K^2, h, w), label ``a*K + b`` is the
-    displacement ``(offsets[a], offsets[b])``."""
+    displacement ``(offsets[a], offsets[b])``.
+
+    Features are sampled bilinearly with border clamping. With an even stride and
+    whole-pixel label offsets every sample falls on the grid of half-resolution
+    positions ``j / 2`` (control point at full-resolution ``p``, half-resolution
+    ``(p - 0.5) / 2``), so the features are upsampled once onto that grid and the
+    volume is built from integer shifts (:class:`_ShiftCorrelation`); otherwise from
+    ``grid_sample``. Both give the same values (tested).
+    """
     b = fixed_features.shape[0]
     h, w = grid_size
     k = offsets.numel()
@@ -127,13 +203,28 @@ def correlation_volume(
     # within a few percent of unit length, so this is cosine similarity in practice.
     fixed_features = F.normalize(fixed_features, dim=1, eps=1e-6)
     moving_features = F.normalize(moving_features, dim=1, eps=1e-6)
-    cp = control_point_coords(h, w, stride, device=fixed_features.device)
-    fixed = _sample_features(fixed_features, cp[None].expand(b, -1, -1, -1))  # (B, C, h, w)
-    dr, dc = torch.meshgrid(offsets, offsets, indexing="ij")
-    disp = torch.stack([dr.reshape(-1), dc.reshape(-1)])  # (2, K^2)
-    coords = cp[:, None] + disp[:, :, None, None]  # (2, K^2, h, w)
-    moving = _sample_features(moving_features, coords[None].expand(b, -1, -1, -1, -1))
-    cost = (fixed[:, :, None] * moving).sum(1)
+    g = integer_shift_spacing(offsets, stride)
+    if g is not None:
+        h2, w2 = fixed_features.shape[-2:]
+        size = (2 * h2 - 1, 2 * w2 - 1)  # index u <-> half-resolution position u / 2
+        up_f = F.interpolate(fixed_features, size=size, mode="bilinear", align_corners=True)
+        up_m = F.interpolate(moving_features, size=size, mode="bilinear", align_corners=True)
+        first = stride // 2 - 1  # grid index of control point 0: p - 0.5 = stride/2 - 1
+        fixed = up_f[:, :, first::stride, first::stride][:, :, :h, :w].contiguous()
+        r = g * (k // 2)
+        # replicate padding = grid_sample's border clamping on the feature grid
+        padded = F.pad(up_m, (r, r, r, r), mode="replicate")[:, :, first:, first:]
+        cost = _ShiftCorrelation.apply(fixed, padded, k, g, stride)
+    else:
+        cp = control_point_coords(
+            h, w, stride, device=fixed_features.device, dtype=fixed_features.dtype
+        )
+        fixed = _sample_features(fixed_features, cp[None].expand(b, -1, -1, -1))
+        dr, dc = torch.meshgrid(offsets, offsets, indexing="ij")
+        disp = torch.stack([dr.reshape(-1), dc.reshape(-1)])  # (2, K^2)
+        coords = cp[:, None] + disp[:, :, None, None]  # (2, K^2, h, w)
+        moving = _sample_features(moving_features, coords[None].expand(b, -1, -1, -1, -1))
+        cost = (fixed[:, :, None] * moving).sum(1)
     assert cost.shape == (b, k * k, h, w)
     return cost
 
@@ -152,8 +243,9 @@ class DiscreteRegistrationNet(nn.Module):
         self.config = config or ModelConfig()
         k2 = self.config.num_labels**2
         self.G = FeatureExtractor(self.config.features)
-        self.F1 = ClassifierHead(k2, self.config.head_channels)
-        self.F2 = ClassifierHead(k2, self.config.head_channels)
+        bottleneck = self.config.head_bottleneck
+        self.F1 = ClassifierHead(k2, self.config.head_channels, bottleneck)
+        self.F2 = ClassifierHead(k2, self.config.head_channels, bottleneck)
         # F1 and F2 are built one after the other, so they draw different initial weights
         self.register_buffer(
             "offsets",

@@ -1,0 +1,210 @@
+"""Short adaptation: accuracy against wall-clock seconds on a user's budget.
+
+    python benchmarks/short_adaptation.py            # 40 test pairs per contrast
+    python benchmarks/short_adaptation.py --quick    # a smoke run of the same code path
+
+For T1 fixed vs T2-like and PD-like moving, at 192 x 192: identity, the model before
+adaptation, and each adaptation variant run on 8 unlabelled target pairs (from the
+training slices) exactly as ``adapt_steps`` runs for a user, timed from the call to the
+last record (selection criterion included). The raw weights every ``select_every``
+iterations are evaluated afterwards (not timed) on held-out test pairs, which gives the
+time-to-accuracy curves; the kept weights (keep-best rule) give the table. Writes the
+"short-adaptation" section of docs/benchmarks.md, docs/short_adaptation.json and
+docs/images/short_adaptation.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from napari_discreg.core import data
+from napari_discreg.core.benchmark import adaptation_pairs, update_section
+from napari_discreg.core.checkpoint import load_model
+from napari_discreg.core.config import AdaptConfig, DataConfig
+from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise
+from napari_discreg.core.train import adapt_steps
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+# name -> (discrepancy, AdaptConfig overrides); the first is the product's default
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "default (pEMD)": ("pemd", {}),
+    "pEMD, lr 1e-4": ("pemd", {"lr": 1e-4}),
+    "pEMD, n = 1, batch 2": ("pemd", {"generator_updates": 1, "batch_size": 2}),
+    "SWD": ("swd", {}),
+    "L1": ("l1", {}),
+}
+
+
+def run_variant(model, fixed, moving, discrepancy, config, test_pairs):
+    work = copy.deepcopy(model)
+    snapshots, times = {}, {}
+    t0 = time.perf_counter()
+    best = 0
+    for rec in adapt_steps(
+        work, fixed, moving, discrepancy=discrepancy, config=config, device="cpu"
+    ):
+        times[rec.iteration] = time.perf_counter() - t0
+        best = rec.best_iteration if rec.best_iteration is not None else best
+        if rec.iteration % config.select_every == 0 or rec.iteration == config.steps:
+            snapshots[rec.iteration] = {k: v.clone() for k, v in work.state_dict().items()}
+    seconds = time.perf_counter() - t0
+    kept = summarise(evaluate_model(work, test_pairs))  # the generator restored the best
+    curve = []
+    probe = copy.deepcopy(model)
+    for it, weights in sorted(snapshots.items()):
+        probe.load_state_dict(weights)
+        s = summarise(evaluate_model(probe, test_pairs))
+        curve.append(
+            {
+                "iteration": it,
+                "seconds": times[it],
+                "accuracy": s["label_accuracy"],
+                "epe": s["epe"],
+            }
+        )
+    return {"seconds": seconds, "kept_iteration": best, "kept": kept, "curve": curve}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    ap.add_argument("--size", type=int, default=192)
+    ap.add_argument("--n-test", type=int, default=40)
+    ap.add_argument("--n-adapt", type=int, default=8)
+    ap.add_argument("--contrasts", nargs="+", default=["t2", "pd"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--out-dir", type=Path, default=DOCS)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    base_cfg = AdaptConfig()
+    n_test = 4 if args.quick else args.n_test
+    if args.quick:
+        base_cfg = replace(base_cfg, steps=2, select_every=1)
+        args.variants = args.variants[:1]
+    dcfg = DataConfig(size=args.size)
+    template = data.load_template(args.size)
+    model = load_model(args.model, device="cpu")
+    mc = model.config
+    results = {}
+    for contrast in args.contrasts:
+        test_pairs = data.fixed_test_pairs(
+            template, dcfg, n=n_test, fixed_contrast="t1", moving_contrast=contrast, seed=123
+        )
+        fixed, moving = adaptation_pairs(template, dcfg, n=args.n_adapt, moving_contrast=contrast)
+        rows = {
+            "identity": summarise(
+                identity_metrics(test_pairs, mc.stride, mc.num_labels, mc.capture_range)
+            ),
+            "before adaptation": summarise(evaluate_model(model, test_pairs)),
+        }
+        runs = {}
+        for name in args.variants:
+            kind, overrides = VARIANTS[name]
+            cfg = replace(base_cfg, **overrides)
+            runs[name] = run_variant(model, fixed, moving, kind, cfg, test_pairs)
+            runs[name]["config"] = cfg.to_dict()
+            runs[name]["discrepancy"] = kind
+            print(
+                contrast,
+                name,
+                f"{runs[name]['seconds']:.1f} s",
+                runs[name]["kept"]["label_accuracy"],
+                runs[name]["kept"]["epe"],
+                flush=True,
+            )
+        results[contrast] = {"rows": rows, "runs": runs}
+    meta = {
+        "model": args.model or "shipped",
+        "size": args.size,
+        "n_test": n_test,
+        "n_adapt": args.n_adapt,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
+    out = args.out_dir
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "short_adaptation.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=1, default=float)
+    )
+    _plot(results, out / "images" / "short_adaptation.png")
+    update_section(out / "benchmarks.md", "short-adaptation", _markdown(results, meta, argv))
+    return 0
+
+
+def _markdown(results, meta, argv) -> str:
+    cmd = "python benchmarks/short_adaptation.py" + ("" if not argv else " " + " ".join(argv))
+    lines = [
+        "## Short adaptation: accuracy against seconds",
+        "",
+        f"Written by `{cmd}`. Model: {meta['model']}. {meta['size']} x {meta['size']} px, "
+        f"{meta['n_adapt']} unlabelled target pairs to adapt on (training slices), {meta['n_test']} "
+        f"held-out test pairs per contrast (seed 123). CPU: {meta['machine']}. Seconds: wall time of "
+        "`adapt_steps` from the call to its last record, selection criterion included. Network only "
+        '(no refinement). "kept": the weights the keep-best rule returns; "best raw": the best '
+        "evaluated snapshot of the run (test labels, for reference only).",
+        "",
+    ]
+    for contrast, res in results.items():
+        ident = res["rows"]["identity"]
+        lines += [
+            f"### T1 fixed vs {contrast.upper()}-like moving",
+            "",
+            "| row | seconds | kept iteration | label acc. | EPE (px) | EPE / identity | best raw acc. |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, row in res["rows"].items():
+            lines.append(
+                f"| {name} | 0 | - | {100 * row['label_accuracy']:.1f} % | {row['epe']:.2f} | {row['epe'] / ident['epe']:.2f} | - |"
+            )
+        for name, run in res["runs"].items():
+            k = run["kept"]
+            best_raw = max((c["accuracy"] for c in run["curve"]), default=float("nan"))
+            lines.append(
+                f"| {name} | {run['seconds']:.1f} | {run['kept_iteration']} | {100 * k['label_accuracy']:.1f} % | "
+                f"{k['epe']:.2f} | {k['epe'] / ident['epe']:.2f} | {100 * best_raw:.1f} % |"
+            )
+        lines.append("")
+    lines.append("![accuracy against seconds](images/short_adaptation.png)")
+    return "\n".join(lines)
+
+
+def _plot(results, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    for ax, (contrast, res) in zip(axes[0], results.items(), strict=True):
+        for name, run in res["runs"].items():
+            xs = [c["seconds"] for c in run["curve"]]
+            ys = [100 * c["accuracy"] for c in run["curve"]]
+            ax.plot(xs, ys, marker="o", ms=3, label=name)
+        for name, style in (("identity", ":"), ("before adaptation", "--")):
+            ax.axhline(
+                100 * res["rows"][name]["label_accuracy"], ls=style, color="gray", label=name
+            )
+        ax.set(
+            title=f"T1 vs {contrast.upper()}-like",
+            xlabel="wall-clock seconds (2 CPU cores)",
+            ylabel="label accuracy (%)",
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
