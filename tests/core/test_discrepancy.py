@@ -11,12 +11,17 @@ from napari_discreg.core.discrepancy import (
     Discrepancy,
     L1Discrepancy,
     ProjectedEMD,
+    ProjectedEMDAngles,
+    ProjectedEMDSWD,
     SlicedWasserstein,
+    angle_projections,
     discrepancy_fn,
     emd_1d,
     histogram_projections,
     l1,
     projected_emd,
+    projected_emd_angles,
+    projected_emd_swd,
     random_directions,
     sliced_wasserstein,
 )
@@ -36,9 +41,11 @@ FUNCTIONS = {
     "swd": sliced_wasserstein,
     "pemd": projected_emd,
     "pemd_diag": lambda p, q, **kw: projected_emd(p, q, diagonals=True, **kw),
+    "pemd16": projected_emd_angles,
+    "pemd16+": projected_emd_swd,
 }
 # those with a per-control-point value
-PER_POINT = {k: v for k, v in FUNCTIONS.items() if k != "swd"}
+PER_POINT = {k: v for k, v in FUNCTIONS.items() if k not in ("swd", "pemd16+")}
 
 
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -357,6 +364,10 @@ GRAD_FUNCTIONS = {
     "pemd": projected_emd,
     "pemd_diag": lambda p, q: projected_emd(p, q, diagonals=True),
     "pemd_none": lambda p, q: projected_emd(p, q, reduction="none"),
+    "pemd16": projected_emd_angles,
+    "pemd16_none": lambda p, q: projected_emd_angles(p, q, reduction="none"),
+    "pemd16_90": lambda p, q: projected_emd_angles(p, q, angles=5, max_angle=90),
+    "pemd16+": lambda p, q: projected_emd_swd(p, q, num_projections=16, seed=3),
 }
 
 
@@ -454,13 +465,24 @@ def test_sliced_wasserstein_module():
         ("EMD", Discrepancy.PEMD),
         (" emd ", Discrepancy.PEMD),
         (Discrepancy.PEMD, Discrepancy.PEMD),
+        ("pemd16", Discrepancy.PEMD16),
+        ("pemd_16", Discrepancy.PEMD16),
+        ("p-EMD-16", Discrepancy.PEMD16),
+        ("PEMD16", Discrepancy.PEMD16),
+        ("pemd16+", Discrepancy.PEMD16_SWD),
+        ("pemd_16+", Discrepancy.PEMD16_SWD),
+        ("p_emd_16+", Discrepancy.PEMD16_SWD),
+        ("pemd16_swd", Discrepancy.PEMD16_SWD),
+        ("PEMD16_SWD", Discrepancy.PEMD16_SWD),
+        ("p-EMD (16+)", Discrepancy.PEMD16_SWD),
+        (Discrepancy.PEMD16_SWD, Discrepancy.PEMD16_SWD),
     ],
 )
 def test_parse(name, member):
     assert Discrepancy.parse(name) is member
 
 
-@pytest.mark.parametrize("bad", ["l2", "wasserstein", "", None, 3])
+@pytest.mark.parametrize("bad", ["l2", "wasserstein", "", None, 3, "pemd8", "pemd16++"])
 def test_parse_rejects_unknown(bad):
     with pytest.raises(ValueError, match="valid names are .*'pemd'"):
         Discrepancy.parse(bad)
@@ -470,6 +492,8 @@ def test_enum_is_a_string():
     assert Discrepancy.PEMD == "pemd"
     assert str(Discrepancy.SWD) == "swd"
     assert Discrepancy("l1") is Discrepancy.L1
+    assert Discrepancy.PEMD16 == "pemd16" and Discrepancy.PEMD16_SWD == "pemd16+"
+    assert Discrepancy("pemd16+") is Discrepancy.PEMD16_SWD
 
 
 def test_discrepancy_fn_binds_kwargs():
@@ -498,3 +522,248 @@ def test_modules_match_functions():
     )
     assert isinstance(ProjectedEMD(), torch.nn.Module)
     assert list(ProjectedEMD().parameters()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# p-EMD on 16 directions, and p-EMD (16+) = p-EMD (16) + SWD
+# ---------------------------------------------------------------------------------------
+
+
+def numpy_splat(p, angle_deg):
+    """Independent reference: linear splatting of a (K, K) histogram onto unit bins."""
+    k = p.shape[-1]
+    i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    th = np.deg2rad(angle_deg)
+    t = (i * np.cos(th) + j * np.sin(th)).ravel()
+    u = t - t.min()
+    lo = np.floor(u + 1e-9).astype(int)
+    frac = np.clip(u - lo, 0.0, None)
+    hist = np.zeros(lo.max() + 2)
+    np.add.at(hist, lo, p.ravel() * (1 - frac))
+    np.add.at(hist, lo + 1, p.ravel() * frac)
+    return hist
+
+
+def test_angle_projections_axes_and_diagonals():
+    k = 6
+    p = random_histograms((4,), k, seed=30)
+    proj = angle_projections(p, angles=4)  # 0, 45, 90, 135 degrees
+    rows, cols, diag, anti = histogram_projections(p, diagonals=True)
+    torch.testing.assert_close(proj[0], rows)
+    torch.testing.assert_close(proj[2], cols)
+    for pr in proj:
+        torch.testing.assert_close(pr.sum(-1), torch.ones(4, dtype=torch.float64))
+    # 45 degrees: t = (i + j) / sqrt(2), the anti-diagonal bins i + j at spacing 1 / sqrt(2)
+    mean_t = (proj[1] * torch.arange(proj[1].shape[-1])).sum(-1)
+    torch.testing.assert_close(mean_t, (anti * torch.arange(2 * k - 1)).sum(-1) / 2**0.5)
+    # 135 degrees: t = (j - i) / sqrt(2) + (K - 1) / sqrt(2), mirrored diagonal i - j
+    mean_t = (proj[3] * torch.arange(proj[3].shape[-1])).sum(-1)
+    expected = (diag.flip(-1) * torch.arange(2 * k - 1)).sum(-1) / 2**0.5
+    torch.testing.assert_close(mean_t, expected)
+
+
+def test_angle_projections_match_numpy_splatting():
+    k = 5
+    p = random_histograms((3,), k, seed=31)
+    for angles, max_angle in ((16, 180.0), (7, 90.0)):
+        proj = angle_projections(p, angles=angles, max_angle=max_angle)
+        for a, pr in enumerate(proj):
+            for n in range(3):
+                ref = numpy_splat(p[n].numpy(), a * max_angle / angles)
+                ref = ref[: pr.shape[-1]] if ref[pr.shape[-1] :].sum() == 0 else ref
+                np.testing.assert_allclose(pr[n].numpy(), ref, atol=1e-12)
+
+
+def test_pemd16_axis_angles_equal_the_marginal_emd(dtype, device):
+    p = random_histograms((8,), 7, seed=32, dtype=dtype, device=device)
+    q = random_histograms((8,), 7, seed=33, dtype=dtype, device=device)
+    # angles=2 spreads over [0, 180): 0 and 90 degrees, the two marginals
+    torch.testing.assert_close(
+        projected_emd_angles(p, q, angles=2, reduction="none"),
+        projected_emd(p, q, reduction="none"),
+        **tol(dtype),
+    )
+    rows_p, cols_p = histogram_projections(p)
+    rows_q, cols_q = histogram_projections(q)
+    torch.testing.assert_close(
+        projected_emd_angles(p, q, angles=1, reduction="none"), emd_1d(rows_p, rows_q), **tol(dtype)
+    )
+    torch.testing.assert_close(
+        projected_emd_angles(p, q, angles=2, max_angle=180, reduction="none")
+        - 0.5 * emd_1d(rows_p, rows_q),
+        0.5 * emd_1d(cols_p, cols_q),
+        **tol(dtype),
+    )
+
+
+def test_pemd16_per_angle_terms_are_emd_1d_of_the_projections():
+    p = random_histograms((5,), 6, seed=34)
+    q = random_histograms((5,), 6, seed=35)
+    terms = torch.stack(
+        [emd_1d(a, b) for a, b in zip(angle_projections(p), angle_projections(q), strict=True)]
+    )
+    torch.testing.assert_close(projected_emd_angles(p, q, reduction="none"), terms.mean(0))
+
+
+@pytest.mark.parametrize("direction", [(1, 0), (0, 1), (1, 1), (1, -1)])
+def test_pemd16_grows_linearly_with_the_shift(direction, dtype, device):
+    """One-hot heads 1 and 5 bins apart: every direction's projection moves 5 times as far
+    (one-hot splats are exact), so the value grows 1:5, for every shift direction."""
+    k = 13
+    r, c = 4, 6
+    dr, dc = direction
+    p = one_hot(k, r, c, n=2, dtype=dtype, device=device)
+    near = one_hot(k, r + dr, c + dc, n=2, dtype=dtype, device=device)
+    far = one_hot(k, r + 5 * dr, c + 5 * dc, n=2, dtype=dtype, device=device)
+    for fn in (projected_emd_angles, lambda a, b: projected_emd_angles(a, b, max_angle=90)):
+        v_near, v_far = fn(p, near), fn(p, far)
+        assert v_near.item() > 0
+        torch.testing.assert_close(v_far / v_near, torch.tensor(5.0, dtype=dtype, device=device))
+    # the exact value: mean over the directions of |dr cos(theta) + dc sin(theta)|
+    theta = np.deg2rad(np.arange(16) * 180 / 16)
+    expected = np.mean(np.abs(dr * np.cos(theta) + dc * np.sin(theta)))
+    assert projected_emd_angles(p, near).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_pemd16_sees_every_shift_direction_equally():
+    """Over [0, 180) the 16 directions are symmetric: a shift by (s, s) and by (s, -s)
+    cost the same; the literal 0-90 reading is blind-ish to (s, -s)."""
+    k = 11
+    p = one_hot(k, 5, 5)
+    diag, anti = one_hot(k, 7, 7), one_hot(k, 7, 3)
+    assert projected_emd_angles(p, diag).item() == pytest.approx(
+        projected_emd_angles(p, anti).item()
+    )
+    assert (
+        projected_emd_angles(p, anti, max_angle=90).item()
+        < projected_emd_angles(p, diag, max_angle=90).item()
+    )
+
+
+def test_pemd16_matches_scipy_wasserstein_at_a_random_angle():
+    """Against scipy with the bins as weights at the projected coordinates t: exact for
+    one-hot heads and for peaked heads; for diffuse heads the linear splatting is a lower
+    bound of W1 at t (it averages the CDF over each unit cell)."""
+    k, n = 7, 20
+    rng = np.random.default_rng(0)
+    angle = float(rng.uniform(5, 90))  # (a second direction, at 2 * angle, is not used)
+    i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    t = (i * np.cos(np.deg2rad(angle)) + j * np.sin(np.deg2rad(angle))).ravel()
+
+    def ours(p, q):  # the second of 2 directions over [0, 2 * angle) is `angle`
+        a = angle_projections(p, angles=2, max_angle=2 * angle)[1]
+        b = angle_projections(q, angles=2, max_angle=2 * angle)[1]
+        return emd_1d(a, b).numpy()
+
+    def scipy_w1(p, q):
+        return np.array(
+            [
+                wasserstein_distance(t, t, p[m].numpy().ravel(), q[m].numpy().ravel())
+                for m in range(len(p))
+            ]
+        )
+
+    # one-hot heads at random bins: exact
+    cells = rng.integers(0, k, size=(2, n, 2))
+    p = torch.stack([one_hot(k, *cells[0, m])[0] for m in range(n)])
+    q = torch.stack([one_hot(k, *cells[1, m])[0] for m in range(n)])
+    np.testing.assert_allclose(ours(p, q), scipy_w1(p, q), atol=1e-10)
+
+    # random histograms: the same W1 as scipy on the splatted grid, a lower bound at t
+    p = random_histograms((n,), k, seed=36)
+    q = random_histograms((n,), k, seed=37)
+    a = angle_projections(p, angles=2, max_angle=2 * angle)[1].numpy()
+    b = angle_projections(q, angles=2, max_angle=2 * angle)[1].numpy()
+    grid = np.arange(a.shape[-1], dtype=float)
+    on_grid = [wasserstein_distance(grid, grid, a[m], b[m]) for m in range(n)]
+    np.testing.assert_allclose(ours(p, q), on_grid, atol=1e-10)
+    exact, approx = scipy_w1(p, q), ours(p, q)
+    assert np.all(approx <= exact + 1e-10)
+    assert np.all(approx >= 0.5 * exact)
+    assert approx.mean() == pytest.approx(exact.mean(), rel=0.15)
+
+
+def test_pemd16_swd_is_the_sum_of_its_terms():
+    p = random_histograms((30,), 5, seed=38)
+    q = random_histograms((30,), 5, seed=39)
+    expected = projected_emd_angles(p, q) + sliced_wasserstein(p, q, num_projections=128, seed=4)
+    torch.testing.assert_close(projected_emd_swd(p, q, seed=4), expected)
+    assert projected_emd_swd(p, q).item() == projected_emd_swd(p, q, seed=0).item()
+    assert projected_emd_swd(p, q, seed=1).item() != projected_emd_swd(p, q, seed=2).item()
+    torch.testing.assert_close(projected_emd_swd(p, q, swd_weight=0.0), projected_emd_angles(p, q))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert projected_emd_swd(p, q, generator=g1).item() == projected_emd_swd(p, q, seed=5).item()
+    assert (
+        projected_emd_swd(p, q, generator=g1).item() != projected_emd_swd(p, q, generator=g2).item()
+    )
+
+
+def test_pemd16_works_under_inference_mode_then_with_gradients():
+    p = random_histograms((4,), 9, seed=40, dtype=torch.float32)
+    q = random_histograms((4,), 9, seed=41, dtype=torch.float32)
+    with torch.inference_mode():  # the cached matrices must not become inference tensors
+        projected_emd_angles(p, q, angles=3, max_angle=77.0)
+        angle_projections(p, angles=3, max_angle=77.0)
+    x = p.clone().requires_grad_()
+    projected_emd_angles(x, q, angles=3, max_angle=77.0).backward()
+    angle_projections(x, angles=3, max_angle=77.0)[1].sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_pemd16_bad_arguments_raise():
+    p = random_histograms((3,), 5)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="angles"):
+            projected_emd_angles(p, p, angles=bad)
+    for bad in (0, -10, 181):
+        with pytest.raises(ValueError, match="max_angle"):
+            projected_emd_angles(p, p, max_angle=bad)
+    with pytest.raises(ValueError, match="reduction='mean'"):
+        projected_emd_swd(p, p, reduction="none")
+    with pytest.raises(ValueError, match="reduction"):
+        projected_emd_angles(p, p, reduction="max")
+    with pytest.raises(ValueError, match="angles"):
+        ProjectedEMDAngles(angles=0)
+    with pytest.raises(ValueError, match="max_angle"):
+        ProjectedEMDSWD(max_angle=200)
+
+
+def test_pemd16_factory_and_modules():
+    p = random_histograms((2, 3), 5, seed=42)
+    q = random_histograms((2, 3), 5, seed=43)
+    torch.testing.assert_close(discrepancy_fn("pemd16")(p, q), projected_emd_angles(p, q))
+    torch.testing.assert_close(
+        discrepancy_fn("pemd_16", angles=8, reduction="none")(p, q),
+        projected_emd_angles(p, q, angles=8, reduction="none"),
+    )
+    # the defaults are the paper's: 16 directions plus SWD with 128 projections
+    torch.testing.assert_close(
+        discrepancy_fn("p-EMD (16+)")(p, q),
+        projected_emd_angles(p, q, angles=16) + sliced_wasserstein(p, q, num_projections=128),
+    )
+    d = discrepancy_fn(Discrepancy.PEMD16_SWD, seed=9)
+    assert d(p, q).item() == projected_emd_swd(p, q, seed=9).item()
+    with pytest.raises(TypeError):
+        discrepancy_fn("pemd16", diagonals=True)
+    torch.testing.assert_close(ProjectedEMDAngles()(p, q), projected_emd_angles(p, q))
+    torch.testing.assert_close(
+        ProjectedEMDAngles(8, 90, reduction="none")(p, q),
+        projected_emd_angles(p, q, angles=8, max_angle=90, reduction="none"),
+    )
+    torch.testing.assert_close(ProjectedEMDSWD(seed=3)(p, q), projected_emd_swd(p, q, seed=3))
+    m1, m2 = ProjectedEMDSWD(resample=True), ProjectedEMDSWD(resample=True)
+    a1, b1 = m1(p, q).item(), m1(p, q).item()
+    assert (a1, b1) == (m2(p, q).item(), m2(p, q).item()) and a1 != b1
+    assert list(ProjectedEMDSWD().parameters()) == []
+    assert "angles=16" in repr(ProjectedEMDSWD())
+
+
+def test_every_member_has_a_display_name_and_a_function():
+    from napari_discreg.core.benchmark import ROW_NAMES
+    from napari_discreg.core.discrepancy import DISPLAY_NAMES
+
+    assert set(DISPLAY_NAMES) == set(Discrepancy)
+    assert set(ROW_NAMES) == {kind.value for kind in Discrepancy}
+    p = random_histograms((4,), 5, seed=44)
+    for kind in Discrepancy:
+        assert discrepancy_fn(kind)(p, p).item() == 0.0

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.config import AdaptConfig, DataConfig
+from ..core.discrepancy import DISPLAY_NAMES, Discrepancy
 from . import _notify
 from ._io import CHECKPOINT_FILTER
 from ._layers import check_image_pair
@@ -41,10 +42,17 @@ from ._state import state_for, unwrap_viewer
 from ._workers import Job, WorkerWidgetMixin, job_controls
 from .register import OUTPUT_WORDS, _row
 
+_LABELS = {
+    Discrepancy.PEMD: "pEMD (projected Earth Mover's)",
+    Discrepancy.PEMD16_SWD: "pEMD 16+ (16 directions + SWD, the paper's best)",
+    Discrepancy.PEMD16: "pEMD 16 (16 projection directions)",
+    Discrepancy.SWD: "SWD (sliced Wasserstein)",
+    Discrepancy.L1: "L1 (MCD)",
+}
+# every member of Discrepancy, the default (pEMD) first
 DISCREPANCIES = {
-    "pemd": "pEMD (projected Earth Mover's)",
-    "swd": "SWD (sliced Wasserstein)",
-    "l1": "L1 (MCD)",
+    kind.value: _LABELS.get(kind, DISPLAY_NAMES.get(kind, kind.value))
+    for kind in [*_LABELS, *(k for k in Discrepancy if k not in _LABELS)]
 }
 
 
@@ -273,7 +281,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         device = self._device()
         self.records = []
         self.worker_iteration = 0
-        self.plot.reset(kind.upper() if kind != "pemd" else "pEMD")
+        self.plot.reset(DISPLAY_NAMES.get(Discrepancy(kind), kind))
         self.progress.setRange(0, config.steps)
         self.progress.setValue(0)
         self.status_label.setText("preparing…")
@@ -362,7 +370,8 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
     def _adapted_name(self) -> str:
         last = self.records[-1] if self.records else None
         best = last.best_iteration if last is not None else 0
-        return f"adapted ({DISCREPANCIES[self.discrepancy()].split()[0]}, iteration {best})"
+        kind = self.discrepancy()
+        return f"adapted ({DISPLAY_NAMES.get(Discrepancy(kind), kind)}, iteration {best})"
 
     def keep(self) -> bool:
         """Make the adapted model the current model (the Register widget uses it)."""

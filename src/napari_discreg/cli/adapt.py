@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import __version__
 from ..core import io
+from ..core.discrepancy import Discrepancy
 from ._common import (
     EXIT_INTERRUPTED,
     PROG,
@@ -121,7 +122,10 @@ def _add_adapt(sub) -> None:
         "--demo-target", type=_positive_int, metavar="N", help="use N built-in T1 vs T2-like pairs"
     )
     p.add_argument(
-        "--discrepancy", choices=("l1", "swd", "pemd"), default="pemd", help="default pemd"
+        "--discrepancy",
+        choices=[kind.value for kind in Discrepancy],
+        default="pemd",
+        help="default pemd; pemd16+ is the paper's p-EMD (16+)",
     )
     p.add_argument(
         "--steps",

@@ -16,6 +16,7 @@ from ..core.benchmark import (
     run_benchmark,
     update_section,
 )
+from ..core.discrepancy import Discrepancy
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,7 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=None, help="held-out target pairs")
     p.add_argument("--n-adapt", type=int, default=None, help="unlabelled target pairs to adapt on")
     p.add_argument("--moving-contrast", choices=("t2", "pd"), default=None)
-    p.add_argument("--discrepancies", nargs="+", default=None, choices=("l1", "swd", "pemd"))
+    p.add_argument(
+        "--discrepancies", nargs="+", default=None, choices=[kind.value for kind in Discrepancy]
+    )
     p.add_argument("--no-peers", action="store_true", help="skip elastix and SimpleITK")
     p.add_argument("--no-oracle", action="store_true")
     p.add_argument("--no-refine", action="store_true", help="skip the refinement rows")

@@ -29,11 +29,12 @@ import torch
 from . import data as data_mod
 from .checkpoint import load_model
 from .config import AdaptConfig, DataConfig, TrainConfig
+from .discrepancy import DISPLAY_NAMES
 from .evaluate import METRICS, evaluate_model, identity_metrics, pair_metrics, summarise
 from .refine import RefineConfig
 from .train import StepRecord, adapt_steps, train_steps
 
-ROW_NAMES = {"l1": "L1", "swd": "SWD", "pemd": "pEMD"}
+ROW_NAMES = {kind.value: name for kind, name in DISPLAY_NAMES.items()}
 
 
 @dataclass
