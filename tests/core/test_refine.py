@@ -110,12 +110,16 @@ def test_refinement_input_errors(pair):
 
 
 def test_register_refine_improves_the_shipped_model_on_t1_t2(pair, shipped_model):
+    # the contrast-augmented shipped model is already far better than identity on T1/T2
+    # before any adaptation; the refinement must still lower its error
     plain = nd.register(pair.fixed, pair.moving, model=shipped_model)
     refined = nd.register(pair.fixed, pair.moving, model=shipped_model, refine=True)
     assert plain.refine_steps == 0 and refined.refine_steps == RefineConfig().steps
     e_plain = end_point_error(plain.displacement, pair.displacement, pair.mask)
     e_refined = end_point_error(refined.displacement, pair.displacement, pair.mask)
-    assert e_refined < 0.5 * e_plain, (e_refined, e_plain)
+    e_identity = end_point_error(np.zeros_like(pair.displacement), pair.displacement, pair.mask)
+    assert e_plain < 0.5 * e_identity, (e_plain, e_identity)
+    assert e_refined < 0.9 * e_plain, (e_refined, e_plain)
     # the network's outputs are untouched; no gradient is left on the model
     np.testing.assert_array_equal(plain.probabilities, refined.probabilities)
     assert all(p.grad is None for p in shipped_model.parameters())

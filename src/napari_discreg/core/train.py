@@ -438,7 +438,7 @@ def adapt_steps(
     def iteration_discrepancy() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         # SWD: new random directions every iteration (Lee et al.), but the same ones in
         # steps B and C, so that G minimises the discrepancy the heads just maximised
-        if kind is Discrepancy.SWD:
+        if kind in (Discrepancy.SWD, Discrepancy.PEMD16_SWD):
             return discrepancy_fn(
                 kind, **options, seed=int(torch.randint(2**31 - 1, (1,), generator=gen))
             )
