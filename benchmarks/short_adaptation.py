@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "default (pEMD)": ("pemd", {}),
     "pEMD, lr 1e-4": ("pemd", {"lr": 1e-4}),
     "pEMD, n = 1, batch 2": ("pemd", {"generator_updates": 1, "batch_size": 2}),
+    "pEMD 16+": ("pemd16+", {}),
     "SWD": ("swd", {}),
     "L1": ("l1", {}),
 }
