@@ -23,12 +23,14 @@ import torch
 from tqdm import tqdm
 
 from napari_discreg.core import data
+from napari_discreg.core.benchmark import update_section
 from napari_discreg.core.checkpoint import DEFAULT_WEIGHTS, save_checkpoint
 from napari_discreg.core.config import DataConfig, ModelConfig, TrainConfig
 from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise
 from napari_discreg.core.model import DiscreteRegistrationNet
 from napari_discreg.core.train import train_steps
 
+HEADER = "# The shipped pretrained models\n"
 OUT = Path(__file__).resolve().parents[1] / "src" / "napari_discreg" / "weights"
 
 
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     save_checkpoint(model, args.out, extra={"training": record})
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     lines = [
-        "# The shipped pretrained model",
+        "## The default model",
         "",
         f"`{args.out.name}` was written by `{record['command']}` in {train_seconds / 60:.1f} min "
         f"on {record['machine']}.",
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
         "",
         "Settings: see the JSON file beside this one (also stored in the checkpoint's metadata).",
     ]
-    (args.out.parent / "TRAINING.md").write_text("\n".join(lines) + "\n")
+    # only this script's section: the page also holds the adapted models' section
+    update_section(args.out.parent / "TRAINING.md", "default", "\n".join(lines), header=HEADER)
     print("\n".join(lines))
     return 0
 

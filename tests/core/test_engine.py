@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,6 +172,33 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path, tiny_model, tin
         load_model(bad_cfg)
     with pytest.raises(ValueError, match="does not exist"):
         load_model(tmp_path / "missing.safetensors")
+
+
+def test_shipped_models_load_by_name(tmp_path, monkeypatch):
+    from napari_discreg.core.checkpoint import checkpoint_info, checkpoint_path, shipped_model_path
+    from napari_discreg.core.config import SHIPPED_MODELS
+
+    assert checkpoint_path(None) == shipped_model_path("default")
+    for name, (file, _) in SHIPPED_MODELS.items():
+        path = shipped_model_path(name)
+        assert path.name == file and checkpoint_path(name) == path
+        if not path.is_file():  # the adapted models ship once trained (TRAINING.md)
+            continue
+        model = load_model(name, device="cpu")
+        assert model.config == read_checkpoint(path)[0]
+        info = checkpoint_info(name)
+        assert info["model_config"] == model.config.to_dict()
+        assert path.with_suffix(".json").is_file(), f"{name}: no training record beside it"
+    with pytest.raises(ValueError, match="no shipped model 'nope'"):
+        shipped_model_path("nope")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model("nope")
+    # a file in the working directory that is called like a shipped model wins
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mono").write_bytes(b"not a checkpoint")
+    assert checkpoint_path("mono") == Path("mono")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_model("mono")
 
 
 def test_config_validation():

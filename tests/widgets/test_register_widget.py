@@ -274,3 +274,23 @@ def test_save_and_load_field(viewer, tmp_path, tiny_model_path, small_pair, wait
     np.save(tmp_path / "small.npy", np.zeros((2, 10, 10), np.float32))
     assert widget.load_field(tmp_path / "small.npy") is None
     assert any(level == "error" and "does not fit" in text for level, text in notes)
+
+
+@pytest.mark.shipped_model
+def test_model_choice_offers_the_shipped_models_by_name(viewer):
+    from napari_discreg.core.checkpoint import shipped_model_path
+
+    widget = RegisterWidget(viewer)
+    state = state_for(viewer)
+    names = [widget.model_combo.itemData(i) for i in range(widget.model_combo.count())]
+    assert names[0] == "default" and names[-1] is None  # then a checkpoint file
+    assert "mono" in names
+    assert all(shipped_model_path(n).is_file() for n in names if n is not None)
+    widget.model_combo.setCurrentIndex(names.index("mono"))
+    assert state.model is not None and state.model_name == "shipped mono"
+    assert widget.model_label.text() == "shipped mono"
+    expected = load_model("mono", device="cpu")
+    for k, v in expected.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), state.model.state_dict()[k].cpu().numpy())
+    widget.model_combo.setCurrentIndex(0)  # back to the default shipped model
+    assert state.model is None and widget.model_combo.currentData() == "default"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from napari.layers import Image, Labels, Points
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -38,6 +39,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..core.checkpoint import load_model, shipped_model_path
+from ..core.config import SHIPPED_MODELS
 from . import _notify
 from ._geometry import (
     deformation_grid,
@@ -142,7 +145,16 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         model_box = QGroupBox("Model")
         mform = QFormLayout(model_box)
         self.model_combo = QComboBox()
-        self.model_combo.addItems([SHIPPED_MODEL_NAME, "checkpoint file"])
+        # the shipped models by name (default first), then a checkpoint file
+        for name, (_, description) in SHIPPED_MODELS.items():
+            if name == "default" or shipped_model_path(name).is_file():
+                self.model_combo.addItem(
+                    SHIPPED_MODEL_NAME if name == "default" else f"shipped: {name}", name
+                )
+                self.model_combo.setItemData(
+                    self.model_combo.count() - 1, description, Qt.ItemDataRole.ToolTipRole
+                )
+        self.model_combo.addItem("checkpoint file", None)
         self.checkpoint_edit = QLineEdit()
         self.checkpoint_edit.setPlaceholderText("path/to/model.safetensors")
         self.browse_checkpoint_button = QPushButton("Browse…")
@@ -333,11 +345,35 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         return None if text == "auto" else text
 
     def _model_source_changed(self) -> None:
-        if self.model_combo.currentIndex() == 0:
+        name = self.model_combo.currentData()
+        if name == "default":
             if self.state.model is not None:
                 self.state.set_model(None)
+        elif name is not None:
+            self.load_shipped(name)
         elif self.checkpoint_edit.text().strip():
             self.load_checkpoint(self.checkpoint_edit.text())
+
+    def load_shipped(self, name: str) -> bool:
+        """Make the shipped model ``name`` (a key of ``SHIPPED_MODELS``) current."""
+        if name == "default":
+            self.state.set_model(None)
+            return True
+        try:
+            model = load_model(name, self.device())
+        except _notify.USER_ERRORS as exc:
+            _notify.error(f"cannot load the shipped model {name!r}: {_notify.describe(exc)}")
+            return False
+        self._select_source(name)
+        self.state.set_model(model, f"shipped {name}")
+        return True
+
+    def _select_source(self, name: str | None) -> None:
+        """Show ``name`` (a shipped model, or ``None``: a checkpoint file) in the combo
+        without reloading it."""
+        self.model_combo.blockSignals(True)
+        self.model_combo.setCurrentIndex(self.model_combo.findData(name))
+        self.model_combo.blockSignals(False)
 
     def _browse_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Load model checkpoint", "", CHECKPOINT_FILTER)
@@ -346,8 +382,6 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
 
     def load_checkpoint(self, path) -> bool:
         """Load a checkpoint file as the current model; errors become notifications."""
-        from ..core.checkpoint import load_model
-
         path = str(path).strip()
         try:
             if not path:
@@ -357,18 +391,14 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             _notify.error(f"cannot load the model: {_notify.describe(exc)}")
             return False
         self.checkpoint_edit.setText(path)
-        self.model_combo.blockSignals(True)
-        self.model_combo.setCurrentIndex(1)
-        self.model_combo.blockSignals(False)
+        self._select_source(None)
         self.state.set_model(model, f"checkpoint {layer_name_for(path)}")
         return True
 
     def _model_changed(self, name: str) -> None:
         self.model_label.setText(name)
         if self.state.model is None:
-            self.model_combo.blockSignals(True)
-            self.model_combo.setCurrentIndex(0)
-            self.model_combo.blockSignals(False)
+            self._select_source("default")
 
     # ------------------------------------------------------------------ run
     @property

@@ -15,6 +15,10 @@ from typing import Any
 import numpy as np
 
 from ..core import io
+from ..core.config import SHIPPED_MODELS
+
+SHIPPED_NAMES = ", ".join(SHIPPED_MODELS)
+"""The shipped models ``--model`` accepts by name (for help texts)."""
 
 PROG = "napari-discreg"
 EXIT_USER_ERROR = 2
@@ -192,17 +196,18 @@ class Outputs:
 
 
 def _load_model(path: str | None, device):
-    """(model, description) for ``--model``; the shipped model when ``path`` is None."""
-    from ..core.checkpoint import default_weights_path, load_model
+    """(model, description) for ``--model``: a checkpoint file, a shipped model's name,
+    or (``None``) the default shipped model."""
+    from ..core.checkpoint import checkpoint_path, load_model
 
-    if path is None:
-        shipped = default_weights_path()
-        if not shipped.is_file():
+    file = checkpoint_path(path)
+    if file != Path(path or ""):  # a shipped model
+        if not file.is_file():
             raise ValueError(
-                f"the pretrained model shipped with napari-discreg is missing ({shipped}); "
+                f"the pretrained model shipped with napari-discreg is missing ({file}); "
                 f"train one with `{PROG} train -o model.safetensors` and pass it with --model"
             )
-        return load_model(None, device), f"{shipped} (shipped)"
+        return load_model(file, device), f"{file} (shipped)"
     return load_model(path, device), str(Path(path))
 
 

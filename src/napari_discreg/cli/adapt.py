@@ -17,6 +17,7 @@ from ..core.discrepancy import Discrepancy
 from ._common import (
     EXIT_INTERRUPTED,
     PROG,
+    SHIPPED_NAMES,
     _add_folder_options,
     _device_arg,
     _jsonable,
@@ -86,7 +87,12 @@ def _add_adapt(sub) -> None:
     p.add_argument(
         "-o", "--output", required=True, help="adapted checkpoint to write (.safetensors)"
     )
-    p.add_argument("--model", help="checkpoint to adapt; default: the shipped pretrained model")
+    p.add_argument(
+        "--model",
+        help="checkpoint to adapt, or a shipped model by name ("
+        + SHIPPED_NAMES
+        + "); default: default",
+    )
     p.add_argument(
         "--source",
         nargs="+",

@@ -17,6 +17,7 @@ from ..core.benchmark import (
     update_section,
 )
 from ..core.discrepancy import Discrepancy
+from ._common import SHIPPED_NAMES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,7 +29,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="CI-sized run of the same code path")
     p.add_argument("--out-dir", type=Path, default=Path("docs"))
-    p.add_argument("--model", default=None, help="source checkpoint (default: the shipped model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="source checkpoint or shipped model name (" + SHIPPED_NAMES + "); default: default",
+    )
     p.add_argument("--steps", type=int, default=None, help="adaptation iterations per run")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--n-test", type=int, default=None, help="held-out target pairs")

@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import __version__
 from ._common import (
+    SHIPPED_NAMES,
     Outputs,
     _device_arg,
     _load_model,
@@ -45,7 +46,10 @@ def _add_demo(sub) -> None:
         dest="slice_index",
         help="axial template slice (default: middle test slice)",
     )
-    p.add_argument("--model", help="checkpoint; default: the shipped pretrained model")
+    p.add_argument(
+        "--model",
+        help="checkpoint, or a shipped model by name (" + SHIPPED_NAMES + "); default: default",
+    )
     p.add_argument("--device", type=_device_arg, default="auto", help="auto (default), cpu or cuda")
     p.add_argument(
         "--refine",

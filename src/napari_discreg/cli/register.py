@@ -8,6 +8,7 @@ import numpy as np
 
 from ..core import io
 from ._common import (
+    SHIPPED_NAMES,
     Outputs,
     _device_arg,
     _foreground,
@@ -36,7 +37,10 @@ def _add_register(sub) -> None:
     p.add_argument("moving", help="moving image, same shape as FIXED")
     p.add_argument("-o", "--outdir", required=True, help="output folder (created if needed)")
     p.add_argument(
-        "--model", help="checkpoint (.safetensors); default: the shipped pretrained model"
+        "--model",
+        help="checkpoint (.safetensors), or a shipped model by name ("
+        + SHIPPED_NAMES
+        + "); default: default",
     )
     p.add_argument("--device", type=_device_arg, default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--axis", type=int, help="slice axis for 3D files (default 0; 2 for NIfTI)")

@@ -319,3 +319,54 @@ def plot_results(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def timed_adaptation(
+    model: torch.nn.Module,
+    fixed,
+    moving,
+    discrepancy: str,
+    config: AdaptConfig,
+    eval_pairs: list,
+    *,
+    device: str = "cpu",
+) -> dict:
+    """One adaptation run of a copy of ``model``, timed as a user would wait for it.
+
+    The wall time runs from the call of :func:`adapt_steps` to its last record
+    (selection criterion included). The raw weights at every criterion evaluation
+    (every ``config.select_every`` iterations and the last) are kept and evaluated on
+    ``eval_pairs`` only afterwards, untimed: the time-to-accuracy curve. ``kept`` is
+    the evaluation of the weights the keep-best rule returned.
+    """
+    import copy
+
+    work = copy.deepcopy(model)
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    times: dict[int, float] = {}
+    kept_iteration = 0
+    t0 = time.perf_counter()
+    for rec in adapt_steps(
+        work, fixed, moving, discrepancy=discrepancy, config=config, device=device
+    ):
+        times[rec.iteration] = time.perf_counter() - t0
+        if rec.best_iteration is not None:
+            kept_iteration = rec.best_iteration
+        if rec.criterion is not None:
+            snapshots[rec.iteration] = {k: v.detach().clone() for k, v in work.state_dict().items()}
+    seconds = time.perf_counter() - t0
+    kept = summarise(evaluate_model(work, eval_pairs))  # the generator restored the kept weights
+    probe = copy.deepcopy(model)
+    curve = []
+    for it, weights in sorted(snapshots.items()):
+        probe.load_state_dict(weights)
+        s = summarise(evaluate_model(probe, eval_pairs))
+        curve.append(
+            {
+                "iteration": it,
+                "seconds": times[it],
+                "accuracy": s["label_accuracy"],
+                "epe": s["epe"],
+            }
+        )
+    return {"seconds": seconds, "kept_iteration": kept_iteration, "kept": kept, "curve": curve}

@@ -26,12 +26,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import SHIPPED_MODELS, ModelConfig
 from .model import DiscreteRegistrationNet, resolve_device
 
 FORMAT = "napari-discreg"
 FORMAT_VERSION = "1"
-DEFAULT_WEIGHTS = "discreg_t1_t2_pd.safetensors"
+DEFAULT_WEIGHTS = SHIPPED_MODELS["default"][0]
 OPTIMIZER_PREFIX = "__optimizer__/"
 """Tensor names of a training state's optimiser tensors start with this (never a
 model parameter name)."""
@@ -41,7 +41,27 @@ STATE_PREFIX = "__state__/"
 
 def default_weights_path() -> Path:
     """Path of the pretrained model shipped inside the package."""
-    return Path(str(resources.files("napari_discreg") / "weights" / DEFAULT_WEIGHTS))
+    return shipped_model_path("default")
+
+
+def shipped_model_path(name: str) -> Path:
+    """Path of the shipped model ``name`` (a key of :data:`SHIPPED_MODELS`)."""
+    if name not in SHIPPED_MODELS:
+        raise ValueError(
+            f"no shipped model {name!r}; the shipped models are {list(SHIPPED_MODELS)}"
+        )
+    return Path(str(resources.files("napari_discreg") / "weights" / SHIPPED_MODELS[name][0]))
+
+
+def checkpoint_path(source: str | os.PathLike | None) -> Path:
+    """The checkpoint file ``source`` names: ``None`` the default shipped model, a key of
+    :data:`SHIPPED_MODELS` that shipped model (unless a file of that name exists), else
+    a path."""
+    if source is None:
+        return default_weights_path()
+    if isinstance(source, str) and source in SHIPPED_MODELS and not Path(source).is_file():
+        return shipped_model_path(source)
+    return Path(source)
 
 
 def save_checkpoint(
@@ -120,12 +140,14 @@ def _cached_checkpoint(path: str, mtime: float):
 
 
 def load_model(path: str | os.PathLike | None = None, device=None) -> DiscreteRegistrationNet:
-    """Load a model; ``path=None`` loads the pretrained model shipped with the package.
+    """Load a model: a checkpoint file, or a shipped model by name.
 
-    Returns a new, independent model in eval mode on ``device`` (``None``: CUDA when
-    available, else CPU).
+    ``path=None`` loads the default pretrained model shipped with the package; a key of
+    :data:`SHIPPED_MODELS` (``"default"``, ``"t1-to-t2"``, ``"t1-to-pd"``, ``"mono"``)
+    loads that shipped model. Returns a new, independent model in eval mode on
+    ``device`` (``None``: CUDA when available, else CPU).
     """
-    p = Path(path) if path is not None else default_weights_path()
+    p = checkpoint_path(path)
     if not p.is_file():
         raise ValueError(f"checkpoint {p} does not exist or is not a file")
     config, tensors, _ = _cached_checkpoint(str(p.resolve()), p.stat().st_mtime)
@@ -154,8 +176,9 @@ def _build_model(
 
 
 def checkpoint_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The config and the ``extra`` metadata (training settings, metrics) of a checkpoint."""
-    p = Path(path) if path is not None else default_weights_path()
+    """The config and the ``extra`` metadata (training settings, metrics) of a checkpoint
+    (a path, a shipped model's name, or ``None`` for the default one)."""
+    p = checkpoint_path(path)
     config, _, extra = read_checkpoint(p)
     return {"model_config": config.to_dict(), **extra}
 

@@ -21,6 +21,18 @@ def _from_dict(cls, data: dict[str, Any]):
     return cls(**data)
 
 
+SHIPPED_MODELS: dict[str, tuple[str, str]] = {
+    "default": ("discreg_t1_t2_pd.safetensors", "source model, contrast-augmented T1/T2/PD pairs"),
+    "t1-to-t2": ("discreg_t1_to_t2.safetensors", "default adapted offline to T1 vs T2-like"),
+    "t1-to-pd": ("discreg_t1_to_pd.safetensors", "default adapted offline to T1 vs PD-like"),
+    "mono": ("discreg_mono_t1_t2_pd.safetensors", "paper protocol: mono-modal source only"),
+}
+"""Name -> (file in ``napari_discreg/weights``, one-line description) of every model
+shipped with the package; each has its training record beside it (same stem, .json).
+``load_model(name)`` loads one; ``"default"`` is what ``load_model()`` and
+``register()`` use."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of the two-head discrete registration network.

@@ -36,8 +36,8 @@ class StepRecord:
 
     ``losses`` maps a loss name to its value; ``discrepancy`` is the target
     discrepancy of step C (adaptation only); ``criterion`` the unsupervised model
-    selection score (normalised mutual information of fixed vs warped target,
-    higher is better) when it was evaluated at this iteration, else ``None``.
+    selection score (:func:`selection_criterion`, higher is better) when it was
+    evaluated at this iteration, else ``None``.
     """
 
     iteration: int
