@@ -73,6 +73,40 @@ def test_a_start_worse_than_no_motion_is_replaced_by_the_zero_field(pair):
     assert epe < from_zero
 
 
+def _mind_cost(fixed, warped):
+    return float(((mind_ssc(_tensor(fixed)) - mind_ssc(_tensor(warped))) ** 2).mean())
+
+
+def test_register_guard_falls_back_to_identity_when_the_network_makes_it_worse(pair):
+    from napari_discreg.core.config import ModelConfig
+    from napari_discreg.core.model import DiscreteRegistrationNet
+
+    # an untrained model with a strong random bias: a large, wrong field
+    torch.manual_seed(0)
+    bad = DiscreteRegistrationNet(ModelConfig()).eval()
+    with torch.no_grad():
+        for head in (bad.F1, bad.F2):
+            last = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+            last.bias.zero_()
+            last.bias[0] = 50.0  # every control point: the corner label (-7, -7) px
+    raw = nd.register(pair.fixed, pair.moving, model=bad, guard=False)
+    assert not raw.identity_fallback and np.abs(raw.displacement).max() > 5
+    assert _mind_cost(pair.fixed, raw.warped) > _mind_cost(pair.fixed, pair.moving)
+    guarded = nd.register(pair.fixed, pair.moving, model=bad)
+    assert guarded.identity_fallback
+    np.testing.assert_array_equal(guarded.displacement, 0)
+    np.testing.assert_allclose(guarded.warped, pair.moving, atol=1e-4)  # float32 resampling
+    # the network's outputs are still reported as they are
+    np.testing.assert_array_equal(guarded.probabilities, raw.probabilities)
+
+
+def test_register_guard_keeps_a_field_that_helps(pair, shipped_model):
+    kept = nd.register(pair.fixed, pair.moving, model=shipped_model)
+    raw = nd.register(pair.fixed, pair.moving, model=shipped_model, guard=False)
+    assert not kept.identity_fallback
+    np.testing.assert_array_equal(kept.displacement, raw.displacement)
+
+
 def test_a_coarse_level_reaches_larger_displacements():
     cfg = DataConfig(size=128, max_displacement=10.0)
     big = data.make_pair(data.load_template(128), 110, "t1", "t2", np.random.default_rng(5), cfg)

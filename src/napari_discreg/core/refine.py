@@ -25,7 +25,7 @@ from .config import RefineConfig
 from .preprocess import pad_to_multiple
 from .warp import control_point_field, upsample_field, warp
 
-__all__ = ["RefineConfig", "mind_ssc", "refine_field"]
+__all__ = ["RefineConfig", "mind_ssc", "no_worse_than_identity", "refine_field"]
 
 
 # the four neighbours of a pixel at distance d, and the six pairs among them (SSC:
@@ -66,6 +66,39 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     var = torch.minimum(torch.maximum(var, 1e-3 * mean_var), 1e3 * mean_var) + 1e-8
     mind = torch.exp(-dist / var)
     return mind / mind.amax(dim=1, keepdim=True)
+
+
+def no_worse_than_identity(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    field: torch.Tensor,
+    *,
+    radius: int = RefineConfig.radius,
+    dilation: int = RefineConfig.dilation,
+    descriptors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, ``field`` or the zero field, whichever matches better by MIND-SSC.
+
+    A network that does not know a pair's contrasts can predict a field further from
+    the truth than no motion at all; the MIND-SSC distance (mean squared difference of
+    the descriptors of fixed and of the warped moving image, no labels involved) tells
+    the two apart. The moving image is warped before its descriptors are taken:
+    warping the descriptors instead interpolates them, which lowers their distance for
+    any non-zero field and would favour a wrong field over no motion. ``fixed``,
+    ``moving`` (B, 1, H, W), ``field`` (B, 2, H, W); ``descriptors``: those of fixed and
+    moving when already computed. Returns the chosen fields and a (B,) bool tensor,
+    True where the zero field was chosen.
+    """
+    with torch.no_grad():
+        if descriptors is None:
+            descriptors = mind_ssc(fixed, radius, dilation), mind_ssc(moving, radius, dilation)
+        mind_f, mind_m = descriptors
+        warped = mind_ssc(warp(moving, field), radius, dilation)
+        cost_field = ((mind_f - warped) ** 2).mean(dim=(1, 2, 3))
+        cost_zero = ((mind_f - mind_m) ** 2).mean(dim=(1, 2, 3))
+        use_zero = cost_zero <= cost_field
+        chosen = torch.where(use_zero.view(-1, 1, 1, 1), torch.zeros_like(field), field)
+    return chosen.detach(), use_zero
 
 
 def _diffusion(field: torch.Tensor) -> torch.Tensor:
@@ -116,14 +149,16 @@ def refine_field(
         return mind_ssc(image, cfg.radius, cfg.dilation)
 
     with torch.no_grad():
-        # a network that does not know these contrasts can start further from the
-        # truth than no motion at all: per pair, start from whichever of the two
-        # matches better by the same MIND distance (no labels involved)
         mind_f, mind_m = mind(fixed), mind(moving)
-        cost_init = ((mind_f - warp(mind_m, initial)) ** 2).mean(dim=(1, 2, 3))
-        cost_zero = ((mind_f - mind_m) ** 2).mean(dim=(1, 2, 3))
-        use_zero = (cost_zero < cost_init).view(-1, 1, 1, 1)
-        field = torch.where(use_zero, torch.zeros_like(initial), initial).detach()
+    # start from whichever of the initial and the zero field matches better
+    field, _ = no_worse_than_identity(
+        fixed,
+        moving,
+        initial,
+        radius=cfg.radius,
+        dilation=cfg.dilation,
+        descriptors=(mind_f, mind_m),
+    )
     for level in reversed(range(cfg.levels)):
         f = 2**level
         if f == 1:

@@ -11,7 +11,7 @@ from .discrepancy import projected_emd
 from .labels import argmax_label
 from .model import DiscreteRegistrationNet, resolve_device
 from .preprocess import check_pair, min_image_size, network_input
-from .refine import RefineConfig, refine_field
+from .refine import RefineConfig, no_worse_than_identity, refine_field
 from .train import predict_field
 from .warp import warp
 
@@ -48,6 +48,10 @@ class RegistrationResult:
         Instance-optimisation steps applied to ``displacement`` after the network
         (0: the network's field as it is). ``probabilities``, ``discrepancy`` and
         ``labels`` are always the network's.
+    identity_fallback : bool
+        True when the network's field matched the pair worse than no motion (MIND-SSC
+        distance, ``register(guard=True)``) and the zero field was used instead (as the
+        refinement's start, with ``refine``).
     """
 
     displacement: np.ndarray
@@ -58,6 +62,7 @@ class RegistrationResult:
     labels: np.ndarray
     stride: int
     refine_steps: int = 0
+    identity_fallback: bool = False
 
     def control_point(self, row: float, col: float) -> tuple[int, int]:
         """Index ``(i, j)`` of the control point whose block holds pixel ``(row, col)``."""
@@ -91,6 +96,7 @@ def register(
     model: DiscreteRegistrationNet | None = None,
     device=None,
     refine: bool | int | RefineConfig = False,
+    guard: bool = True,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (2D images of the same shape).
 
@@ -110,6 +116,11 @@ def register(
         diffusion regulariser; :func:`~napari_discreg.core.refine.refine_field`):
         ``True`` with the default :class:`~napari_discreg.core.refine.RefineConfig`,
         an int for that many steps, or a config. Default ``False``.
+    guard : bool
+        Keep the network's field only if it matches the pair better than no motion by
+        the MIND-SSC distance; else use the zero field (``identity_fallback``). Default
+        ``True``: a model meeting contrasts it does not know never makes the pair worse
+        than not registering by that measure.
 
     Returns
     -------
@@ -140,6 +151,18 @@ def register(
     try:
         with torch.no_grad():
             dense, _, probs = predict_field(model, ft, mt)
+        fallback = False
+        if guard:  # judged on the image itself, not its padding
+            _, use_zero = no_worse_than_identity(
+                ft[..., :h, :w],
+                mt[..., :h, :w],
+                dense[..., :h, :w],
+                radius=rcfg.radius,
+                dilation=rcfg.dilation,
+            )
+            fallback = bool(use_zero[0])
+            if fallback:
+                dense = torch.zeros_like(dense)
         if rcfg.steps:
             dense = refine_field(ft, mt, dense, rcfg)
         with torch.no_grad():
@@ -160,6 +183,7 @@ def register(
         labels=labels.cpu().numpy(),
         stride=cfg.stride,
         refine_steps=rcfg.steps,
+        identity_fallback=fallback,
     )
 
 
