@@ -236,7 +236,7 @@ def test_adapt_demo_target(tmp_path, tiny_model, capsys):
     assert meta["discrepancy"] == "pemd" and meta["steps"] == 2 and meta["completed_steps"] == 2
     assert meta["best_iteration"] in (0, 1, 2)
     assert meta["best_criterion"] >= meta["initial_criterion"]
-    assert "mutual information" in meta["selection_criterion"]
+    assert meta["selection_criterion"] == "mind"  # AdaptConfig.criterion
     assert meta["target_pairs"] == 2 and meta["base_model"] == str(tiny_model)
     assert "adapted with pemd" in capsys.readouterr().out
 

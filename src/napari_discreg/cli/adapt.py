@@ -79,8 +79,8 @@ def _add_adapt(sub) -> None:
             "a stack/volume file or a folder of 2D images, paired in sorted order, used "
             "as they are); or --demo-target N built-in T1 (fixed) vs T2-like (moving) "
             "pairs. The labelled source pairs are mono-modal pairs of --source DIR, or "
-            "of the MNI template. The weights with the best unsupervised criterion (NMI "
-            "of fixed vs warped target) are kept, so more steps never give a worse "
+            "of the MNI template. The weights with the best unsupervised criterion "
+            "(MIND-SSC similarity of fixed vs warped target) are kept, so more steps never give a worse "
             "model by that measure. Runs under torchrun (docs/scaling.md)."
         ),
     )
@@ -521,10 +521,7 @@ def _adapt(args, out: Path, ctx) -> int:
                 "steps": cfg.steps,
                 "completed_steps": completed,
                 "best_iteration": best_iter,
-                "selection_criterion": (
-                    "normalised mutual information of fixed vs warped target pairs over the "
-                    "foreground (higher is better)"
-                ),
+                "selection_criterion": cfg.criterion,
                 "initial_criterion": criteria.get(0),
                 "best_criterion": criteria.get(best_iter),
                 "config": cfg.to_dict(),
@@ -635,7 +632,7 @@ def _adapt(args, out: Path, ctx) -> int:
             _say(resume_hint)
         return EXIT_INTERRUPTED
     init, best = criteria.get(0), criteria.get(best_iter)
-    crit = f"NMI {init:.4f} -> {best:.4f}" if init is not None and best is not None else ""
+    crit = f"{cfg.criterion} {init:.4f} -> {best:.4f}" if init is not None and best is not None else ""
     _say(
         f"adapted with {args.discrepancy} for {completed - start_step} iterations in "
         f"{elapsed:.1f} s ({completed} of {cfg.steps} in all); best iteration {best_iter} "
