@@ -49,11 +49,14 @@ import numpy as np
 __all__ = [
     "IMAGE_EXTENSIONS",
     "WRITE_EXTENSIONS",
+    "FIELD_EXTENSIONS",
     "read_image",
     "read_stack",
     "write_image",
     "write_field",
     "read_field",
+    "save_field",
+    "load_field",
     "image_format",
     "temporary_sibling",
 ]
@@ -75,7 +78,9 @@ IMAGE_EXTENSIONS: tuple[str, ...] = tuple(_FORMATS)
 WRITE_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff", ".npy", ".nii", ".nii.gz", ".png")
 """Extensions :func:`write_image` writes."""
 
-_FIELD_EXTENSIONS = (".npy", ".tif", ".tiff")
+FIELD_EXTENSIONS: tuple[str, ...] = (".npy", ".tif", ".tiff")
+"""Extensions of displacement-field files (:func:`write_field`, :func:`save_field`)."""
+
 _FORMAT_NAMES = {
     "png": "a PNG/JPEG/BMP image",
     "tiff": "a TIFF file",
@@ -411,25 +416,17 @@ def write_field(path: str | os.PathLike, displacement) -> Path:
     """
     p = Path(path)
     field = _check_field(np.asarray(displacement), str(p))
-    return _atomic_write(p, field, _FIELD_EXTENSIONS, "a displacement field")
+    return _atomic_write(p, field, FIELD_EXTENSIONS, "a displacement field")
 
 
-def read_field(path: str | os.PathLike) -> np.ndarray:
-    """Read a displacement field written by :func:`write_field`: ``(2, H, W)`` float32.
-
-    Raises
-    ------
-    ValueError
-        Missing or corrupt file, an extension other than ``.npy``/``.tif``/``.tiff``,
-        or an array that is not ``(2, H, W)``.
-    """
-    p = Path(path)
+def _read_field_file(p: Path) -> np.ndarray:
+    """The array of a ``.npy`` or TIFF field file, unchecked (ValueError naming the file)."""
     if not p.is_file():
         raise ValueError(f"{p}: no such file")
     ext = _extension(p)
-    if ext not in _FIELD_EXTENSIONS:
+    if ext not in FIELD_EXTENSIONS:
         raise ValueError(
-            f"{p}: displacement fields are read from {', '.join(_FIELD_EXTENSIONS)}, not {ext!r}"
+            f"{p}: displacement fields are read from {', '.join(FIELD_EXTENSIONS)}, not {ext!r}"
         )
     try:
         if ext == ".npy":
@@ -442,4 +439,58 @@ def read_field(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(
             f"{p}: cannot be read as a displacement field ({type(exc).__name__}: {exc})"
         ) from exc
-    return _check_field(np.asarray(arr), str(p))
+    return np.asarray(arr)
+
+
+def read_field(path: str | os.PathLike) -> np.ndarray:
+    """Read a displacement field written by :func:`write_field`: ``(2, H, W)`` float32.
+
+    Raises
+    ------
+    ValueError
+        Missing or corrupt file, an extension other than ``.npy``/``.tif``/``.tiff``,
+        or an array that is not ``(2, H, W)``.
+    """
+    p = Path(path)
+    return _check_field(_read_field_file(p), str(p))
+
+
+def save_field(path: str | os.PathLike, field) -> Path:
+    """Write one field ``(2, H, W)`` or a stack ``(N, 2, H, W)`` (float32) atomically.
+
+    A stack holds the field of slice ``n`` of a volume at index ``n``; one field is
+    written by :func:`write_field` (the format the command line reads and writes).
+    Raises :class:`ValueError` for another shape or an extension not in
+    :data:`FIELD_EXTENSIONS`, :class:`OSError` when the file cannot be written.
+    """
+    p = Path(path)
+    arr = np.ascontiguousarray(field, dtype=np.float32)
+    if not (arr.ndim in (3, 4) and arr.shape[-3] == 2):
+        raise ValueError(
+            f"a displacement field has shape (2, H, W) or (N, 2, H, W), got {arr.shape}"
+        )
+    if arr.ndim == 3:
+        return write_field(p, arr)
+    return _atomic_write(p, arr, FIELD_EXTENSIONS, "a displacement field")
+
+
+def load_field(path: str | os.PathLike) -> np.ndarray:
+    """Read a field written by :func:`save_field`: ``(2, H, W)`` or ``(N, 2, H, W)`` float32.
+
+    Raises
+    ------
+    ValueError
+        Missing or corrupt file, an extension not in :data:`FIELD_EXTENSIONS`, an
+        array of another shape or a non-numeric one, or NaN/infinite values.
+    """
+    p = Path(path)
+    arr = _read_field_file(p)
+    if not (arr.ndim in (3, 4) and arr.shape[-3] == 2) or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(
+            f"{p}: a displacement field has shape (2, H, W) or (N, 2, H, W) (row, col in "
+            f"pixels), got {arr.shape} {arr.dtype}"
+        )
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{p}: the displacement field contains NaN or infinite values")
+    return arr

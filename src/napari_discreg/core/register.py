@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .discrepancy import projected_emd
+from .geometry import control_point_index, control_point_position
 from .labels import argmax_label
 from .model import DiscreteRegistrationNet, resolve_device
 from .preprocess import check_pair, min_image_size, network_input
@@ -43,7 +44,8 @@ class RegistrationResult:
         Argmax label ``a * K + b`` of the mean histogram.
     stride : int
         Control-point spacing; control point ``(i, j)`` is at pixel
-        ``((i + 0.5) * stride - 0.5, (j + 0.5) * stride - 0.5)``.
+        ``((i + 0.5) * stride - 0.5, (j + 0.5) * stride - 0.5)``
+        (:func:`~napari_discreg.core.geometry.control_point_position`).
     refine_steps : int
         Instance-optimisation steps applied to ``displacement`` after the network
         (0: the network's field as it is). ``probabilities``, ``discrepancy`` and
@@ -66,14 +68,11 @@ class RegistrationResult:
 
     def control_point(self, row: float, col: float) -> tuple[int, int]:
         """Index ``(i, j)`` of the control point whose block holds pixel ``(row, col)``."""
-        h, w = self.discrepancy.shape
-        i = int(np.clip(np.floor((row + 0.5) / self.stride), 0, h - 1))
-        j = int(np.clip(np.floor((col + 0.5) / self.stride), 0, w - 1))
-        return i, j
+        return control_point_index(row, col, self.stride, self.discrepancy.shape)
 
     def control_point_position(self, i: int, j: int) -> tuple[float, float]:
         """Pixel coordinates of control point ``(i, j)``."""
-        return (i + 0.5) * self.stride - 0.5, (j + 0.5) * self.stride - 0.5
+        return control_point_position(i, j, self.stride)
 
 
 def default_model(device=None) -> DiscreteRegistrationNet:
