@@ -237,7 +237,7 @@ def test_apply_field_to_labels_and_points(viewer, tiny_model_path, small_pair, w
     # points on the moving image -> fixed frame: x + u(x) must land back on the point
     moved = widget.apply_to_layer(points, points_frame="moving")
     assert isinstance(moved, Points) and moved.name == "landmarks warped"
-    from napari_discreg._widgets._geometry import sample_field
+    from napari_discreg.core.geometry import sample_field
 
     back = moved.data + sample_field(field, moved.data)
     np.testing.assert_allclose(back, pts, atol=0.01)
@@ -294,3 +294,17 @@ def test_model_choice_offers_the_shipped_models_by_name(viewer):
         np.testing.assert_array_equal(v.numpy(), state.model.state_dict()[k].cpu().numpy())
     widget.model_combo.setCurrentIndex(0)  # back to the default shipped model
     assert state.model is None and widget.model_combo.currentData() == "default"
+
+
+def test_device_choice_lives_in_the_shared_state(viewer):
+    widget = RegisterWidget(viewer)
+    state = state_for(viewer)
+    assert state.device is None and widget.device() is None  # "auto"
+    seen = []
+    state.device_changed.connect(seen.append)
+    widget.device_combo.setCurrentText("cpu")
+    assert state.device == "cpu" and widget.device() == "cpu" and seen == ["cpu"]
+    state.device = "auto"  # set elsewhere: the combo follows
+    assert state.device is None and widget.device_combo.currentText() == "auto"
+    state.device = "cpu"
+    assert RegisterWidget(viewer).device_combo.currentText() == "cpu"  # a new widget shows it

@@ -1,9 +1,10 @@
-"""What the widgets of one viewer share: the current model and the last registration.
+"""What the widgets of one viewer share: the model, the device and the last registration.
 
 Each :class:`napari.viewer.Viewer` gets one :class:`SessionState` (see :func:`state_for`),
 kept in a registry that holds the viewer only weakly, so closing a viewer frees it.
-The Register widget writes :attr:`SessionState.run`, the histogram inspector reads it,
-and the adaptation widget swaps :attr:`SessionState.model` (Keep / Revert).
+The Register widget writes :attr:`SessionState.run` and :attr:`SessionState.device`, the
+histogram inspector reads the run, the adaptation widget reads the device and swaps
+:attr:`SessionState.model` (Keep / Revert).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from psygnal import Signal
+
+from ..core.checkpoint import load_model
+from ..core.model import resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -82,15 +86,19 @@ class SessionState:
         The current model was replaced (argument: its display name).
     run_changed()
         A new registration result (or loaded field) is available.
+    device_changed(object)
+        The device choice changed (argument: ``"cpu"``, ``"cuda"``... or ``None``: auto).
     """
 
     model_changed = Signal(str)
     run_changed = Signal()
+    device_changed = Signal(object)
 
     def __init__(self) -> None:
         self._model: DiscreteRegistrationNet | None = None
         self.model_name: str = SHIPPED_MODEL_NAME
         self.run: RegistrationRun | None = None
+        self._device: str | None = None
         self._register_widget: weakref.ref | None = None
         # models are used from worker threads; swap and load under a lock
         self._lock = threading.RLock()
@@ -114,9 +122,6 @@ class SessionState:
         Safe to call from a worker thread; raises ``ValueError`` when the shipped
         weights are missing or unreadable.
         """
-        from ..core.checkpoint import load_model
-        from ..core.model import resolve_device
-
         with self._lock:
             if self._model is not None:
                 if device is not None:
@@ -124,14 +129,32 @@ class SessionState:
                 return self._model
             return load_model(None, device)
 
+    # ------------------------------------------------------------------ device
+    @property
+    def device(self) -> str | None:
+        """Where models run and registration happens: ``"cpu"``, ``"cuda"``, or ``None``
+        (auto: CUDA when available). The Register widget's device choice sets it."""
+        return self._device
+
+    @device.setter
+    def device(self, value: str | None) -> None:
+        value = None if value in (None, "", "auto") else str(value)
+        if value != self._device:
+            self._device = value
+            self.device_changed.emit(value)
+
     # ------------------------------------------------------------------ run
     def set_run(self, run: RegistrationRun | None) -> None:
         self.run = run
         self.run_changed.emit()
 
     # ------------------------------------------------------------------ widgets
+    # The adaptation widget's *Re-register* runs the Register widget (its layer, slice
+    # and refinement choices) with the adapted model and hands back the job; that is the
+    # one use of this reference, held weakly so that closing the widget frees it.
     @property
     def register_widget(self):
+        """The open Register widget of this viewer (for *Re-register*), or None."""
         return self._register_widget() if self._register_widget is not None else None
 
     @register_widget.setter

@@ -31,16 +31,20 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+# ``adapt_steps`` and ``save_model`` are looked up in the package's public API when used
+import napari_discreg
+
 from ..core.config import AdaptConfig, DataConfig
 from ..core.discrepancy import DISPLAY_NAMES, Discrepancy
+from ..core.train import clone_model
 from . import _notify
+from ._adaptation_plot import AdaptationPlot
 from ._io import CHECKPOINT_FILTER
 from ._layers import check_image_pair
-from ._mpl import FigureWidget
 from ._pickers import LayerCombo, preferring
+from ._qt import OUTPUT_WORDS, row
 from ._state import state_for, unwrap_viewer
 from ._workers import Job, WorkerWidgetMixin, job_controls
-from .register import OUTPUT_WORDS, _row
 
 _LABELS = {
     Discrepancy.PEMD: "pEMD (projected Earth Mover's)",
@@ -54,68 +58,6 @@ DISCREPANCIES = {
     kind.value: _LABELS.get(kind, DISPLAY_NAMES.get(kind, kind.value))
     for kind in [*_LABELS, *(k for k in Discrepancy if k not in _LABELS)]
 }
-
-
-class AdaptationPlot(FigureWidget):
-    """Live plot of an adaptation run: only draws, the base class owns figure and theme."""
-
-    def __init__(self, napari_viewer, parent=None) -> None:
-        self.iterations: list[int] = []
-        self.source_ce: list[float] = []
-        self.discrepancy: list[float] = []
-        self.criterion: list[tuple[int, float]] = []
-        self.best_iteration: int | None = None
-        self.discrepancy_name = "pEMD"
-        super().__init__(napari_viewer, figsize=(5.0, 4.0), toolbar=False, parent=parent)
-
-    def reset(self, discrepancy_name: str) -> None:
-        self.iterations, self.source_ce, self.discrepancy, self.criterion = [], [], [], []
-        self.best_iteration = None
-        self.discrepancy_name = discrepancy_name
-        self.refresh()
-
-    def add(self, record) -> None:
-        if record.iteration > 0 and record.losses:
-            self.iterations.append(record.iteration)
-            self.source_ce.append(float(record.losses.get("source_ce", np.nan)))
-            self.discrepancy.append(
-                float(record.discrepancy) if record.discrepancy is not None else np.nan
-            )
-        if record.criterion is not None:
-            self.criterion.append((record.iteration, float(record.criterion)))
-        self.best_iteration = record.best_iteration
-
-    def draw(self) -> None:
-        c1, c2 = self.theme.series
-        ax1, ax3 = self.figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
-        ax1.plot(self.iterations, self.source_ce, color=c1, label="source CE")
-        ax1.set_ylabel("source cross-entropy", color=c1, fontsize=8)
-        ax2 = ax1.twinx()
-        ax2.plot(
-            self.iterations, self.discrepancy, color=c2, label=f"target {self.discrepancy_name}"
-        )
-        ax2.set_ylabel(f"target {self.discrepancy_name}", color=c2, fontsize=8)
-        ax1.set_title("adaptation", fontsize=9)
-        if self.criterion:
-            it, score = zip(*self.criterion, strict=True)
-            ax3.plot(it, score, "o-", color=self.theme.text, ms=4, label="criterion (NMI)")
-            if self.best_iteration is not None:
-                best = [s for i, s in self.criterion if i == self.best_iteration]
-                if best:
-                    ax3.plot([self.best_iteration], best, "*", color="#ffd54f", ms=12, label="best")
-            ax3.legend(fontsize=7, loc="lower right")
-        ax3.set_ylabel("selection NMI", fontsize=8)
-        ax3.set_xlabel("iteration", fontsize=8)
-        for ax in (ax1, ax2, ax3):
-            ax.tick_params(labelsize=7)
-
-    def apply_theme(self) -> None:
-        super().apply_theme()
-        # keep the series colours on the twin axes' labels
-        axes = self.figure.axes
-        if len(axes) >= 3:
-            axes[0].yaxis.label.set_color(self.theme.series[0])
-            axes[2].yaxis.label.set_color(self.theme.series[1])
 
 
 class AdaptationWidget(WorkerWidgetMixin, QWidget):
@@ -210,12 +152,12 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(target)
         layout.addWidget(settings)
-        layout.addLayout(_row(self.start_button, self.stop_button))
+        layout.addLayout(row(self.start_button, self.stop_button))
         layout.addWidget(self.progress)
         layout.addWidget(self.status_label)
         layout.addWidget(self.plot, 1)
-        layout.addLayout(_row(self.keep_button, self.revert_button))
-        layout.addLayout(_row(self.save_button, self.reregister_button))
+        layout.addLayout(row(self.keep_button, self.revert_button))
+        layout.addLayout(row(self.save_button, self.reregister_button))
 
         self.start_button.clicked.connect(lambda *_: self.start())
         self.stop_button.clicked.connect(lambda *_: self.stop())
@@ -252,9 +194,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
 
     def start(self) -> Job | None:
         """Adapt a clone of the current model in a background thread (returns the job)."""
-        from .. import adapt_steps
-        from ..core.train import clone_model
-
+        adapt_steps = napari_discreg.adapt_steps
         if self.is_running:
             _notify.warning("adaptation is already running")
             return None
@@ -262,7 +202,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             self.adapted_model = None  # an unkept earlier result is discarded by a new run
         try:
             fixed, moving = self._targets()
-            base = self.state.resolve_model(self._device())
+            base = self.state.resolve_model(self.state.device)
         except _notify.USER_ERRORS as exc:
             _notify.error(_notify.describe(exc))
             return None
@@ -278,7 +218,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             self.adapt_config, steps=int(self.steps_spin.value()), lr=float(self.lr_spin.value())
         )
         data_config = self.data_config
-        device = self._device()
+        device = self.state.device
         self.records = []
         self.worker_iteration = 0
         self.plot.reset(DISPLAY_NAMES.get(Discrepancy(kind), kind))
@@ -323,10 +263,6 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         if self.job is not None and self.job.is_running:
             self.job.request_stop()
             self.status_label.setText("stopping after this iteration…")
-
-    def _device(self):
-        widget = self.state.register_widget
-        return widget.device() if widget is not None else None
 
     def _on_record(self, record) -> None:
         self.records.append(record)
@@ -414,8 +350,6 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
 
     def save(self, path):
         """Write the adapted model to a safetensors checkpoint."""
-        from .. import save_model
-
         if self.adapted_model is None:
             _notify.error("there is no adapted model to save")
             return None
@@ -427,7 +361,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             "lr": float(self.lr_spin.value()),
         }
         try:
-            out = save_model(self.adapted_model, path, extra=extra)
+            out = napari_discreg.save_model(self.adapted_model, path, extra=extra)
         except _notify.USER_ERRORS as exc:
             _notify.error(f"cannot save the model: {_notify.describe(exc)}")
             return None

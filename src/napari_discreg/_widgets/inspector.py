@@ -3,8 +3,8 @@
 For the control point under the click it draws, for heads F1 and F2, the K x K
 displacement histogram, the row and column marginals and their cumulative sums (the
 area between two cumulative sums is the 1D Earth Mover's distance that the projected
-EMD averages), and the pEMD, L1 and sliced-Wasserstein discrepancies of that point,
-computed with :mod:`napari_discreg.core.discrepancy`.
+EMD averages), and the pEMD, L1 and sliced-Wasserstein discrepancies of that point;
+the numbers come from :func:`napari_discreg.core.inspect.point_summary`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel
 
-from ..core.discrepancy import emd_1d, histogram_projections, l1, projected_emd, sliced_wasserstein
+from ..core.geometry import in_plane_axes, insert_axis, sample_field
+from ..core.inspect import HISTOGRAM_KEYS, point_summary
 from . import _notify
-from ._geometry import in_plane_axes, insert_axis, sample_field
 from ._layers import upsert_layer
 from ._mpl import FigureWidget
 from ._state import state_for
@@ -146,33 +145,13 @@ class HistogramInspectorWidget(FigureWidget):
         if slice_index is None and run.axis is not None:
             slice_index = next(iter(run.results))
         i, j = result.control_point(row, col)
-        p1 = np.asarray(result.probabilities[0, i, j], dtype=np.float32)
-        p2 = np.asarray(result.probabilities[1, i, j], dtype=np.float32)
-        offsets = np.asarray(result.offsets, dtype=np.float32)
-        t1, t2 = torch.from_numpy(p1)[None], torch.from_numpy(p2)[None]
-        rows1, cols1 = (x[0].numpy() for x in histogram_projections(t1))
-        rows2, cols2 = (x[0].numpy() for x in histogram_projections(t2))
-        with torch.no_grad():
-            values = {
-                "pemd": float(projected_emd(t1, t2)),
-                "l1": float(l1(t1, t2)),
-                "swd": float(sliced_wasserstein(t1, t2)),
-                "emd_rows": float(emd_1d(torch.from_numpy(rows1), torch.from_numpy(rows2))),
-                "emd_cols": float(emd_1d(torch.from_numpy(cols1), torch.from_numpy(cols2))),
-            }
-        mean = 0.5 * (p1 + p2)
+        summary = point_summary(result.probabilities[:, i, j], result.offsets)
         position = result.control_point_position(i, j)
-
-        def expected(p):
-            return (float((p.sum(1) * offsets).sum()), float((p.sum(0) * offsets).sum()))
-
+        values = {k: v for k, v in summary.items() if k not in HISTOGRAM_KEYS}
         values.update(
             control_point=(i, j),
             position=(float(position[0]), float(position[1])),
             slice=slice_index,
-            expected_f1=expected(p1),
-            expected_f2=expected(p2),
-            expected=expected(mean),
             discrepancy_map=float(result.discrepancy[i, j]),
             model=run.model_name,
         )
@@ -180,19 +159,7 @@ class HistogramInspectorWidget(FigureWidget):
         if truth is not None:
             values["true_displacement"] = truth
         self.last_values = values
-        self.last_histograms = {
-            "f1": p1,
-            "f2": p2,
-            "rows_f1": rows1,
-            "rows_f2": rows2,
-            "cols_f1": cols1,
-            "cols_f2": cols2,
-            "cdf_rows_f1": np.cumsum(rows1),
-            "cdf_rows_f2": np.cumsum(rows2),
-            "cdf_cols_f1": np.cumsum(cols1),
-            "cdf_cols_f2": np.cumsum(cols2),
-            "offsets": offsets,
-        }
+        self.last_histograms = {k: summary[k] for k in HISTOGRAM_KEYS}
         self._query = (float(row), float(col), slice_index)
         self._update_marker(run, position, slice_index, result.stride)
         self.info_label.setText(

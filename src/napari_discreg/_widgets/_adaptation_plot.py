@@ -1,0 +1,69 @@
+"""The adaptation widget's live plot: source cross-entropy, target discrepancy, criterion."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._mpl import FigureWidget
+
+
+class AdaptationPlot(FigureWidget):
+    """Live plot of an adaptation run: only draws, the base class owns figure and theme."""
+
+    def __init__(self, napari_viewer, parent=None) -> None:
+        self.iterations: list[int] = []
+        self.source_ce: list[float] = []
+        self.discrepancy: list[float] = []
+        self.criterion: list[tuple[int, float]] = []
+        self.best_iteration: int | None = None
+        self.discrepancy_name = "pEMD"
+        super().__init__(napari_viewer, figsize=(5.0, 4.0), toolbar=False, parent=parent)
+
+    def reset(self, discrepancy_name: str) -> None:
+        self.iterations, self.source_ce, self.discrepancy, self.criterion = [], [], [], []
+        self.best_iteration = None
+        self.discrepancy_name = discrepancy_name
+        self.refresh()
+
+    def add(self, record) -> None:
+        if record.iteration > 0 and record.losses:
+            self.iterations.append(record.iteration)
+            self.source_ce.append(float(record.losses.get("source_ce", np.nan)))
+            self.discrepancy.append(
+                float(record.discrepancy) if record.discrepancy is not None else np.nan
+            )
+        if record.criterion is not None:
+            self.criterion.append((record.iteration, float(record.criterion)))
+        self.best_iteration = record.best_iteration
+
+    def draw(self) -> None:
+        c1, c2 = self.theme.series
+        ax1, ax3 = self.figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+        ax1.plot(self.iterations, self.source_ce, color=c1, label="source CE")
+        ax1.set_ylabel("source cross-entropy", color=c1, fontsize=8)
+        ax2 = ax1.twinx()
+        ax2.plot(
+            self.iterations, self.discrepancy, color=c2, label=f"target {self.discrepancy_name}"
+        )
+        ax2.set_ylabel(f"target {self.discrepancy_name}", color=c2, fontsize=8)
+        ax1.set_title("adaptation", fontsize=9)
+        if self.criterion:
+            it, score = zip(*self.criterion, strict=True)
+            ax3.plot(it, score, "o-", color=self.theme.text, ms=4, label="criterion (NMI)")
+            if self.best_iteration is not None:
+                best = [s for i, s in self.criterion if i == self.best_iteration]
+                if best:
+                    ax3.plot([self.best_iteration], best, "*", color="#ffd54f", ms=12, label="best")
+            ax3.legend(fontsize=7, loc="lower right")
+        ax3.set_ylabel("selection NMI", fontsize=8)
+        ax3.set_xlabel("iteration", fontsize=8)
+        for ax in (ax1, ax2, ax3):
+            ax.tick_params(labelsize=7)
+
+    def apply_theme(self) -> None:
+        super().apply_theme()
+        # keep the series colours on the twin axes' labels
+        axes = self.figure.axes
+        if len(axes) >= 3:
+            axes[0].yaxis.label.set_color(self.theme.series[0])
+            axes[2].yaxis.label.set_color(self.theme.series[1])

@@ -1,0 +1,72 @@
+"""Saving the last displacement field, and warping the chosen moving image with a loaded one.
+
+The files are those of :func:`napari_discreg.core.io.save_field`: ``(2, H, W)`` for a
+2D pair or one slice, ``(N, 2, H, W)`` for every slice of a stack of ``N`` slices along
+the registered axis.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from ..core.io import save_field
+from ..core.warp import warp_numpy
+from ._register_outputs import slice_order
+from ._slices import Request
+from ._state import RegistrationRun
+
+
+def save_run_field(path: str | os.PathLike, run: RegistrationRun | None) -> Path:
+    """Write the field of ``run``: one slice ``(2, H, W)``, several ``(N, 2, H, W)``."""
+    if run is None:
+        raise ValueError("register first: there is no field to save")
+    keys = slice_order(run.fields)
+    arr = run.fields[keys[0]] if len(keys) == 1 else np.stack([run.fields[k] for k in keys])
+    return save_field(path, arr)
+
+
+def run_from_field(
+    field: np.ndarray, request: Request, *, name: str, stride: int
+) -> RegistrationRun:
+    """Warp the request's moving layer with a loaded ``field`` (a run without histograms).
+
+    A field stack ``(N, 2, H, W)`` needs 3D layers with ``N`` slices along the chosen
+    axis; one field ``(2, H, W)`` goes to the chosen slice. Raises ``ValueError`` when
+    the field does not fit.
+    """
+    moving = request.moving
+    data = moving.data
+    if field.ndim == 4:
+        if request.axis is None:
+            raise ValueError(f"a field stack {field.shape} needs 3D fixed/moving layers")
+        n = data.shape[request.axis]
+        if field.shape[0] != n:
+            raise ValueError(
+                f"the field stack has {field.shape[0]} slices but the layers have {n} "
+                f"along axis {request.axis}"
+            )
+        fields = {i: field[i] for i in range(n)}
+    else:
+        fields = {request.indices[0] if request.axis is not None else None: field}
+    warped = {}
+    for index, f in fields.items():
+        sl = np.asarray(data if index is None else np.take(data, index, axis=request.axis))
+        if f.shape[1:] != sl.shape:
+            raise ValueError(
+                f"the field {f.shape} does not fit images of shape {sl.shape}; "
+                "it must be (2, H, W) for (H, W) images"
+            )
+        warped[index] = warp_numpy(sl, f, order=1)
+    return RegistrationRun(
+        fields=fields,
+        axis=request.axis,
+        fixed_layer=weakref.ref(request.fixed),
+        moving_layer=weakref.ref(moving),
+        model_name=name,
+        warped=warped,
+        stride=stride,
+    )
