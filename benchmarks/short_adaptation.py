@@ -16,63 +16,31 @@ docs/images/short_adaptation.png.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from napari_discreg.core import data
-from napari_discreg.core.benchmark import adaptation_pairs, update_section
+from napari_discreg.core.benchmark import adaptation_pairs, timed_adaptation, update_section
 from napari_discreg.core.checkpoint import load_model
 from napari_discreg.core.config import AdaptConfig, DataConfig
 from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise
-from napari_discreg.core.train import adapt_steps
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
-# name -> (discrepancy, AdaptConfig overrides); the first is the product's default
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "default (pEMD)": ("pemd", {}),
-    "pEMD, lr 1e-4": ("pemd", {"lr": 1e-4}),
-    "pEMD, n = 1, batch 2": ("pemd", {"generator_updates": 1, "batch_size": 2}),
-    "pEMD 16+": ("pemd16+", {}),
-    "SWD": ("swd", {}),
-    "L1": ("l1", {}),
+# name -> (model, discrepancy, AdaptConfig overrides); the first is the product's default:
+# what the widget's Start and `napari-discreg adapt` do with no options
+VARIANTS: dict[str, tuple[str, str, dict]] = {
+    "default (pEMD)": ("default", "pemd", {}),
+    "pEMD 16+": ("default", "pemd16+", {}),
+    "SWD": ("default", "swd", {}),
+    "L1": ("default", "l1", {}),
+    "mono model, default (pEMD)": ("mono", "pemd", {}),
+    "mono model, pEMD 16+": ("mono", "pemd16+", {}),
 }
-
-
-def run_variant(model, fixed, moving, discrepancy, config, test_pairs):
-    work = copy.deepcopy(model)
-    snapshots, times = {}, {}
-    t0 = time.perf_counter()
-    best = 0
-    for rec in adapt_steps(
-        work, fixed, moving, discrepancy=discrepancy, config=config, device="cpu"
-    ):
-        times[rec.iteration] = time.perf_counter() - t0
-        best = rec.best_iteration if rec.best_iteration is not None else best
-        if rec.iteration % config.select_every == 0 or rec.iteration == config.steps:
-            snapshots[rec.iteration] = {k: v.clone() for k, v in work.state_dict().items()}
-    seconds = time.perf_counter() - t0
-    kept = summarise(evaluate_model(work, test_pairs))  # the generator restored the best
-    curve = []
-    probe = copy.deepcopy(model)
-    for it, weights in sorted(snapshots.items()):
-        probe.load_state_dict(weights)
-        s = summarise(evaluate_model(probe, test_pairs))
-        curve.append(
-            {
-                "iteration": it,
-                "seconds": times[it],
-                "accuracy": s["label_accuracy"],
-                "epe": s["epe"],
-            }
-        )
-    return {"seconds": seconds, "kept_iteration": best, "kept": kept, "curve": curve}
 
 
 def main(argv=None) -> int:
@@ -80,7 +48,6 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     ap.add_argument("--size", type=int, default=192)
     ap.add_argument("--n-test", type=int, default=40)
     ap.add_argument("--n-adapt", type=int, default=8)
@@ -96,8 +63,10 @@ def main(argv=None) -> int:
         args.variants = args.variants[:1]
     dcfg = DataConfig(size=args.size)
     template = data.load_template(args.size)
-    model = load_model(args.model, device="cpu")
-    mc = model.config
+    models = {
+        name: load_model(name, device="cpu") for name in {VARIANTS[v][0] for v in args.variants}
+    }
+    mc = models["default"].config if "default" in models else next(iter(models.values())).config
     results = {}
     for contrast in args.contrasts:
         test_pairs = data.fixed_test_pairs(
@@ -108,13 +77,16 @@ def main(argv=None) -> int:
             "identity": summarise(
                 identity_metrics(test_pairs, mc.stride, mc.num_labels, mc.capture_range)
             ),
-            "before adaptation": summarise(evaluate_model(model, test_pairs)),
+            **{
+                f"{name} model, before adaptation": summarise(evaluate_model(m, test_pairs))
+                for name, m in models.items()
+            },
         }
         runs = {}
         for name in args.variants:
-            kind, overrides = VARIANTS[name]
+            model_name, kind, overrides = VARIANTS[name]
             cfg = replace(base_cfg, **overrides)
-            runs[name] = run_variant(model, fixed, moving, kind, cfg, test_pairs)
+            runs[name] = timed_adaptation(models[model_name], fixed, moving, kind, cfg, test_pairs)
             runs[name]["config"] = cfg.to_dict()
             runs[name]["discrepancy"] = kind
             print(
@@ -127,7 +99,7 @@ def main(argv=None) -> int:
             )
         results[contrast] = {"rows": rows, "runs": runs}
     meta = {
-        "model": args.model or "shipped",
+        "config": base_cfg.to_dict(),
         "size": args.size,
         "n_test": n_test,
         "n_adapt": args.n_adapt,
@@ -148,7 +120,10 @@ def _markdown(results, meta, argv) -> str:
     lines = [
         "## Short adaptation: accuracy against seconds",
         "",
-        f"Written by `{cmd}`. Model: {meta['model']}. {meta['size']} x {meta['size']} px, "
+        f"Written by `{cmd}`. Models: the shipped `default` and `mono` (`load_model(name)`). "
+        f"Adaptation settings: `AdaptConfig()` (steps {meta['config']['steps']}, batch "
+        f"{meta['config']['batch_size']}, n = {meta['config']['generator_updates']}, lr "
+        f"{meta['config']['lr']:g}, criterion every {meta['config']['select_every']}). {meta['size']} x {meta['size']} px, "
         f"{meta['n_adapt']} unlabelled target pairs to adapt on (training slices), {meta['n_test']} "
         f"held-out test pairs per contrast (seed 123). CPU: {meta['machine']}. Seconds: wall time of "
         "`adapt_steps` from the call to its last record, selection criterion included. Network only "
@@ -192,10 +167,10 @@ def _plot(results, path) -> None:
             xs = [c["seconds"] for c in run["curve"]]
             ys = [100 * c["accuracy"] for c in run["curve"]]
             ax.plot(xs, ys, marker="o", ms=3, label=name)
-        for name, style in (("identity", ":"), ("before adaptation", "--")):
-            ax.axhline(
-                100 * res["rows"][name]["label_accuracy"], ls=style, color="gray", label=name
-            )
+        for name, row in res["rows"].items():
+            style = ":" if name == "identity" else "--"
+            ax.axhline(100 * row["label_accuracy"], ls=style, color="gray", lw=0.8, label=name)
+        ax.axvline(30, color="red", lw=0.8, alpha=0.5)
         ax.set(
             title=f"T1 vs {contrast.upper()}-like",
             xlabel="wall-clock seconds (2 CPU cores)",

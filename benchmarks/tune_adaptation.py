@@ -33,6 +33,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 SHORT = {"steps": 40, "batch_size": 2, "generator_updates": 1, "select_every": 5}
 VARIANTS: dict[str, tuple[str, dict]] = {
+    "AdaptConfig() (the default)": ("pemd", {}),
     "b4 n2 x100 lr 2e-4 (old default)": (
         "pemd",
         {"steps": 100, "batch_size": 4, "generator_updates": 2, "select_every": 10, "lr": 2e-4},
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
             ),
             "before adaptation": summarise(evaluate_model(model, val)),
         }
-        runs = {}
+        runs: dict = {}
         for name in args.variants:
             kind, fields = VARIANTS[name]
             acfg = replace(AdaptConfig(), **fields)
@@ -116,7 +117,12 @@ def main(argv=None) -> int:
                 f"{100 * k['label_accuracy']:.1f} % {k['epe']:.2f} px, best raw {100 * best:.1f} %",
                 flush=True,
             )
-        results[contrast] = {"rows": rows, "runs": runs}
+            results[contrast] = {"rows": rows, "runs": runs}
+            write(results, args, argv)  # after every run: a stopped sweep still reports
+    return 0
+
+
+def write(results: dict, args, argv) -> None:
     meta = {
         "size": args.size,
         "n_val": args.n_val,
@@ -129,7 +135,6 @@ def main(argv=None) -> int:
     (out / "tuning.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     plot_curves(results, out / "images" / "tuning.png", "validation label accuracy (%)")
     update_section(out / "benchmarks.md", "tuning", markdown(results, meta, argv))
-    return 0
 
 
 def markdown(results: dict, meta: dict, argv) -> str:
@@ -142,7 +147,10 @@ def markdown(results: dict, meta: dict, argv) -> str:
         f"pairs, all from the training slices. CPU: {meta['machine']}. Seconds: wall time of "
         '`adapt_steps`, selection criterion included. "kept": the weights the keep-best rule '
         'returns (network only); "best raw": the best validation accuracy among the weights '
-        "the criterion saw. bN nM xS: batch N, M generator updates in step C, S iterations.",
+        "the criterion saw. bN nM xS: batch N, M generator updates in step C, S iterations. "
+        "With --threads the seconds come from that many threads of a machine that may have "
+        "been running other jobs: compare them within this table only (the timed figures are "
+        'in "Short adaptation").',
         "",
     ]
     for contrast, res in results.items():

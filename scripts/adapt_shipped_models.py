@@ -48,8 +48,12 @@ def main(argv=None) -> int:
     ap.add_argument("--select-every", type=int, default=10)
     ap.add_argument("--n-adapt", type=int, default=64)
     ap.add_argument("--eval-pairs", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=2e-5, help="a converged model needs a small one")
     ap.add_argument("--out-dir", type=Path, default=WEIGHTS)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -61,6 +65,7 @@ def main(argv=None) -> int:
         batch_size=args.batch_size,
         generator_updates=args.generator_updates,
         select_every=args.select_every,
+        lr=args.lr,
     )
     source = load_model("default", device="cpu")
     mc = source.config
