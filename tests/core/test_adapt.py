@@ -215,3 +215,31 @@ def test_resume_errors_are_clear(tmp_path, tiny_model, target):
         run(tiny_model, target, steps=4, state=AdaptState(step=2))
     with pytest.raises(ValueError, match="cannot continue"):
         run(tiny_model, target, steps=4, state=AdaptState(step=6))
+
+
+def test_selection_scores_agree_with_each_criterion_and_see_head_disagreement(tiny_model):
+    from napari_discreg.core.config import SELECTION_CRITERIA
+    from napari_discreg.core.train import prepare_target, selection_criterion, selection_scores
+
+    cfg = DataConfig(size=48, max_displacement=2.0)
+    template = data.load_template(cfg.size)
+    pairs = [
+        data.make_pair(template, 100 + i, "t1", "t2", np.random.default_rng(i), cfg)
+        for i in range(2)
+    ]
+    f, m, mask = prepare_target(
+        np.stack([p.fixed for p in pairs]),
+        np.stack([p.moving for p in pairs]),
+        tiny_model.config.stride,
+        "cpu",
+    )
+    scores = selection_scores(tiny_model, f, m, mask)
+    assert set(scores) == set(SELECTION_CRITERIA) and all(np.isfinite(list(scores.values())))
+    for kind in SELECTION_CRITERIA:
+        assert selection_criterion(tiny_model, f, m, mask, kind) == pytest.approx(scores[kind])
+    assert scores["agreement"] < 0  # two differently initialised heads disagree somewhere
+    twin = clone_model(tiny_model)
+    twin.F2.load_state_dict(twin.F1.state_dict())
+    assert selection_scores(twin, f, m, mask, ("agreement",))["agreement"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="unknown selection criterion"):
+        selection_scores(tiny_model, f, m, mask, ("bogus",))

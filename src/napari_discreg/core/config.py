@@ -142,7 +142,7 @@ class TrainConfig:
         return asdict(self)
 
 
-SELECTION_CRITERIA: tuple[str, ...] = ("mind", "nmi")
+SELECTION_CRITERIA: tuple[str, ...] = ("mind", "nmi", "agreement")
 """Names of the unsupervised keep-best criteria (:func:`~napari_discreg.core.train.selection_criterion`)."""
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from .config import SELECTION_CRITERIA, AdaptConfig, DataConfig, TrainConfig
-from .discrepancy import Discrepancy, discrepancy_fn
+from .discrepancy import Discrepancy, discrepancy_fn, projected_emd
 from .labels import argmax_label, expected_displacement, quantise, soft_labels
 from .metrics import normalised_mutual_information
 from .model import DiscreteRegistrationNet, probabilities, resolve_device
@@ -206,6 +206,55 @@ def predict_field(
     return dense, cp, probs
 
 
+def selection_scores(
+    model: DiscreteRegistrationNet,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    masks: torch.Tensor,
+    kinds: tuple[str, ...] = SELECTION_CRITERIA,
+) -> dict[str, float]:
+    """Every unsupervised model-selection score in ``kinds`` (higher is better), in one pass.
+
+    ``"mind"``: minus the mean squared difference of the MIND-SSC descriptors of fixed and
+    warped moving over the foreground, the similarity the refinement optimises
+    (contrast-invariant and local, so it sees a few pixels of misalignment);
+    ``"nmi"``: mean normalised mutual information of fixed and warped (a global histogram
+    statistic, which kept early weights of runs that later improved a lot);
+    ``"agreement"``: minus the mean projected EMD (bins) between the two heads'
+    histograms over the foreground control points (the quantity MCD drives down).
+    """
+    unknown = [k for k in kinds if k not in SELECTION_CRITERIA]
+    if unknown:
+        raise ValueError(
+            f"unknown selection criterion {unknown[0]!r}; expected one of {SELECTION_CRITERIA}"
+        )
+    was_training = model.training
+    model.eval()
+    scores: dict[str, list[float]] = {k: [] for k in kinds}
+    stride = model.config.stride
+    with torch.no_grad():
+        for i in range(fixed.shape[0]):
+            f, m, mask = fixed[i : i + 1], moving[i : i + 1], masks[i : i + 1]
+            dense, _, probs = predict_field(model, f, m)
+            warped = warp(m, dense)
+            if "mind" in scores:
+                diff = (mind_ssc(f) - mind_ssc(warped)).pow(2).mean(1, keepdim=True)
+                scores["mind"].append(-float((diff * mask).sum() / mask.sum().clamp_min(1.0)))
+            if "nmi" in scores:
+                fg = mask[0, 0].cpu().numpy() > 0
+                scores["nmi"].append(
+                    normalised_mutual_information(
+                        f[0, 0].cpu().numpy(), warped[0, 0].cpu().numpy(), mask=fg
+                    )
+                )
+            if "agreement" in scores:
+                cp_fg = F.max_pool2d(mask, stride)[0, 0] > 0
+                d = projected_emd(probs[0, 0][cp_fg], probs[1, 0][cp_fg], reduction="none")
+                scores["agreement"].append(-float(d.mean()) if d.numel() else 0.0)
+    model.train(was_training)
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
 def selection_criterion(
     model: DiscreteRegistrationNet,
     fixed: torch.Tensor,
@@ -213,38 +262,9 @@ def selection_criterion(
     masks: torch.Tensor,
     kind: str = "mind",
 ) -> float:
-    """Unsupervised model-selection score on unlabelled pairs (higher is better).
-
-    ``"mind"`` (default): minus the mean squared difference of the MIND-SSC descriptors
-    of fixed and warped moving over the foreground, the similarity the refinement
-    optimises (contrast-invariant and local, so it sees a few pixels of misalignment);
-    ``"nmi"``: mean normalised mutual information of fixed and warped (a global
-    histogram statistic, which kept early weights of runs that later improved a lot).
-    """
-    if kind not in SELECTION_CRITERIA:
-        raise ValueError(
-            f"unknown selection criterion {kind!r}; expected one of {SELECTION_CRITERIA}"
-        )
-    was_training = model.training
-    model.eval()
-    scores = []
-    with torch.no_grad():
-        for i in range(fixed.shape[0]):
-            f, m, mask = fixed[i : i + 1], moving[i : i + 1], masks[i : i + 1]
-            dense, _, _ = predict_field(model, f, m)
-            warped = warp(m, dense)
-            if kind == "mind":
-                diff = (mind_ssc(f) - mind_ssc(warped)).pow(2).mean(1, keepdim=True)
-                scores.append(-float((diff * mask).sum() / mask.sum().clamp_min(1.0)))
-            else:
-                fg = mask[0, 0].cpu().numpy() > 0
-                scores.append(
-                    normalised_mutual_information(
-                        f[0, 0].cpu().numpy(), warped[0, 0].cpu().numpy(), mask=fg
-                    )
-                )
-    model.train(was_training)
-    return float(np.mean(scores))
+    """One unsupervised model-selection score on unlabelled pairs (higher is better);
+    the kinds are those of :func:`selection_scores`."""
+    return selection_scores(model, fixed, moving, masks, (kind,))[kind]
 
 
 def prepare_target(fixed, moving, stride: int, device: torch.device) -> tuple[torch.Tensor, ...]:
