@@ -49,13 +49,13 @@ class AdaptationPlot(FigureWidget):
         ax1.set_title("adaptation", fontsize=9)
         if self.criterion:
             it, score = zip(*self.criterion, strict=True)
-            ax3.plot(it, score, "o-", color=self.theme.text, ms=4, label="criterion (NMI)")
+            ax3.plot(it, score, "o-", color=self.theme.text, ms=4, label="keep-best criterion")
             if self.best_iteration is not None:
                 best = [s for i, s in self.criterion if i == self.best_iteration]
                 if best:
                     ax3.plot([self.best_iteration], best, "*", color="#ffd54f", ms=12, label="best")
             ax3.legend(fontsize=7, loc="lower right")
-        ax3.set_ylabel("selection NMI", fontsize=8)
+        ax3.set_ylabel("keep-best criterion", fontsize=8)
         ax3.set_xlabel("iteration", fontsize=8)
         for ax in (ax1, ax2, ax3):
             ax.tick_params(labelsize=7)
