@@ -201,6 +201,24 @@ def test_shipped_models_load_by_name(tmp_path, monkeypatch):
         load_model("mono")
 
 
+def test_every_config_round_trips_through_json():
+    from napari_discreg.core import config as config_mod
+
+    classes = [
+        c
+        for c in vars(config_mod).values()
+        if isinstance(c, type) and issubclass(c, config_mod.Config) and c is not config_mod.Config
+    ]
+    assert len(classes) == 6
+    for cls in classes:
+        default = cls()
+        assert cls.from_dict(json.loads(json.dumps(default.to_dict()))) == default
+        with pytest.raises(ValueError, match=f"unknown {cls.__name__} field"):
+            cls.from_dict({"bogus": 1})
+        with pytest.raises(ValueError, match="must be a mapping"):
+            cls.from_dict([1, 2])
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="odd"):
         ModelConfig(num_labels=4)

@@ -10,15 +10,32 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
-def _from_dict(cls, data: dict[str, Any]):
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a clear message."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__} must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-    return cls(**data)
+class Config:
+    """What every settings record shares: ``to_dict`` (JSON-able) and ``from_dict``
+    (rejects unknown keys with a clear message; JSON lists become the tuples the fields
+    declare). Subclasses are frozen dataclasses; ``_upgrade`` fills keys that older
+    records lack."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__} must be a mapping, got {type(data).__name__}")
+        data = cls._upgrade(dict(data))
+        declared = {f.name: str(f.type) for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(declared))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        for key, value in data.items():
+            if declared[key].startswith("tuple") and isinstance(value, list):
+                data[key] = tuple(value)
+        return cls(**data)
 
 
 SHIPPED_MODELS: dict[str, tuple[str, str]] = {
@@ -34,7 +51,7 @@ shipped with the package; each has its training record beside it (same stem, .js
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     """Architecture of the two-head discrete registration network.
 
     Attributes
@@ -79,18 +96,14 @@ class ModelConfig:
         if self.head_bottleneck < 0:
             raise ValueError(f"head_bottleneck must be >= 0, got {self.head_bottleneck}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        if isinstance(data, dict) and "head_bottleneck" not in data:
-            data = {**data, "head_bottleneck": 0}  # written before the bottleneck existed
-        return _from_dict(cls, data)
+    def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        # checkpoints written before the bottleneck existed have the plain 3 x 3 heads
+        return {"head_bottleneck": 0, **data}
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Config):
     """Synthetic pairs made from the MNI template that nilearn ships.
 
     Slices are axial, resampled to ``size`` x ``size``. Slices with index in
@@ -108,20 +121,9 @@ class DataConfig:
     bias: float = 0.25
     blur: float = 0.6
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
-        data = dict(data)
-        for key in ("train_slices", "test_slices"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """Supervised source training (both heads, soft labels).
 
     Source pairs are mono-modal pairs of each of ``source_contrasts``; with
@@ -138,16 +140,13 @@ class TrainConfig:
     contrast_augmentation: bool = True
     seed: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 SELECTION_CRITERIA: tuple[str, ...] = ("mind", "nmi", "agreement")
 """Names of the unsupervised keep-best criteria (:func:`~napari_discreg.core.train.selection_criterion`)."""
 
 
 @dataclass(frozen=True)
-class AdaptConfig:
+class AdaptConfig(Config):
     """Maximum classifier discrepancy adaptation (Saito et al. 2018).
 
     ``generator_updates`` is n, the number of step-C updates of G per iteration;
@@ -192,12 +191,9 @@ class AdaptConfig:
         if not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class FolderConfig:
+class FolderConfig(Config):
     """How the user's own image files become training slices (:mod:`.core.dataset`).
 
     Attributes
@@ -245,16 +241,9 @@ class FolderConfig:
         if self.eval_pairs < 0 or self.target_pairs < 1:
             raise ValueError("eval_pairs must be >= 0 and target_pairs >= 1")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FolderConfig:
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class RefineConfig:
+class RefineConfig(Config):
     """Settings of :func:`~napari_discreg.core.refine.refine_field`; defaults chosen on validation pairs from the
     training slices by ``benchmarks/tune_refine.py`` (never on the test pairs).
 
@@ -291,9 +280,6 @@ class RefineConfig:
             raise ValueError("refine: steps must be >= 0, lr > 0 and smoothness >= 0")
         if self.grid_stride < 1 or self.radius < 0 or self.dilation < 1:
             raise ValueError("refine: grid_stride >= 1, radius >= 0 and dilation >= 1 needed")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 DEFAULT_MODEL = ModelConfig()
