@@ -9,12 +9,17 @@ Public API (stable names; the GUI and the command line use only these):
 * :func:`save_model` - write a (possibly adapted) model to a safetensors checkpoint.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .core.checkpoint import load_model
 from .core.checkpoint import save_checkpoint as save_model
 from .core.register import RegistrationResult, register
 from .core.train import StepRecord, adapt, adapt_steps
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("napari-discreg")  # written once, in pyproject.toml
+except PackageNotFoundError:  # pragma: no cover - a source tree that is not installed
+    __version__ = "0+unknown"
 __all__ = [
     "RegistrationResult",
     "StepRecord",

@@ -1,4 +1,4 @@
-"""The adaptation benchmark of METHOD.md section 5: one function, used by
+"""The adaptation benchmark (docs/benchmarks.md, "Adaptation"): one function, used by
 ``benchmarks/adaptation.py`` and ``napari-discreg benchmark``.
 
 Protocol

@@ -151,7 +151,7 @@ class AdaptConfig(Config):
 
     ``generator_updates`` is n, the number of step-C updates of G per iteration;
     ``source_weight_c`` keeps a fraction of the source cross-entropy in step C,
-    which stabilises long runs (METHOD.md section 7). With ``keep_best`` the model
+    which stabilises long runs (docs/method.md, "Adaptation"). With ``keep_best`` the model
     ends on the weights with the best unsupervised selection criterion seen every
     ``select_every`` iterations; without it, on the last iteration's weights.
     ``criterion`` names that score (MIND-SSC similarity or NMI of fixed vs warped);

@@ -1,4 +1,4 @@
-"""Discrepancies between the two classifier heads' label histograms (METHOD.md section 3).
+"""Discrepancies between the two classifier heads' label histograms (docs/method.md, "Discrepancies").
 
 Every discrepancy ``d(p1, p2)`` compares two tensors of per-control-point probability
 histograms over the ``K x K`` displacement labels, shape ``(..., K, K)`` with the row

@@ -1,4 +1,4 @@
-"""Evaluate a model on pairs with known ground truth (METHOD.md section 5)."""
+"""Evaluate a model on pairs with known ground truth (docs/method.md, "Metrics")."""
 
 from __future__ import annotations
 

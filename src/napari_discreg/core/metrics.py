@@ -1,4 +1,4 @@
-"""Evaluation metrics (METHOD.md section 5). NumPy in, Python floats out."""
+"""Evaluation metrics (docs/method.md, "Metrics"). NumPy in, Python floats out."""
 
 from __future__ import annotations
 

@@ -350,7 +350,7 @@ def adapt_steps(
         Unlabelled target pairs (e.g. T1 fixed vs T2 moving). Their ground truth,
         if any, is never used.
     discrepancy : {"l1", "swd", "pemd"}
-        Discrepancy between the heads' histograms (METHOD.md section 3).
+        Discrepancy between the heads' histograms (docs/method.md, "Discrepancies").
     steps, seed, lr : optional
         Override the corresponding fields of ``config``.
     source : iterator of batches, optional
