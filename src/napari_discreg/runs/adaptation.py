@@ -1,0 +1,634 @@
+"""An adaptation run: MCD adaptation of a model to unlabelled target pairs, from plain
+values (:class:`AdaptationSpec`) to the adapted model and its metadata record.
+
+Targets come from arrays, ready-made pair files, folders of a second contrast (paired
+subject by subject, with a held-out evaluation, or unpaired) or built-in demo pairs;
+the labelled source from folders of the user's images or the MNI template. A run can
+save a resumable state every N iterations and continue a saved one; under torchrun
+each process adapts on its shard of the target pairs (:mod:`.core.distributed`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import napari_discreg
+
+from .. import __version__
+from ..core.checkpoint import (
+    checkpoint_info,
+    load_adaptation_state,
+    read_checkpoint,
+    save_adaptation_state,
+)
+from ..core.config import AdaptConfig, DataConfig, FolderConfig, TrainConfig
+from ..core.dataset import PairBatches, PairMaker, PairSet, evaluate_pairs
+from ..core.discrepancy import Discrepancy
+from ..core.distributed import (
+    DistContext,
+    average_gradients,
+    broadcast_module,
+    max_weight_difference,
+)
+from ..core.model import DiscreteRegistrationNet
+from ..core.train import AdaptState, StepRecord, source_batches
+from .base import (
+    Messages,
+    ModelSource,
+    PathLike,
+    Run,
+    Say,
+    context_for,
+    jsonable,
+    load_base_model,
+    load_folder,
+    make_dirs,
+    path_list,
+    state_file,
+)
+from .targets import (
+    ArrayTargets,
+    DemoTargets,
+    FolderTargets,
+    PairFiles,
+    TargetOptions,
+    Targets,
+    check_target_options,
+    load_targets,
+    read_targets,
+)
+
+__all__ = [
+    "RUN_KEYS",
+    "AdaptationProgress",
+    "AdaptationResult",
+    "AdaptationSpec",
+    "ArrayTargets",
+    "DemoTargets",
+    "FolderTargets",
+    "PairFiles",
+    "TargetOptions",
+    "check_target_options",
+    "read_targets",
+    "resolve_adaptation",
+    "run_adaptation",
+    "run_settings",
+]
+
+# ------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class AdaptationSpec:
+    """Everything an adaptation run needs, as plain values.
+
+    Attributes
+    ----------
+    targets : ArrayTargets, PairFiles, FolderTargets, DemoTargets or TargetOptions
+        The unlabelled target pairs; ``None`` only when resuming (the saved run's).
+    model : path, shipped model name, DiscreteRegistrationNet or None
+        The model to adapt (an in-memory one is copied first); ``None``: the default
+        shipped model. Ignored when resuming (the state holds the model).
+    source : paths or None
+        Labelled source images (one contrast); ``None``: the MNI template.
+    discrepancy : str
+        A :class:`~napari_discreg.core.discrepancy.Discrepancy` name.
+    config, data_config, folder_config
+        Adaptation, synthetic-pair and folder settings (``folder_config.target_pairs``
+        pairs are made from folder targets).
+    steps : int or None
+        Iterations of the whole run; ``None``: ``config.steps``, or when resuming the
+        saved run's (a larger number extends it).
+    skip_bad, allow_mixed_shapes, workers
+        How the user's folders are read (see ``napari-discreg adapt --help``).
+    device, context
+        The process context (:func:`~napari_discreg.core.distributed.init_distributed`);
+        without one a single process on ``device``.
+    checkpoint_every, state_path
+        Save a resumable state to ``state_path`` every N iterations and at the end.
+    resume : path or None
+        A state to continue; the saved run's settings are restored, and a setting given
+        here that contradicts them is refused.
+    command : str or None
+        The command line to record.
+    log, warn : callable or None
+        Where messages and warnings go (main process only).
+    """
+
+    targets: Targets | None = None
+    model: ModelSource = None
+    source: PathLike | Sequence[PathLike] | None = None
+    discrepancy: str = "pemd"
+    config: AdaptConfig = field(default_factory=AdaptConfig)
+    data_config: DataConfig = field(default_factory=DataConfig)
+    folder_config: FolderConfig = field(default_factory=FolderConfig)
+    steps: int | None = None
+    skip_bad: bool = False
+    allow_mixed_shapes: bool = False
+    workers: int = 0
+    device: str | None = None
+    context: DistContext | None = None
+    checkpoint_every: int | None = None
+    state_path: PathLike | None = None
+    resume: PathLike | None = None
+    command: str | None = None
+    log: Say | None = None
+    warn: Say | None = None
+
+
+@dataclass(frozen=True)
+class AdaptationProgress:
+    """One record of a run: the core :class:`~napari_discreg.core.train.StepRecord`
+    (the first one is the starting iteration, with the initial criterion) and the run's
+    best iteration so far, its criterion and the latest criterion evaluated."""
+
+    record: StepRecord
+    best_iteration: int
+    best_criterion: float | None
+    criterion: float | None
+
+    @property
+    def iteration(self) -> int:
+        return self.record.iteration
+
+    @property
+    def total(self) -> int:
+        return self.record.total
+
+    @property
+    def discrepancy(self) -> float | None:
+        return self.record.discrepancy
+
+
+@dataclass
+class AdaptationResult:
+    """What a finished, closed or diverged run gives.
+
+    ``metadata`` is the record a checkpoint of ``model`` carries (``"adaptation"``,
+    ``"base_model_info"``, ``"command"``, ``"napari_discreg_version"``); ``model`` holds
+    the best weights by the criterion. ``evaluation`` (held-out pairs before and after,
+    with ground truth) is ``None`` without one (unpaired or array targets, or an
+    interrupted run); ``state_path`` is the state file the run keeps (``None`` without
+    ``checkpoint_every`` or ``resume``) and ``state_saved`` whether it was written at
+    the end (it is not when the run failed inside an iteration).
+    """
+
+    model: DiscreteRegistrationNet
+    metadata: dict[str, Any]
+    evaluation_before: dict[str, Any] | None
+    evaluation: dict[str, Any] | None
+    interrupted: bool
+    diverged: str | None
+    state_path: Path | None
+    state_saved: bool
+    start_step: int
+    completed_steps: int
+    total_steps: int
+    best_iteration: int
+    initial_criterion: float | None
+    best_criterion: float | None
+    weight_difference: float | None
+    runtime_s: float
+
+
+# ----------------------------------------------------------- settings and resume
+
+RUN_KEYS = (
+    "model",
+    "source",
+    "target",
+    "target_fixed",
+    "target_moving",
+    "unpaired",
+    "target_pairs",
+    "demo_target",
+    "discrepancy",
+    "lr",
+    "batch_size",
+    "seed",
+    "size",
+    "axis",
+    "skip_bad",
+    "allow_mixed_shapes",
+    "min_foreground",
+    "val_fraction",
+    "eval_pairs",
+    "checkpoint_every",
+)
+"""The settings (``adapt`` options) a resumable state records and a resume restores."""
+_DATA_KEYS = ("source", "target", "target_fixed", "target_moving")
+_PATH_KEYS = ("model", *_DATA_KEYS)
+_TARGET_KEYS = ("target", "target_fixed", "target_moving", "unpaired", "demo_target")
+
+
+def _fspath(path: PathLike | None) -> str | None:
+    return None if path is None else os.fspath(path)
+
+
+def run_settings(spec: AdaptationSpec) -> dict[str, Any]:
+    """The spec's settings under :data:`RUN_KEYS`, as the command line gives them."""
+    opts = (
+        TargetOptions()
+        if spec.targets is None or isinstance(spec.targets, ArrayTargets)
+        else spec.targets.options()
+    )
+    model = None if isinstance(spec.model, DiscreteRegistrationNet) else _fspath(spec.model)
+    fc = spec.folder_config
+    return {
+        "model": model,
+        "source": path_list(spec.source),
+        "target": path_list(opts.target),
+        "target_fixed": _fspath(opts.target_fixed),
+        "target_moving": _fspath(opts.target_moving),
+        "unpaired": opts.unpaired,
+        "target_pairs": fc.target_pairs,
+        "demo_target": opts.demo_target,
+        "discrepancy": Discrepancy.parse(spec.discrepancy).value,
+        "lr": spec.config.lr,
+        "batch_size": spec.config.batch_size,
+        "seed": spec.config.seed,
+        "size": spec.data_config.size,
+        "axis": fc.axis,
+        "skip_bad": spec.skip_bad,
+        "allow_mixed_shapes": spec.allow_mixed_shapes,
+        "min_foreground": fc.min_foreground,
+        "val_fraction": fc.val_fraction,
+        "eval_pairs": fc.eval_pairs,
+        "checkpoint_every": spec.checkpoint_every,
+    }
+
+
+def _absolute(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the paths made absolute, as a state records them."""
+
+    def absolute(value):
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [str(Path(v).resolve()) for v in value]
+        return str(Path(value).resolve())
+
+    return {k: absolute(v) if k in _PATH_KEYS else v for k, v in settings.items()}
+
+
+def _saved_settings(spec: AdaptationSpec, given: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The settings and steps of the run saved in ``spec.resume``; a setting of ``spec``
+    that contradicts the saved run is an error (the run would not be the same)."""
+    assert spec.resume is not None
+    _, _, extra = read_checkpoint(spec.resume)
+    saved = extra.get("adaptation_run")
+    if not isinstance(saved, dict) or "adaptation_state" not in extra:
+        raise ValueError(
+            f"{spec.resume}: holds no adaptation run to resume; give the *.state.safetensors "
+            "file that `napari-discreg adapt --checkpoint-every N` writes"
+        )
+    defaults = run_settings(AdaptationSpec())
+    given_abs = _absolute(given)
+    settings = {}
+    for key in RUN_KEYS:
+        value = saved.get(key, defaults.get(key))
+        if key in ("checkpoint_every", *_DATA_KEYS) and given[key]:
+            settings[key] = given[key]  # may change (the data may have moved)
+            continue
+        if given[key] != defaults.get(key) and given_abs[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"{flag} differs from the run saved in {spec.resume} ({value!r}); leave it out "
+                "when resuming"
+            )
+        settings[key] = value
+    steps = int(saved.get("steps", 0)) if spec.steps is None else spec.steps
+    done = int(extra["adaptation_state"].get("step", 0))
+    if steps < done:
+        raise ValueError(
+            f"{spec.resume} is at iteration {done}; --steps must be at least that (it counts "
+            "the iterations of the whole run)"
+        )
+    return settings, steps
+
+
+def resolve_adaptation(spec: AdaptationSpec) -> AdaptationSpec:
+    """The spec of the run to do: with ``resume``, the saved run's settings merged in
+    (one given here that contradicts them is refused), ``steps`` set, the targets
+    checked (as :class:`TargetOptions`, or the arrays given). Resolving a resolved spec
+    gives it back."""
+    settings, steps = run_settings(spec), spec.steps
+    if spec.resume:
+        settings, steps = _saved_settings(spec, settings)
+    if steps is not None and steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {steps}")
+    steps = spec.config.steps if steps is None else steps
+    arrays = isinstance(spec.targets, ArrayTargets)
+    if arrays:
+        targets: Targets = spec.targets  # type: ignore[assignment]
+    else:
+        targets = TargetOptions(**{k: settings[k] for k in _TARGET_KEYS})
+        check_target_options(targets, settings["source"])
+    s = settings
+    return replace(
+        spec,
+        targets=targets,
+        model=spec.model if isinstance(spec.model, DiscreteRegistrationNet) else s["model"],
+        source=s["source"],
+        discrepancy=s["discrepancy"],
+        config=replace(
+            spec.config,
+            steps=steps,
+            lr=s["lr"],
+            batch_size=s["batch_size"],
+            seed=s["seed"],
+        ),
+        data_config=replace(spec.data_config, size=s["size"]),
+        folder_config=replace(
+            spec.folder_config,
+            axis=s["axis"],
+            min_foreground=s["min_foreground"],
+            val_fraction=s["val_fraction"],
+            eval_pairs=s["eval_pairs"],
+            target_pairs=s["target_pairs"],
+        ),
+        steps=steps,
+        skip_bad=s["skip_bad"],
+        allow_mixed_shapes=s["allow_mixed_shapes"],
+        checkpoint_every=s["checkpoint_every"],
+    )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_adaptation(spec: AdaptationSpec) -> Run[AdaptationProgress, AdaptationResult]:
+    """Prepare the run of ``spec`` and return it as a generator of progress records.
+
+    Preparing (resolving the spec, reading the targets and the source, loading the
+    model or the resumed state, the evaluation before) happens here, so bad input
+    raises ``ValueError``/``OSError`` before the first record. The returned
+    :class:`~napari_discreg.runs.base.Run` yields an :class:`AdaptationProgress` per
+    record of :func:`napari_discreg.adapt_steps` (the first at ``run.start_step``) and
+    returns an :class:`AdaptationResult`. ``run.close()`` (or a Ctrl-C while it runs)
+    stops after a complete iteration, keeps the best weights, saves the state when
+    asked and returns the result; a diverged run ends the same way with ``diverged``
+    set.
+    """
+    spec = resolve_adaptation(spec)
+    ctx = context_for(spec.context, spec.device)
+    say = Messages(spec.log, spec.warn, ctx.is_main)
+    cfg, dcfg, fcfg = spec.config, spec.data_config, spec.folder_config
+    fixed, moving, target, folder = load_targets(
+        spec.targets,  # type: ignore[arg-type]
+        source=spec.source,
+        data_config=dcfg,
+        folder_config=fcfg,
+        seed=cfg.seed,
+        skip_bad=spec.skip_bad,
+        allow_mixed_shapes=spec.allow_mixed_shapes,
+        ctx=ctx,
+        say=say,
+    )
+    total_pairs = int(fixed.shape[0]) * (ctx.world_size if folder else 1)
+    if ctx.distributed and not folder and fixed.shape[0] >= ctx.world_size:
+        fixed, moving = fixed[ctx.rank :: ctx.world_size], moving[ctx.rank :: ctx.world_size]
+
+    eval_pairs: PairSet | None = folder.get("evaluation_pairs")
+    state = AdaptState()
+    criteria: dict[int, float] = {}
+    if spec.resume:
+        model, state, saved = load_adaptation_state(spec.resume, cfg.lr, ctx.device)
+        record = saved.get("adaptation", {})
+        model_desc, base_info = record.get("base_model"), saved.get("base_model_info", {})
+        before = record.get("evaluation_before") if ctx.is_main else None
+        if record.get("initial_criterion") is not None:
+            criteria[0] = record["initial_criterion"]
+        criteria[state.best_iteration] = float(state.best_score)
+        say.info(f"resuming {spec.resume} after iteration {state.step} of {cfg.steps}")
+    else:
+        model, model_desc = load_base_model(spec.model, ctx.device)
+        if isinstance(spec.model, DiscreteRegistrationNet):
+            base_info = {}
+        else:
+            base_info = checkpoint_info(spec.model)
+            base_info.pop("model_config", None)
+        before = (
+            evaluate_pairs(model, eval_pairs) if ctx.is_main and eval_pairs is not None else None
+        )
+    start_step = state.step
+
+    source_desc = "MNI template, T1/T2-like/PD-like mono-modal pairs"
+    source = None
+    if spec.source:
+        src = load_folder(
+            spec.source,
+            name="source",
+            size=dcfg.size,
+            folder_config=fcfg,
+            skip_bad=spec.skip_bad,
+            allow_mixed_shapes=spec.allow_mixed_shapes,
+            say=say,
+        )
+        held_f, held_s = folder.get("held_files", set()), folder.get("held_slices", set())
+        keep = [
+            i
+            for i in range(len(src))
+            if src.files[src.file_index[i]] not in held_f
+            and (src.files[src.file_index[i]], int(src.slice_index[i])) not in held_s
+        ]
+        if not keep:
+            raise ValueError(
+                "every source slice belongs to the held-out target subjects; give more files "
+                "or --val-fraction 0"
+            )
+        source = PairBatches(
+            PairMaker(src, config=dcfg),
+            keep,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        ).iterate(start_step, device=ctx.device, workers=spec.workers)
+        source_desc = f"{src.describe()} ({len(keep)} slices used), mono-modal pairs"
+    elif ctx.distributed:
+        rng = np.random.default_rng([cfg.seed, ctx.rank, start_step])
+        source = source_batches(
+            dcfg,
+            cfg.batch_size,
+            TrainConfig.source_contrasts,
+            rng,
+            ctx.device,
+            augment=cfg.source_augmentation,
+        )
+    broadcast_module(model, ctx)
+
+    state_path = state_file(spec.checkpoint_every, spec.state_path, spec.resume)
+    body = _adapt(
+        spec,
+        ctx,
+        model=model,
+        state=state,
+        fixed=fixed,
+        moving=moving,
+        source=source,
+        criteria=criteria,
+        eval_pairs=eval_pairs,
+        before=before,
+        info={
+            "target": target,
+            "target_pairs": total_pairs,
+            "source": source_desc,
+            "base_model": model_desc,
+            "base_model_info": base_info,
+            "folder": folder,
+        },
+        state_path=state_path,
+    )
+    return Run(body, start_step=start_step, total=cfg.steps, spec=spec, context=ctx)
+
+
+def _adapt(
+    spec: AdaptationSpec,
+    ctx: DistContext,
+    *,
+    model: DiscreteRegistrationNet,
+    state: AdaptState,
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    source,
+    criteria: dict[int, float],
+    eval_pairs: PairSet | None,
+    before: dict | None,
+    info: dict[str, Any],
+    state_path: Path | None,
+) -> Generator[AdaptationProgress, None, AdaptationResult]:
+    cfg, folder, every = spec.config, info["folder"], spec.checkpoint_every
+    start_step = state.step
+    # looked up here, not imported: napari_discreg.adapt_steps is the public name
+    # (the command-line tests replace it)
+    steps = napari_discreg.adapt_steps(
+        model,
+        fixed,
+        moving,
+        discrepancy=spec.discrepancy,
+        config=cfg,
+        data_config=spec.data_config,
+        source=source,
+        device=ctx.device,
+        state=state,
+    )
+    completed, best_iter, interrupted, diverged = start_step, state.best_iteration, False, None
+    sync: float | None = None
+    start = time.perf_counter()
+
+    def record_extra(elapsed: float, evaluation: dict | None = None) -> dict[str, Any]:
+        return {
+            "adaptation": {
+                "discrepancy": spec.discrepancy,
+                "steps": cfg.steps,
+                "completed_steps": completed,
+                "best_iteration": best_iter,
+                "selection_criterion": cfg.criterion,
+                "initial_criterion": criteria.get(0),
+                "best_criterion": criteria.get(best_iter),
+                "config": cfg.to_dict(),
+                "data_config": spec.data_config.to_dict(),
+                "folder_config": spec.folder_config.to_dict() if (folder or spec.source) else None,
+                "target": info["target"],
+                "target_pairs": info["target_pairs"],
+                "pairing": folder.get("pairing"),
+                "pairing_note": folder.get("pairing_note") or None,
+                "skipped": folder.get("skipped", []),
+                "source": info["source"],
+                "evaluation": evaluation,
+                "evaluation_before": before,
+                "base_model": info["base_model"],
+                "resumed_from": str(spec.resume) if spec.resume else None,
+                "interrupted": interrupted,
+                "diverged": diverged,
+                "device": str(ctx.device),
+                "distributed": {
+                    "world_size": ctx.world_size,
+                    "backend": ctx.backend,
+                    "max_weight_difference": sync,
+                },
+                "runtime_s": elapsed,
+            },
+            "base_model_info": info["base_model_info"],
+            "command": spec.command,
+            "napari_discreg_version": __version__,
+        }
+
+    def save_state(running: bool) -> bool:
+        """Write the resumable state (main process); False if the run cannot be resumed."""
+        if not ctx.is_main or state_path is None:
+            return False
+        if not running and state.weights is None:
+            return False
+        make_dirs(state_path.parent)
+        extra = record_extra(time.perf_counter() - start)
+        extra["adaptation_run"] = {**_absolute(run_settings(spec)), "steps": cfg.steps}
+        save_adaptation_state(state_path, model, state, jsonable(extra), running=running)
+        return True
+
+    try:
+        with average_gradients(model, ctx):
+            for record in steps:
+                if record.criterion is not None:
+                    criteria[record.iteration] = record.criterion
+                if record.best_iteration is not None:
+                    best_iter = record.best_iteration
+                if record.iteration != start_step:
+                    completed = record.iteration
+                    if every and completed % every == 0 and completed < cfg.steps:
+                        save_state(running=True)
+                yield AdaptationProgress(
+                    record,
+                    best_iter,
+                    criteria.get(best_iter),
+                    criteria[max(criteria)] if criteria else None,
+                )
+    except (KeyboardInterrupt, GeneratorExit):
+        interrupted = True
+        steps.close()  # restores the best weights seen
+    except FloatingPointError as exc:
+        diverged = str(exc)  # the generator has restored the best weights
+    elapsed = time.perf_counter() - start
+
+    if ctx.distributed and not (interrupted or diverged):
+        # every rank kept the best weights by its own criterion: rank 0's choice wins
+        broadcast_module(model, ctx)
+        sync = max_weight_difference(model, ctx)
+    evaluation = None
+    if before is not None and eval_pairs is not None and not interrupted:
+        after = evaluate_pairs(model, eval_pairs)
+        evaluation = {
+            "pairs": len(eval_pairs),
+            "held_out": folder["held_out"],
+            "identity": before["identity"],
+            "before": before["model"],
+            "after": after["model"],
+        }
+    extra = jsonable(record_extra(elapsed, evaluation))
+    saved = save_state(running=False)
+    return AdaptationResult(
+        model=model,
+        metadata=extra,
+        evaluation_before=before,
+        evaluation=evaluation,
+        interrupted=interrupted,
+        diverged=diverged,
+        state_path=state_path,
+        state_saved=saved,
+        start_step=start_step,
+        completed_steps=completed,
+        total_steps=cfg.steps,
+        best_iteration=best_iter,
+        initial_criterion=criteria.get(0),
+        best_criterion=criteria.get(best_iter),
+        weight_difference=sync,
+        runtime_s=elapsed,
+    )
