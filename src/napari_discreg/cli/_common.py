@@ -1,5 +1,9 @@
 """What the sub-commands share: exit codes, argument types, all-or-nothing outputs,
-models, progress bars and the options for the user's own image folders."""
+saved models, progress bars and the options for the user's own image folders.
+
+``_load_model`` (a checkpoint, a shipped model's name or the default one), ``_jsonable``
+and ``_make_dirs`` live in :mod:`napari_discreg.runs.base` and are re-exported here for
+the sub-commands."""
 
 from __future__ import annotations
 
@@ -10,12 +14,18 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from .. import save_model
 from ..core import io
-from ..core.config import SHIPPED_MODELS
+from ..core.config import SHIPPED_MODELS, FolderConfig
+from ..core.data import normalise_intensity
+from ..runs.base import jsonable as _jsonable
+from ..runs.base import load_base_model as _load_model  # noqa: F401 - register, demo use it
+from ..runs.base import make_dirs as _make_dirs
+from ..runs.base import remove_empty as _remove_empty
 
 SHIPPED_NAMES = ", ".join(SHIPPED_MODELS)
 """The shipped models ``--model`` accepts by name (for help texts)."""
@@ -27,6 +37,10 @@ EXIT_INTERRUPTED = 130
 
 def _say(message: str = "") -> None:
     print(message, flush=True)
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def _device_arg(value: str) -> str:
@@ -56,21 +70,6 @@ _positive_float = _number(
     float, lambda x: math.isfinite(x) and x > 0, "a positive number", "a number"
 )
 _fraction = _number(float, lambda x: 0.0 <= x < 1.0, "in [0, 1)", "a number")
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types; non-finite floats become ``None`` (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.generic, np.ndarray)):
-        return _jsonable(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -123,29 +122,6 @@ def check_writable_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def _make_dirs(folder: Path) -> list[Path]:
-    """``mkdir -p folder``; returns the folders it created, deepest first."""
-    created = []
-    p = folder.absolute()
-    while not p.exists() and p != p.parent:
-        created.append(p)
-        p = p.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        _remove_empty(created)
-        raise OSError(f"cannot create the output folder {folder} ({exc.strerror or exc})") from exc
-    return created
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for d in folders:  # deepest first
-        try:
-            d.rmdir()
-        except OSError:
-            break
-
-
 class Outputs:
     """Files written together or not at all.
 
@@ -195,26 +171,8 @@ class Outputs:
         _remove_empty(self._created)
 
 
-def _load_model(path: str | None, device):
-    """(model, description) for ``--model``: a checkpoint file, a shipped model's name,
-    or (``None``) the default shipped model."""
-    from ..core.checkpoint import checkpoint_path, load_model
-
-    file = checkpoint_path(path)
-    if file != Path(path or ""):  # a shipped model
-        if not file.is_file():
-            raise ValueError(
-                f"the pretrained model shipped with napari-discreg is missing ({file}); "
-                f"train one with `{PROG} train -o model.safetensors` and pass it with --model"
-            )
-        return load_model(file, device), f"{file} (shipped)"
-    return load_model(path, device), str(Path(path))
-
-
 def _save_model(model, path: Path, extra: dict) -> None:
     """Save a checkpoint atomically, creating its folder; nothing is left on failure."""
-    from .. import save_model
-
     created = _make_dirs(path.parent)
     try:
         save_model(model, path, extra=_jsonable(extra))
@@ -228,15 +186,11 @@ def _save_model(model, path: Path, extra: dict) -> None:
 
 def _foreground(image: np.ndarray) -> np.ndarray | None:
     """Foreground of an image (normalised intensity > 0.05), None when (nearly) empty."""
-    from ..core.data import normalise_intensity
-
     mask = normalise_intensity(image) > 0.05
     return mask if mask.sum() >= 16 else None
 
 
 def _progress(total: int, desc: str, *, initial: int = 0, disable: bool = False):
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=total,
         desc=desc,
@@ -250,8 +204,6 @@ def _progress(total: int, desc: str, *, initial: int = 0, disable: bool = False)
 
 def _add_folder_options(p, *, axis: bool) -> None:
     """Options shared by ``train`` and ``adapt`` for the user's own image folders."""
-    from ..core.config import FolderConfig
-
     f = FolderConfig()
     g = p.add_argument_group(
         "your own images (folders, files or lists of 2D images and 3D volumes: "
@@ -300,30 +252,6 @@ def _add_folder_options(p, *, axis: bool) -> None:
         default=0,
         help="background processes that make the training pairs (default 0: none)",
     )
-
-
-def _load_folder(paths, *, name: str, args, size: int, folder_cfg, ctx):
-    """A SliceDataset of ``paths``; bad files skipped (with a warning) under --skip-bad."""
-    from ..core.dataset import SliceDataset
-
-    ds = SliceDataset.from_paths(
-        paths,
-        size=size,
-        config=folder_cfg,
-        skip_bad=args.skip_bad,
-        allow_mixed_shapes=args.allow_mixed_shapes,
-        name=name,
-    )
-    _report_bad(ds.bad, ctx)
-    if ctx.is_main:
-        _say(ds.describe())
-    return ds
-
-
-def _report_bad(bad, ctx) -> None:
-    if ctx.is_main:
-        for b in bad:
-            print(f"{PROG}: warning: skipped {b}", file=sys.stderr)
 
 
 def _state_path(out: Path) -> Path:
