@@ -56,3 +56,9 @@ def test_import_layering_contracts_hold():
     out = subprocess.run([_tool("lint-imports")], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Contracts: 3 kept, 0 broken" in out.stdout, out.stdout
+
+
+def test_mypy_passes_on_core_and_runs():
+    # the files are listed in pyproject.toml ([tool.mypy] files)
+    out = subprocess.run([_tool("mypy")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr

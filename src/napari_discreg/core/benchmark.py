@@ -19,6 +19,7 @@ Protocol
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from .checkpoint import load_model
 from .config import AdaptConfig, DataConfig, TrainConfig
 from .discrepancy import DISPLAY_NAMES
 from .evaluate import METRICS, evaluate_model, identity_metrics, pair_metrics, summarise
+from .model import DiscreteRegistrationNet
 from .refine import RefineConfig
 from .train import StepRecord, adapt_steps, train_steps
 
@@ -322,7 +324,7 @@ def plot_results(result: dict, path) -> None:
 
 
 def timed_adaptation(
-    model: torch.nn.Module,
+    model: DiscreteRegistrationNet,
     fixed,
     moving,
     discrepancy: str,
@@ -339,8 +341,6 @@ def timed_adaptation(
     ``eval_pairs`` only afterwards, untimed: the time-to-accuracy curve. ``kept`` is
     the evaluation of the weights the keep-best rule returned.
     """
-    import copy
-
     work = copy.deepcopy(model)
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
     times: dict[int, float] = {}

@@ -12,6 +12,8 @@ sliced-Wasserstein discrepancies of that point
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -77,28 +79,28 @@ def point_summary(probabilities, offsets) -> dict:
         # F1, F2 and their mean as (3, 1, 1, K, K): expected_displacement -> (3, 2, 1, 1)
         heads = torch.stack([t1[0], t2[0], 0.5 * (t1[0] + t2[0])])[:, None, None]
         expected = expected_displacement(heads, torch.from_numpy(off))[..., 0, 0].tolist()
-        summary = {
+        summary: dict[str, Any] = {
             "pemd": float(projected_emd(t1, t2)),
             "l1": float(l1(t1, t2)),
             "swd": float(sliced_wasserstein(t1, t2)),
             "emd_rows": float(emd_1d(rows1, rows2)),
             "emd_cols": float(emd_1d(cols1, cols2)),
         }
-    rows1, cols1, rows2, cols2 = (x.numpy() for x in (rows1, cols1, rows2, cols2))
+    r1, c1, r2, c2 = (x.numpy() for x in (rows1, cols1, rows2, cols2))
     summary.update(
         expected_f1=tuple(expected[0]),
         expected_f2=tuple(expected[1]),
         expected=tuple(expected[2]),
         f1=p1,
         f2=p2,
-        rows_f1=rows1,
-        rows_f2=rows2,
-        cols_f1=cols1,
-        cols_f2=cols2,
-        cdf_rows_f1=np.cumsum(rows1),
-        cdf_rows_f2=np.cumsum(rows2),
-        cdf_cols_f1=np.cumsum(cols1),
-        cdf_cols_f2=np.cumsum(cols2),
+        rows_f1=r1,
+        rows_f2=r2,
+        cols_f1=c1,
+        cols_f2=c2,
+        cdf_rows_f1=np.cumsum(r1),
+        cdf_rows_f2=np.cumsum(r2),
+        cdf_cols_f1=np.cumsum(c1),
+        cdf_cols_f2=np.cumsum(c2),
         offsets=off,
     )
     return summary
