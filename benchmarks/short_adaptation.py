@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
 
 
 def _markdown(results, meta, argv) -> str:
-    cmd = "python benchmarks/short_adaptation.py" + ("" if not argv else " " + " ".join(argv))
+    words = sys.argv[1:] if argv is None else argv
+    cmd = " ".join(["python benchmarks/short_adaptation.py", *words])
     lines = [
         "## Short adaptation: accuracy against seconds",
         "",

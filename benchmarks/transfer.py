@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,8 @@ def main(argv=None) -> int:
 
 
 def markdown(results: dict, models: list[str], argv) -> str:
-    cmd = "python benchmarks/transfer.py" + ("" if not argv else " " + " ".join(argv))
+    words = sys.argv[1:] if argv is None else argv
+    cmd = " ".join(["python benchmarks/transfer.py", *words])
     lines = [
         "## Cross-contrast pairs before adaptation: never worse than identity?",
         "",

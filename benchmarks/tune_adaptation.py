@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -138,7 +139,8 @@ def write(results: dict, args, argv) -> None:
 
 
 def markdown(results: dict, meta: dict, argv) -> str:
-    cmd = "python benchmarks/tune_adaptation.py" + ("" if not argv else " " + " ".join(argv))
+    words = sys.argv[1:] if argv is None else argv
+    cmd = " ".join(["python benchmarks/tune_adaptation.py", *words])
     lines = [
         "## Tuning the short default adaptation (validation split, not the test pairs)",
         "",
