@@ -30,7 +30,7 @@ from napari_discreg.core import data
 from napari_discreg.core.benchmark import adaptation_pairs, update_section
 from napari_discreg.core.config import SELECTION_CRITERIA, AdaptConfig, DataConfig
 from napari_discreg.core.evaluate import evaluate_model, summarise
-from napari_discreg.core.train import prepare_target, selection_scores
+from napari_discreg.core.predict import prepare_target, selection_scores
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -7,9 +7,11 @@ the target are read) on ``--n-adapt`` unlabelled T1 vs target pairs from the
 template's training slices, with a long budget, the keep-best rule of
 ``AdaptConfig`` choosing the weights on those unlabelled pairs. Evaluated on held-out
 test pairs (slices the adaptation never saw, seed 123) before and after. Writes
-``src/napari_discreg/weights/discreg_t1_to_<contrast>.safetensors``, its JSON record
-beside it and the "adapted" section of TRAINING.md. ``load_model("t1-to-t2")`` and the
-Register widget's model choice offer them by name.
+the record ``src/napari_discreg/weights/discreg_t1_to_<contrast>.json`` and the "adapted"
+section of TRAINING.md; the weights ``discreg_t1_to_<contrast>.safetensors`` only when
+the keep-best rule kept weights other than the starting ones (a copy of the default
+model would add megabytes and nothing else). Add a saved model to
+``core.config.SHIPPED_MODELS`` to offer it by name in ``load_model`` and the widget.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ import torch
 from tqdm import tqdm
 
 from napari_discreg.core import data
+from napari_discreg.core.adapt import adapt_steps
 from napari_discreg.core.benchmark import adaptation_pairs, update_section
 from napari_discreg.core.checkpoint import load_model, save_checkpoint, shipped_model_path
 from napari_discreg.core.config import SHIPPED_MODELS, AdaptConfig, DataConfig
 from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise
-from napari_discreg.core.train import adapt_steps
 
 WEIGHTS = shipped_model_path("default").parent
 
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     )
     for contrast in args.contrasts:
         name = f"t1-to-{contrast}"
-        out = args.out_dir / SHIPPED_MODELS[name][0]
+        out = args.out_dir / f"discreg_t1_to_{contrast}.safetensors"
         af, am = adaptation_pairs(template, dcfg, n=args.n_adapt, moving_contrast=contrast)
         test = data.fixed_test_pairs(
             template,
@@ -115,7 +117,9 @@ def main(argv=None) -> int:
             "evaluation_pairs": args.eval_pairs,
             "evaluation": {"before": before, "after": after, "identity": identity},
         }
-        save_checkpoint(model, out, extra={"adaptation": record})
+        record["saved"] = kept != 0
+        if record["saved"]:
+            save_checkpoint(model, out, extra={"adaptation": record})
         out.with_suffix(".json").write_text(json.dumps(record, indent=2))
         print(name, "before", before, "after", after, "identity", identity, flush=True)
     update_section(args.out_dir / "TRAINING.md", "adapted", markdown(args.out_dir), header="")
@@ -130,23 +134,23 @@ def markdown(folder: Path) -> str:
         "Written by `scripts/adapt_shipped_models.py` (the command is in each record): the "
         "default model adapted by MCD on unlabelled T1 vs target pairs from the template's "
         "training slices, the keep-best rule choosing the weights on those unlabelled pairs; "
-        "evaluated before and after on held-out test pairs (seed 123), network only.",
+        "evaluated before and after on held-out test pairs (seed 123), network only. Seconds: "
+        "wall time on the machine in the record (with --threads, a machine shared with other jobs).",
         "",
         "| model | command | discrepancy | iterations (batch, n) | seconds | kept iteration | "
-        "label acc. before | after | EPE before (px) | after | identity |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "label acc. before | after | EPE before (px) | after | identity | weights shipped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, (file, _) in SHIPPED_MODELS.items():
-        path = folder / Path(file).with_suffix(".json").name
-        if not name.startswith("t1-to-") or not path.is_file():
-            continue
+    for path in sorted(folder.glob("discreg_t1_to_*.json")):
+        name = "t1-to-" + path.stem.rsplit("_", 1)[-1]
         r = json.loads(path.read_text())
         a, ev = r["adapt_config"], r["evaluation"]
         lines.append(
             f"| `{name}` | `{r['command']}` | {r['discrepancy']} | {a['steps']} ({a['batch_size']}, "
-            f"{a['generator_updates']}) | {r['adapt_seconds']:.0f} | {r['kept_iteration']} | "
+            f"{a['generator_updates']}), lr {a['lr']:g} | {r['adapt_seconds']:.0f} | {r['kept_iteration']} | "
             f"{100 * ev['before']['label_accuracy']:.1f} % | {100 * ev['after']['label_accuracy']:.1f} % | "
-            f"{ev['before']['epe']:.2f} | {ev['after']['epe']:.2f} | {ev['identity']['epe']:.2f} |"
+            f"{ev['before']['epe']:.2f} | {ev['after']['epe']:.2f} | {ev['identity']['epe']:.2f} | "
+            f"{'yes' if r.get('saved', True) else 'no: identical to the default'} |"
         )
     return "\n".join(lines)
 

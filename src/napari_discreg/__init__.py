@@ -11,10 +11,11 @@ Public API (stable names; the GUI and the command line use only these):
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .core.adapt import adapt, adapt_steps
 from .core.checkpoint import load_model
 from .core.checkpoint import save_checkpoint as save_model
 from .core.register import RegistrationResult, register
-from .core.train import StepRecord, adapt, adapt_steps
+from .core.train import StepRecord
 
 try:
     __version__ = version("napari-discreg")  # written once, in pyproject.toml

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from napari_discreg.core.adapt import adapt_steps
 from napari_discreg.core.config import AdaptConfig, DataConfig, ModelConfig, TrainConfig
 from napari_discreg.core.dataset import (
     PairBatches,
@@ -37,7 +38,7 @@ from napari_discreg.core.distributed import (
     shutdown,
 )
 from napari_discreg.core.model import DiscreteRegistrationNet
-from napari_discreg.core.train import adapt_steps, train_steps
+from napari_discreg.core.train import train_steps
 
 TINY = ModelConfig(num_labels=5, capture_range=2.0, features=4, head_channels=8)
 DATA = DataConfig(size=48, max_displacement=2.0)

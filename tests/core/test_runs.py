@@ -14,8 +14,9 @@ import torch
 
 from napari_discreg import save_model
 from napari_discreg.core import data, io
-from napari_discreg.core.checkpoint import checkpoint_info, load_adaptation_state, load_model
+from napari_discreg.core.checkpoint import checkpoint_info, load_model
 from napari_discreg.core.config import AdaptConfig, DataConfig, FolderConfig, TrainConfig
+from napari_discreg.core.state import load_adaptation_state
 from napari_discreg.runs import (
     AdaptationProgress,
     AdaptationSpec,

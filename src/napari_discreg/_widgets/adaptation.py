@@ -36,7 +36,7 @@ import napari_discreg
 
 from ..core.config import AdaptConfig, DataConfig
 from ..core.discrepancy import DISPLAY_NAMES, Discrepancy
-from ..core.train import clone_model
+from ..core.model import clone_model
 from . import _notify
 from ._adaptation_plot import AdaptationPlot
 from ._io import CHECKPOINT_FILTER

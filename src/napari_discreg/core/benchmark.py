@@ -28,13 +28,14 @@ import numpy as np
 import torch
 
 from . import data as data_mod
+from .adapt import adapt_steps
 from .checkpoint import load_model
 from .config import AdaptConfig, DataConfig, TrainConfig
 from .discrepancy import DISPLAY_NAMES
 from .evaluate import METRICS, evaluate_model, identity_metrics, pair_metrics, summarise
 from .model import DiscreteRegistrationNet
 from .refine import RefineConfig
-from .train import StepRecord, adapt_steps, train_steps
+from .train import StepRecord, train_steps
 
 ROW_NAMES = {kind.value: name for kind, name in DISPLAY_NAMES.items()}
 

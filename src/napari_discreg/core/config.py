@@ -40,8 +40,6 @@ class Config:
 
 SHIPPED_MODELS: dict[str, tuple[str, str]] = {
     "default": ("discreg_t1_t2_pd.safetensors", "source model, contrast-augmented T1/T2/PD pairs"),
-    "t1-to-t2": ("discreg_t1_to_t2.safetensors", "default adapted offline to T1 vs T2-like"),
-    "t1-to-pd": ("discreg_t1_to_pd.safetensors", "default adapted offline to T1 vs PD-like"),
     "mono": ("discreg_mono_t1_t2_pd.safetensors", "paper protocol: mono-modal source only"),
 }
 """Name -> (file in ``napari_discreg/weights``, one-line description) of every model
@@ -142,7 +140,7 @@ class TrainConfig(Config):
 
 
 SELECTION_CRITERIA: tuple[str, ...] = ("mind", "nmi", "agreement")
-"""Names of the unsupervised keep-best criteria (:func:`~napari_discreg.core.train.selection_criterion`)."""
+"""Names of the unsupervised keep-best criteria (:func:`~napari_discreg.core.predict.selection_criterion`)."""
 
 
 @dataclass(frozen=True)

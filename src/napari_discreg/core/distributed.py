@@ -16,7 +16,7 @@ Two ways of keeping the replicas identical:
   :func:`~napari_discreg.core.train.train_steps` uses (``loss_fn=``).
 * :func:`average_gradients` averages the gradients of a module's parameters over the
   ranks right before every optimiser step. MCD adaptation
-  (:func:`~napari_discreg.core.train.adapt_steps`) updates G and the heads in three
+  (:func:`~napari_discreg.core.adapt.adapt_steps`) updates G and the heads in three
   partial steps with frozen parts and several backward passes per iteration, which
   DDP's one-forward-one-backward contract does not cover; averaging at the optimiser
   step gives the same synchronous data-parallel update for any such loop.
@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .model import resolve_device
+from .train import source_cross_entropy
 
 __all__ = [
     "DistContext",
@@ -216,7 +217,6 @@ class _SourceLoss(nn.Module):
         self.model = model
 
     def forward(self, fixed, moving, displacement, mask):
-        from .train import source_cross_entropy
 
         batch = {"fixed": fixed, "moving": moving, "displacement": displacement, "mask": mask}
         return source_cross_entropy(self.model, batch)  # type: ignore[arg-type]

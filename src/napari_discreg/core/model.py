@@ -12,6 +12,8 @@ needs.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -291,3 +293,8 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the K x K labels of (B, h, w, K, K) logits."""
     shape = logits.shape
     return torch.softmax(logits.flatten(-2), dim=-1).reshape(shape)
+
+
+def clone_model(model: DiscreteRegistrationNet) -> DiscreteRegistrationNet:
+    """An independent copy (weights and config) of ``model``."""
+    return copy.deepcopy(model)

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checkpoint import load_model
 from .discrepancy import projected_emd
 from .geometry import control_point_index, control_point_position
 from .labels import argmax_label
 from .model import DiscreteRegistrationNet, resolve_device
+from .predict import predict_field
 from .preprocess import check_pair, min_image_size, network_input
 from .refine import RefineConfig, no_worse_than_identity, refine_field
-from .train import predict_field
 from .warp import warp
 
 _DEFAULT_MODELS: dict[str, DiscreteRegistrationNet] = {}
@@ -80,8 +81,6 @@ def default_model(device=None) -> DiscreteRegistrationNet:
 
     Internal: :func:`load_model` gives callers their own copy to adapt.
     """
-    from .checkpoint import load_model
-
     dev = resolve_device(device)
     if str(dev) not in _DEFAULT_MODELS:
         _DEFAULT_MODELS[str(dev)] = load_model(None, dev)

@@ -22,12 +22,8 @@ import numpy as np
 import napari_discreg
 
 from .. import __version__
-from ..core.checkpoint import (
-    checkpoint_info,
-    load_adaptation_state,
-    read_checkpoint,
-    save_adaptation_state,
-)
+from ..core.adapt import AdaptState
+from ..core.checkpoint import checkpoint_info, read_checkpoint
 from ..core.config import AdaptConfig, DataConfig, FolderConfig, TrainConfig
 from ..core.dataset import PairBatches, PairMaker, PairSet, evaluate_pairs
 from ..core.discrepancy import Discrepancy
@@ -38,7 +34,8 @@ from ..core.distributed import (
     max_weight_difference,
 )
 from ..core.model import DiscreteRegistrationNet
-from ..core.train import AdaptState, StepRecord, source_batches
+from ..core.state import load_adaptation_state, save_adaptation_state
+from ..core.train import StepRecord, source_batches
 from .base import (
     Messages,
     ModelSource,

@@ -17,8 +17,7 @@ from ..core.checkpoint import checkpoint_path, load_model
 from ..core.config import FolderConfig
 from ..core.dataset import SliceDataset
 from ..core.distributed import DistContext
-from ..core.model import DiscreteRegistrationNet, resolve_device
-from ..core.train import clone_model
+from ..core.model import DiscreteRegistrationNet, clone_model, resolve_device
 
 PathLike = str | os.PathLike
 Say = Callable[[str], None]

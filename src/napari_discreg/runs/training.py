@@ -20,7 +20,7 @@ import torch
 
 from .. import __version__
 from ..core import train as core_train
-from ..core.checkpoint import load_training_state, read_checkpoint, save_training_state
+from ..core.checkpoint import read_checkpoint
 from ..core.config import DataConfig, FolderConfig, ModelConfig, TrainConfig
 from ..core.dataset import PairBatches, PairMaker, evaluate_pairs, make_pairs, split_holdout
 from ..core.distributed import (
@@ -30,6 +30,7 @@ from ..core.distributed import (
     max_weight_difference,
 )
 from ..core.model import DiscreteRegistrationNet
+from ..core.state import load_training_state, save_training_state
 from ..core.train import StepRecord, source_batches
 from .base import (
     Messages,

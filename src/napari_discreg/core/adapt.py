@@ -1,0 +1,294 @@
+"""Maximum classifier discrepancy adaptation (Saito et al. 2018) to unlabelled target pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import AdaptConfig, DataConfig, TrainConfig
+from .discrepancy import Discrepancy, discrepancy_fn
+from .model import DiscreteRegistrationNet, probabilities, resolve_device
+from .predict import prepare_target, selection_criterion
+from .train import Batch, StepRecord, source_batches, source_cross_entropy
+
+# ----------------------------------------------------------------------- adaptation
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def adaptation_optimizers(
+    model: DiscreteRegistrationNet, lr: float
+) -> dict[str, torch.optim.Optimizer]:
+    """The two Adam optimisers of MCD: ``"generator"`` over G, ``"heads"`` over F1 and F2."""
+    heads = list(model.F1.parameters()) + list(model.F2.parameters())
+    return {
+        "generator": torch.optim.Adam(model.G.parameters(), lr=lr),
+        "heads": torch.optim.Adam(heads, lr=lr),
+    }
+
+
+@dataclass
+class AdaptState:
+    """Where an adaptation stands: what :func:`adapt_steps` needs to continue it.
+
+    Pass an empty ``AdaptState()`` as ``state=`` to follow a run: :func:`adapt_steps`
+    keeps it up to date at every yielded record (completed ``step``, the best
+    weights by the criterion so far, the optimisers). Between two records the model
+    holds the current weights; once the generator has ended (finished, closed or
+    failed) it holds the best ones and ``weights`` the current ones of the last
+    complete iteration (``None`` if it failed inside an iteration: the weights and
+    optimisers are then half-updated and not worth resuming). ``rng_state`` and
+    ``torch_rng_state`` are the random streams (batches, SWD directions) after the
+    last complete iteration. Pass a state with ``step > 0`` (e.g. from
+    :func:`~napari_discreg.core.state.load_adaptation_state`) to continue that
+    run: the model must then hold the state's current weights.
+    """
+
+    step: int = 0
+    best_iteration: int = 0
+    best_score: float | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] | None = None
+    rng_state: dict | None = None
+    torch_rng_state: torch.Tensor | None = None
+
+
+def adapt_steps(
+    model: DiscreteRegistrationNet,
+    fixed,
+    moving,
+    *,
+    discrepancy: str | Discrepancy = "pemd",
+    steps: int | None = None,
+    seed: int | None = None,
+    lr: float | None = None,
+    config: AdaptConfig | None = None,
+    data_config: DataConfig | None = None,
+    source: Iterator[Batch] | None = None,
+    device=None,
+    selection_pairs: int = 16,
+    state: AdaptState | None = None,
+) -> Generator[StepRecord, None, None]:
+    """Adapt ``model`` to unlabelled target pairs by maximum classifier discrepancy.
+
+    Parameters
+    ----------
+    model : DiscreteRegistrationNet
+        Trained on the source domain; adapted in place.
+    fixed, moving : array_like, shape (N, H, W)
+        Unlabelled target pairs (e.g. T1 fixed vs T2 moving). Their ground truth,
+        if any, is never used.
+    discrepancy : {"l1", "swd", "pemd"}
+        Discrepancy between the heads' histograms (docs/method.md, "Discrepancies").
+    steps, seed, lr : optional
+        Override the corresponding fields of ``config``.
+    source : iterator of batches, optional
+        Labelled source batches; default: built-in mono-modal template pairs.
+    state : AdaptState, optional
+        Kept up to date as the run goes (to save it and resume later); one with
+        ``step > 0`` continues that run up to ``steps`` iterations in all: same
+        weights, optimiser moments, best-so-far and random streams, so with the
+        built-in source (or a ``source`` that continues where it stopped) the resumed
+        run is bit-identical on CPU to one that was never interrupted.
+
+    Yields
+    ------
+    StepRecord
+        A first record at the starting iteration (0, or ``state.step``) with the
+        initial criterion, then one per MCD iteration (steps A, B and C). Closing the
+        generator stops adaptation after a complete iteration.
+
+    Notes
+    -----
+    Every ``config.select_every`` iterations (and at the start and the end) the
+    unsupervised criterion of :func:`selection_criterion` is computed on up to
+    ``selection_pairs`` target pairs; when the generator finishes, is closed, or
+    fails, the model holds the weights with the best criterion seen (with
+    ``config.keep_best``, the default), so running more steps never returns a model
+    that scores worse on the criterion than the one passed in. A non-finite loss
+    stops adaptation with a ``FloatingPointError`` after the best (or, without
+    ``keep_best``, the last evaluated) weights are restored.
+    """
+    cfg = config or AdaptConfig()
+    overrides = {k: v for k, v in (("steps", steps), ("seed", seed), ("lr", lr)) if v is not None}
+    if overrides:
+        cfg = AdaptConfig(**{**cfg.to_dict(), **overrides})
+    if cfg.steps < 0:
+        raise ValueError(f"steps must be >= 0, got {cfg.steps}")
+    kind = Discrepancy.parse(discrepancy)
+    dev = resolve_device(device)
+    model.to(dev)
+    mcfg = model.config
+    tf, tm, tmask = prepare_target(fixed, moving, mcfg.stride, dev)
+    state = state if state is not None else AdaptState()
+    start = state.step
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if start and state.rng_state is not None and state.torch_rng_state is not None:
+        rng.bit_generator.state = state.rng_state  # continue the same streams
+        gen.set_state(state.torch_rng_state)
+    elif start:  # no saved streams: fresh ones for the resumed part
+        rng = np.random.default_rng([cfg.seed, start])
+        gen = torch.Generator().manual_seed(cfg.seed + 7919 * start)
+    if source is None:
+        source = source_batches(
+            data_config or DataConfig(),
+            cfg.batch_size,
+            TrainConfig.source_contrasts,
+            rng,
+            dev,
+            augment=cfg.source_augmentation,
+        )
+    options: dict = {}
+    if kind is Discrepancy.SWD:
+        options = {"num_projections": cfg.swd_projections}
+    elif kind is Discrepancy.PEMD:
+        options = {"diagonals": cfg.pemd_diagonals}
+    dfun: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = discrepancy_fn(kind, **options)
+
+    if start < 0 or start > cfg.steps:
+        raise ValueError(f"cannot continue a run after step {start} of {cfg.steps}")
+    if start and (state.best_weights is None or state.best_score is None):
+        raise ValueError("a state with step > 0 needs its best weights and best score")
+    if not state.optimizers:
+        state.optimizers = adaptation_optimizers(model, cfg.lr)
+    opt_g, opt_f = state.optimizers["generator"], state.optimizers["heads"]
+    heads = [p for group in opt_f.param_groups for p in group["params"]]
+    sel = torch.from_numpy(
+        np.random.default_rng(cfg.seed).permutation(tf.shape[0])[:selection_pairs]
+    )
+    sel_f, sel_m, sel_mask = tf[sel], tm[sel], tmask[sel]
+
+    best_state: dict[str, torch.Tensor]
+    first_score: float | None = None
+    if start:
+        assert state.best_weights is not None and state.best_score is not None
+        best_state = state.best_weights
+        best_score, best_iter = float(state.best_score), state.best_iteration
+    else:
+        best_state = _snapshot(model)
+        best_score = first_score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
+        best_iter = 0
+    state.weights = None
+
+    def keep(it: int, score: float, weights: dict[str, torch.Tensor]) -> None:
+        nonlocal best_state, best_score, best_iter
+        best_state, best_score, best_iter = weights, score, it
+        state.best_weights, state.best_score, state.best_iteration = weights, score, it
+
+    keep(best_iter, best_score, best_state)
+    state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
+    yield StepRecord(start, cfg.steps, {}, None, first_score, best_iter)
+
+    def target_batch():
+        idx = torch.from_numpy(rng.integers(0, tf.shape[0], size=cfg.batch_size))
+        return tf[idx], tm[idx], tmask[idx]
+
+    def iteration_discrepancy() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        # SWD: new random directions every iteration (Lee et al.), but the same ones in
+        # steps B and C, so that G minimises the discrepancy the heads just maximised
+        if kind in (Discrepancy.SWD, Discrepancy.PEMD16_SWD):
+            return discrepancy_fn(
+                kind, **options, seed=int(torch.randint(2**31 - 1, (1,), generator=gen))
+            )
+        return dfun
+
+    def target_discrepancy(cost: torch.Tensor, mask: torch.Tensor, d: Callable) -> torch.Tensor:
+        l1_, l2_ = model.heads(cost)
+        p1, p2 = probabilities(l1_), probabilities(l2_)
+        fg = F.max_pool2d(mask, mcfg.stride)[:, 0] > 0
+        return d(p1[fg], p2[fg])  # (N, K, K) histograms of foreground control points
+
+    busy = False
+    try:
+        model.train()
+        for it in range(start + 1, cfg.steps + 1):
+            busy = True
+            src = next(source)
+            t_fixed, t_moving, t_mask = target_batch()
+            dcur = iteration_discrepancy()
+            # A: G, F1, F2 on the source cross-entropy
+            loss_a, logs = source_cross_entropy(model, src)
+            opt_g.zero_grad(set_to_none=True)
+            opt_f.zero_grad(set_to_none=True)
+            loss_a.backward()
+            opt_g.step()
+            opt_f.step()
+            # B: G frozen; heads keep the source right and disagree on the target
+            with torch.no_grad():
+                cost_s = model.cost_volume(src["fixed"], src["moving"])
+                cost_t = model.cost_volume(t_fixed, t_moving)
+            ce_b, _ = source_cross_entropy(model, src, cost=cost_s)
+            d_b = target_discrepancy(cost_t, t_mask, dcur)
+            loss_b = ce_b - cfg.discrepancy_weight * d_b
+            opt_f.zero_grad(set_to_none=True)
+            loss_b.backward()
+            opt_f.step()
+            # C: heads frozen; G makes them agree on the target (n updates)
+            for p in heads:
+                p.requires_grad_(False)
+            try:
+                d_c_first = float("nan")
+                for n_update in range(cfg.generator_updates):
+                    d_c = target_discrepancy(model.cost_volume(t_fixed, t_moving), t_mask, dcur)
+                    if n_update == 0:
+                        d_c_first = float(d_c.detach())
+                    loss_c = cfg.discrepancy_weight * d_c
+                    if cfg.source_weight_c > 0:
+                        ce_c, _ = source_cross_entropy(model, src)
+                        loss_c = loss_c + cfg.source_weight_c * ce_c
+                    opt_g.zero_grad(set_to_none=True)
+                    loss_c.backward()
+                    opt_g.step()
+            finally:
+                for p in heads:
+                    p.requires_grad_(True)
+            values = {
+                "source_ce": float(loss_a.detach()),
+                "source_accuracy": logs["accuracy"],
+                "discrepancy_b": float(d_b.detach()),
+                "discrepancy_c_first": d_c_first,
+                "discrepancy_c": float(d_c.detach()),
+            }
+            if not all(np.isfinite(v) for k, v in values.items() if k != "source_accuracy"):
+                raise FloatingPointError(
+                    f"adaptation diverged at iteration {it} (non-finite loss); the best weights "
+                    f"(iteration {best_iter}) were restored: lower the learning rate"
+                )
+            score = None
+            if it % cfg.select_every == 0 or it == cfg.steps:
+                score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
+                if score > best_score or not cfg.keep_best:
+                    keep(it, score, _snapshot(model))
+            state.step = it
+            state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
+            busy = False
+            yield StepRecord(it, cfg.steps, values, float(d_c.detach()), score, best_iter)
+    except GeneratorExit:
+        # stopped by the consumer after a complete iteration: consider it as a candidate
+        if state.step > start and state.step != best_iter:
+            score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
+            if score > best_score or not cfg.keep_best:
+                keep(state.step, score, _snapshot(model))
+        raise
+    finally:
+        # the weights (and optimiser moments) of the last complete iteration, to resume
+        # from: after an exception inside an iteration they are half-updated, so then
+        # the state keeps no current weights (resume from an earlier saved state)
+        state.weights = None if busy else _snapshot(model)
+        model.load_state_dict(best_state)
+        model.eval()
+
+
+def adapt(model: DiscreteRegistrationNet, fixed, moving, **kwargs) -> DiscreteRegistrationNet:
+    """Run :func:`adapt_steps` to the end and return the adapted ``model``."""
+    for _ in adapt_steps(model, fixed, moving, **kwargs):
+        pass
+    return model
