@@ -55,6 +55,11 @@ def main(argv=None) -> int:
     ap.add_argument("--contrasts", nargs="+", default=["t2", "pd"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out-dir", type=Path, default=DOCS)
+    ap.add_argument(
+        "--section",
+        default="short-adaptation",
+        help="docs/benchmarks.md section to write (another name keeps the main one)",
+    )
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     base_cfg = AdaptConfig()
@@ -108,19 +113,21 @@ def main(argv=None) -> int:
     }
     out = args.out_dir
     (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "short_adaptation.json").write_text(
+    stem = args.section.replace("-", "_")
+    (out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=1, default=float)
     )
-    _plot(results, out / "images" / "short_adaptation.png")
-    update_section(out / "benchmarks.md", "short-adaptation", _markdown(results, meta, argv))
+    _plot(results, out / "images" / f"{stem}.png")
+    update_section(out / "benchmarks.md", args.section, _markdown(results, meta, argv, stem))
     return 0
 
 
-def _markdown(results, meta, argv) -> str:
+def _markdown(results, meta, argv, stem: str) -> str:
     words = sys.argv[1:] if argv is None else argv
     cmd = " ".join(["python benchmarks/short_adaptation.py", *words])
     lines = [
-        "## Short adaptation: accuracy against seconds",
+        "## Short adaptation: accuracy against seconds"
+        + ("" if stem == "short_adaptation" else f" ({stem.replace('_', ' ')})"),
         "",
         f"Written by `{cmd}`. Models: the shipped `default` and `mono` (`load_model(name)`). "
         f"Adaptation settings: `AdaptConfig()` (steps {meta['config']['steps']}, batch "
@@ -153,7 +160,7 @@ def _markdown(results, meta, argv) -> str:
                 f"{k['epe']:.2f} | {k['epe'] / ident['epe']:.2f} | {100 * best_raw:.1f} % |"
             )
         lines.append("")
-    lines.append("![accuracy against seconds](images/short_adaptation.png)")
+    lines.append(f"![accuracy against seconds](images/{stem}.png)")
     return "\n".join(lines)
 
 
