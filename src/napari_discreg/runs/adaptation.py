@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import napari_discreg
 from .. import __version__
 from ..core.adapt import AdaptState
 from ..core.checkpoint import checkpoint_info, read_checkpoint
-from ..core.config import AdaptConfig, DataConfig, FolderConfig, TrainConfig
+from ..core.config import AdaptConfig, TrainConfig
 from ..core.dataset import PairBatches, PairMaker, PairSet, evaluate_pairs
 from ..core.discrepancy import Discrepancy
 from ..core.distributed import (
@@ -41,7 +41,7 @@ from .base import (
     ModelSource,
     PathLike,
     Run,
-    Say,
+    RunOptions,
     context_for,
     jsonable,
     load_base_model,
@@ -83,7 +83,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class AdaptationSpec:
+class AdaptationSpec(RunOptions):
     """Everything an adaptation run needs, as plain values.
 
     Attributes
@@ -121,23 +121,9 @@ class AdaptationSpec:
 
     targets: Targets | None = None
     model: ModelSource = None
-    source: PathLike | Sequence[PathLike] | None = None
     discrepancy: str = "pemd"
     config: AdaptConfig = field(default_factory=AdaptConfig)
-    data_config: DataConfig = field(default_factory=DataConfig)
-    folder_config: FolderConfig = field(default_factory=FolderConfig)
     steps: int | None = None
-    skip_bad: bool = False
-    allow_mixed_shapes: bool = False
-    workers: int = 0
-    device: str | None = None
-    context: DistContext | None = None
-    checkpoint_every: int | None = None
-    state_path: PathLike | None = None
-    resume: PathLike | None = None
-    command: str | None = None
-    log: Say | None = None
-    warn: Say | None = None
 
 
 @dataclass(frozen=True)

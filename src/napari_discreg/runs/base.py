@@ -7,14 +7,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from ..core.checkpoint import checkpoint_path, load_model
-from ..core.config import FolderConfig
+from ..core.config import DataConfig, FolderConfig
 from ..core.dataset import SliceDataset
 from ..core.distributed import DistContext
 from ..core.model import DiscreteRegistrationNet, clone_model, resolve_device
@@ -97,6 +97,28 @@ class Run(Generator[P, None, R], Generic[P, R]):
             self._body.close()
             raise RuntimeError("the run went on after close()")
         return self.result
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a training and an adaptation run take alike (see their specs for the
+    meaning of each field): the labelled source, how folders are read, the process
+    context, resumable states, the command line to record and where messages go."""
+
+    data_config: DataConfig = field(default_factory=DataConfig)
+    folder_config: FolderConfig = field(default_factory=FolderConfig)
+    source: PathLike | Sequence[PathLike] | None = None
+    skip_bad: bool = False
+    allow_mixed_shapes: bool = False
+    workers: int = 0
+    device: str | None = None
+    context: DistContext | None = None
+    checkpoint_every: int | None = None
+    state_path: PathLike | None = None
+    resume: PathLike | None = None
+    command: str | None = None
+    log: Say | None = None
+    warn: Say | None = None
 
 
 @dataclass(frozen=True)

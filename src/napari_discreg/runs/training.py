@@ -10,7 +10,7 @@ continue a saved one; under torchrun each process trains on its shard of the sli
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,8 @@ from ..core.state import load_training_state, save_training_state
 from ..core.train import StepRecord, source_batches
 from .base import (
     Messages,
-    PathLike,
     Run,
-    Say,
+    RunOptions,
     context_for,
     jsonable,
     load_folder,
@@ -47,7 +46,7 @@ from .base import (
 
 
 @dataclass(frozen=True)
-class TrainingSpec:
+class TrainingSpec(RunOptions):
     """Everything a source-training run needs, as plain values.
 
     Attributes
@@ -75,20 +74,6 @@ class TrainingSpec:
 
     model_config: ModelConfig = field(default_factory=ModelConfig)
     config: TrainConfig = field(default_factory=TrainConfig)
-    data_config: DataConfig = field(default_factory=DataConfig)
-    folder_config: FolderConfig = field(default_factory=FolderConfig)
-    source: PathLike | Sequence[PathLike] | None = None
-    skip_bad: bool = False
-    allow_mixed_shapes: bool = False
-    workers: int = 0
-    device: str | None = None
-    context: DistContext | None = None
-    checkpoint_every: int | None = None
-    state_path: PathLike | None = None
-    resume: PathLike | None = None
-    command: str | None = None
-    log: Say | None = None
-    warn: Say | None = None
 
 
 @dataclass(frozen=True)
