@@ -1,13 +1,21 @@
-"""The adaptation widget: progress, Stop within one step, Keep/Revert, Save, no leaked workers."""
+"""The adaptation widget: progress, Stop within one step, Keep/Revert, Save, no leaked
+workers; folder targets with a held-out evaluation, resumable states."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from qtpy.QtCore import QThreadPool
+from qtpy.QtWidgets import QFileDialog
 
 from napari_discreg import load_model, register
 from napari_discreg._widgets import AdaptationWidget, RegisterWidget, state_for
+from napari_discreg.core import io
+from napari_discreg.core.config import DataConfig, FolderConfig
+from napari_discreg.core.data import load_template, synthesize_contrast
+
+SMALL = 96  # px of the images written to the folders (slices are resized to 64)
 
 
 def _adaptation(viewer, small_targets, model, *, adapt_config, data_config, steps):
@@ -117,3 +125,121 @@ def test_closing_widget_or_viewer_stops_the_worker(
         qtbot.waitUntil(
             lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=5_000
         )
+
+
+# ------------------------------------------------------------------ folders and resume
+
+
+@pytest.fixture(scope="module")
+def contrast_folders(tmp_path_factory):
+    """fixed/ (T1) and moving/ (T2-like): the same three subjects as PNG, TIFF and .npy."""
+    root = tmp_path_factory.mktemp("contrasts")
+    template = load_template(SMALL)
+    config = DataConfig(size=SMALL)
+    for name in ("fixed", "moving"):
+        (root / name).mkdir()
+    for ext, k in ((".png", 100), (".tif", 110), (".npy", 120)):
+        t1 = np.asarray(template.t1[k])
+        t2 = synthesize_contrast(template, k, "t2", np.random.default_rng(k), config)
+        for name, image in (("fixed", t1), ("moving", t2)):
+            io.write_image(
+                root / name / f"sub{k}{ext}", (np.clip(image, 0, 1) * 255).astype(np.uint8)
+            )
+    return root
+
+
+def _folder_widget(viewer, model, folders, fast, monkeypatch, *, steps):
+    state_for(viewer).set_model(model, "tiny")
+    widget = AdaptationWidget(viewer)
+    widget.adapt_config, widget.data_config = fast["adapt_config"], fast["data_config"]
+    widget.folder_config = FolderConfig(target_pairs=4, eval_pairs=2)
+    widget.steps_spin.setValue(steps)
+    widget.set_target_source("folders")
+    assert widget.folder_box.isVisibleTo(widget) and not widget.layer_box.isVisibleTo(widget)
+    # the Browse… buttons fill the line edits with the folder chosen
+    chosen = iter([str(folders / "fixed"), str(folders / "moving")])
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: next(chosen))
+    widget.folder_box.fixed_browse.click()
+    widget.folder_box.moving_browse.click()
+    return widget
+
+
+def test_folder_targets_with_holdout_show_the_evaluation(
+    viewer, tiny_model, contrast_folders, fast, wait_job, notes, monkeypatch
+):
+    widget = _folder_widget(viewer, tiny_model, contrast_folders, fast, monkeypatch, steps=2)
+    assert widget.folder_box.fixed_edit.text() == str(contrast_folders / "fixed")
+    assert widget.folder_box.holdout_spin.value() == FolderConfig().val_fraction
+    widget.folder_box.holdout_spin.setValue(0.34)  # one of the three subjects
+    wait_job(widget.start())
+    assert not [n for n in notes if n[0] == "error"], notes
+    result = widget.result
+    assert result is not None and not result.interrupted and result.completed_steps == 2
+    assert result.evaluation is not None and result.evaluation["pairs"] == 2
+    assert "1 of 3 files held out" in result.evaluation["held_out"]
+    status = widget.status_label.text()
+    assert "finished after 2 of 2 iterations" in status
+    assert "Held-out evaluation (2 pairs)" in status and "before ->" in status
+    meta = result.metadata["adaptation"]
+    assert meta["pairing"] == "paired" and meta["folder_config"]["val_fraction"] == 0.34
+    assert widget.keep() and state_for(viewer).model is widget.adapted_model
+
+
+def test_an_empty_or_missing_folder_is_an_error_and_starts_nothing(
+    viewer, tiny_model, contrast_folders, fast, notes, monkeypatch, tmp_path
+):
+    widget = _folder_widget(viewer, tiny_model, contrast_folders, fast, monkeypatch, steps=2)
+    (tmp_path / "empty").mkdir()
+    for fixed, expected in (
+        (tmp_path / "empty", "holds no images"),
+        (tmp_path / "missing", "no such file or folder"),
+        ("", "choose a folder"),
+    ):
+        widget.folder_box.fixed_edit.setText(str(fixed))
+        assert widget.start() is None
+        assert notes[-1][0] == "error" and expected in notes[-1][1], notes
+        assert widget.job is None and widget.start_button.isEnabled()
+    assert state_for(viewer).model is tiny_model
+
+
+def test_save_state_stop_then_resume_continues_to_the_total(
+    viewer, qtbot, tiny_model, small_targets, fast, wait_job, notes, tmp_path, monkeypatch
+):
+    total = 12
+    widget = _adaptation(viewer, small_targets, tiny_model, **fast, steps=total)
+    state = tmp_path / "states" / "run.state.safetensors"
+    widget.state_box.every_spin.setValue(1)
+    widget.state_box.path_edit.setText(str(state))
+    job = widget.start()
+    qtbot.waitUntil(lambda: len(widget.records) >= 2, timeout=60_000)  # iteration 1 done
+    widget.stop()
+    wait_job(job)
+    first = widget.result
+    assert first.interrupted and 0 < first.completed_steps < total, first
+    assert first.state_saved and first.state_path == state and state.is_file()
+    assert "Resumable state: " + str(state) in widget.status_label.text()
+
+    # Resume… (the file dialog picks the state): continues where the first run stopped
+    widget.steps_spin.setValue(2)  # smaller than the saved total: the saved total wins
+    widget.state_box.path_edit.setText("")  # the resumed run writes back to its file
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(state), ""))
+    widget.state_box.resume_button.click()
+    job = widget.job
+    assert job is not None and job.is_running
+    wait_job(job)
+    assert not [n for n in notes if n[0] == "error"], notes
+    second = widget.result
+    assert second is not first and not second.interrupted
+    assert second.start_step == first.completed_steps and second.completed_steps == total
+    assert widget.records[0].iteration == first.completed_steps
+    assert widget.records[-1].iteration == total and widget.progress.value() == total
+    assert widget.steps_spin.value() == total and second.state_path == state
+    assert second.metadata["adaptation"]["resumed_from"] == str(state)
+    assert f"finished after {total} of {total} iterations" in widget.status_label.text()
+
+
+def test_resuming_a_file_without_a_run_is_an_error(viewer, tiny_model_path, notes):
+    widget = AdaptationWidget(viewer)
+    assert widget.resume(tiny_model_path) is None  # a model, not a state
+    assert notes[-1][0] == "error" and "holds no adaptation run" in notes[-1][1]
+    assert widget.job is None

@@ -1,13 +1,18 @@
 """Adaptation widget: adapt the current model to the contrast of some target pairs.
 
-*Start* clones the current model and runs :func:`napari_discreg.adapt_steps` on the
-clone in a background thread; every iteration updates the progress bar and the live
-plot (source cross-entropy, target discrepancy, and the unsupervised selection
-criterion whenever it is evaluated). *Stop* ends it after the iteration in progress;
-the clone then holds the best weights by the criterion (``adapt_steps`` restores
-them). Afterwards: *Keep* makes the adapted model the current one (the Register
-widget uses it), *Revert* restores the previous model with its exact weights,
-*Save…* writes the adapted model, *Re-register* registers again with it.
+The widget builds an :class:`~napari_discreg.runs.AdaptationSpec` in the GUI thread
+(bad input: an error notification, nothing starts) and consumes
+:func:`~napari_discreg.runs.run_adaptation` in a background thread, as the command line
+does. Target pairs come from two Image layers or from a fixed- and a moving-contrast
+folder (paired subject by subject, with a held-out evaluation before and after). *Start*
+adapts a copy of the current model; every iteration updates the progress bar and the
+live plot (source cross-entropy, target discrepancy, and the unsupervised selection
+criterion whenever it is evaluated). *Stop* closes the run after the iteration in
+progress: the copy then holds the best weights by the criterion, and the resumable
+state is saved when asked (*Save a resumable state every N iterations*); *Resume…*
+continues a saved state. Afterwards: *Keep* makes the adapted model the current one
+(the Register widget uses it), *Revert* restores the previous model with its exact
+weights, *Save…* writes the adapted model, *Re-register* registers again with it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from napari.layers import Image
@@ -31,14 +38,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-# ``adapt_steps`` and ``save_model`` are looked up in the package's public API when used
+# ``save_model`` is looked up in the package's public API when used
 import napari_discreg
 
-from ..core.config import AdaptConfig, DataConfig
+from ..core.checkpoint import read_checkpoint
+from ..core.config import AdaptConfig, DataConfig, FolderConfig
 from ..core.discrepancy import DISPLAY_NAMES, Discrepancy
-from ..core.model import clone_model
+from ..runs import AdaptationSpec, ArrayTargets, resolve_adaptation, run_adaptation
 from . import _notify
 from ._adaptation_plot import AdaptationPlot
+from ._adaptation_targets import FolderTargetsBox, StateBox
 from ._io import CHECKPOINT_FILTER
 from ._layers import check_image_pair
 from ._pickers import LayerCombo, preferring
@@ -58,6 +67,26 @@ DISCREPANCIES = {
     kind.value: _LABELS.get(kind, DISPLAY_NAMES.get(kind, kind.value))
     for kind in [*_LABELS, *(k for k in Discrepancy if k not in _LABELS)]
 }
+#: where target pairs come from: key -> label of the "Target source" choice
+TARGET_SOURCES = {"layers": "Image layers", "folders": "Folders (fixed / moving contrast)"}
+
+
+def saved_run(path) -> tuple[dict[str, Any], int]:
+    """(settings, iterations done) of the adaptation run saved in the state file ``path``."""
+    _, _, extra = read_checkpoint(path)
+    settings = extra.get("adaptation_run")
+    if not isinstance(settings, dict) or "adaptation_state" not in extra:
+        raise ValueError(
+            f"{path} holds no adaptation run to resume; choose a *.state.safetensors file "
+            "written with 'Save a resumable state every N iterations' (or by "
+            "`napari-discreg adapt --checkpoint-every`)"
+        )
+    return settings, int(extra["adaptation_state"].get("step", 0))
+
+
+def _array_run(settings: dict[str, Any]) -> bool:
+    """Whether a saved run adapted to arrays (layers), which a resume must give again."""
+    return not any(settings.get(k) for k in ("target", "target_fixed", "demo_target"))
 
 
 class AdaptationWidget(WorkerWidgetMixin, QWidget):
@@ -69,8 +98,12 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         Settings of the run (steps and learning rate come from the spin boxes).
     data_config : DataConfig
         Source pairs used for the supervised part of each iteration.
+    folder_config : FolderConfig
+        How folder targets are read (the hold-out fraction comes from the form).
     adapted_model : DiscreteRegistrationNet or None
-        The adapted clone after a run.
+        The adapted copy after a run.
+    result : AdaptationResult or None
+        What the last run gave (evaluation, state file, best iteration...).
     """
 
     def __init__(self, napari_viewer, parent=None) -> None:
@@ -81,9 +114,12 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.state = state_for(napari_viewer)
         self.adapt_config = AdaptConfig()
         self.data_config = DataConfig()
+        self.folder_config = FolderConfig()
         self.job: Job | None = None
         self.adapted_model = None
-        self.records: list = []
+        self.result = None
+        self.records: list = []  # StepRecords (best_iteration: the run's best so far)
+        self._warnings: list[str] = []  # the run's warnings (worker thread), shown at the end
         self.worker_iteration = 0  # last iteration the background worker finished
         self._previous: tuple | None = None  # (model or None, name, state_dict copy)
         self._kept = False
@@ -117,8 +153,15 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.lr_spin.setSingleStep(1e-5)
         self.lr_spin.setValue(self.adapt_config.lr)
 
-        target = QGroupBox("Target pairs (unlabelled)")
-        form = QFormLayout(target)
+        self.source_combo = QComboBox()
+        for key, text in TARGET_SOURCES.items():
+            self.source_combo.addItem(text, key)
+        self.source_combo.setToolTip(
+            "Image layers: the pairs as they are; folders: pairs made with a synthetic "
+            "deformation from a fixed- and a moving-contrast folder"
+        )
+        self.layer_box = QGroupBox("Target pairs (unlabelled)")
+        form = QFormLayout(self.layer_box)
         form.addRow("Fixed", self.fixed_combo)
         form.addRow("Moving", self.moving_combo)
         form.setWidget(
@@ -126,6 +169,9 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             QFormLayout.ItemRole.SpanningRole,
             QLabel("3D layers: one pair per slice along axis 0"),
         )
+        self.folder_box = FolderTargetsBox()
+        self.folder_box.setVisible(False)
+        self.state_box = StateBox()
         settings = QGroupBox("Settings")
         sform = QFormLayout(settings)
         sform.addRow("Discrepancy", self.discrepancy_combo)
@@ -150,8 +196,11 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             b.setEnabled(False)
 
         layout = QVBoxLayout(self)
-        layout.addWidget(target)
+        layout.addLayout(row(QLabel("Target source"), self.source_combo))
+        layout.addWidget(self.layer_box)
+        layout.addWidget(self.folder_box)
         layout.addWidget(settings)
+        layout.addWidget(self.state_box)
         layout.addLayout(row(self.start_button, self.stop_button))
         layout.addWidget(self.progress)
         layout.addWidget(self.status_label)
@@ -159,7 +208,9 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         layout.addLayout(row(self.keep_button, self.revert_button))
         layout.addLayout(row(self.save_button, self.reregister_button))
 
+        self.source_combo.currentIndexChanged.connect(lambda *_: self._show_source())
         self.start_button.clicked.connect(lambda *_: self.start())
+        self.state_box.resume_button.clicked.connect(lambda *_: self._resume_dialog())
         self.stop_button.clicked.connect(lambda *_: self.stop())
         self.keep_button.clicked.connect(lambda *_: self.keep())
         self.revert_button.clicked.connect(lambda *_: self.revert())
@@ -175,6 +226,22 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         if index < 0:
             raise ValueError(f"discrepancy must be one of {tuple(DISCREPANCIES)}, got {key!r}")
         self.discrepancy_combo.setCurrentIndex(index)
+
+    def target_source(self) -> str:
+        """Where the target pairs come from: ``"layers"`` or ``"folders"``."""
+        return self.source_combo.currentData()
+
+    def set_target_source(self, key: str) -> None:
+        index = self.source_combo.findData(key)
+        if index < 0:
+            raise ValueError(f"target source must be one of {tuple(TARGET_SOURCES)}, got {key!r}")
+        self.source_combo.setCurrentIndex(index)
+        self._show_source()
+
+    def _show_source(self) -> None:
+        folders = self.target_source() == "folders"
+        self.layer_box.setVisible(not folders)
+        self.folder_box.setVisible(folders)
 
     def _targets(self) -> tuple[np.ndarray, np.ndarray]:
         fixed, moving = self.fixed_combo.layer(), self.moving_combo.layer()
@@ -192,17 +259,87 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
     def is_running(self) -> bool:
         return self.job is not None and self.job.is_running
 
+    def _spec(self, model, resume=None, saved: dict[str, Any] | None = None) -> AdaptationSpec:
+        """The resolved spec of the run the form describes (``ValueError`` for bad input);
+        ``saved``: the settings of the run ``resume`` continues, used as they are."""
+        folder_config = self.folder_config
+        if saved is not None and not _array_run(saved):
+            targets = None  # the saved run's folders or files
+        elif self.target_source() == "folders":
+            targets = self.folder_box.targets()
+            folder_config = self.folder_box.folder_config(folder_config)
+        else:
+            fixed, moving = self._targets()
+            names = (self.fixed_combo.layer().name, self.moving_combo.layer().name)
+            desc = f"{fixed.shape[0]} pairs of the layers '{names[0]}' (fixed) / '{names[1]}'"
+            targets = ArrayTargets(fixed, moving, description=desc)
+        steps = int(self.steps_spin.value())
+        config = replace(self.adapt_config, steps=steps, lr=float(self.lr_spin.value()))
+        data_config, discrepancy = self.data_config, self.discrepancy()
+        if saved is not None:  # exactly the saved values (the spin boxes round them)
+            config = replace(config, lr=saved["lr"], batch_size=saved["batch_size"])
+            config = replace(config, seed=saved["seed"])
+            data_config = replace(data_config, size=saved["size"])
+            discrepancy = saved["discrepancy"]
+        spec = AdaptationSpec(
+            targets=targets,
+            model=None if resume else model,
+            discrepancy=discrepancy,
+            config=config,
+            data_config=data_config,
+            folder_config=folder_config,
+            steps=steps,
+            device=self.state.device,
+            checkpoint_every=self.state_box.every(),
+            state_path=self.state_box.state_path(resuming=resume is not None),
+            resume=resume,
+            log=_notify.logger.info,
+            warn=self._warnings.append,
+        )
+        return resolve_adaptation(spec)
+
     def start(self) -> Job | None:
-        """Adapt a clone of the current model in a background thread (returns the job)."""
-        adapt_steps = napari_discreg.adapt_steps
+        """Adapt a copy of the current model in a background thread (returns the job)."""
+        return self._start()
+
+    def resume(self, path) -> Job | None:
+        """Continue the run saved in the state file ``path``: its model, targets (layers
+        again for a run on layers) and settings, to its total iterations or to Steps
+        when that is larger; the form shows the saved settings."""
+        if self.is_running:
+            _notify.warning("adaptation is already running")
+            return None
+        try:
+            saved, done = saved_run(path)
+            self.set_discrepancy(saved["discrepancy"])
+        except _notify.USER_ERRORS as exc:
+            _notify.error(_notify.describe(exc))
+            return None
+        self.lr_spin.setValue(float(saved["lr"]))
+        self.steps_spin.setValue(max(int(saved.get("steps", 0)), int(self.steps_spin.value())))
+        if _array_run(saved):
+            self.set_target_source("layers")
+        elif saved.get("target") and saved.get("target_moving"):
+            self.set_target_source("folders")
+            self.folder_box.show_saved(saved)
+        self.status_label.setText(f"resuming {path} after iteration {done}…")
+        return self._start(resume=Path(path), saved=saved)
+
+    def _resume_dialog(self) -> None:
+        path = self.state_box.choose_resume()
+        if path:
+            self.resume(path)
+
+    def _start(self, resume=None, saved=None) -> Job | None:
         if self.is_running:
             _notify.warning("adaptation is already running")
             return None
         if self.adapted_model is not None and not self._kept:
             self.adapted_model = None  # an unkept earlier result is discarded by a new run
+        self._warnings = []
         try:
-            fixed, moving = self._targets()
             base = self.state.resolve_model(self.state.device)
+            spec = self._spec(base, resume, saved)
         except _notify.USER_ERRORS as exc:
             _notify.error(_notify.describe(exc))
             return None
@@ -212,40 +349,27 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             {k: v.detach().clone() for k, v in base.state_dict().items()},
         )
         self._kept = False
-        clone = clone_model(base)
-        kind = self.discrepancy()
-        config = replace(
-            self.adapt_config, steps=int(self.steps_spin.value()), lr=float(self.lr_spin.value())
-        )
-        data_config = self.data_config
-        device = self.state.device
+        self.result = None
         self.records = []
         self.worker_iteration = 0
+        kind = spec.discrepancy
         self.plot.reset(DISPLAY_NAMES.get(Discrepancy(kind), kind))
-        self.progress.setRange(0, config.steps)
+        self.progress.setRange(0, spec.config.steps)
         self.progress.setValue(0)
-        self.status_label.setText("preparing…")
+        self.status_label.setText("preparing the targets and the model…")
 
         def body(stop: threading.Event):
-            gen = adapt_steps(
-                clone,
-                fixed,
-                moving,
-                discrepancy=kind,
-                config=config,
-                data_config=data_config,
-                device=device,
-            )
+            run = run_adaptation(spec)  # reads folders, loads the model: in this thread
             try:
-                for record in gen:
+                for progress in run:
                     # the worker's own count: records reach the GUI thread later, via signals
-                    self.worker_iteration = record.iteration
-                    yield record
+                    self.worker_iteration = progress.iteration
+                    yield progress
                     if stop.is_set():
                         break
             finally:
-                gen.close()  # restores the best weights into the clone
-            return clone
+                run.close()  # after a complete iteration: best weights, state saved if asked
+            return run.result
 
         self._set_running(True)
         self.job = Job(
@@ -264,17 +388,19 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             self.job.request_stop()
             self.status_label.setText("stopping after this iteration…")
 
-    def _on_record(self, record) -> None:
+    def _on_record(self, progress) -> None:
+        record = replace(progress.record, best_iteration=progress.best_iteration)
         self.records.append(record)
         self.plot.add(record)
+        if self.progress.maximum() != record.total:
+            self.progress.setRange(0, record.total)
         self.progress.setValue(record.iteration)
         parts = [f"iteration {record.iteration}/{record.total}"]
         if record.losses:
             parts.append(f"source CE {record.losses.get('source_ce', float('nan')):.3f}")
         if record.discrepancy is not None:
             parts.append(f"target discrepancy {record.discrepancy:.4f}")
-        if record.best_iteration is not None:
-            parts.append(f"best iteration {record.best_iteration}")
+        parts.append(f"best iteration {record.best_iteration}")
         if not (self.job is not None and self.job.stop_event.is_set()):
             self.status_label.setText(", ".join(parts))
         now = time.monotonic()
@@ -282,17 +408,32 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             self._last_draw = now
             self.plot.refresh()
 
-    def _on_done(self, model) -> None:
-        self.adapted_model = model
+    def _on_done(self, result) -> None:
+        if self._warnings:
+            shown = self._warnings[:5] + (
+                [f"… {len(self._warnings) - 5} more"] * (len(self._warnings) > 5)
+            )
+            _notify.warning("\n".join(shown))
         self.plot.refresh()
-        last = self.records[-1] if self.records else None
-        best = last.best_iteration if last is not None else 0
-        stopped = last is not None and last.iteration < last.total
-        self.status_label.setText(
-            f"{'stopped' if stopped else 'finished'} after {last.iteration if last else 0} iterations; "
-            f"the model holds the weights of iteration {best} (best selection criterion). "
-            "Keep, Revert, Save or Re-register."
-        )
+        if result is None:  # closed before its first iteration
+            self.status_label.setText("stopped before the first iteration")
+            return
+        self.result, self.adapted_model = result, result.model
+        how = "stopped" if result.interrupted else "finished"
+        text = [
+            f"{how} after {result.completed_steps} of {result.total_steps} iterations; the "
+            f"model holds the weights of iteration {result.best_iteration} (best selection "
+            "criterion)."
+        ]
+        if result.diverged:
+            text.append(f"The run diverged: {result.diverged}.")
+        text.append(evaluation_text(result.evaluation))
+        state = result.state_path
+        if state is not None and state.is_file():
+            last = "" if result.state_saved else " (the last one saved)"
+            text.append(f"Resumable state{last}: {state} (Resume… continues it).")
+        text.append("Keep, Revert, Save or Re-register.")
+        self.status_label.setText(" ".join(t for t in text if t))
 
     def _set_running(self, running: bool) -> None:
         self.start_button.setEnabled(not running)
@@ -304,9 +445,8 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
 
     # ------------------------------------------------------------------ afterwards
     def _adapted_name(self) -> str:
-        last = self.records[-1] if self.records else None
-        best = last.best_iteration if last is not None else 0
-        kind = self.discrepancy()
+        best = self.result.best_iteration if self.result is not None else 0
+        kind = self.result.metadata["adaptation"]["discrepancy"] if self.result else "pemd"
         return f"adapted ({DISPLAY_NAMES.get(Discrepancy(kind), kind)}, iteration {best})"
 
     def keep(self) -> bool:
@@ -353,12 +493,15 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         if self.adapted_model is None:
             _notify.error("there is no adapted model to save")
             return None
-        last = self.records[-1] if self.records else None
-        extra = {
-            "adapted_with": self.discrepancy(),
-            "iterations": last.iteration if last else 0,
-            "best_iteration": last.best_iteration if last else 0,
-            "lr": float(self.lr_spin.value()),
+        result = self.result
+        meta = result.metadata if result is not None else {}
+        run = meta.get("adaptation", {})
+        extra = {  # the run's record (as the command line saves it) and a short summary
+            **meta,
+            "adapted_with": run.get("discrepancy", self.discrepancy()),
+            "iterations": result.completed_steps if result else 0,
+            "best_iteration": result.best_iteration if result else 0,
+            "lr": run.get("config", {}).get("lr", float(self.lr_spin.value())),
         }
         try:
             out = napari_discreg.save_model(self.adapted_model, path, extra=extra)
@@ -391,3 +534,16 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.moving_combo.disconnect_viewer()
         self.plot.disconnect_viewer()
         QWidget.closeEvent(self, event)
+
+
+def evaluation_text(evaluation: dict | None) -> str:
+    """The held-out evaluation before and after adaptation, in one sentence."""
+    if not evaluation:
+        return ""
+    b, a, i = evaluation["before"], evaluation["after"], evaluation["identity"]
+    return (
+        f"Held-out evaluation ({evaluation['pairs']} pairs): label accuracy "
+        f"{b['label_accuracy']:.1%} before -> {a['label_accuracy']:.1%} after (identity "
+        f"{i['label_accuracy']:.1%}); EPE {b['epe']:.3f} -> {a['epe']:.3f} px (identity "
+        f"{i['epe']:.3f})."
+    )

@@ -1,0 +1,184 @@
+"""The Adaptation widget's forms for folder targets and resumable states.
+
+:class:`FolderTargetsBox` names a fixed-contrast and a moving-contrast folder (paired
+subject by subject when their file counts match, with a held-out evaluation at the
+end) and gives :class:`~napari_discreg.runs.FolderTargets`; :class:`StateBox` holds
+"save a resumable state every N iterations", the state file and the *Resume…* button.
+Both only read and check their fields (in the GUI thread); the run happens elsewhere.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+)
+
+from ..core.config import FolderConfig
+from ..core.dataset import list_images
+from ..runs import FolderTargets
+from ._qt import row
+
+#: what the state file dialogs show
+STATE_FILTER = "Adaptation states (*.state.safetensors);;All files (*)"
+
+
+def state_folder() -> Path:
+    """Where states go when no state file is given: the user's data folder of
+    napari-discreg (e.g. ``~/.local/share/napari-discreg/adaptation-states`` on Linux),
+    kept across sessions, unlike a temporary folder."""
+    try:
+        from platformdirs import user_data_dir
+    except ImportError:  # pragma: no cover - napari depends on platformdirs
+        return Path.home() / ".napari-discreg" / "adaptation-states"
+    return Path(user_data_dir("napari-discreg")) / "adaptation-states"
+
+
+def default_state_path() -> Path:
+    """A new state file in :func:`state_folder`, named after the time of the run."""
+    return state_folder() / f"adaptation-{time.strftime('%Y%m%d-%H%M%S')}.state.safetensors"
+
+
+class FolderTargetsBox(QGroupBox):
+    """Target pairs made from folders of the fixed and the moving contrast."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__("Target folders (unlabelled)", parent)
+        self.fixed_edit = QLineEdit()
+        self.fixed_edit.setPlaceholderText("folder of fixed-contrast images")
+        self.moving_edit = QLineEdit()
+        self.moving_edit.setPlaceholderText("folder of moving-contrast images")
+        self.fixed_browse = QPushButton("Browse…")
+        self.moving_browse = QPushButton("Browse…")
+        tip = (
+            "2D images (PNG, TIFF, .npy) or volumes (NIfTI, TIFF/.npy stacks), one subject "
+            "per file; pairs are made with a synthetic deformation between the contrasts"
+        )
+        for w in (self.fixed_edit, self.moving_edit):
+            w.setToolTip(tip)
+        self.unpaired_check = QCheckBox("unpaired (different subjects)")
+        self.unpaired_check.setToolTip(
+            "The folders are not the same subjects: pair slices at random (no ground truth, "
+            "so no held-out evaluation). Folders with different file counts are always "
+            "paired at random."
+        )
+        self.holdout_spin = QDoubleSpinBox()
+        self.holdout_spin.setRange(0.0, 0.9)
+        self.holdout_spin.setSingleStep(0.05)
+        self.holdout_spin.setDecimals(2)
+        self.holdout_spin.setValue(FolderConfig().val_fraction)
+        self.holdout_spin.setToolTip(
+            "Share of the subjects (files) held out of adaptation and evaluated before and "
+            "after it (paired folders only); 0: no evaluation"
+        )
+        form = QFormLayout(self)
+        form.addRow("Fixed folder", row(self.fixed_edit, self.fixed_browse))
+        form.addRow("Moving folder", row(self.moving_edit, self.moving_browse))
+        form.addRow("", self.unpaired_check)
+        form.addRow("Hold-out fraction", self.holdout_spin)
+        self.fixed_browse.clicked.connect(lambda *_: self._browse(self.fixed_edit, "fixed"))
+        self.moving_browse.clicked.connect(lambda *_: self._browse(self.moving_edit, "moving"))
+        self.unpaired_check.toggled.connect(lambda on: self.holdout_spin.setEnabled(not on))
+
+    def _browse(self, edit: QLineEdit, which: str) -> None:
+        folder = QFileDialog.getExistingDirectory(
+            self, f"Folder of {which}-contrast target images", edit.text()
+        )
+        if folder:
+            edit.setText(folder)
+
+    def targets(self) -> FolderTargets:
+        """The folders as run targets; ``ValueError`` (a message for the user) when a
+        folder is not given, does not exist or holds no images."""
+        fixed, moving = self.fixed_edit.text().strip(), self.moving_edit.text().strip()
+        if not fixed or not moving:
+            raise ValueError("choose a folder of fixed-contrast and one of moving-contrast images")
+        list_images(fixed, name="fixed folder")  # raises with the reason
+        list_images(moving, name="moving folder")
+        return FolderTargets(paths=[fixed], moving=moving, unpaired=self.unpaired_check.isChecked())
+
+    def folder_config(self, base: FolderConfig) -> FolderConfig:
+        """``base`` with the hold-out fraction of the form."""
+        return replace(base, val_fraction=float(self.holdout_spin.value()))
+
+    def show_saved(self, settings: dict[str, Any]) -> None:
+        """Fill the form with the folders of a saved run (what a resume reads)."""
+        target = settings.get("target") or []
+        if target:
+            self.fixed_edit.setText(str(target[0]))
+        if settings.get("target_moving"):
+            self.moving_edit.setText(str(settings["target_moving"]))
+        self.unpaired_check.setChecked(bool(settings.get("unpaired")))
+        if settings.get("val_fraction") is not None:
+            self.holdout_spin.setValue(float(settings["val_fraction"]))
+
+
+class StateBox(QGroupBox):
+    """Resumable states: save one every N iterations, and resume a saved one."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__("Resumable state", parent)
+        self.every_spin = QSpinBox()
+        self.every_spin.setRange(0, 100000)
+        self.every_spin.setSpecialValueText("off")
+        self.every_spin.setToolTip(
+            "Save a resumable state (current and best weights, optimisers, iteration) every "
+            "N iterations and at the end, stopped or finished; 0: off"
+        )
+        self.path_edit = QLineEdit()
+        self.path_edit.setPlaceholderText(f"default: a new file in {state_folder()}")
+        self.path_edit.setToolTip(
+            "The state file (.state.safetensors). Left empty, each run writes a new file "
+            f"named after its start time in {state_folder()}; a resumed run writes back to "
+            "the file it resumed."
+        )
+        self.path_browse = QPushButton("Browse…")
+        self.resume_button = QPushButton("Resume…")
+        self.resume_button.setToolTip(
+            "Continue a saved state (of this widget or `napari-discreg adapt "
+            "--checkpoint-every`): its model, targets and settings, up to its total "
+            "iterations, or to Steps when that is larger"
+        )
+        form = QFormLayout(self)
+        form.addRow("Save a resumable state every N iterations", self.every_spin)
+        form.addRow("State file", row(self.path_edit, self.path_browse))
+        form.addRow("", self.resume_button)
+        self.path_browse.clicked.connect(lambda *_: self._browse())
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Resumable state file", self.path_edit.text() or str(state_folder()), STATE_FILTER
+        )
+        if path:
+            self.path_edit.setText(path)
+
+    def every(self) -> int | None:
+        """Iterations between saved states; ``None``: off."""
+        return int(self.every_spin.value()) or None
+
+    def state_path(self, *, resuming: bool = False) -> Path | None:
+        """The state file a run writes: the one given; else, when states are saved, a new
+        one in :func:`state_folder` (``None`` when resuming: the resumed file)."""
+        text = self.path_edit.text().strip()
+        if text:
+            return Path(text).expanduser()
+        if resuming or not self.every():
+            return None
+        return default_state_path()
+
+    def choose_resume(self) -> str | None:
+        """Ask for the state file to resume."""
+        start = self.path_edit.text() or str(state_folder())
+        path, _ = QFileDialog.getOpenFileName(self, "Resume an adaptation", start, STATE_FILTER)
+        return path or None
