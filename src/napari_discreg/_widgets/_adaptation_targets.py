@@ -1,10 +1,12 @@
-"""The Adaptation widget's forms for folder targets and resumable states.
+"""The Adaptation widget's forms for its targets and resumable states, and its texts.
 
-:class:`FolderTargetsBox` names a fixed-contrast and a moving-contrast folder (paired
-subject by subject when their file counts match, with a held-out evaluation at the
-end) and gives :class:`~napari_discreg.runs.FolderTargets`; :class:`StateBox` holds
-"save a resumable state every N iterations", the state file and the *Resume…* button.
-Both only read and check their fields (in the GUI thread); the run happens elsewhere.
+:class:`LayerTargetsBox` picks a fixed and a moving Image layer and gives
+:class:`~napari_discreg.runs.ArrayTargets`; :class:`FolderTargetsBox` names a
+fixed-contrast and a moving-contrast folder (paired subject by subject when their file
+counts match, with a held-out evaluation at the end) and gives
+:class:`~napari_discreg.runs.FolderTargets`; :class:`StateBox` holds "save a resumable
+state every N iterations", the state file and the *Resume…* button. The forms only read
+and check their fields (in the GUI thread); the run happens elsewhere.
 """
 
 from __future__ import annotations
@@ -14,22 +16,31 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from napari.layers import Image
 from qtpy.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
+    QLabel,
     QLineEdit,
     QPushButton,
     QSpinBox,
 )
 
-from ..core.config import FolderConfig
+from ..core.checkpoint import read_checkpoint
+from ..core.config import AdaptConfig, DataConfig, FolderConfig
 from ..core.dataset import list_images
-from ..runs import FolderTargets
-from ._qt import row
+from ..runs import ArrayTargets, FolderTargets
+from ._layers import check_image_pair
+from ._pickers import LayerCombo, preferring
+from ._qt import OUTPUT_WORDS, row
 
+#: where target pairs come from: key -> label of the "Target source" choice
+TARGET_SOURCES = {"layers": "Image layers", "folders": "Folders (fixed / moving contrast)"}
 #: what the state file dialogs show
 STATE_FILTER = "Adaptation states (*.state.safetensors);;All files (*)"
 
@@ -48,6 +59,63 @@ def state_folder() -> Path:
 def default_state_path() -> Path:
     """A new state file in :func:`state_folder`, named after the time of the run."""
     return state_folder() / f"adaptation-{time.strftime('%Y%m%d-%H%M%S')}.state.safetensors"
+
+
+def target_source_combo() -> QComboBox:
+    """The "Target source" choice (:data:`TARGET_SOURCES`)."""
+    combo = QComboBox()
+    for key, text in TARGET_SOURCES.items():
+        combo.addItem(text, key)
+    combo.setToolTip(
+        "Image layers: the pairs as they are; folders: pairs made with a synthetic "
+        "deformation from a fixed- and a moving-contrast folder"
+    )
+    return combo
+
+
+class LayerTargetsBox(QGroupBox):
+    """Target pairs from a fixed and a moving Image layer (2D pairs or 3D stacks)."""
+
+    def __init__(self, viewer, parent=None) -> None:
+        super().__init__("Target pairs (unlabelled)", parent)
+        avoid = OUTPUT_WORDS
+        self.fixed_combo = LayerCombo(
+            viewer, (Image,), prefer=preferring("target fixed", "fixed", avoid=avoid, ndim=3)
+        )
+        self.moving_combo = LayerCombo(
+            viewer,
+            (Image,),
+            prefer=preferring(
+                "target moving",
+                "moving",
+                avoid=avoid,
+                ndim=3,
+                exclude=lambda layer: layer is self.fixed_combo.layer(),
+            ),
+        )
+        self.moving_combo.select_preferred()
+        form = QFormLayout(self)
+        form.addRow("Fixed", self.fixed_combo)
+        form.addRow("Moving", self.moving_combo)
+        form.setWidget(
+            2,
+            QFormLayout.ItemRole.SpanningRole,
+            QLabel("3D layers: one pair per slice along axis 0"),
+        )
+
+    def targets(self) -> ArrayTargets:
+        """The layers' data as run targets; ``ValueError`` for a missing or bad pair."""
+        fixed, moving = self.fixed_combo.layer(), self.moving_combo.layer()
+        check_image_pair(
+            fixed,
+            moving,
+            what="target ",
+            missing="choose the fixed and moving target image layers (2D pairs or 3D stacks)",
+        )
+        f, m = np.asarray(fixed.data), np.asarray(moving.data)
+        f, m = (f[None], m[None]) if f.ndim == 2 else (f, m)
+        desc = f"{f.shape[0]} pairs of the layers '{fixed.name}' (fixed) / '{moving.name}'"
+        return ArrayTargets(f, m, description=desc)
 
 
 class FolderTargetsBox(QGroupBox):
@@ -182,3 +250,75 @@ class StateBox(QGroupBox):
         start = self.path_edit.text() or str(state_folder())
         path, _ = QFileDialog.getOpenFileName(self, "Resume an adaptation", start, STATE_FILTER)
         return path or None
+
+
+# ------------------------------------------------------------------ saved runs
+
+
+def saved_run(path) -> tuple[dict[str, Any], int]:
+    """(settings, iterations done) of the adaptation run saved in the state file ``path``."""
+    _, _, extra = read_checkpoint(path)
+    settings = extra.get("adaptation_run")
+    if not isinstance(settings, dict) or "adaptation_state" not in extra:
+        raise ValueError(
+            f"{path} holds no adaptation run to resume; choose a *.state.safetensors file "
+            "written with 'Save a resumable state every N iterations' (or by "
+            "`napari-discreg adapt --checkpoint-every`)"
+        )
+    return settings, int(extra["adaptation_state"].get("step", 0))
+
+
+def array_run(settings: dict[str, Any]) -> bool:
+    """Whether a saved run adapted to arrays (layers), which a resume must give again."""
+    return not any(settings.get(k) for k in ("target", "target_fixed", "demo_target"))
+
+
+def saved_configs(
+    config: AdaptConfig, data_config: DataConfig, saved: dict[str, Any]
+) -> tuple[AdaptConfig, DataConfig, str]:
+    """(config, data_config, discrepancy) with the settings of a saved run, exactly."""
+    config = replace(config, lr=saved["lr"], batch_size=saved["batch_size"], seed=saved["seed"])
+    return config, replace(data_config, size=saved["size"]), saved["discrepancy"]
+
+
+# ------------------------------------------------------------------ texts
+
+
+def evaluation_text(evaluation: dict | None) -> str:
+    """The held-out evaluation before and after adaptation, in one sentence."""
+    if not evaluation:
+        return ""
+    b, a, i = evaluation["before"], evaluation["after"], evaluation["identity"]
+    return (
+        f"Held-out evaluation ({evaluation['pairs']} pairs): label accuracy "
+        f"{b['label_accuracy']:.1%} before -> {a['label_accuracy']:.1%} after (identity "
+        f"{i['label_accuracy']:.1%}); EPE {b['epe']:.3f} -> {a['epe']:.3f} px (identity "
+        f"{i['epe']:.3f})."
+    )
+
+
+def result_text(result) -> str:
+    """The status line at the end of a run (an :class:`~napari_discreg.runs.AdaptationResult`,
+    or ``None`` for a run closed before its first iteration)."""
+    if result is None:
+        return "stopped before the first iteration"
+    how = "stopped" if result.interrupted else "finished"
+    text = [
+        f"{how} after {result.completed_steps} of {result.total_steps} iterations; the model "
+        f"holds the weights of iteration {result.best_iteration} (best selection criterion)."
+    ]
+    if result.diverged:
+        text.append(f"The run diverged: {result.diverged}.")
+    text.append(evaluation_text(result.evaluation))
+    state = result.state_path
+    if state is not None and state.is_file():
+        last = "" if result.state_saved else " (the last one saved)"
+        text.append(f"Resumable state{last}: {state} (Resume… continues it).")
+    text.append("Keep, Revert, Save or Re-register.")
+    return " ".join(t for t in text if t)
+
+
+def warnings_text(warnings: list[str], shown: int = 5) -> str:
+    """A run's warnings (e.g. files skipped) in one notification."""
+    more = [f"… and {len(warnings) - shown} more"] if len(warnings) > shown else []
+    return "\n".join(warnings[:shown] + more)

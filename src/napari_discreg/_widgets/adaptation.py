@@ -23,8 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from napari.layers import Image
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -41,17 +39,25 @@ from qtpy.QtWidgets import (
 # ``save_model`` is looked up in the package's public API when used
 import napari_discreg
 
-from ..core.checkpoint import read_checkpoint
 from ..core.config import AdaptConfig, DataConfig, FolderConfig
 from ..core.discrepancy import DISPLAY_NAMES, Discrepancy
-from ..runs import AdaptationSpec, ArrayTargets, resolve_adaptation, run_adaptation
+from ..runs import AdaptationSpec, resolve_adaptation, run_adaptation
 from . import _notify
 from ._adaptation_plot import AdaptationPlot
-from ._adaptation_targets import FolderTargetsBox, StateBox
+from ._adaptation_targets import (
+    TARGET_SOURCES,
+    FolderTargetsBox,
+    LayerTargetsBox,
+    StateBox,
+    array_run,
+    result_text,
+    saved_configs,
+    saved_run,
+    target_source_combo,
+    warnings_text,
+)
 from ._io import CHECKPOINT_FILTER
-from ._layers import check_image_pair
-from ._pickers import LayerCombo, preferring
-from ._qt import OUTPUT_WORDS, row
+from ._qt import row
 from ._state import state_for, unwrap_viewer
 from ._workers import Job, WorkerWidgetMixin, job_controls
 
@@ -67,26 +73,6 @@ DISCREPANCIES = {
     kind.value: _LABELS.get(kind, DISPLAY_NAMES.get(kind, kind.value))
     for kind in [*_LABELS, *(k for k in Discrepancy if k not in _LABELS)]
 }
-#: where target pairs come from: key -> label of the "Target source" choice
-TARGET_SOURCES = {"layers": "Image layers", "folders": "Folders (fixed / moving contrast)"}
-
-
-def saved_run(path) -> tuple[dict[str, Any], int]:
-    """(settings, iterations done) of the adaptation run saved in the state file ``path``."""
-    _, _, extra = read_checkpoint(path)
-    settings = extra.get("adaptation_run")
-    if not isinstance(settings, dict) or "adaptation_state" not in extra:
-        raise ValueError(
-            f"{path} holds no adaptation run to resume; choose a *.state.safetensors file "
-            "written with 'Save a resumable state every N iterations' (or by "
-            "`napari-discreg adapt --checkpoint-every`)"
-        )
-    return settings, int(extra["adaptation_state"].get("step", 0))
-
-
-def _array_run(settings: dict[str, Any]) -> bool:
-    """Whether a saved run adapted to arrays (layers), which a resume must give again."""
-    return not any(settings.get(k) for k in ("target", "target_fixed", "demo_target"))
 
 
 class AdaptationWidget(WorkerWidgetMixin, QWidget):
@@ -125,22 +111,11 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self._kept = False
         self._last_draw = 0.0
 
-        avoid = OUTPUT_WORDS
-        self.fixed_combo = LayerCombo(
-            napari_viewer, (Image,), prefer=preferring("target fixed", "fixed", avoid=avoid, ndim=3)
+        self.layer_box = LayerTargetsBox(napari_viewer)
+        self.fixed_combo, self.moving_combo = (
+            self.layer_box.fixed_combo,
+            self.layer_box.moving_combo,
         )
-        self.moving_combo = LayerCombo(
-            napari_viewer,
-            (Image,),
-            prefer=preferring(
-                "target moving",
-                "moving",
-                avoid=avoid,
-                ndim=3,
-                exclude=lambda layer: layer is self.fixed_combo.layer(),
-            ),
-        )
-        self.moving_combo.select_preferred()
         self.discrepancy_combo = QComboBox()
         for key, text in DISCREPANCIES.items():
             self.discrepancy_combo.addItem(text, key)
@@ -153,22 +128,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.lr_spin.setSingleStep(1e-5)
         self.lr_spin.setValue(self.adapt_config.lr)
 
-        self.source_combo = QComboBox()
-        for key, text in TARGET_SOURCES.items():
-            self.source_combo.addItem(text, key)
-        self.source_combo.setToolTip(
-            "Image layers: the pairs as they are; folders: pairs made with a synthetic "
-            "deformation from a fixed- and a moving-contrast folder"
-        )
-        self.layer_box = QGroupBox("Target pairs (unlabelled)")
-        form = QFormLayout(self.layer_box)
-        form.addRow("Fixed", self.fixed_combo)
-        form.addRow("Moving", self.moving_combo)
-        form.setWidget(
-            2,
-            QFormLayout.ItemRole.SpanningRole,
-            QLabel("3D layers: one pair per slice along axis 0"),
-        )
+        self.source_combo = target_source_combo()
         self.folder_box = FolderTargetsBox()
         self.folder_box.setVisible(False)
         self.state_box = StateBox()
@@ -243,17 +203,6 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.layer_box.setVisible(not folders)
         self.folder_box.setVisible(folders)
 
-    def _targets(self) -> tuple[np.ndarray, np.ndarray]:
-        fixed, moving = self.fixed_combo.layer(), self.moving_combo.layer()
-        check_image_pair(
-            fixed,
-            moving,
-            what="target ",
-            missing="choose the fixed and moving target image layers (2D pairs or 3D stacks)",
-        )
-        f, m = np.asarray(fixed.data), np.asarray(moving.data)
-        return (f[None], m[None]) if f.ndim == 2 else (f, m)
-
     # ------------------------------------------------------------------ run
     @property
     def is_running(self) -> bool:
@@ -263,24 +212,18 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         """The resolved spec of the run the form describes (``ValueError`` for bad input);
         ``saved``: the settings of the run ``resume`` continues, used as they are."""
         folder_config = self.folder_config
-        if saved is not None and not _array_run(saved):
+        if saved is not None and not array_run(saved):
             targets = None  # the saved run's folders or files
         elif self.target_source() == "folders":
             targets = self.folder_box.targets()
             folder_config = self.folder_box.folder_config(folder_config)
         else:
-            fixed, moving = self._targets()
-            names = (self.fixed_combo.layer().name, self.moving_combo.layer().name)
-            desc = f"{fixed.shape[0]} pairs of the layers '{names[0]}' (fixed) / '{names[1]}'"
-            targets = ArrayTargets(fixed, moving, description=desc)
+            targets = self.layer_box.targets()
         steps = int(self.steps_spin.value())
         config = replace(self.adapt_config, steps=steps, lr=float(self.lr_spin.value()))
         data_config, discrepancy = self.data_config, self.discrepancy()
         if saved is not None:  # exactly the saved values (the spin boxes round them)
-            config = replace(config, lr=saved["lr"], batch_size=saved["batch_size"])
-            config = replace(config, seed=saved["seed"])
-            data_config = replace(data_config, size=saved["size"])
-            discrepancy = saved["discrepancy"]
+            config, data_config, discrepancy = saved_configs(config, data_config, saved)
         spec = AdaptationSpec(
             targets=targets,
             model=None if resume else model,
@@ -317,7 +260,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             return None
         self.lr_spin.setValue(float(saved["lr"]))
         self.steps_spin.setValue(max(int(saved.get("steps", 0)), int(self.steps_spin.value())))
-        if _array_run(saved):
+        if array_run(saved):
             self.set_target_source("layers")
         elif saved.get("target") and saved.get("target_moving"):
             self.set_target_source("folders")
@@ -410,30 +353,11 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
 
     def _on_done(self, result) -> None:
         if self._warnings:
-            shown = self._warnings[:5] + (
-                [f"… {len(self._warnings) - 5} more"] * (len(self._warnings) > 5)
-            )
-            _notify.warning("\n".join(shown))
+            _notify.warning(warnings_text(self._warnings))
         self.plot.refresh()
-        if result is None:  # closed before its first iteration
-            self.status_label.setText("stopped before the first iteration")
-            return
-        self.result, self.adapted_model = result, result.model
-        how = "stopped" if result.interrupted else "finished"
-        text = [
-            f"{how} after {result.completed_steps} of {result.total_steps} iterations; the "
-            f"model holds the weights of iteration {result.best_iteration} (best selection "
-            "criterion)."
-        ]
-        if result.diverged:
-            text.append(f"The run diverged: {result.diverged}.")
-        text.append(evaluation_text(result.evaluation))
-        state = result.state_path
-        if state is not None and state.is_file():
-            last = "" if result.state_saved else " (the last one saved)"
-            text.append(f"Resumable state{last}: {state} (Resume… continues it).")
-        text.append("Keep, Revert, Save or Re-register.")
-        self.status_label.setText(" ".join(t for t in text if t))
+        if result is not None:  # None: closed before its first iteration
+            self.result, self.adapted_model = result, result.model
+        self.status_label.setText(result_text(result))
 
     def _set_running(self, running: bool) -> None:
         self.start_button.setEnabled(not running)
@@ -534,16 +458,3 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.moving_combo.disconnect_viewer()
         self.plot.disconnect_viewer()
         QWidget.closeEvent(self, event)
-
-
-def evaluation_text(evaluation: dict | None) -> str:
-    """The held-out evaluation before and after adaptation, in one sentence."""
-    if not evaluation:
-        return ""
-    b, a, i = evaluation["before"], evaluation["after"], evaluation["identity"]
-    return (
-        f"Held-out evaluation ({evaluation['pairs']} pairs): label accuracy "
-        f"{b['label_accuracy']:.1%} before -> {a['label_accuracy']:.1%} after (identity "
-        f"{i['label_accuracy']:.1%}); EPE {b['epe']:.3f} -> {a['epe']:.3f} px (identity "
-        f"{i['epe']:.3f})."
-    )
