@@ -110,6 +110,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self._previous: tuple | None = None  # (model or None, name, state_dict copy)
         self._kept = False
         self._last_draw = 0.0
+        self._resume_note = ""
 
         self.layer_box = LayerTargetsBox(napari_viewer)
         self.fixed_combo, self.moving_combo = (
@@ -265,7 +266,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         elif saved.get("target") and saved.get("target_moving"):
             self.set_target_source("folders")
             self.folder_box.show_saved(saved)
-        self.status_label.setText(f"resuming {path} after iteration {done}…")
+        self._resume_note = f"resuming {path} after iteration {done}…"
         return self._start(resume=Path(path), saved=saved)
 
     def _resume_dialog(self) -> None:
@@ -299,7 +300,8 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.plot.reset(DISPLAY_NAMES.get(Discrepancy(kind), kind))
         self.progress.setRange(0, spec.config.steps)
         self.progress.setValue(0)
-        self.status_label.setText("preparing the targets and the model…")
+        note = self._resume_note if resume is not None else "preparing the targets and the model…"
+        self.status_label.setText(note)
 
         def body(stop: threading.Event):
             run = run_adaptation(spec)  # reads folders, loads the model: in this thread
