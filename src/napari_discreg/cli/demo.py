@@ -6,8 +6,20 @@ import time
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
-from .. import __version__
+from .. import __version__, register
+from ..core.config import DataConfig, RefineConfig
+from ..core.data import TISSUES, load_template, make_pair, normalise_intensity
+from ..core.evaluate import control_point_accuracy
+from ..core.metrics import (
+    dice,
+    end_point_error,
+    folding_fraction,
+    normalised_mutual_information,
+)
+from ..core.model import resolve_device
+from ..core.warp import warp_numpy
 from ._common import (
     SHIPPED_NAMES,
     Outputs,
@@ -33,7 +45,6 @@ def _add_demo(sub) -> None:
             "NMI, Dice of CSF/GM/WM, folding and runtime."
         ),
     )
-    from ..core.config import RefineConfig
 
     p.add_argument("-o", "--outdir", required=True, help="output folder (created if needed)")
     p.add_argument("--size", type=_positive_int, default=192, help="image size in px (default 192)")
@@ -64,7 +75,6 @@ def _add_demo(sub) -> None:
 
 def _label_accuracy(result, truth: np.ndarray, mask: np.ndarray) -> float:
     """Share of foreground control points whose argmax label is the true quantised one."""
-    from ..core.evaluate import control_point_accuracy
 
     k, q = result.offsets.shape[0], float(result.offsets.max())
     return control_point_accuracy(result.labels, truth, mask, result.stride, k, q)
@@ -72,14 +82,6 @@ def _label_accuracy(result, truth: np.ndarray, mask: np.ndarray) -> float:
 
 def demo_metrics(pair, result, runtime: float) -> dict[str, Any]:
     """The numbers of the demo report for a :class:`~napari_discreg.core.data.Pair`."""
-    from ..core.data import TISSUES
-    from ..core.metrics import (
-        dice,
-        end_point_error,
-        folding_fraction,
-        normalised_mutual_information,
-    )
-    from ..core.warp import warp_numpy
 
     mask = pair.mask > 0
     zero = np.zeros_like(pair.displacement)
@@ -109,7 +111,6 @@ def demo_metrics(pair, result, runtime: float) -> dict[str, Any]:
 
 
 def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
-    from ..core.data import normalise_intensity
 
     rr, cc = np.indices(a.shape)
     tile = max(1, min(a.shape) // tiles)
@@ -120,7 +121,6 @@ def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
 
 def demo_figure(pair, result, metrics: dict[str, Any]):
     """The report figure (a :class:`matplotlib.figure.Figure`, Agg canvas, no pyplot)."""
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(17, 8.6), layout="constrained")
     axes = fig.subplots(2, 4)
@@ -259,10 +259,6 @@ def demo_markdown(report: dict[str, Any]) -> str:
 
 
 def _run_demo(args) -> int:
-    from .. import register
-    from ..core.config import DataConfig
-    from ..core.data import load_template, make_pair
-    from ..core.model import resolve_device
 
     outputs = Outputs(args.outdir)
     dcfg = DataConfig(size=args.size)

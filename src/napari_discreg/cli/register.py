@@ -6,7 +6,11 @@ import time
 
 import numpy as np
 
+from .. import register
 from ..core import io
+from ..core.config import RefineConfig
+from ..core.metrics import normalised_mutual_information
+from ..core.model import resolve_device
 from ._common import (
     SHIPPED_NAMES,
     Outputs,
@@ -20,7 +24,6 @@ from ._common import (
 
 
 def _add_register(sub) -> None:
-    from ..core.config import RefineConfig
 
     p = sub.add_parser(
         "register",
@@ -59,9 +62,6 @@ def _add_register(sub) -> None:
 
 
 def _run_register(args) -> int:
-    from .. import register
-    from ..core.metrics import normalised_mutual_information
-    from ..core.model import resolve_device
 
     outputs = Outputs(args.outdir)
     fixed = io.read_image(args.fixed, axis=args.axis, index=args.index)

@@ -23,11 +23,13 @@ import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import data as data_mod
+from . import peers as peers_mod
 from .adapt import adapt_steps
 from .checkpoint import load_model
 from .config import AdaptConfig, DataConfig, TrainConfig
@@ -203,7 +205,6 @@ def run_benchmark(
 
     for peer in settings.peers:
         say(peer)
-        from . import peers as peers_mod
 
         fn = peers_mod.PEERS[peer]
         per_pair = {m: [] for m in METRICS}
@@ -277,7 +278,6 @@ def update_section(path, name: str, text: str, *, header: str = BENCHMARKS_HEADE
     """Replace (or append) the section ``name`` of a Markdown file, delimited by
     ``<!-- name:start -->`` / ``<!-- name:end -->`` markers, so that several scripts
     can each own one part of a page (``header`` starts a page that does not exist yet)."""
-    from pathlib import Path
 
     path = Path(path)
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

@@ -75,11 +75,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from . import io
 from .config import DataConfig, FolderConfig
-from .data import _bias_field, deform_pair, normalise_intensity
+from .data import Pair, _bias_field, deform_pair, normalise_intensity
+from .evaluate import evaluate_model, identity_metrics, summarise
 from .warp import warp_numpy
 
 __all__ = [
@@ -182,7 +184,6 @@ def _foreground(norm: np.ndarray, threshold: float) -> np.ndarray:
     whichever is higher: a noisy background (or one of negative values, which
     normalisation maps to a few percent) then stays background.
     """
-    from skimage.filters import threshold_otsu
 
     otsu = float(threshold_otsu(norm)) if np.ptp(norm) > 0 else 0.0
     fg = norm > max(threshold, 0.5 * otsu)
@@ -848,8 +849,6 @@ def evaluate_pairs(model, pairs: PairSet) -> dict[str, dict[str, float]]:
     Over each pair's foreground, with the ground truth of ``pairs`` (which must have
     one); the user's images carry no tissue labels, so there is no Dice.
     """
-    from .data import Pair
-    from .evaluate import evaluate_model, identity_metrics, summarise
 
     if pairs.displacement is None:
         raise ValueError("these pairs have no ground truth (unpaired): nothing to evaluate")
