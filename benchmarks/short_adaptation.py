@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
 
 def _markdown(results, meta, argv, stem: str) -> str:
     words = sys.argv[1:] if argv is None else argv
-    cmd = " ".join(["python benchmarks/short_adaptation.py", *words])
+    cmd = shlex.join(["python", "benchmarks/short_adaptation.py", *words])
     lines = [
         "## Short adaptation: accuracy against seconds"
         + ("" if stem == "short_adaptation" else f" ({stem.replace('_', ' ')})"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
 
 def markdown(results: dict, models: list[str], argv) -> str:
     words = sys.argv[1:] if argv is None else argv
-    cmd = " ".join(["python benchmarks/transfer.py", *words])
+    cmd = shlex.join(["python", "benchmarks/transfer.py", *words])
     lines = [
         "## Cross-contrast pairs before adaptation: never worse than identity?",
         "",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -140,7 +141,7 @@ def write(results: dict, args, argv) -> None:
 
 def markdown(results: dict, meta: dict, argv) -> str:
     words = sys.argv[1:] if argv is None else argv
-    cmd = " ".join(["python benchmarks/tune_adaptation.py", *words])
+    cmd = shlex.join(["python", "benchmarks/tune_adaptation.py", *words])
     lines = [
         "## Tuning the short default adaptation (validation split, not the test pairs)",
         "",
