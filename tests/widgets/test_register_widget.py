@@ -308,3 +308,23 @@ def test_device_choice_lives_in_the_shared_state(viewer):
     assert state.device is None and widget.device_combo.currentText() == "auto"
     state.device = "cpu"
     assert RegisterWidget(viewer).device_combo.currentText() == "cpu"  # a new widget shows it
+
+
+def test_a_field_worse_than_no_motion_is_reported_and_not_applied(
+    viewer, tiny_model, small_pair, wait_job, notes
+):
+    import torch
+
+    with torch.no_grad():
+        for head in (tiny_model.F1, tiny_model.F2):
+            last = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+            last.bias.zero_()
+            last.bias[0] = 50.0  # every control point: the corner displacement
+    _pair_viewer(viewer, small_pair)
+    widget = RegisterWidget(viewer)
+    wait_job(widget.run(model=tiny_model, model_name="biased model"))
+    result = state_for(viewer).run.results[None]
+    assert result.identity_fallback
+    np.testing.assert_array_equal(result.displacement, 0)
+    assert "kept unmoved" in widget.status_label.text()
+    assert any(kind == "warning" and "worse than no motion" in text for kind, text in notes)

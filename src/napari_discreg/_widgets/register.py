@@ -306,10 +306,22 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         self.show_run(run)
         mean_disc = float(np.mean([r.discrepancy.mean() for r in results.values()]))
         refined = f", refined ({first.refine_steps} steps)" if first.refine_steps else ""
+        fallbacks = sum(r.identity_fallback for r in results.values())
+        guarded = (
+            f"; {fallbacks} slice(s) kept unmoved: the network's field matched worse than no "
+            "motion (MIND-SSC)"
+            if fallbacks
+            else ""
+        )
         self.status_label.setText(
             f"registered {len(results)} slice(s) with {model_name}{refined}; mean head "
-            f"discrepancy (pEMD) {mean_disc:.3f} bins"
+            f"discrepancy (pEMD) {mean_disc:.3f} bins{guarded}"
         )
+        if fallbacks:
+            _notify.warning(
+                f"{fallbacks} of {len(results)} slice(s): the model's field matched worse than "
+                "no motion, so the zero field was used; try refinement or an adaptation"
+            )
 
     # ------------------------------------------------------------------ outputs
     def show_run(self, run: RegistrationRun) -> None:
