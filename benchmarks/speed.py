@@ -1,7 +1,7 @@
 """Speed: register (warm, with and without refinement) vs elastix vs SimpleITK on the
 same pairs, plus adaptation time and a profile of one adaptation iteration.
 
-    python benchmarks/speed.py [--pairs 10] [--adapt-steps 100] [--sizes 192 256]
+    python benchmarks/speed.py [--pairs 10] [--adapt-steps N] [--sizes 192 256]
 
 Writes the "speed" section of docs/benchmarks.md and the "speed" entry of
 docs/benchmarks.json. Pairs are T1 fixed vs T2-like moving from the held-out test slices,
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--sizes", type=int, nargs="+", default=[192, 256])
-    ap.add_argument("--adapt-steps", type=int, default=100)
+    ap.add_argument("--adapt-steps", type=int, default=AdaptConfig.steps)
     ap.add_argument(
         "--fast-refine-steps",
         type=int,
