@@ -203,6 +203,8 @@ def test_close_keeps_the_best_weights_and_resume_continues(tmp_path, tiny_model)
         run_adaptation(AdaptationSpec(resume=state, discrepancy="l1"))
     resumed = run_adaptation(AdaptationSpec(resume=state))
     assert (resumed.start_step, resumed.total) == (3, 4)
+    # the saved run's whole AdaptConfig comes back, not today's defaults
+    assert resumed.spec.config == replace(spec.config, steps=4)
     assert [p.iteration for p in resumed] == [3, 4]
     result = resumed.result
     assert result.completed_steps == 4 and not result.interrupted

@@ -261,9 +261,12 @@ def _absolute(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: absolute(v) if k in _PATH_KEYS else v for k, v in settings.items()}
 
 
-def _saved_settings(spec: AdaptationSpec, given: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """The settings and steps of the run saved in ``spec.resume``; a setting of ``spec``
-    that contradicts the saved run is an error (the run would not be the same)."""
+def _saved_settings(
+    spec: AdaptationSpec, given: dict[str, Any]
+) -> tuple[dict[str, Any], int, AdaptConfig | None]:
+    """The settings, steps and adaptation config of the run saved in ``spec.resume``; a
+    setting of ``spec`` that contradicts the saved run is an error (the run would not be
+    the same)."""
     assert spec.resume is not None
     _, _, extra = read_checkpoint(spec.resume)
     saved = extra.get("adaptation_run")
@@ -294,7 +297,11 @@ def _saved_settings(spec: AdaptationSpec, given: dict[str, Any]) -> tuple[dict[s
             f"{spec.resume} is at iteration {done}; --steps must be at least that (it counts "
             "the iterations of the whole run)"
         )
-    return settings, steps
+    # the saved run's whole AdaptConfig (n, criterion, select_every, ...), so that a run
+    # resumed after the defaults changed continues with the settings it started with
+    recorded = extra.get("adaptation", {}).get("config")
+    config = AdaptConfig.from_dict(recorded) if isinstance(recorded, dict) else None
+    return settings, steps, config
 
 
 def resolve_adaptation(spec: AdaptationSpec) -> AdaptationSpec:
@@ -302,12 +309,13 @@ def resolve_adaptation(spec: AdaptationSpec) -> AdaptationSpec:
     (one given here that contradicts them is refused), ``steps`` set, the targets
     checked (as :class:`TargetOptions`, or the arrays given). Resolving a resolved spec
     gives it back."""
-    settings, steps = run_settings(spec), spec.steps
+    settings, steps, base = run_settings(spec), spec.steps, spec.config
     if spec.resume:
-        settings, steps = _saved_settings(spec, settings)
+        settings, steps, saved_config = _saved_settings(spec, settings)
+        base = saved_config or spec.config
     if steps is not None and steps < 0:
         raise ValueError(f"--steps must be >= 0, got {steps}")
-    steps = spec.config.steps if steps is None else steps
+    steps = base.steps if steps is None else steps
     arrays = isinstance(spec.targets, ArrayTargets)
     if arrays:
         targets: Targets = spec.targets  # type: ignore[assignment]
@@ -322,7 +330,7 @@ def resolve_adaptation(spec: AdaptationSpec) -> AdaptationSpec:
         source=s["source"],
         discrepancy=s["discrepancy"],
         config=replace(
-            spec.config,
+            base,
             steps=steps,
             lr=s["lr"],
             batch_size=s["batch_size"],
