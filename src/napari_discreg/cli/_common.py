@@ -1,9 +1,8 @@
 """What the sub-commands share: exit codes, argument types, all-or-nothing outputs,
 saved models, progress bars and the options for the user's own image folders.
 
-``_load_model`` (a checkpoint, a shipped model's name or the default one), ``_jsonable``
-and ``_make_dirs`` live in :mod:`napari_discreg.runs.base` and are re-exported here for
-the sub-commands."""
+Loading a model (:func:`napari_discreg.runs.base.load_base_model`), ``jsonable`` and
+``make_dirs`` live in :mod:`napari_discreg.runs.base`; the helpers here use the last two."""
 
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ from ..core import io
 from ..core.config import SHIPPED_MODELS, FolderConfig
 from ..core.data import normalise_intensity
 from ..runs.base import jsonable as _jsonable
-from ..runs.base import load_base_model as _load_model  # noqa: F401 - register, demo use it
 from ..runs.base import make_dirs as _make_dirs
 from ..runs.base import remove_empty as _remove_empty
 

@@ -20,11 +20,11 @@ from ..core.metrics import (
 )
 from ..core.model import resolve_device
 from ..core.warp import warp_numpy
+from ..runs.base import load_base_model
 from ._common import (
     SHIPPED_NAMES,
     Outputs,
     _device_arg,
-    _load_model,
     _non_negative_int,
     _positive_int,
     _say,
@@ -264,7 +264,7 @@ def _run_demo(args) -> int:
     dcfg = DataConfig(size=args.size)
     index = args.slice_index if args.slice_index is not None else sum(dcfg.test_slices) // 2
     device = resolve_device(args.device)
-    model, model_desc = _load_model(args.model, device)
+    model, model_desc = load_base_model(args.model, device)
     template = load_template(args.size)
     pair = make_pair(template, index, "t1", "t2", np.random.default_rng(args.seed), dcfg)
 

@@ -11,12 +11,12 @@ from ..core import io
 from ..core.config import RefineConfig
 from ..core.metrics import normalised_mutual_information
 from ..core.model import resolve_device
+from ..runs.base import load_base_model
 from ._common import (
     SHIPPED_NAMES,
     Outputs,
     _device_arg,
     _foreground,
-    _load_model,
     _non_negative_int,
     _say,
     _write_json,
@@ -72,7 +72,7 @@ def _run_register(args) -> int:
             f"is {moving.shape[0]} x {moving.shape[1]}; resample or crop one onto the other's grid"
         )
     device = resolve_device(args.device)
-    model, model_desc = _load_model(args.model, device)
+    model, model_desc = load_base_model(args.model, device)
 
     start = time.perf_counter()
     result = register(fixed, moving, model=model, device=device, refine=args.refine)
