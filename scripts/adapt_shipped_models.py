@@ -17,7 +17,6 @@ model would add megabytes and nothing else). Add a saved model to
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys
@@ -34,6 +33,7 @@ from napari_discreg.core.benchmark import adaptation_pairs, update_section
 from napari_discreg.core.checkpoint import load_model, save_checkpoint, shipped_model_path
 from napari_discreg.core.config import SHIPPED_MODELS, AdaptConfig, DataConfig
 from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise
+from napari_discreg.core.model import clone_model
 
 WEIGHTS = shipped_model_path("default").parent
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         )
         before = summarise(evaluate_model(source, test))
         identity = summarise(identity_metrics(test, mc.stride, mc.num_labels, mc.capture_range))
-        model = copy.deepcopy(source)
+        model = clone_model(source)
         t0 = time.perf_counter()
         criterion = []
         bar = tqdm(

@@ -19,7 +19,6 @@ Protocol
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from .checkpoint import load_model
 from .config import AdaptConfig, DataConfig, TrainConfig
 from .discrepancy import DISPLAY_NAMES
 from .evaluate import METRICS, evaluate_model, identity_metrics, pair_metrics, summarise
-from .model import DiscreteRegistrationNet
+from .model import DiscreteRegistrationNet, clone_model
 from .refine import RefineConfig
 from .train import StepRecord, train_steps
 
@@ -342,7 +341,7 @@ def timed_adaptation(
     ``eval_pairs`` only afterwards, untimed: the time-to-accuracy curve. ``kept`` is
     the evaluation of the weights the keep-best rule returned.
     """
-    work = copy.deepcopy(model)
+    work = clone_model(model)
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
     times: dict[int, float] = {}
     kept_iteration = 0
@@ -357,7 +356,7 @@ def timed_adaptation(
             snapshots[rec.iteration] = {k: v.detach().clone() for k, v in work.state_dict().items()}
     seconds = time.perf_counter() - t0
     kept = summarise(evaluate_model(work, eval_pairs))  # the generator restored the kept weights
-    probe = copy.deepcopy(model)
+    probe = clone_model(model)
     curve = []
     for it, weights in sorted(snapshots.items()):
         probe.load_state_dict(weights)
