@@ -209,7 +209,7 @@ def test_every_config_round_trips_through_json():
         for c in vars(config_mod).values()
         if isinstance(c, type) and issubclass(c, config_mod.Config) and c is not config_mod.Config
     ]
-    assert len(classes) == 6
+    assert len(classes) == 7
     for cls in classes:
         default = cls()
         assert cls.from_dict(json.loads(json.dumps(default.to_dict()))) == default

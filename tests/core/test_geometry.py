@@ -18,7 +18,7 @@ from napari_discreg.core.geometry import (
     moving_to_fixed,
     sample_field,
 )
-from napari_discreg.core.register import RegistrationResult
+from napari_discreg.core.register import NetworkOutputs, RegistrationResult
 
 
 def _smooth_field(shape=(40, 48), amplitude=2.0):
@@ -55,12 +55,15 @@ def test_registration_result_uses_the_same_control_points():
     result = RegistrationResult(
         displacement=np.zeros((2, 40, 48), np.float32),
         warped=np.zeros((40, 48), np.float32),
-        probabilities=np.zeros((2, 10, 12, k, k), np.float32),
         offsets=np.linspace(-2, 2, k, dtype=np.float32),
-        discrepancy=np.zeros((10, 12), np.float32),
-        labels=np.zeros((10, 12), np.int64),
         stride=4,
+        _network=NetworkOutputs.from_arrays(
+            np.zeros((2, 10, 12, k, k), np.float32),
+            np.zeros((10, 12), np.float32),
+            np.zeros((10, 12), np.int64),
+        ),
     )
+    assert result.discrepancy.shape == (10, 12)
     assert result.control_point_position(3, 7) == control_point_position(3, 7, 4)
     assert result.control_point(13.2, 29.9) == control_point_index(13.2, 29.9, 4, (10, 12))
 

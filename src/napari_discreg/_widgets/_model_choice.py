@@ -1,4 +1,4 @@
-"""The Register widget's model group: which model (shipped or a checkpoint), device, refinement.
+"""The Register widget's model group: which model (shipped or a checkpoint), device, method.
 
 The chosen model goes to :attr:`SessionState.model` and the device to
 :attr:`SessionState.device`, where every widget of the viewer finds them.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -22,6 +21,7 @@ from qtpy.QtWidgets import (
 
 from ..core.checkpoint import load_model, shipped_model_path
 from ..core.config import SHIPPED_MODELS, RefineConfig
+from ..core.register import DEFAULT_METHOD, METHODS
 from . import _notify
 from ._io import CHECKPOINT_FILTER, layer_name_for
 from ._qt import row
@@ -63,19 +63,29 @@ class ModelBox(QGroupBox):
         form.addRow("In use", self.model_label)
         form.addRow("Device", self.device_combo)
 
-        self.refine_check = QCheckBox("refine")
-        self.refine_check.setToolTip(
-            "After the network, optimise this pair's field directly for a few steps "
-            "(MIND-SSC similarity + smoothness, Adam): slower, usually more accurate, "
-            "above all where the model is not adapted to these contrasts"
+        # the same methods, default first, as register() and the command line
+        self.method_combo = QComboBox()
+        for name, description in METHODS.items():
+            label = f"{name} (default)" if name == DEFAULT_METHOD else name
+            self.method_combo.addItem(label, name)
+            self.method_combo.setItemData(
+                self.method_combo.count() - 1, description, Qt.ItemDataRole.ToolTipRole
+            )
+        self.method_combo.setCurrentIndex(list(METHODS).index(DEFAULT_METHOD))
+        self.method_combo.setToolTip(
+            "How the field is made. bspline (default): B-spline Gauss-Newton over MIND-SSC "
+            "descriptors, the most accurate and on CPU the fastest (docs/benchmarks.md); "
+            "network: the network's field alone. The inspector shows the network's "
+            "histograms whatever the method."
         )
-        self.refine_steps_spin = QSpinBox()
-        self.refine_steps_spin.setRange(1, 2000)
-        self.refine_steps_spin.setValue(RefineConfig().steps)
-        self.refine_steps_spin.setSuffix(" steps")
-        self.refine_steps_spin.setEnabled(False)
-        self.refine_check.toggled.connect(self.refine_steps_spin.setEnabled)
-        form.addRow("Refinement", row(self.refine_check, self.refine_steps_spin))
+        self.adam_steps_spin = QSpinBox()
+        self.adam_steps_spin.setRange(1, 2000)
+        self.adam_steps_spin.setValue(RefineConfig().steps)
+        self.adam_steps_spin.setSuffix(" Adam steps")
+        self.adam_steps_spin.setToolTip("Adam steps per level of the network+adam method")
+        self.method_combo.currentIndexChanged.connect(lambda *_: self._method_changed())
+        self._method_changed()
+        form.addRow("Method", row(self.method_combo, self.adam_steps_spin))
 
         # lambdas: Qt's ``checked``/index arguments never reach the methods
         self.model_combo.currentIndexChanged.connect(lambda *_: self._source_changed())
@@ -101,10 +111,19 @@ class ModelBox(QGroupBox):
         self.device_combo.setCurrentText(device or "auto")
         self.device_combo.blockSignals(False)
 
-    # ------------------------------------------------------------------ refinement
-    def refine_steps(self) -> int:
-        """Refinement steps to run after the network (0: no refinement)."""
-        return self.refine_steps_spin.value() if self.refine_check.isChecked() else 0
+    # ------------------------------------------------------------------ method
+    def method(self) -> str:
+        """The chosen registration method (a key of ``METHODS``)."""
+        return str(self.method_combo.currentData())
+
+    def refine_settings(self) -> RefineConfig | None:
+        """Settings for ``register(refine=...)``: the Adam steps of network+adam, else None."""
+        if self.method() == "network+adam":
+            return RefineConfig(steps=self.adam_steps_spin.value())
+        return None
+
+    def _method_changed(self) -> None:
+        self.adam_steps_spin.setEnabled(self.method() == "network+adam")
 
     # ------------------------------------------------------------------ model
     def _source_changed(self) -> None:

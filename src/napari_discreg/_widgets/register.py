@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
 import napari_discreg
 
 from ..core.io import load_field
+from ..core.register import method_summary
 from . import _notify
 from ._field_files import run_from_field, save_run_field
 from ._io import FIELD_FILTER, IMAGE_FILTER, layer_name_for, read_image_file
@@ -97,15 +98,15 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         self.follow_check = self.volume_box.follow_check
         self.every_slice_check = self.volume_box.every_slice_check
 
-        # model, device, refinement
+        # model, device, method
         self.model_box = ModelBox(self.state)
         self.model_combo = self.model_box.model_combo
         self.checkpoint_edit = self.model_box.checkpoint_edit
         self.browse_checkpoint_button = self.model_box.browse_checkpoint_button
         self.model_label = self.model_box.model_label
         self.device_combo = self.model_box.device_combo
-        self.refine_check = self.model_box.refine_check
-        self.refine_steps_spin = self.model_box.refine_steps_spin
+        self.method_combo = self.model_box.method_combo
+        self.adam_steps_spin = self.model_box.adam_steps_spin
 
         # display options
         out_box = QGroupBox("Display")
@@ -242,7 +243,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             model_name = state.model_name if model is None else "adapted model"
         fixed_data, moving_data = request.fixed.data, request.moving.data
         axis = request.axis
-        refine = self.model_box.refine_steps()
+        method, refine = self.model_box.method(), self.model_box.refine_settings()
 
         def body(stop: threading.Event):
             # None: the shipped model, loaded once per device and cached by ``register``
@@ -256,14 +257,15 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
                 else:
                     f = np.asarray(np.take(fixed_data, index, axis=axis))
                     m = np.asarray(np.take(moving_data, index, axis=axis))
-                results[index] = register(f, m, model=mdl, device=device, refine=refine)
+                res = register(f, m, model=mdl, device=device, method=method, refine=refine)
+                res.network_outputs()  # the network's histograms: here, not on the GUI thread
+                results[index] = res
                 yield k + 1
             return results
 
         self.progress.setRange(0, len(request.indices))
         self.progress.setValue(0)
-        refined = f" + {refine} refinement steps" if refine else ""
-        self.status_label.setText(f"registering with {model_name}{refined}…")
+        self.status_label.setText(f"registering with {model_name} ({method})…")
         self.register_button.setEnabled(False)
         self.stop_button.setEnabled(len(request.indices) > 1)
         self.job = Job(
@@ -305,22 +307,26 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         )
         self.show_run(run)
         mean_disc = float(np.mean([r.discrepancy.mean() for r in results.values()]))
-        refined = f", refined ({first.refine_steps} steps)" if first.refine_steps else ""
         fallbacks = sum(r.identity_fallback for r in results.values())
         guarded = (
-            f"; {fallbacks} slice(s) kept unmoved: the network's field matched worse than no "
+            f"; {fallbacks} slice(s) kept unmoved: the field matched worse than no "
             "motion (MIND-SSC)"
             if fallbacks
             else ""
         )
         self.status_label.setText(
-            f"registered {len(results)} slice(s) with {model_name}{refined}; mean head "
-            f"discrepancy (pEMD) {mean_disc:.3f} bins{guarded}"
+            f"registered {len(results)} slice(s) with {method_summary(first)} "
+            f"({model_name}); mean head discrepancy (pEMD) {mean_disc:.3f} bins{guarded}"
         )
         if fallbacks:
+            hint = (
+                "try the bspline method or an adaptation"
+                if first.method.startswith("network")
+                else "the images may not overlap enough for a deformable registration"
+            )
             _notify.warning(
-                f"{fallbacks} of {len(results)} slice(s): the model's field matched worse than "
-                "no motion, so the zero field was used; try refinement or an adaptation"
+                f"{fallbacks} of {len(results)} slice(s): the field matched worse than "
+                f"no motion, so the zero field was used; {hint}"
             )
 
     # ------------------------------------------------------------------ outputs

@@ -11,6 +11,7 @@ from ..core import io
 from ..core.config import RefineConfig
 from ..core.metrics import normalised_mutual_information
 from ..core.model import resolve_device
+from ..core.register import DEFAULT_METHOD, METHODS, method_summary
 from ..runs.base import load_base_model
 from ._common import (
     SHIPPED_NAMES,
@@ -49,14 +50,23 @@ def _add_register(sub) -> None:
     p.add_argument("--axis", type=int, help="slice axis for 3D files (default 0; 2 for NIfTI)")
     p.add_argument("--index", type=int, help="slice index for 3D files (default: middle)")
     p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=None,
+        help=f"how the field is made (default {DEFAULT_METHOD}: "
+        + "; ".join(f"{k}: {v}" for k, v in METHODS.items())
+        + ")",
+    )
+    p.add_argument(
         "--refine",
         type=_non_negative_int,
         nargs="?",
         const=RefineConfig.steps,
-        default=0,
+        default=None,
         metavar="STEPS",
-        help="after the network, refine the field by instance optimisation (MIND-SSC "
-        f"similarity + smoothness, Adam); STEPS defaults to {RefineConfig.steps}",
+        help="Adam steps of --method network+adam (default "
+        f"{RefineConfig.steps}); without --method, --refine STEPS selects network+adam and "
+        "--refine 0 the network alone, as in earlier releases",
     )
     p.set_defaults(func=_run_register)
 
@@ -74,9 +84,16 @@ def _run_register(args) -> int:
     device = resolve_device(args.device)
     model, model_desc = load_base_model(args.model, device)
 
+    if args.refine is not None and args.method in ("bspline", "network+bspline", "network"):
+        raise ValueError(f"--refine STEPS applies to --method network+adam, not {args.method}")
     start = time.perf_counter()
-    result = register(fixed, moving, model=model, device=device, refine=args.refine)
+    result = register(
+        fixed, moving, model=model, device=device, method=args.method, refine=args.refine
+    )
     runtime = time.perf_counter() - start
+    start = time.perf_counter()
+    discrepancy = result.discrepancy  # the network's view; computed here for "bspline"
+    histograms_s = time.perf_counter() - start
 
     magnitude = np.sqrt((result.displacement.astype(np.float64) ** 2).sum(0))
     mask = _foreground(fixed)
@@ -94,8 +111,11 @@ def _run_register(args) -> int:
         "shape": list(fixed.shape),
         "model": model_desc,
         "device": str(device),
+        "method": result.method,
         "runtime_s": runtime,
+        "histograms_s": histograms_s,
         "refine_steps": result.refine_steps,
+        "identity_fallback": result.identity_fallback,
         "displacement_px": {"mean_abs": float(magnitude.mean()), "max_abs": float(magnitude.max())},
         "nmi": {
             "before": nmi_before,
@@ -103,9 +123,9 @@ def _run_register(args) -> int:
             "region": "fixed foreground" if mask is not None else "whole image",
         },
         "discrepancy": {
-            "mean": float(result.discrepancy.mean()),
-            "max": float(result.discrepancy.max()),
-            "control_grid": list(result.discrepancy.shape),
+            "mean": float(discrepancy.mean()),
+            "max": float(discrepancy.max()),
+            "control_grid": list(discrepancy.shape),
             "stride_px": result.stride,
         },
         "num_labels": int(result.offsets.shape[0]),
@@ -116,18 +136,19 @@ def _run_register(args) -> int:
     with outputs:
         io.write_image(outputs.path(names["warped"]), result.warped)
         io.write_field(outputs.path(names["displacement"]), result.displacement)
-        io.write_image(outputs.path(names["discrepancy"]), result.discrepancy)
+        io.write_image(outputs.path(names["discrepancy"]), discrepancy)
         _write_json(outputs.path(names["summary"]), summary)
 
     h, w = fixed.shape
-    refined = f", refined with {result.refine_steps} steps" if result.refine_steps else ""
     _say(
         f"registered {args.moving} onto {args.fixed} ({h} x {w}) in {runtime:.2f} s on {device}"
-        + refined
+        f" with {method_summary(result)}"
     )
+    if result.identity_fallback:
+        _say("  the field matched the pair worse than no motion, so the zero field was kept")
     _say(f"  |u| mean {magnitude.mean():.2f} px, max {magnitude.max():.2f} px")
     _say(
-        f"  NMI {nmi_before:.4f} -> {nmi_after:.4f}; mean head discrepancy {result.discrepancy.mean():.3f}"
+        f"  NMI {nmi_before:.4f} -> {nmi_after:.4f}; mean head discrepancy {discrepancy.mean():.3f}"
     )
     _say(f"  wrote {', '.join(names.values())} in {outputs.folder}")
     return 0

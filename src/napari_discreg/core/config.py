@@ -6,6 +6,7 @@ next to its weights so that a model can always be rebuilt exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -278,6 +279,61 @@ class RefineConfig(Config):
             raise ValueError("refine: steps must be >= 0, lr > 0 and smoothness >= 0")
         if self.grid_stride < 1 or self.radius < 0 or self.dilation < 1:
             raise ValueError("refine: grid_stride >= 1, radius >= 0 and dilation >= 1 needed")
+
+
+@dataclass(frozen=True)
+class BSplineConfig(Config):
+    """Settings of :func:`~napari_discreg.core.bspline.bspline_refine`, the default
+    refinement; chosen on validation pairs from the training slices by
+    ``benchmarks/tune_bspline.py`` (never on the test pairs).
+
+    Attributes
+    ----------
+    spacing : float
+        Control-point spacing of the cubic B-spline in pixels of each level: the finest
+        level's grid has this spacing in image pixels, a level downsampled by ``f`` a
+        grid ``f`` times coarser (each level's field is refitted onto the next grid).
+    levels : int
+        Pyramid levels (images halved per level, coarse to fine); levels under 24 px
+        a side are skipped.
+    iterations : tuple of int
+        Gauss-Newton steps per level, coarse to fine (the last entries are used when
+        fewer levels run).
+    smoothness : float
+        Weight of the membrane regulariser on the control points, relative to the
+        data term's mean curvature at the first step.
+    damping : float
+        Levenberg-Marquardt damping, relative to the same curvature.
+    radius : int
+        MIND-SSC patch radius in pixels.
+    dilations : tuple of int
+        MIND-SSC neighbour distances; the descriptors of each are averaged.
+    symmetric : bool
+        Use the mean of the fixed and the warped moving descriptors' gradients.
+    """
+
+    spacing: float = 12.0
+    levels: int = 3
+    iterations: tuple[int, ...] = (4, 3, 2)
+    smoothness: float = 0.05
+    damping: float = 1e-3
+    radius: int = 1
+    dilations: tuple[int, ...] = (2, 1)
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.spacing >= 2 and math.isfinite(self.spacing)):
+            raise ValueError(f"bspline: spacing must be a finite number >= 2, got {self.spacing}")
+        if self.levels < 1 or len(self.iterations) < 1:
+            raise ValueError("bspline: levels and iterations must not be empty")
+        if any(int(n) != n or n < 0 for n in self.iterations):
+            raise ValueError(
+                f"bspline: iterations must be whole numbers >= 0, got {self.iterations}"
+            )
+        if not (self.smoothness >= 0 and self.damping >= 0):
+            raise ValueError("bspline: smoothness and damping must be >= 0")
+        if self.radius < 0 or not self.dilations or any(d < 1 for d in self.dilations):
+            raise ValueError("bspline: radius >= 0 and dilations >= 1 needed")
 
 
 DEFAULT_MODEL = ModelConfig()

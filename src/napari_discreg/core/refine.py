@@ -22,50 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import RefineConfig
+from .mind import mind_ssc
 from .preprocess import pad_to_multiple
 from .warp import control_point_field, upsample_field, warp
 
 __all__ = ["RefineConfig", "mind_ssc", "no_worse_than_identity", "refine_field"]
-
-
-# the four neighbours of a pixel at distance d, and the six pairs among them (SSC:
-# self-similarity of neighbours with each other, not with the centre, which makes the
-# descriptor robust to noise at the centre)
-_NEIGHBOURS = ((-1, 0), (0, 1), (1, 0), (0, -1))
-_PAIRS = ((0, 1), (1, 2), (2, 3), (3, 0), (0, 2), (1, 3))
-
-
-def _shift(image: torch.Tensor, dr: int, dc: int) -> torch.Tensor:
-    """``out[r, c] = image[r + dr, c + dc]`` with edge replication."""
-    p = max(abs(dr), abs(dc))
-    if p == 0:
-        return image
-    padded = F.pad(image, (p, p, p, p), mode="replicate")
-    h, w = image.shape[-2:]
-    return padded[..., p + dr : p + dr + h, p + dc : p + dc + w]
-
-
-def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
-    """MIND-SSC descriptors (B, 6, H, W) of images (B, 1, H, W), values in (0, 1].
-
-    For each of six pairs of the four neighbours at distance ``dilation``, the patch
-    distance (box filter of radius ``radius`` over squared differences), turned into
-    ``exp(-D / V)`` with ``V`` the pixel's mean patch distance (its local variance
-    estimate), then divided by the channel maximum.
-    """
-    if image.ndim != 4 or image.shape[1] != 1:
-        raise ValueError(f"mind_ssc expects (B, 1, H, W), got {tuple(image.shape)}")
-    d = dilation
-    shifted = [_shift(image, dr * d, dc * d) for dr, dc in _NEIGHBOURS]
-    dist = torch.cat([(shifted[a] - shifted[b]) ** 2 for a, b in _PAIRS], dim=1)
-    if radius > 0:
-        k = 2 * radius + 1
-        dist = F.avg_pool2d(F.pad(dist, (radius,) * 4, mode="replicate"), kernel_size=k, stride=1)
-    var = dist.mean(dim=1, keepdim=True)
-    mean_var = var.mean(dim=(2, 3), keepdim=True)
-    var = torch.minimum(torch.maximum(var, 1e-3 * mean_var), 1e3 * mean_var) + 1e-8
-    mind = torch.exp(-dist / var)
-    return mind / mind.amax(dim=1, keepdim=True)
 
 
 def no_worse_than_identity(

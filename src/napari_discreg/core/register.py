@@ -1,23 +1,103 @@
-"""``register``: one fixed/moving pair in, a dense field and everything behind it out."""
+"""``register``: one fixed/moving pair in, a dense field and everything behind it out.
+
+One pipeline serves the API, the CLI and the napari widget: :data:`DEFAULT_METHOD`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .bspline import bspline_refine, level_schedule
 from .checkpoint import load_model
+from .config import BSplineConfig, RefineConfig
 from .discrepancy import projected_emd
 from .geometry import control_point_index, control_point_position
 from .labels import argmax_label
 from .model import DiscreteRegistrationNet, resolve_device
 from .predict import predict_field
 from .preprocess import check_pair, min_image_size, network_input
-from .refine import RefineConfig, no_worse_than_identity, refine_field
+from .refine import no_worse_than_identity, refine_field
 from .warp import warp
 
 _DEFAULT_MODELS: dict[str, DiscreteRegistrationNet] = {}
+
+METHODS: dict[str, str] = {
+    "bspline": "B-spline Gauss-Newton on MIND-SSC (the default: most accurate, fastest)",
+    "network": "the network's field alone",
+    "network+bspline": "the network's field, refined by B-spline Gauss-Newton",
+    "network+adam": "the network's field, refined by Adam on a dense grid",
+}
+"""Every registration method by name, with a one-line description."""
+
+DEFAULT_METHOD = "bspline"
+"""What ``register()``, ``napari-discreg register`` and the Register widget run unless
+told otherwise (measured against elastix in docs/benchmarks.md, "Speed")."""
+
+
+class NetworkOutputs:
+    """The network's histograms for one pair, computed once, on first use.
+
+    The ``"bspline"`` method does not need the network for the field; its histograms,
+    head discrepancy and labels (the inspector's view) are computed when first read, on
+    the thread that reads them.
+    """
+
+    def __init__(self, model, fixed, moving, shape) -> None:
+        self._inputs = (model, fixed, moving, shape)
+        self._values: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_arrays(cls, probabilities, discrepancy, labels) -> NetworkOutputs:
+        """Outputs already computed (e.g. a result rebuilt from saved arrays)."""
+        out = cls(None, None, None, None)
+        out._values = (np.asarray(probabilities), np.asarray(discrepancy), np.asarray(labels))
+        return out
+
+    def set(self, probs: torch.Tensor) -> None:
+        self._values = _summarise(probs)
+        self._inputs = None  # type: ignore[assignment]
+
+    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with self._lock:
+            if self._values is None:
+                model, ft, mt, _ = self._inputs
+                _, _, probs = _run_network(model, ft, mt)
+                self.set(probs)
+            assert self._values is not None
+            return self._values
+
+
+def _summarise(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities (2, h, w, K, K), discrepancy (h, w), labels (h, w)) as NumPy."""
+    with torch.no_grad():
+        probs = probs[:, 0]
+        disc = projected_emd(probs[0], probs[1], reduction="none")
+        labels = argmax_label(probs.mean(0))
+    return (
+        probs.cpu().numpy().astype(np.float32),
+        disc.cpu().numpy().astype(np.float32),
+        labels.cpu().numpy(),
+    )
+
+
+_EVAL_LOCK = threading.Lock()
+
+
+def _run_network(model, ft, mt):
+    """The network in eval mode on padded inputs; the model's own mode is restored."""
+    with _EVAL_LOCK:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                return predict_field(model, ft, mt)
+        finally:
+            model.train(was_training)
 
 
 @dataclass
@@ -32,48 +112,92 @@ class RegistrationResult:
         ``warped(r, c) = moving(r + displacement[0, r, c], c + displacement[1, r, c])``.
     warped : ndarray, shape (H, W), float32
         The moving image (original intensities) warped onto the fixed image.
+    offsets : ndarray, shape (K,), float32
+        Displacement in pixels of each bin along one axis.
+    stride : int
+        Control-point spacing of the network; control point ``(i, j)`` is at pixel
+        ``((i + 0.5) * stride - 0.5, (j + 0.5) * stride - 0.5)``
+        (:func:`~napari_discreg.core.geometry.control_point_position`).
+    method : str
+        The method that made ``displacement`` (a key of :data:`METHODS`).
+    refine_steps : int
+        Optimisation steps after (or instead of) the network: Gauss-Newton steps over
+        all levels for the B-spline methods, Adam steps per level for
+        ``"network+adam"``, 0 for ``"network"``.
+    identity_fallback : bool
+        True when the field matched the pair worse than no motion (MIND-SSC distance,
+        ``register(guard=True)``) and the zero field was used instead; for the network
+        methods this is judged on the network's field (the refinement then starts from
+        zero).
+
+    The network's view of the pair, the same whatever the method (computed on first use
+    when the method did not need the network):
+
     probabilities : ndarray, shape (2, h, w, K, K), float32
         Displacement histogram of each head (F1, F2) at each control point; axis -2
         is the row displacement, axis -1 the column displacement.
-    offsets : ndarray, shape (K,), float32
-        Displacement in pixels of each bin along one axis.
     discrepancy : ndarray, shape (h, w), float32
         Projected Earth Mover's discrepancy between the heads per control point
         (marginals, in bins): high where the heads disagree, i.e. where the model is
         unsure on this kind of image.
     labels : ndarray, shape (h, w), int64
         Argmax label ``a * K + b`` of the mean histogram.
-    stride : int
-        Control-point spacing; control point ``(i, j)`` is at pixel
-        ``((i + 0.5) * stride - 0.5, (j + 0.5) * stride - 0.5)``
-        (:func:`~napari_discreg.core.geometry.control_point_position`).
-    refine_steps : int
-        Instance-optimisation steps applied to ``displacement`` after the network
-        (0: the network's field as it is). ``probabilities``, ``discrepancy`` and
-        ``labels`` are always the network's.
-    identity_fallback : bool
-        True when the network's field matched the pair worse than no motion (MIND-SSC
-        distance, ``register(guard=True)``) and the zero field was used instead (as the
-        refinement's start, with ``refine``).
     """
 
     displacement: np.ndarray
     warped: np.ndarray
-    probabilities: np.ndarray
     offsets: np.ndarray
-    discrepancy: np.ndarray
-    labels: np.ndarray
     stride: int
+    method: str = DEFAULT_METHOD
     refine_steps: int = 0
     identity_fallback: bool = False
+    _network: NetworkOutputs | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self._outputs()[0]
+
+    @property
+    def discrepancy(self) -> np.ndarray:
+        return self._outputs()[1]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._outputs()[2]
+
+    def network_outputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(probabilities, discrepancy, labels)``, running the network now if it has not
+        run yet (e.g. in a worker thread, before a GUI reads them)."""
+        return self._outputs()
+
+    def _outputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._network is None:
+            raise AttributeError("this result holds no network outputs")
+        return self._network.get()
 
     def control_point(self, row: float, col: float) -> tuple[int, int]:
         """Index ``(i, j)`` of the control point whose block holds pixel ``(row, col)``."""
-        return control_point_index(row, col, self.stride, self.discrepancy.shape)
+        h, w = control_grid(self.displacement.shape[-2:], self.stride)
+        return control_point_index(row, col, self.stride, (h, w))
 
     def control_point_position(self, i: int, j: int) -> tuple[float, float]:
         """Pixel coordinates of control point ``(i, j)``."""
         return control_point_position(i, j, self.stride)
+
+
+def method_summary(result: RegistrationResult) -> str:
+    """A short phrase for messages: how ``result``'s field was made."""
+    if result.method == "network":
+        return "the network alone"
+    kind = "Adam steps per level" if result.method == "network+adam" else "Gauss-Newton steps"
+    start = "the network, then " if result.method.startswith("network+") else ""
+    name = "Adam" if result.method == "network+adam" else "B-spline Gauss-Newton"
+    return f"{start}{name} ({result.refine_steps} {kind})"
+
+
+def control_grid(shape: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Control grid ``(h, w)`` of the network for an image of ``shape`` (padded up)."""
+    return -(-int(shape[0]) // stride), -(-int(shape[1]) // stride)
 
 
 def default_model(device=None) -> DiscreteRegistrationNet:
@@ -93,7 +217,8 @@ def register(
     *,
     model: DiscreteRegistrationNet | None = None,
     device=None,
-    refine: bool | int | RefineConfig = False,
+    method: str | None = None,
+    refine: bool | int | RefineConfig | BSplineConfig | None = None,
     guard: bool = True,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (2D images of the same shape).
@@ -109,16 +234,21 @@ def register(
     device : str or torch.device, optional
         ``None`` picks CUDA when available, else CPU. Defaults to the model's device
         when a model is given.
-    refine : bool, int or RefineConfig
-        After the network, optimise this pair's field directly (MIND-SSC similarity,
-        diffusion regulariser; :func:`~napari_discreg.core.refine.refine_field`):
-        ``True`` with the default :class:`~napari_discreg.core.refine.RefineConfig`,
-        an int for that many steps, or a config. Default ``False``.
+    method : str, optional
+        A key of :data:`METHODS`; default :data:`DEFAULT_METHOD` (``"bspline"``:
+        B-spline Gauss-Newton over MIND-SSC descriptors,
+        :func:`~napari_discreg.core.bspline.bspline_refine`; the network's histograms
+        are computed on first use). ``"network"`` is the fastest: the network's field
+        alone.
+    refine : BSplineConfig, RefineConfig, int or bool, optional
+        Settings of the method's refinement (a :class:`BSplineConfig` for the B-spline
+        methods, a :class:`RefineConfig` or a number of Adam steps for
+        ``"network+adam"``). Without ``method``, the form of earlier releases still
+        works: ``refine=False`` or ``0`` is ``"network"``; ``True``, an int or a
+        ``RefineConfig`` is ``"network+adam"``; a ``BSplineConfig`` is ``"bspline"``.
     guard : bool
-        Keep the network's field only if it matches the pair better than no motion by
-        the MIND-SSC distance; else use the zero field (``identity_fallback``). Default
-        ``True``: a model meeting contrasts it does not know never makes the pair worse
-        than not registering by that measure.
+        Keep a field only if it matches the pair better than no motion by the MIND-SSC
+        distance; else use the zero field (``identity_fallback``). Default ``True``.
 
     Returns
     -------
@@ -128,15 +258,16 @@ def register(
     ------
     ValueError
         For images that are not 2D, differ in shape, hold NaN/inf, are constant or
-        smaller than the label range needs.
+        smaller than the label range needs, and for an unknown method or settings that
+        do not fit it.
     """
+    method, settings = resolve_method(method, refine)
     if model is None:
         model = default_model(device)
         dev = next(model.parameters()).device
     else:
         dev = resolve_device(device) if device is not None else next(model.parameters()).device
         model = model.to(dev)
-    rcfg = _refine_config(refine)
     cfg = model.config
     f, m = check_pair(
         fixed, moving, min_size=min_image_size(cfg.num_labels, cfg.capture_range, cfg.stride)
@@ -144,54 +275,96 @@ def register(
     h, w = f.shape
     ft = network_input(f, cfg.stride, dev)
     mt = network_input(m, cfg.stride, dev)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            dense, _, probs = predict_field(model, ft, mt)
-        fallback = False
-        if guard:  # judged on the image itself, not its padding
-            _, use_zero = no_worse_than_identity(
-                ft[..., :h, :w],
-                mt[..., :h, :w],
-                dense[..., :h, :w],
-                radius=rcfg.radius,
-                dilation=rcfg.dilation,
-            )
-            fallback = bool(use_zero[0])
-            if fallback:
-                dense = torch.zeros_like(dense)
-        if rcfg.steps:
-            dense = refine_field(ft, mt, dense, rcfg)
-        with torch.no_grad():
-            dense = dense[..., :h, :w]
-            moving_raw = torch.from_numpy(m)[None, None].to(dev)
-            warped = warp(moving_raw, dense)[0, 0]
-            probs = probs[:, 0]  # (2, h, w, K, K)
-            disc = projected_emd(probs[0], probs[1], reduction="none")
-            labels = argmax_label(probs.mean(0))
-    finally:
-        model.train(was_training)
+    outputs = NetworkOutputs(model, ft, mt, (h, w))
+    fallback = False
+    steps = 0
+    # judged and optimised on the image itself, not its padding
+    fi, mi = ft[..., :h, :w], mt[..., :h, :w]
+    if method == "bspline":
+        assert isinstance(settings, BSplineConfig)
+        descriptors: list = []
+        dense = bspline_refine(fi, mi, None, settings, descriptors=descriptors)
+        steps = _bspline_steps(settings, (h, w))
+        if guard:
+            dense, fallback = _guard(fi, mi, dense, descriptors, settings)
+    else:
+        dense, _, probs = _run_network(model, ft, mt)
+        outputs.set(probs)
+        dense = dense[..., :h, :w]
+        if guard:
+            dense, fallback = _guard(fi, mi, dense, [], None)
+        if method == "network+bspline":
+            assert isinstance(settings, BSplineConfig)
+            dense = bspline_refine(fi, mi, dense, settings)
+            steps = _bspline_steps(settings, (h, w))
+        elif method == "network+adam":
+            assert isinstance(settings, RefineConfig)
+            dense = refine_field(fi, mi, dense, settings)
+            steps = settings.steps
+    with torch.no_grad():
+        moving_raw = torch.from_numpy(m)[None, None].to(dev)
+        warped = warp(moving_raw, dense)[0, 0]
     return RegistrationResult(
         displacement=dense[0].cpu().numpy().astype(np.float32),
         warped=warped.cpu().numpy().astype(np.float32),
-        probabilities=probs.cpu().numpy().astype(np.float32),
         offsets=model.offsets.cpu().numpy().astype(np.float32),
-        discrepancy=disc.cpu().numpy().astype(np.float32),
-        labels=labels.cpu().numpy(),
         stride=cfg.stride,
-        refine_steps=rcfg.steps,
+        method=method,
+        refine_steps=steps,
         identity_fallback=fallback,
+        _network=outputs,
     )
 
 
-def _refine_config(refine: bool | int | RefineConfig) -> RefineConfig:
-    if isinstance(refine, RefineConfig):
-        return refine
-    if isinstance(refine, bool):
-        return RefineConfig() if refine else RefineConfig(steps=0)
-    if isinstance(refine, int):
-        if refine < 0:
+def resolve_method(
+    method: str | None, refine: bool | int | RefineConfig | BSplineConfig | None
+) -> tuple[str, BSplineConfig | RefineConfig | None]:
+    """The method name and its settings from :func:`register`'s ``method`` and ``refine``."""
+    if isinstance(refine, bool) or (isinstance(refine, int) and not isinstance(refine, bool)):
+        if isinstance(refine, int) and not isinstance(refine, bool) and refine < 0:
             raise ValueError(f"refine must be >= 0 steps, got {refine}")
-        return RefineConfig(steps=refine)
-    raise TypeError(f"refine must be a bool, an int or a RefineConfig, got {type(refine).__name__}")
+    elif refine is not None and not isinstance(refine, (RefineConfig, BSplineConfig)):
+        raise TypeError(
+            "refine must be a BSplineConfig, a RefineConfig, an int or a bool, got "
+            f"{type(refine).__name__}"
+        )
+    if method is None:  # the forms of earlier releases
+        if refine is None or isinstance(refine, BSplineConfig):
+            method = DEFAULT_METHOD
+        elif refine is False or refine == 0:
+            method = "network"
+        else:
+            method = "network+adam"
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in ("bspline", "network+bspline"):
+        if refine is None or refine is True:
+            return method, BSplineConfig()
+        if isinstance(refine, BSplineConfig):
+            return method, refine
+        raise ValueError(f"method {method!r} takes a BSplineConfig as refine, got {refine!r}")
+    if method == "network+adam":
+        if refine is None or refine is True:
+            return method, RefineConfig()
+        if isinstance(refine, RefineConfig):
+            return method, refine
+        if isinstance(refine, int) and refine > 0:
+            return method, RefineConfig(steps=refine)
+        raise ValueError(f"method 'network+adam' takes a RefineConfig or steps > 0, got {refine!r}")
+    if refine not in (None, False, 0):
+        raise ValueError(f"method 'network' takes no refinement settings, got {refine!r}")
+    return method, None
+
+
+def _bspline_steps(config: BSplineConfig, shape: tuple[int, int]) -> int:
+    return int(sum(n for _, n in level_schedule(shape, config)))
+
+
+def _guard(fixed, moving, dense, descriptors, config):
+    """``(field, fell_back)``: the zero field where it matches better than ``dense``."""
+    pre = None
+    if descriptors and config is not None and config.radius == 1 and 2 in config.dilations:
+        k = list(config.dilations).index(2)  # the guard's MIND-SSC(radius 1, dilation 2) block
+        pre = tuple(d[:, 6 * k : 6 * k + 6] for d in descriptors)
+    chosen, use_zero = no_worse_than_identity(fixed, moving, dense, descriptors=pre)
+    return chosen, bool(use_zero[0])
