@@ -65,3 +65,11 @@ def test_short_adaptation_quick(script, tmp_path):
         assert run["kept"]["label_accuracy"] == pytest.approx(before["label_accuracy"])
     assert (tmp_path / "images" / "short_adaptation.png").is_file()
     assert "<!-- short-adaptation:start -->" in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_tune_bspline_quick(script, tmp_path):
+    pytest.importorskip("itk", reason="itk-elastix is not installed (the peer it compares to)")
+    tune = script("tune_bspline")
+    assert tune.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "<!-- bspline-tuning:start -->" in text and "**(default)**" in text

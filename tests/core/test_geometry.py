@@ -87,6 +87,21 @@ def test_moving_to_fixed_inverts_fixed_to_moving():
     assert empty.shape == (0, 2) and res == 0.0
 
 
+def test_moving_to_fixed_inverts_a_strong_smooth_stretch():
+    # u_col = 1.5 * (col - 32) * g(row, col): a smooth, one-to-one map (J > 0 everywhere)
+    # whose local stretch makes the fixed-point iteration x <- y - u(x) diverge
+    rr, cc = np.mgrid[0:64, 0:64].astype(np.float64)
+    g = np.exp(-((rr - 32) ** 2 + (cc - 32) ** 2) / (2 * 10.0**2))
+    field = np.stack([np.zeros_like(g), 1.5 * (cc - 32) * g]).astype(np.float32)
+    from napari_discreg.core.warp import jacobian_determinant
+
+    assert jacobian_determinant(field).min() > 0
+    pts = np.stack(np.meshgrid(np.arange(4.0, 60, 4), np.arange(4.0, 60, 4)), -1).reshape(-1, 2)
+    x, residual = moving_to_fixed(pts, field)
+    assert residual < 1e-2, residual
+    np.testing.assert_allclose(fixed_to_moving(x, field), pts, atol=1e-2)
+
+
 def test_vectors_and_deformation_grid():
     field = _smooth_field()
     vec = displacement_vectors(field, 4, step=2)

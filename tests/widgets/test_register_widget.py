@@ -364,3 +364,23 @@ def test_a_field_worse_than_no_motion_is_reported_and_not_applied(
     assert "kept unmoved" in widget.status_label.text()
     assert any(kind == "warning" and "worse than no motion" in text for kind, text in notes)
     assert any("try the bspline method" in text for _, text in notes)
+
+
+def test_the_inversion_warning_appears_only_for_a_folding_field(
+    viewer, tmp_path, small_pair, notes
+):
+    _pair_viewer(viewer, small_pair)
+    widget = RegisterWidget(viewer)
+    n = small_pair.fixed.shape[0]
+    rr, cc = np.mgrid[0:n, 0:n].astype(np.float64)
+    g = np.exp(-((rr - n / 2) ** 2 + (cc - n / 2) ** 2) / (2 * 12.0**2))
+    # a strong but one-to-one stretch: no warning (the old fixed-point inversion warned here)
+    stretch = np.stack([np.zeros_like(g), 1.5 * (cc - n / 2) * g]).astype(np.float32)
+    np.save(tmp_path / "stretch.npy", stretch)
+    assert widget.load_field(tmp_path / "stretch.npy") is not None
+    assert not [t for k, t in notes if k == "warning"]
+    # the same bump reversed and tripled folds the map: then the warning says so
+    fold = np.stack([np.zeros_like(g), -4.0 * (cc - n / 2) * g]).astype(np.float32)
+    np.save(tmp_path / "fold.npy", fold)
+    assert widget.load_field(tmp_path / "fold.npy") is not None
+    assert any(k == "warning" and "folds on" in t for k, t in notes), notes

@@ -29,7 +29,7 @@ from ..core.geometry import (
     insert_axis,
     moving_to_fixed,
 )
-from ..core.warp import warp_numpy
+from ..core.warp import jacobian_determinant, warp_numpy
 from . import _notify
 from ._layers import upsert_layer
 from ._state import RegistrationRun
@@ -95,11 +95,12 @@ def show_outputs(viewer, run: RegistrationRun, *, vector_step: int, grid_spacing
 
     fscale = np.asarray(fixed.scale, dtype=float)
     ftranslate = np.asarray(fixed.translate, dtype=float)
-    vectors, segments, residual = [], [], 0.0
+    vectors, segments, residual, folded = [], [], 0.0, 0.0
     for index, field in run.fields.items():
         v = displacement_vectors(field, run.stride, vector_step)
         g, res = deformation_grid(field, grid_spacing)
         residual = max(residual, res)
+        folded = max(folded, float((jacobian_determinant(field) <= 0).mean()))
         vectors.append(embed_vectors(v, run.axis, index))
         segments.append(embed_vectors(g, run.axis, index))
     upsert_layer(
@@ -129,10 +130,13 @@ def show_outputs(viewer, run: RegistrationRun, *, vector_step: int, grid_spacing
         opacity=0.8,
         metadata={"meaning": "regular grid of the moving image, warped like the image"},
     )
-    if residual > 1.0:
+    if folded > 0:
+        # the grid needs the inverse map, which a folding field does not have there
+        off = f" (up to {residual:.1f} px off)" if residual > 0.5 else ""
         _notify.warning(
-            f"the field is hard to invert (residual {residual:.2f} px): the deformation grid "
-            "may be inaccurate where the field folds"
+            f"the field folds on {folded:.2%} of the pixels (it maps some of them onto "
+            "the same place, so it has no inverse there): the deformation grid is drawn "
+            f"approximately there{off}; the warped image is exact"
         )
     if run.results:
         disc = {k: r.discrepancy for k, r in run.results.items()}
