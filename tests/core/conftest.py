@@ -1,8 +1,10 @@
+import numpy as np
 import pytest
 import torch
 
+from napari_discreg.core import data
 from napari_discreg.core.checkpoint import default_weights_path
-from napari_discreg.core.config import ModelConfig
+from napari_discreg.core.config import DataConfig, ModelConfig
 from napari_discreg.core.model import DiscreteRegistrationNet
 
 TINY = ModelConfig(  # no bottleneck: the tiny heads are narrower than one
@@ -28,3 +30,11 @@ def shipped_model():
     if not default_weights_path().is_file():  # pragma: no cover - the weights ship with the package
         pytest.fail("the shipped weights are missing; run scripts/train_shipped_model.py")
     return load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def pair():
+    """A 96 x 96 T1 fixed / T2-like moving pair (slice 110, up to 4.5 px motion) with its field."""
+    cfg = DataConfig(size=96, max_displacement=4.5)
+    template = data.load_template(cfg.size)
+    return data.make_pair(template, 110, "t1", "t2", np.random.default_rng(3), cfg)

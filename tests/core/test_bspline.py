@@ -9,20 +9,12 @@ import pytest
 import torch
 
 import napari_discreg as nd
-from napari_discreg.core import bspline, data
-from napari_discreg.core.config import BSplineConfig, DataConfig, RefineConfig
+from napari_discreg.core import bspline
+from napari_discreg.core.config import BSplineConfig, RefineConfig
 from napari_discreg.core.metrics import end_point_error
 from napari_discreg.core.mind import mind_descriptors, mind_ssc
 from napari_discreg.core.preprocess import network_input
 from napari_discreg.core.warp import jacobian_determinant
-
-CFG = DataConfig(size=96, max_displacement=4.5)
-
-
-@pytest.fixture(scope="module")
-def pair():
-    template = data.load_template(CFG.size)
-    return data.make_pair(template, 110, "t1", "t2", np.random.default_rng(3), CFG)
 
 
 def _t(image):
@@ -115,7 +107,10 @@ def test_bspline_from_an_initial_field_and_without_steps(pair):
 def test_bspline_handles_odd_sizes_batches_and_blank_images(pair):
     f, m = _t(pair.fixed[:-3, :-5]), _t(pair.moving[:-3, :-5])
     out = bspline.bspline_refine(torch.cat([f, f]), torch.cat([m, f]))
-    assert out.shape == (2, 2, CFG.size - 3, CFG.size - 5) and torch.isfinite(out).all()
+    assert (
+        out.shape == (2, 2, pair.fixed.shape[0] - 3, pair.fixed.shape[0] - 5)
+        and torch.isfinite(out).all()
+    )
     assert out[1].abs().max() < 0.05  # an image onto itself
     blank = torch.zeros_like(f)
     assert torch.isfinite(bspline.bspline_refine(blank, blank)).all()
@@ -172,7 +167,11 @@ def test_every_method_runs_and_keeps_the_callers_model_mode(pair, tiny_model, me
     res = nd.register(pair.fixed, pair.moving, model=tiny_model, method=method)
     assert tiny_model.training
     tiny_model.eval()
-    assert res.method == method and res.displacement.shape == (2, CFG.size, CFG.size)
+    assert res.method == method and res.displacement.shape == (
+        2,
+        pair.fixed.shape[0],
+        pair.fixed.shape[0],
+    )
     assert np.isfinite(res.displacement).all() and res.probabilities.shape[0] == 2
 
 

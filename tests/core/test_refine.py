@@ -13,14 +13,6 @@ from napari_discreg.core.metrics import end_point_error
 from napari_discreg.core.preprocess import network_input
 from napari_discreg.core.refine import mind_ssc, refine_field
 
-CFG = DataConfig(size=96, max_displacement=4.5)
-
-
-@pytest.fixture(scope="module")
-def pair():
-    template = data.load_template(CFG.size)
-    return data.make_pair(template, 110, "t1", "t2", np.random.default_rng(3), CFG)
-
 
 def _tensor(image):
     return network_input(image, 1)
@@ -127,7 +119,7 @@ def test_a_coarse_level_reaches_larger_displacements():
 def test_refinement_works_on_sizes_that_are_not_multiples_of_the_grid(pair):
     f, m = _tensor(pair.fixed[:-3, :-1]), _tensor(pair.moving[:-3, :-1])
     out = refine_field(f, m, None, RefineConfig(steps=3, grid_stride=4))
-    assert out.shape == (1, 2, CFG.size - 3, CFG.size - 1)
+    assert out.shape == (1, 2, pair.fixed.shape[0] - 3, pair.fixed.shape[0] - 1)
     assert torch.isfinite(out).all()
 
 

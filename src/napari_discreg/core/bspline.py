@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .config import BSplineConfig
 from .mind import mind_descriptors
+from .preprocess import check_tensor_pair
 
 __all__ = [
     "BSplineConfig",
@@ -194,27 +195,17 @@ def _solve(
     return delta.view(ny, nx, 2).permute(2, 0, 1).to(gradient.device)
 
 
-class _one_blas_thread:
+@lru_cache(maxsize=1)
+def _threadpools():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
     """Run SciPy's LAPACK on one thread: its OpenBLAS pool spins after each call and
     starves torch's OpenMP threads (measured: 10x slower registrations on 2 cores)."""
-
-    _controller = None
-
-    def __enter__(self):
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-            self._ctx = None
-            return self
-        if _one_blas_thread._controller is None:
-            _one_blas_thread._controller = ThreadpoolController()
-        self._ctx = _one_blas_thread._controller.limit(limits=1, user_api="blas")
-        return self
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.unregister()
-        return False
+    return _threadpools().limit(limits=1, user_api="blas")
 
 
 def _warp_level(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
@@ -290,14 +281,8 @@ def bspline_refine(
         returns the B-spline fit of ``initial``.
     """
     cfg = config or BSplineConfig()
-    if fixed.shape != moving.shape or fixed.ndim != 4 or fixed.shape[1] != 1:
-        raise ValueError(
-            f"bspline_refine expects fixed and moving (B, 1, H, W) of one shape, got "
-            f"{tuple(fixed.shape)} and {tuple(moving.shape)}"
-        )
-    b, _, h, w = fixed.shape
-    if initial is not None and initial.shape != (b, 2, h, w):
-        raise ValueError(f"initial field must be {(b, 2, h, w)}, got {tuple(initial.shape)}")
+    check_tensor_pair(fixed, moving, initial, caller="bspline_refine")
+    b = fixed.shape[0]
     with torch.inference_mode():
         out = [
             _register_one(
@@ -322,7 +307,6 @@ def _register_one(
     dev = fixed.device
     h0, w0 = fixed.shape[-2:]
     field = initial  # dense (2, H, W) between levels; None = zero
-    coeff, by0, bx0 = None, None, None
     for f, n_steps in level_schedule((h0, w0), cfg):
         if n_steps == 0:
             continue

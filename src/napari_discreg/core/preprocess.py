@@ -70,6 +70,20 @@ def as_image(array, name: str = "image") -> np.ndarray:
     return out
 
 
+def check_tensor_pair(
+    fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor | None, *, caller: str
+) -> None:
+    """Validate normalised (B, 1, H, W) images and an optional (B, 2, H, W) start field."""
+    if fixed.shape != moving.shape or fixed.ndim != 4 or fixed.shape[1] != 1:
+        raise ValueError(
+            f"{caller} expects fixed and moving (B, 1, H, W) of one shape, got "
+            f"{tuple(fixed.shape)} and {tuple(moving.shape)}"
+        )
+    b, _, h, w = fixed.shape
+    if initial is not None and initial.shape != (b, 2, h, w):
+        raise ValueError(f"initial field must be {(b, 2, h, w)}, got {tuple(initial.shape)}")
+
+
 def check_pair(fixed, moving, *, min_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate a fixed/moving pair: both 2D, same shape, big enough."""
     f = as_image(fixed, "fixed")

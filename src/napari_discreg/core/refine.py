@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import RefineConfig
 from .mind import mind_ssc
-from .preprocess import pad_to_multiple
+from .preprocess import check_tensor_pair, pad_to_multiple
 from .warp import control_point_field, upsample_field, warp
 
 __all__ = ["RefineConfig", "mind_ssc", "no_worse_than_identity", "refine_field"]
@@ -93,16 +93,10 @@ def refine_field(
         initial field unchanged.
     """
     cfg = config or RefineConfig()
-    if fixed.shape != moving.shape or fixed.ndim != 4 or fixed.shape[1] != 1:
-        raise ValueError(
-            f"refine_field expects fixed and moving (B, 1, H, W) of one shape, got "
-            f"{tuple(fixed.shape)} and {tuple(moving.shape)}"
-        )
+    check_tensor_pair(fixed, moving, initial, caller="refine_field")
     b, _, h, w = fixed.shape
     if initial is None:
         initial = fixed.new_zeros((b, 2, h, w))
-    if initial.shape != (b, 2, h, w):
-        raise ValueError(f"initial field must be {(b, 2, h, w)}, got {tuple(initial.shape)}")
     if cfg.steps == 0:
         return initial.detach()
 

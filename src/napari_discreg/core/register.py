@@ -46,15 +46,15 @@ class NetworkOutputs:
     the thread that reads them.
     """
 
-    def __init__(self, model, fixed, moving, shape) -> None:
-        self._inputs = (model, fixed, moving, shape)
+    def __init__(self, model, fixed, moving) -> None:
+        self._inputs = (model, fixed, moving)
         self._values: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
 
     @classmethod
     def from_arrays(cls, probabilities, discrepancy, labels) -> NetworkOutputs:
         """Outputs already computed (e.g. a result rebuilt from saved arrays)."""
-        out = cls(None, None, None, None)
+        out = cls(None, None, None)
         out._values = (np.asarray(probabilities), np.asarray(discrepancy), np.asarray(labels))
         return out
 
@@ -65,7 +65,7 @@ class NetworkOutputs:
     def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with self._lock:
             if self._values is None:
-                model, ft, mt, _ = self._inputs
+                model, ft, mt = self._inputs
                 _, _, probs = _run_network(model, ft, mt)
                 self.set(probs)
             assert self._values is not None
@@ -275,7 +275,7 @@ def register(
     h, w = f.shape
     ft = network_input(f, cfg.stride, dev)
     mt = network_input(m, cfg.stride, dev)
-    outputs = NetworkOutputs(model, ft, mt, (h, w))
+    outputs = NetworkOutputs(model, ft, mt)
     fallback = False
     steps = 0
     # judged and optimised on the image itself, not its padding
@@ -320,10 +320,9 @@ def resolve_method(
     method: str | None, refine: bool | int | RefineConfig | BSplineConfig | None
 ) -> tuple[str, BSplineConfig | RefineConfig | None]:
     """The method name and its settings from :func:`register`'s ``method`` and ``refine``."""
-    if isinstance(refine, bool) or (isinstance(refine, int) and not isinstance(refine, bool)):
-        if isinstance(refine, int) and not isinstance(refine, bool) and refine < 0:
-            raise ValueError(f"refine must be >= 0 steps, got {refine}")
-    elif refine is not None and not isinstance(refine, (RefineConfig, BSplineConfig)):
+    if isinstance(refine, int) and not isinstance(refine, bool) and refine < 0:
+        raise ValueError(f"refine must be >= 0 steps, got {refine}")
+    if refine is not None and not isinstance(refine, (bool, int, RefineConfig, BSplineConfig)):
         raise TypeError(
             "refine must be a BSplineConfig, a RefineConfig, an int or a bool, got "
             f"{type(refine).__name__}"
