@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
@@ -60,6 +61,10 @@ class AdaptState:
     torch_rng_state: torch.Tensor | None = None
 
 
+class _Stopped(Exception):
+    """Raised inside :func:`adapt_steps` when ``should_stop()`` says so."""
+
+
 def adapt_steps(
     model: DiscreteRegistrationNet,
     fixed,
@@ -75,6 +80,7 @@ def adapt_steps(
     device=None,
     selection_pairs: int = 16,
     state: AdaptState | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Generator[StepRecord, None, None]:
     """Adapt ``model`` to unlabelled target pairs by maximum classifier discrepancy.
 
@@ -97,6 +103,13 @@ def adapt_steps(
         weights, optimiser moments, best-so-far and random streams, so with the
         built-in source (or a ``source`` that continues where it stopped) the resumed
         run is bit-identical on CPU to one that was never interrupted.
+    should_stop : callable, optional
+        Checked between the passes of an iteration (after step A, after step B and
+        after every step-C update), so a stop takes effect within one pass instead of
+        one iteration. When it returns True the iteration in progress is undone (the
+        weights and optimiser moments of the last complete iteration are restored),
+        those weights are scored by the selection criterion as a candidate, and the
+        generator returns.
 
     Yields
     ------
@@ -206,10 +219,27 @@ def adapt_steps(
         fg = F.max_pool2d(mask, mcfg.stride)[:, 0] > 0
         return d(p1[fg], p2[fg])  # (N, K, K) histograms of foreground control points
 
+    def consider_last() -> None:
+        """The weights of the last complete iteration, scored as a keep-best candidate."""
+        if state.step > start and state.step != best_iter:
+            score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
+            if score > best_score or not cfg.keep_best:
+                keep(state.step, score, _snapshot(model))
+
     busy = False
+    undo: tuple = ()
     try:
         model.train()
         for it in range(start + 1, cfg.steps + 1):
+            if should_stop is not None:
+                if should_stop():
+                    raise _Stopped
+                # to undo an iteration stopped half-way (weights and Adam moments)
+                undo = (
+                    _snapshot(model),
+                    copy.deepcopy(opt_g.state_dict()),
+                    copy.deepcopy(opt_f.state_dict()),
+                )
             busy = True
             src = next(source)
             t_fixed, t_moving, t_mask = target_batch()
@@ -221,6 +251,8 @@ def adapt_steps(
             loss_a.backward()
             opt_g.step()
             opt_f.step()
+            if should_stop is not None and should_stop():
+                raise _Stopped
             # B: G frozen; heads keep the source right and disagree on the target
             with torch.no_grad():
                 cost_s = model.cost_volume(src["fixed"], src["moving"])
@@ -231,6 +263,8 @@ def adapt_steps(
             opt_f.zero_grad(set_to_none=True)
             loss_b.backward()
             opt_f.step()
+            if should_stop is not None and should_stop():
+                raise _Stopped
             # C: heads frozen; G makes them agree on the target (n updates)
             for p in heads:
                 p.requires_grad_(False)
@@ -247,6 +281,8 @@ def adapt_steps(
                     opt_g.zero_grad(set_to_none=True)
                     loss_c.backward()
                     opt_g.step()
+                    if should_stop is not None and should_stop():
+                        raise _Stopped
             finally:
                 for p in heads:
                     p.requires_grad_(True)
@@ -271,12 +307,17 @@ def adapt_steps(
             state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
             busy = False
             yield StepRecord(it, cfg.steps, values, float(d_c.detach()), score, best_iter)
+    except _Stopped:
+        if busy:  # undo the iteration in progress: back to the last complete one
+            weights, moments_g, moments_f = undo
+            model.load_state_dict(weights)
+            opt_g.load_state_dict(moments_g)
+            opt_f.load_state_dict(moments_f)
+            busy = False
+        consider_last()
     except GeneratorExit:
         # stopped by the consumer after a complete iteration: consider it as a candidate
-        if state.step > start and state.step != best_iter:
-            score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
-            if score > best_score or not cfg.keep_best:
-                keep(state.step, score, _snapshot(model))
+        consider_last()
         raise
     finally:
         # the weights (and optimiser moments) of the last complete iteration, to resume

@@ -26,6 +26,7 @@ normalised (B, 1, H, W) tensors the network reads; the banded solve runs in SciP
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -259,6 +260,7 @@ def bspline_refine(
     config: BSplineConfig | None = None,
     *,
     descriptors: list | None = None,
+    callback: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Register normalised images (B, 1, H, W) by a B-spline field; returns (B, 2, H, W).
 
@@ -273,6 +275,9 @@ def bspline_refine(
     descriptors : list, optional
         When given (and B == 1), receives the full-resolution MIND-SSC blocks of fixed
         and moving, (1, 6 * len(dilations), H, W) each, for reuse (the guard).
+    callback : callable, optional
+        Called after every Gauss-Newton step (progress; an exception it raises, such as
+        a stop request, ends the registration and propagates).
 
     Returns
     -------
@@ -291,6 +296,7 @@ def bspline_refine(
                 None if initial is None else initial[k].float(),
                 cfg,
                 descriptors if b == 1 else None,
+                callback,
             )
             for k in range(b)
         ]
@@ -303,6 +309,7 @@ def _register_one(
     initial: torch.Tensor | None,
     cfg: BSplineConfig,
     descriptors: list | None = None,
+    callback: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     dev = fixed.device
     h0, w0 = fixed.shape[-2:]
@@ -358,6 +365,8 @@ def _register_one(
             if not torch.isfinite(step).all():
                 break
             coeff = coeff + step
+            if callback is not None:
+                callback()
         field = evaluate_field(coeff, by0, bx0)
     if field is None:
         return fixed.new_zeros(2, h0, w0)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -332,7 +333,12 @@ def _write_raw(p: Path, arr: np.ndarray, ext: str) -> None:
 
 
 def _atomic_write(
-    path: str | os.PathLike, arr: np.ndarray, allowed: tuple[str, ...], what: str
+    path: str | os.PathLike,
+    arr: np.ndarray,
+    allowed: tuple[str, ...],
+    what: str,
+    *,
+    writer: Callable[[Path], None] | None = None,
 ) -> Path:
     p = Path(path)
     ext = _extension(p)
@@ -348,7 +354,10 @@ def _atomic_write(
         raise OSError(f"cannot write {p}: it is a folder")
     tmp = temporary_sibling(p)
     try:
-        _write_raw(tmp, arr, ext)
+        if writer is None:
+            _write_raw(tmp, arr, ext)
+        else:  # a format of its own (displacement fields for ITK)
+            writer(tmp)
         os.replace(tmp, p)
     except OSError as exc:
         raise OSError(f"cannot write {p} ({exc})") from exc

@@ -18,6 +18,8 @@ network reads; it runs on the same device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -69,11 +71,19 @@ def _diffusion(field: torch.Tensor) -> torch.Tensor:
     return (dr**2).mean() + (dc**2).mean()
 
 
+def refine_step_count(config: RefineConfig, shape: tuple[int, int]) -> int:
+    """How many Adam steps :func:`refine_field` takes for images of ``shape`` (all levels)."""
+    levels = [2**k for k in range(config.levels)]
+    return config.steps * sum(1 for f in levels if f == 1 or min(shape) >= 8 * f)
+
+
 def refine_field(
     fixed: torch.Tensor,
     moving: torch.Tensor,
     initial: torch.Tensor | None = None,
     config: RefineConfig | None = None,
+    *,
+    callback: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Refine a displacement field (B, 2, H, W) for normalised images (B, 1, H, W).
 
@@ -85,6 +95,9 @@ def refine_field(
         Starting field in pixels (the network's); default zero. Per pair, the zero field
         is used instead when it matches better by the MIND distance.
     config : RefineConfig, optional
+    callback : callable, optional
+        Called after every Adam step (progress; an exception it raises, such as a stop
+        request, ends the refinement and propagates).
 
     Returns
     -------
@@ -117,7 +130,7 @@ def refine_field(
     for level in reversed(range(cfg.levels)):
         f = 2**level
         if f == 1:
-            field = _refine_level(fixed, moving, field, cfg, mind_f, mind_m)
+            field = _refine_level(fixed, moving, field, cfg, mind_f, mind_m, callback)
             continue
         if min(h, w) < 8 * f:
             continue  # too small for this level
@@ -125,7 +138,7 @@ def refine_field(
         fl = F.avg_pool2d(pad_to_multiple(fixed, f), f)
         ml = F.avg_pool2d(pad_to_multiple(moving, f), f)
         coarse = control_point_field(pad_to_multiple(field, f), f) / f
-        coarse = _refine_level(fl, ml, coarse, cfg, mind(fl), mind(ml))
+        coarse = _refine_level(fl, ml, coarse, cfg, mind(fl), mind(ml), callback)
         field = upsample_field(coarse * f, f, size)[..., :h, :w]
     return field.detach()
 
@@ -137,6 +150,7 @@ def _refine_level(
     cfg: RefineConfig,
     mind_f: torch.Tensor,
     mind_m: torch.Tensor,
+    callback: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """``cfg.steps`` Adam steps on a field at one resolution (descriptors given)."""
     h, w = fixed.shape[-2:]
@@ -159,6 +173,8 @@ def _refine_level(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if callback is not None:
+                callback()
     with torch.no_grad():
         dense = (upsample_field(coarse, s, size) + detail)[..., :h, :w]
     return dense.detach()

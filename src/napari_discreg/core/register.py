@@ -6,6 +6,7 @@ One pipeline serves the API, the CLI and the napari widget: :data:`DEFAULT_METHO
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,7 @@ from .labels import argmax_label
 from .model import DiscreteRegistrationNet, resolve_device
 from .predict import predict_field
 from .preprocess import check_pair, min_image_size, network_input
-from .refine import no_worse_than_identity, refine_field
+from .refine import no_worse_than_identity, refine_field, refine_step_count
 from .warp import warp
 
 _DEFAULT_MODELS: dict[str, DiscreteRegistrationNet] = {}
@@ -220,6 +221,7 @@ def register(
     method: str | None = None,
     refine: bool | int | RefineConfig | BSplineConfig | None = None,
     guard: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (2D images of the same shape).
 
@@ -249,6 +251,10 @@ def register(
     guard : bool
         Keep a field only if it matches the pair better than no motion by the MIND-SSC
         distance; else use the zero field (``identity_fallback``). Default ``True``.
+    progress : callable, optional
+        ``progress(done, total)``: called at the start, after the network's pass and
+        after every optimiser step (Gauss-Newton or Adam), and at the end. An exception
+        it raises (a stop request) ends the registration and propagates.
 
     Returns
     -------
@@ -280,10 +286,28 @@ def register(
     steps = 0
     # judged and optimised on the image itself, not its padding
     fi, mi = ft[..., :h, :w], mt[..., :h, :w]
+    total = (0 if method == "bspline" else 1) + (
+        refine_step_count(settings, (h, w))
+        if isinstance(settings, RefineConfig)
+        else _bspline_steps(settings, (h, w))
+        if isinstance(settings, BSplineConfig)
+        else 0
+    )
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(min(done, total), total)
+
+    callback = tick if progress is not None else None
+    if progress is not None:
+        progress(0, total)
     if method == "bspline":
         assert isinstance(settings, BSplineConfig)
         descriptors: list = []
-        dense = bspline_refine(fi, mi, None, settings, descriptors=descriptors)
+        dense = bspline_refine(fi, mi, None, settings, descriptors=descriptors, callback=callback)
         steps = _bspline_steps(settings, (h, w))
         if guard:
             dense, fallback = _guard(fi, mi, dense, descriptors, settings)
@@ -291,19 +315,22 @@ def register(
         dense, _, probs = _run_network(model, ft, mt)
         outputs.set(probs)
         dense = dense[..., :h, :w]
+        tick()
         if guard:
             dense, fallback = _guard(fi, mi, dense, [], None)
         if method == "network+bspline":
             assert isinstance(settings, BSplineConfig)
-            dense = bspline_refine(fi, mi, dense, settings)
+            dense = bspline_refine(fi, mi, dense, settings, callback=callback)
             steps = _bspline_steps(settings, (h, w))
         elif method == "network+adam":
             assert isinstance(settings, RefineConfig)
-            dense = refine_field(fi, mi, dense, settings)
+            dense = refine_field(fi, mi, dense, settings, callback=callback)
             steps = settings.steps
     with torch.no_grad():
         moving_raw = torch.from_numpy(m)[None, None].to(dev)
         warped = warp(moving_raw, dense)[0, 0]
+    if progress is not None:
+        progress(total, total)
     return RegistrationResult(
         displacement=dense[0].cpu().numpy().astype(np.float32),
         warped=warped.cpu().numpy().astype(np.float32),

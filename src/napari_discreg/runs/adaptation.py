@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,10 @@ class AdaptationSpec(RunOptions):
         The command line to record.
     log, warn : callable or None
         Where messages and warnings go (main process only).
+    should_stop : callable or None
+        Checked between the passes inside an iteration (``adapt_steps(should_stop=)``):
+        when it returns True the run ends within one pass, the iteration in progress is
+        undone and the run closes as after a Ctrl-C (best weights kept, state saved).
     """
 
     targets: Targets | None = None
@@ -124,6 +128,7 @@ class AdaptationSpec(RunOptions):
     discrepancy: str = "pemd"
     config: AdaptConfig = field(default_factory=AdaptConfig)
     steps: int | None = None
+    should_stop: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -510,6 +515,7 @@ def _adapt(
         source=source,
         device=ctx.device,
         state=state,
+        **({"should_stop": spec.should_stop} if spec.should_stop is not None else {}),
     )
     completed, best_iter, interrupted, diverged = start_step, state.best_iteration, False, None
     sync: float | None = None
@@ -587,6 +593,12 @@ def _adapt(
         steps.close()  # restores the best weights seen
     except FloatingPointError as exc:
         diverged = str(exc)  # the generator has restored the best weights
+    if spec.should_stop is not None and spec.should_stop():
+        interrupted = True  # adapt_steps returned early: a stop inside an iteration
+    # a stop scores the last complete iteration after the last record: the state knows
+    if state.best_score is not None and state.best_iteration != best_iter:
+        best_iter = state.best_iteration
+        criteria[best_iter] = float(state.best_score)
     elapsed = time.perf_counter() - start
 
     if ctx.distributed and not (interrupted or diverged):
