@@ -3,6 +3,8 @@ workers; folder targets with a held-out evaluation, resumable states."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -42,6 +44,9 @@ def test_adapt_progress_stop_keep_reregister_revert_save(
     viewer.add_image(small_pair.fixed, name="fixed")
     viewer.add_image(small_pair.moving, name="moving")
     register_widget = RegisterWidget(viewer)
+    # keep_best=False: the stopped run offers its last weights (with keep_best, weights
+    # that score no better than the start are not offered: test_stop_without_improvement)
+    fast = {**fast, "adapt_config": replace(fast["adapt_config"], keep_best=False)}
     widget = _adaptation(viewer, small_targets, tiny_model, **fast, steps=200)
     assert widget.fixed_combo.layer().name == "target fixed"
     assert widget.moving_combo.layer().name == "target moving"
@@ -96,6 +101,43 @@ def test_adapt_progress_stop_keep_reregister_revert_save(
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert register_widget.model_label.text() == "tiny"
     assert not [n for n in notes if n[0] == "error"]
+
+
+def test_stop_without_improvement_offers_nothing(
+    viewer, qtbot, tiny_model, small_targets, wait_job, fast
+):
+    """With keep-best, a run whose weights never score better than the start leaves the
+    model unchanged and says so: Keep and Save stay disabled (no fake "adapted" model)."""
+    widget = _adaptation(viewer, small_targets, tiny_model, **fast, steps=200)
+    job = widget.start()
+    qtbot.waitUntil(lambda: len(widget.records) >= 2, timeout=60_000)
+    widget.stop()
+    wait_job(job)
+    result = widget.result
+    assert result is not None and result.interrupted
+    if result.best_iteration == 0:  # the stopped weights scored no better than the start
+        assert widget.adapted_model is None
+        assert not widget.keep_button.isEnabled() and not widget.save_button.isEnabled()
+        assert "unchanged" in widget.status_label.text()
+        assert widget.revert_button.isEnabled()
+    else:  # they scored better: offered like any adapted model
+        assert widget.adapted_model is result.model and widget.keep_button.isEnabled()
+
+
+def test_closing_the_panel_stops_the_run(
+    make_napari_viewer, qtbot, tiny_model, small_targets, notes, fast
+):
+    """napari's dock close button un-parents the widget without a close event: the run
+    stops at once and a notification says so."""
+    viewer = make_napari_viewer()
+    widget = _adaptation(viewer, small_targets, tiny_model, **fast, steps=10_000)
+    dock = viewer.window.add_dock_widget(widget, name="Adaptation")
+    job = widget.start()
+    qtbot.waitUntil(lambda: len(widget.records) >= 1, timeout=60_000)
+    dock.title.close_button.click()  # what the panel's x does
+    qtbot.waitUntil(lambda: not job.is_running, timeout=30_000)
+    assert job.stop_event.is_set()
+    assert any("panel was closed" in text for _, text in notes)
 
 
 def test_closing_widget_or_viewer_stops_the_worker(

@@ -9,8 +9,18 @@ from napari.layers import Image, Labels, Points, Vectors
 import napari_discreg
 from napari_discreg import load_model, register
 from napari_discreg._widgets import RegisterWidget, state_for
+from napari_discreg._widgets._register_outputs import output_name
 from napari_discreg.core.metrics import normalised_mutual_information
 from napari_discreg.core.warp import warp_numpy
+
+
+def _name(viewer, role):
+    """The name of the ``role`` output of the viewer's last registration."""
+    return output_name(state_for(viewer).run, role)
+
+
+def _out(viewer, role):
+    return viewer.layers[_name(viewer, role)]
 
 
 def _pair_viewer(viewer, pair, *, scale=(1.0, 1.0), translate=(0.0, 0.0)):
@@ -29,11 +39,11 @@ def test_register_sample_pair_with_shipped_model(viewer, wait_job):
     wait_job(job)
     fixed = viewer.layers["fixed (T1)"].data
     moving = viewer.layers["moving (T2-like)"].data
-    warped = viewer.layers["moving (T2-like) warped"]
-    disc = viewer.layers["discrepancy"]
+    warped = _out(viewer, "warped")
+    disc = _out(viewer, "discrepancy")
     assert isinstance(warped, Image) and warped.data.shape == (192, 192)
-    assert isinstance(viewer.layers["displacement"], Vectors)
-    assert isinstance(viewer.layers["deformation grid"], Vectors)
+    assert isinstance(_out(viewer, "displacement"), Vectors)
+    assert isinstance(_out(viewer, "deformation grid"), Vectors)
     stride = state_for(viewer).run.stride
     assert disc.data.shape == (192 // stride, 192 // stride)
     np.testing.assert_allclose(disc.scale, [stride, stride])
@@ -45,7 +55,7 @@ def test_register_sample_pair_with_shipped_model(viewer, wait_job):
     names = [layer.name for layer in viewer.layers]
     wait_job(widget.run())
     assert [layer.name for layer in viewer.layers] == names
-    assert viewer.layers["moving (T2-like) warped"] is warped
+    assert _out(viewer, "warped") is warped
 
 
 # The shipped model is trained on mono-modal pairs only (source domain); on the T1/T2-like
@@ -66,7 +76,7 @@ def test_registration_improves_mutual_information_with_shipped_model(viewer, wai
     viewer.add_image(pair.moving, name="moving")
     widget = RegisterWidget(viewer)
     wait_job(widget.run())
-    warped = viewer.layers["moving warped"].data
+    warped = _out(viewer, "warped").data
     brain = pair.fixed_labels > 0
     before = normalised_mutual_information(pair.fixed, pair.moving, mask=brain)
     after = normalised_mutual_information(pair.fixed, warped, mask=brain)
@@ -167,22 +177,26 @@ def test_register_adds_then_updates_layers(viewer, tiny_model_path, small_pair, 
     wait_job(widget.run())
     run = state_for(viewer).run
     result = run.results[None]
-    warped = viewer.layers["moving warped"]
+    warped = _out(viewer, "warped")
     np.testing.assert_array_equal(warped.data, result.warped)
     np.testing.assert_allclose(warped.scale, [0.5, 0.5])
     np.testing.assert_allclose(warped.translate, [10.0, -4.0])
-    vectors = viewer.layers["displacement"]
+    vectors = _out(viewer, "displacement")
     h, w = result.discrepancy.shape
-    assert vectors.data.shape == (h * w, 2, 2)  # one arrow per control point
+    # one arrow per control point on the foreground (the background stays clear)
+    assert 0 < vectors.data.shape[0] < h * w and vectors.data.shape[1:] == (2, 2)
+    corner = np.asarray(result.control_point_position(0, 0))  # background: no arrow
+    assert not np.all(np.isclose(vectors.data[:, 0], corner), axis=1).any()
+    assert not vectors.visible  # the field is hidden until asked for
     # each arrow starts at a control point and points by the field there
-    i, j = 5, 7
+    i, j = h // 2, w // 2  # the middle of the brain
     start = np.asarray(result.control_point_position(i, j))
     k = np.flatnonzero(np.all(np.isclose(vectors.data[:, 0], start), axis=1))
     assert k.size == 1
     np.testing.assert_allclose(
         vectors.data[k[0], 1], result.displacement[:, int(start[0]), int(start[1])], atol=0.3
     )
-    disc = viewer.layers["discrepancy"]
+    disc = _out(viewer, "discrepancy")
     np.testing.assert_array_equal(disc.data, result.discrepancy)
     # control point (i, j) is drawn where its pixel is: scale = stride px, centred on the block
     s = result.stride
@@ -193,7 +207,7 @@ def test_register_adds_then_updates_layers(viewer, tiny_model_path, small_pair, 
     viewer.layers["moving"].data = np.roll(small_pair.moving, 2, axis=1)
     wait_job(widget.run())
     assert len(viewer.layers) == n_layers
-    assert viewer.layers["moving warped"] is warped
+    assert _out(viewer, "warped") is warped
     assert not np.array_equal(warped.data, result.warped)
 
 
@@ -206,9 +220,9 @@ def test_anisotropic_layer_scale_is_carried_to_every_output(
     assert widget.load_checkpoint(tiny_model_path)
     wait_job(widget.run())
     result = state_for(viewer).run.results[None]
-    np.testing.assert_allclose(viewer.layers["moving warped"].scale, [1.0, 2.5])
-    np.testing.assert_allclose(viewer.layers["displacement"].scale, [1.0, 2.5])
-    disc = viewer.layers["discrepancy"]
+    np.testing.assert_allclose(_out(viewer, "warped").scale, [1.0, 2.5])
+    np.testing.assert_allclose(_out(viewer, "displacement").scale, [1.0, 2.5])
+    disc = _out(viewer, "discrepancy")
     s = result.stride
     np.testing.assert_allclose(disc.scale, [s, 2.5 * s])
     i, j = 3, 4
@@ -230,16 +244,16 @@ def test_register_slice_and_every_slice_of_a_stack(
     viewer.dims.set_current_step(0, 1)
     assert widget.slice_spin.value() == 1  # follows the slice the viewer shows
     wait_job(widget.run())
-    warped = viewer.layers["moving stack warped"]
+    warped = _out(viewer, "warped")
     assert warped.data.shape == (1, 64, 64)
     np.testing.assert_allclose(warped.translate, [1.0, 0.0, 0.0])
     expected = register(fixed3[1], moving3[1], model=load_model(tiny_model_path, "cpu"))
     np.testing.assert_allclose(warped.data[0], expected.warped, atol=1e-5)
-    assert np.all(viewer.layers["displacement"].data[:, 0, 0] == 1)  # arrows on slice 1
+    assert np.all(_out(viewer, "displacement").data[:, 0, 0] == 1)  # arrows on slice 1
     widget.every_slice_check.setChecked(True)
     wait_job(widget.run())
-    assert viewer.layers["moving stack warped"].data.shape == (3, 64, 64)
-    assert viewer.layers["discrepancy"].data.shape[0] == 3
+    assert _out(viewer, "warped").data.shape == (3, 64, 64)
+    assert _out(viewer, "discrepancy").data.shape[0] == 3
     assert sorted(state_for(viewer).run.fields) == [0, 1, 2]
     # the inspector picks the histograms of the slice it is asked about
     from napari_discreg._widgets import HistogramInspectorWidget
@@ -297,9 +311,9 @@ def test_save_and_load_field(viewer, tmp_path, tiny_model_path, small_pair, wait
     run = widget.load_field(tmp_path / "shift.npy")
     assert run is not None and not run.results
     np.testing.assert_allclose(
-        viewer.layers["moving warped"].data, warp_numpy(small_pair.moving, shift), atol=1e-6
+        _out(viewer, "warped").data, warp_numpy(small_pair.moving, shift), atol=1e-6
     )
-    assert "discrepancy" not in viewer.layers  # a loaded field has no histograms
+    assert _name(viewer, "discrepancy") not in viewer.layers  # a loaded field has no histograms
     # and the saved registration field comes back unchanged (.npy and TIFF)
     for name in ("field.npy", "field.tif"):
         widget.load_field(tmp_path / name)

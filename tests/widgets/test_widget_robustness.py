@@ -21,12 +21,22 @@ from napari_discreg._widgets import (
     RegisterWidget,
     state_for,
 )
+from napari_discreg._widgets._register_outputs import output_name
 
 ROWS: list[tuple[str, str, str]] = []
 _TMP = re.compile(r"\S*/pytest-of-[^/\s]+/pytest-\d+/[^/\s]+")  # pytest's tmp_path
 RNG = np.random.default_rng(11)
 IMG = RNG.random((96, 96)).astype(np.float32)
 REGISTERED = "registered"
+
+
+def _name(viewer, role):
+    """The name of the ``role`` output of the viewer's last registration."""
+    return output_name(state_for(viewer).run, role)
+
+
+def _out(viewer, role):
+    return viewer.layers[_name(viewer, role)]
 
 
 def record(widget: str, case: str, outcome: str) -> None:
@@ -104,7 +114,7 @@ def test_register_widget_bad_inputs(viewer, notes, tiny_model_path, wait_job, ca
     error = _last(notes)
     if expected == REGISTERED:
         assert error is None, error
-        warped = viewer.layers["moving warped"]
+        warped = _out(viewer, "warped")
         assert warped.data.shape == np.asarray(fixed).shape
         np.testing.assert_allclose(warped.scale, viewer.layers["fixed"].scale)
         assert np.isfinite(warped.data).all()

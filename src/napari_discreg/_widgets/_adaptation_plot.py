@@ -17,7 +17,19 @@ class AdaptationPlot(FigureWidget):
         self.criterion: list[tuple[int, float]] = []
         self.best_iteration: int | None = None
         self.discrepancy_name = "pEMD"
-        super().__init__(napari_viewer, figsize=(5.0, 4.0), toolbar=False, parent=parent)
+        super().__init__(
+            napari_viewer,
+            figsize=(5.0, 4.0),
+            toolbar=False,
+            min_height=220,
+            caption=(
+                "Top: the source cross-entropy (labelled pairs, should stay low) and the "
+                "heads' discrepancy on the target pairs (should fall). Bottom: the "
+                "unsupervised keep-best criterion (higher is better); the star is the "
+                "iteration whose weights the run keeps."
+            ),
+            parent=parent,
+        )
 
     def reset(self, discrepancy_name: str) -> None:
         self.iterations, self.source_ce, self.discrepancy, self.criterion = [], [], [], []

@@ -297,16 +297,34 @@ def evaluation_text(evaluation: dict | None) -> str:
     )
 
 
+def unchanged(result) -> bool:
+    """True when a run kept its starting weights (no later iteration scored better)."""
+    return result is not None and result.best_iteration == result.start_step == 0
+
+
 def result_text(result) -> str:
     """The status line at the end of a run (an :class:`~napari_discreg.runs.AdaptationResult`,
     or ``None`` for a run closed before its first iteration)."""
     if result is None:
         return "stopped before the first iteration"
     how = "stopped" if result.interrupted else "finished"
-    text = [
-        f"{how} after {result.completed_steps} of {result.total_steps} iterations; the model "
-        f"holds the weights of iteration {result.best_iteration} (best selection criterion)."
-    ]
+    if unchanged(result):
+        crit = (
+            f" (criterion {result.initial_criterion:.4f} at the start)"
+            if result.initial_criterion is not None
+            else ""
+        )
+        text = [
+            f"{how} after {result.completed_steps} of {result.total_steps} iterations; no "
+            f"iteration scored better than the start by the selection criterion{crit}, so "
+            "the model is unchanged (nothing to keep)."
+        ]
+    else:
+        text = [
+            f"{how} after {result.completed_steps} of {result.total_steps} iterations; the "
+            f"model holds the weights of iteration {result.best_iteration} (best selection "
+            "criterion)."
+        ]
     if result.diverged:
         text.append(f"The run diverged: {result.diverged}.")
     text.append(evaluation_text(result.evaluation))
@@ -314,7 +332,11 @@ def result_text(result) -> str:
     if state is not None and state.is_file():
         last = "" if result.state_saved else " (the last one saved)"
         text.append(f"Resumable state{last}: {state} (Resume… continues it).")
-    text.append("Keep, Revert, Save or Re-register.")
+    text.append(
+        "Run more iterations (or Resume…), or Revert."
+        if unchanged(result)
+        else "Keep, Revert, Save or Re-register."
+    )
     return " ".join(t for t in text if t)
 
 

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes, Vectors
+
+#: ``metadata[META_KEY]`` of the layers the widgets make: ``{"output": role, ...}``
+META_KEY = "napari_discreg"
+
+
+def is_output(layer) -> bool:
+    """True for a layer one of the widgets made (never offered as an input)."""
+    meta = getattr(layer, "metadata", None) or {}
+    return isinstance(meta.get(META_KEY), dict) and "output" in meta[META_KEY]
+
 
 _KINDS = {"image": Image, "labels": Labels, "points": Points, "vectors": Vectors, "shapes": Shapes}
 
@@ -46,24 +58,33 @@ def upsert_layer(viewer, name: str, kind: str, data, **kwargs):
     if existing is None:
         return getattr(viewer, f"add_{kind}")(data, name=name, **kwargs)
     layer = existing
-    # geometry first so that the new data lands in the right place
-    for key in ("scale", "translate"):
-        if key in kwargs:
-            setattr(layer, key, kwargs[key])
-    if kind == "image" and "contrast_limits" not in kwargs:
+    # everything at once, then one refresh (each setter would redraw the thumbnail)
+    with _refresh_blocked(layer):
+        # geometry first so that the new data lands in the right place
+        for key in ("scale", "translate"):
+            if key in kwargs:
+                setattr(layer, key, kwargs[key])
         layer.data = data
-        layer.reset_contrast_limits()
+        if kind == "image" and "contrast_limits" not in kwargs:
+            layer.reset_contrast_limits()
+        for key, value in kwargs.items():
+            if key in ("scale", "translate", "visible") or key not in _SETTABLE:
+                continue
+            try:
+                setattr(layer, key, value)
+            except (ValueError, TypeError, AttributeError):  # pragma: no cover - style only
+                pass
+    if "visible" in kwargs and layer.visible != bool(kwargs["visible"]):
+        layer.visible = bool(kwargs["visible"])  # showing a layer refreshes it
     else:
-        layer.data = data
-    for key, value in kwargs.items():
-        if key in ("scale", "translate") or key not in _SETTABLE:
-            continue
-        try:
-            setattr(layer, key, value)
-        except (ValueError, TypeError, AttributeError):  # pragma: no cover - style only
-            pass
-    layer.refresh()
+        layer.refresh()  # a hidden layer refreshes when it is shown
     return layer
+
+
+def _refresh_blocked(layer):
+    """napari's own context that defers a layer's refreshes (a no-op if it is missing)."""
+    block = getattr(layer, "_block_refresh", None)
+    return block() if callable(block) else contextlib.nullcontext()
 
 
 def _data_ndim(kind: str, data) -> int:

@@ -116,6 +116,13 @@ class ModelBox(QGroupBox):
         """The chosen registration method (a key of ``METHODS``)."""
         return str(self.method_combo.currentData())
 
+    def set_method(self, name: str) -> None:
+        """Choose the registration method ``name`` (a key of ``METHODS``)."""
+        index = self.method_combo.findData(name)
+        if index < 0:
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got {name!r}")
+        self.method_combo.setCurrentIndex(index)
+
     def refine_settings(self) -> RefineConfig | None:
         """Settings for ``register(refine=...)``: the Adam steps of network+adam, else None."""
         if self.method() == "network+adam":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg, NavigationToolbar2QT
 from matplotlib.figure import Figure
 from napari.utils.theme import get_theme
-from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from ._state import unwrap_viewer
 
@@ -71,19 +71,33 @@ class _Canvas(FigureCanvasQTAgg):
 class FigureWidget(QWidget):
     """Base of the plotting widgets: owns the figure, the canvas and the theme."""
 
-    def __init__(self, napari_viewer, *, figsize=(5.0, 6.0), toolbar: bool = True, parent=None):
+    def __init__(
+        self,
+        napari_viewer,
+        *,
+        figsize=(5.0, 6.0),
+        toolbar: bool = True,
+        min_height: int | None = None,
+        caption: str = "",
+        parent=None,
+    ):
         super().__init__(parent)
         self.viewer = unwrap_viewer(napari_viewer)
         self.figure = Figure(figsize=figsize, layout="constrained")
         self.canvas = _Canvas(self.figure)
         self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.canvas.setMinimumHeight(int(figsize[1] * 75))
+        # small enough to fit a 1366 x 768 screen beside the other panels; grows when it can
+        self.canvas.setMinimumHeight(min_height or int(figsize[1] * 50))
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         self.toolbar = NavigationToolbar2QT(self.canvas, self) if toolbar else None
         if self.toolbar is not None:
             layout.addWidget(self.toolbar)
         layout.addWidget(self.canvas)
+        self.caption_label = QLabel(caption)  # what am I looking at
+        self.caption_label.setWordWrap(True)
+        self.caption_label.setVisible(bool(caption))
+        layout.addWidget(self.caption_label)
         self.theme = FigureTheme.from_napari(self.viewer.theme)
         self.viewer.events.theme.connect(self._on_theme_changed)
         self.refresh()

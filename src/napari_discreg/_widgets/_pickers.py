@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from qtpy.QtWidgets import QComboBox
 
+from ._layers import is_output
+
 NONE_TEXT = "(none)"
 
 
@@ -22,6 +24,9 @@ class LayerCombo(QComboBox):
         disappears or the combo is first filled.
     allow_none : bool
         Offer "(none)" as the first entry.
+    outputs : bool
+        Also offer the layers the widgets made (warped images, fields...); default
+        False: outputs are never offered as inputs.
     """
 
     def __init__(
@@ -31,6 +36,7 @@ class LayerCombo(QComboBox):
         *,
         prefer: Callable | None = None,
         allow_none: bool = False,
+        outputs: bool = False,
         parent=None,
     ) -> None:
         super().__init__(parent)
@@ -38,6 +44,7 @@ class LayerCombo(QComboBox):
         self._types = layer_types
         self._prefer = prefer
         self._allow_none = allow_none
+        self._outputs = outputs
         self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.setMinimumContentsLength(12)
         events = viewer.layers.events
@@ -62,7 +69,11 @@ class LayerCombo(QComboBox):
         self._named = []
 
     def candidates(self) -> list:
-        return [layer for layer in self._viewer.layers if isinstance(layer, self._types)]
+        return [
+            layer
+            for layer in self._viewer.layers
+            if isinstance(layer, self._types) and (self._outputs or not is_output(layer))
+        ]
 
     def refresh(self, *_args) -> None:
         """Rebuild the entries, keeping the current layer when it still exists."""

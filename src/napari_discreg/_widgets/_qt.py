@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QHBoxLayout
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFrame, QHBoxLayout, QScrollArea, QVBoxLayout, QWidget
 
 #: Words in the names of the layers the widgets add: layer pickers avoid preselecting them.
 OUTPUT_WORDS = ("warped", "displacement", "discrepancy", "deformation", "inspected")
@@ -15,3 +16,27 @@ def row(*widgets) -> QHBoxLayout:
     for w in widgets:
         layout.addWidget(w)
     return layout
+
+
+def scrolled_layout(owner: QWidget) -> tuple[QVBoxLayout, QVBoxLayout]:
+    """Give ``owner`` a vertical scroll area: returns ``(content, footer)`` layouts.
+
+    What goes into ``content`` scrolls when the panel is shorter than it (docked panels
+    fit a 1366 x 768 screen); ``footer`` stays below the scroll area, always reachable
+    (e.g. Keep / Revert / Save).
+    """
+    inner = QWidget()
+    content = QVBoxLayout(inner)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setWidget(inner)
+    outer = QVBoxLayout(owner)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(scroll, 1)
+    footer = QVBoxLayout()
+    footer.setContentsMargins(9, 0, 9, 9)
+    outer.addLayout(footer)
+    owner.scroll_area = scroll
+    return content, footer

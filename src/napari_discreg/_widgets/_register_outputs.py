@@ -1,16 +1,25 @@
 """The Register widget's output layers, and the field applied to Labels and Points layers.
 
-Outputs of a :class:`~._state.RegistrationRun` (added once, then updated in place on
-every run, never duplicated):
+Each registration's outputs are named after its pair, ``"<moving> → <fixed> <role>"``
+(:func:`output_name`), so registering another pair never overwrites them and
+re-running a pair updates its own layers in place. Every output carries
+``metadata["napari_discreg"]`` (its role and pair) and is never offered as an input
+(:func:`is_output`). The roles:
 
-* ``"<moving> warped"`` - the moving image warped onto the fixed one;
-* ``"displacement"`` - Vectors from each control point ``x`` to ``x + u(x)``, where the
-  fixed pixel ``x`` samples the moving image;
-* ``"deformation grid"`` - a regular grid of the moving image warped like the image
-  (line segments, see :func:`napari_discreg.core.geometry.deformation_grid`);
-* ``"discrepancy"`` - the projected EMD between the two heads per control point (bins),
-  placed with scale/translate so that each value covers its control point's block.
+* ``warped`` - the moving image warped onto the fixed one, shown over the fixed image
+  (the review view's *blend*);
+* ``review`` - a checkerboard of the fixed and the warped image, or their difference
+  (both intensity-normalised), for the review view's other modes;
+* ``displacement`` - Vectors from each foreground control point ``x`` to ``x + u(x)``,
+  where the fixed pixel ``x`` samples the moving image (hidden until asked for);
+* ``deformation grid`` - a regular grid of the moving image warped like the image
+  (line segments, see :func:`napari_discreg.core.geometry.deformation_grid`; hidden);
+* ``discrepancy`` - the projected EMD between the two heads per control point (bins),
+  placed with scale/translate so that each value covers its control point's block
+  (hidden).
 
+:func:`prepare_outputs` computes every array (grid inversion, Jacobians, review images)
+and runs in the worker thread; :func:`show_outputs` only hands them to napari.
 All new layers take the fixed layer's scale and translate. For a 3D fixed layer the
 outputs of the registered slices are stacked along the registered axis and placed at
 those slices of the volume.
@@ -18,9 +27,14 @@ those slices of the volume.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 from napari.layers import Image, Labels, Points
+from scipy.ndimage import gaussian_filter
 
+from ..core.data import normalise_intensity
 from ..core.geometry import (
     deformation_grid,
     displacement_vectors,
@@ -31,17 +45,49 @@ from ..core.geometry import (
 )
 from ..core.warp import jacobian_determinant, warp_numpy
 from . import _notify
-from ._layers import upsert_layer
+from ._layers import META_KEY, is_output, upsert_layer  # noqa: F401 - is_output re-exported
 from ._state import RegistrationRun
 
 WARPED_SUFFIX = " warped"
-DISPLACEMENT_LAYER = "displacement"
-GRID_LAYER = "deformation grid"
-DISCREPANCY_LAYER = "discrepancy"
+WARPED, REVIEW, DISPLACEMENT, GRID, DISCREPANCY = (
+    "warped",
+    "review",
+    "displacement",
+    "deformation grid",
+    "discrepancy",
+)
+#: review modes: how the warped image is compared with the fixed one
+REVIEW_MODES = {
+    "blend": "blend: the warped image at 50 % over the fixed one",
+    "checkerboard": "checkerboard: tiles of the fixed and the warped image alternate",
+    "difference": "difference: |fixed - warped| of the normalised intensities",
+}
+#: roles the user shows with the Display box's check boxes (hidden by default)
+DETAIL_ROLES = (DISPLACEMENT, GRID, DISCREPANCY)
 POINTS_FRAMES = {
     "moving": "points on the moving image -> fixed frame",
     "fixed": "points on the fixed image -> moving frame",
 }
+#: a smoothed normalised intensity above this (fixed or warped image) is foreground
+FOREGROUND = 0.1
+
+
+def pair_prefix(fixed_name: str, moving_name: str) -> str:
+    """The name every output of the pair starts with."""
+    return f"{moving_name} → {fixed_name}"
+
+
+def output_name(run: RegistrationRun, role: str) -> str:
+    """The layer name of ``role`` (e.g. ``"warped"``) for the pair of ``run``."""
+    return f"{pair_prefix(run.fixed_name, run.moving_name)} {role}"
+
+
+def output_meta(role: str, run: RegistrationRun | None = None, **extra) -> dict:
+    """``metadata`` of an output layer: what it is, for the pickers and for the user."""
+    info = {"output": role, **extra}
+    if run is not None:
+        info["pair"] = {"fixed": run.fixed_name, "moving": run.moving_name}
+    return {META_KEY: info}
 
 
 def slice_order(keys) -> list:
@@ -59,10 +105,9 @@ def stack_slices(run: RegistrationRun, arrays: dict):
 
 def placement(run: RegistrationRun, *, cell: float = 1.0):
     """Scale and translate of a stacked output whose pixels are ``cell`` fixed pixels."""
-    fixed = run.layer("fixed")
-    scale = np.asarray(fixed.scale, dtype=float).copy()
-    translate = np.asarray(fixed.translate, dtype=float).copy()
-    for a in in_plane_axes(fixed.ndim, run.axis):
+    scale = np.asarray(run.fixed_scale, dtype=float).copy()
+    translate = np.asarray(run.fixed_translate, dtype=float).copy()
+    for a in in_plane_axes(len(scale), run.axis):
         translate[a] += scale[a] * (cell - 1.0) / 2.0
         scale[a] *= cell
     if run.axis is not None:
@@ -79,48 +124,159 @@ def embed_vectors(vectors: np.ndarray, axis: int | None, index: int | None) -> n
     return np.stack([start, delta], axis=1)
 
 
-def show_outputs(viewer, run: RegistrationRun, *, vector_step: int, grid_spacing: float) -> None:
-    """Add or update the output layers of ``run`` (see the module docstring)."""
+@dataclass
+class Outputs:
+    """Every array the output layers of a run show (made by :func:`prepare_outputs`)."""
+
+    warped: np.ndarray
+    review: dict[str, np.ndarray]
+    vectors: np.ndarray
+    grid: np.ndarray
+    residual: float
+    folded: float
+    discrepancy: np.ndarray | None = None
+    discrepancy_max: float = 1.0
+    vector_step: int = 1
+    grid_spacing: float = 8.0
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tile: int) -> np.ndarray:
+    """Tiles of ``tile`` pixels taken alternately from ``a`` and ``b`` (same shape)."""
+    r = (np.arange(a.shape[0]) // tile)[:, None]
+    c = (np.arange(a.shape[1]) // tile)[None, :]
+    return np.where((r + c) % 2 == 0, a, b).astype(np.float32)
+
+
+def review_images(fixed: np.ndarray, warped: np.ndarray) -> dict[str, np.ndarray]:
+    """The review view's images of one slice: checkerboard and difference (in [0, 1])."""
+    nf, nw = normalise_intensity(fixed), normalise_intensity(warped)
+    tile = max(8, min(fixed.shape) // 8)
+    return {"checkerboard": checkerboard(nf, nw, tile), "difference": np.abs(nf - nw)}
+
+
+def foreground_mask(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Where ``image`` holds tissue: its normalised intensity, smoothed over ``sigma``
+    pixels (so that pixel noise in the background does not count), above FOREGROUND."""
+    return gaussian_filter(normalise_intensity(image), max(float(sigma), 1.0)) > FOREGROUND
+
+
+def foreground_vectors(vectors: np.ndarray, fixed: np.ndarray, warped: np.ndarray, stride: int):
+    """The arrows whose control point lies on the foreground of the fixed or the warped
+    image, so that the background stays clear."""
+    sigma = stride / 2.0
+    mask = foreground_mask(fixed, sigma) | foreground_mask(warped, sigma)
+    pts = np.rint(vectors[:, 0]).astype(int)
+    pts[:, 0] = np.clip(pts[:, 0], 0, mask.shape[0] - 1)
+    pts[:, 1] = np.clip(pts[:, 1], 0, mask.shape[1] - 1)
+    return vectors[mask[pts[:, 0], pts[:, 1]]]
+
+
+def prepare_outputs(
+    run: RegistrationRun, fixed_slices: dict, *, vector_step: int, grid_spacing: float
+) -> Outputs:
+    """Compute what the output layers of ``run`` show (pure NumPy: run it in a worker).
+
+    ``fixed_slices`` maps each slice index of ``run`` to the fixed image of that slice.
+    """
+    vectors, segments, residual, folded = [], [], 0.0, 0.0
+    review: dict[str, dict] = {"checkerboard": {}, "difference": {}}
+    for index, fld in run.fields.items():
+        fixed, warped = np.asarray(fixed_slices[index]), run.warped[index]
+        v = displacement_vectors(fld, run.stride, vector_step)
+        v = foreground_vectors(v, fixed, warped, run.stride)
+        g, res = deformation_grid(fld, grid_spacing)
+        residual = max(residual, res)
+        folded = max(folded, float((jacobian_determinant(fld) <= 0).mean()))
+        vectors.append(embed_vectors(v, run.axis, index))
+        segments.append(embed_vectors(g, run.axis, index))
+        for mode, image in review_images(fixed, warped).items():
+            review[mode][index] = image
+    ndim = 2 if run.axis is None else 3
+    out = Outputs(
+        warped=stack_slices(run, run.warped),
+        review={mode: stack_slices(run, images) for mode, images in review.items()},
+        vectors=np.concatenate(vectors) if vectors else np.zeros((0, 2, ndim)),
+        grid=np.concatenate(segments),
+        residual=residual,
+        folded=folded,
+        vector_step=vector_step,
+        grid_spacing=grid_spacing,
+    )
+    if run.results:
+        disc = {k: r.discrepancy for k, r in run.results.items()}
+        out.discrepancy = stack_slices(run, disc)
+        out.discrepancy_max = max(float(max(d.max() for d in disc.values())), 1e-6)
+    return out
+
+
+def show_outputs(
+    viewer, run: RegistrationRun, outputs: Outputs, *, mode: str = "blend", shown=()
+) -> dict:
+    """Add or update the output layers of ``run`` from ``outputs`` (GUI thread; no
+    computing here). The warped image (or the review image of ``mode``) is shown; of the
+    field, grid and discrepancy layers only the roles in ``shown`` (hidden otherwise).
+    Returns ``{role: layer}``."""
     fixed, moving = run.layer("fixed"), run.layer("moving")
     if fixed is None or moving is None:
         raise ValueError("the registered layers no longer exist")
+    if mode not in REVIEW_MODES:
+        raise ValueError(f"review mode must be one of {tuple(REVIEW_MODES)}, got {mode!r}")
     scale, translate = placement(run)
+    fscale = np.asarray(run.fixed_scale, dtype=float)
+    ftranslate = np.asarray(run.fixed_translate, dtype=float)
+    layers = {}
+
+    def visible(role: str) -> bool:
+        return role in shown
+
     warped_kwargs = {"scale": scale, "translate": translate, "blending": "translucent"}
     if isinstance(moving, Image):
         warped_kwargs["colormap"] = moving.colormap.name
         warped_kwargs["contrast_limits"] = tuple(moving.contrast_limits)
-    upsert_layer(
-        viewer, moving.name + WARPED_SUFFIX, "image", stack_slices(run, run.warped), **warped_kwargs
-    )
-
-    fscale = np.asarray(fixed.scale, dtype=float)
-    ftranslate = np.asarray(fixed.translate, dtype=float)
-    vectors, segments, residual, folded = [], [], 0.0, 0.0
-    for index, field in run.fields.items():
-        v = displacement_vectors(field, run.stride, vector_step)
-        g, res = deformation_grid(field, grid_spacing)
-        residual = max(residual, res)
-        folded = max(folded, float((jacobian_determinant(field) <= 0).mean()))
-        vectors.append(embed_vectors(v, run.axis, index))
-        segments.append(embed_vectors(g, run.axis, index))
-    upsert_layer(
+    layers[WARPED] = upsert_layer(
         viewer,
-        DISPLACEMENT_LAYER,
+        output_name(run, WARPED),
+        "image",
+        outputs.warped,
+        opacity=0.5 if mode == "blend" else 1.0,
+        visible=mode == "blend",
+        metadata=output_meta(WARPED, run, meaning="the moving image warped onto the fixed one"),
+        **warped_kwargs,
+    )
+    layers[REVIEW] = upsert_layer(
+        viewer,
+        output_name(run, REVIEW),
+        "image",
+        outputs.review["difference" if mode == "difference" else "checkerboard"],
+        scale=scale,
+        translate=translate,
+        colormap="gray" if mode != "difference" else "inferno",
+        contrast_limits=(0.0, 1.0),
+        visible=mode != "blend",
+        metadata=output_meta(REVIEW, run, mode=mode, meaning=REVIEW_MODES[mode]),
+    )
+    layers[DISPLACEMENT] = upsert_layer(
+        viewer,
+        output_name(run, DISPLACEMENT),
         "vectors",
-        np.concatenate(vectors),
+        outputs.vectors,
         scale=fscale,
         translate=ftranslate,
         edge_color="yellow",
         edge_width=0.4,
         length=1.0,
         vector_style="arrow",
-        metadata={"meaning": "arrow from fixed pixel x to x + u(x) in the moving image"},
+        visible=visible(DISPLACEMENT),
+        metadata=output_meta(
+            DISPLACEMENT, run, meaning="arrow from fixed pixel x to x + u(x) in the moving image"
+        ),
     )
-    upsert_layer(
+    layers[GRID] = upsert_layer(
         viewer,
-        GRID_LAYER,
+        output_name(run, GRID),
         "vectors",
-        np.concatenate(segments),
+        outputs.grid,
         scale=fscale,
         translate=ftranslate,
         edge_color="cyan",
@@ -128,35 +284,70 @@ def show_outputs(viewer, run: RegistrationRun, *, vector_step: int, grid_spacing
         length=1.0,
         vector_style="line",
         opacity=0.8,
-        metadata={"meaning": "regular grid of the moving image, warped like the image"},
+        visible=visible(GRID),
+        metadata=output_meta(
+            GRID, run, meaning="regular grid of the moving image, warped like the image"
+        ),
     )
-    if folded > 0:
+    if outputs.folded > 0:
         # the grid needs the inverse map, which a folding field does not have there
-        off = f" (up to {residual:.1f} px off)" if residual > 0.5 else ""
+        off = f" (up to {outputs.residual:.1f} px off)" if outputs.residual > 0.5 else ""
         _notify.warning(
-            f"the field folds on {folded:.2%} of the pixels (it maps some of them onto "
+            f"the field folds on {outputs.folded:.2%} of the pixels (it maps some of them onto "
             "the same place, so it has no inverse there): the deformation grid is drawn "
             f"approximately there{off}; the warped image is exact"
         )
-    if run.results:
-        disc = {k: r.discrepancy for k, r in run.results.items()}
+    name = output_name(run, DISCREPANCY)
+    if outputs.discrepancy is not None:
         dscale, dtranslate = placement(run, cell=float(run.stride))
-        hi = max(float(max(d.max() for d in disc.values())), 1e-6)
-        upsert_layer(
+        layers[DISCREPANCY] = upsert_layer(
             viewer,
-            DISCREPANCY_LAYER,
+            name,
             "image",
-            stack_slices(run, disc),
+            outputs.discrepancy,
             scale=dscale,
             translate=dtranslate,
             colormap="magma",
             opacity=0.5,
             blending="translucent",
-            contrast_limits=(0.0, hi),
-            metadata={"meaning": "projected EMD between heads F1 and F2 per control point (bins)"},
+            contrast_limits=(0.0, outputs.discrepancy_max),
+            visible=visible(DISCREPANCY),
+            metadata=output_meta(
+                DISCREPANCY,
+                run,
+                meaning="projected EMD between heads F1 and F2 per control point (bins)",
+            ),
         )
-    elif DISCREPANCY_LAYER in viewer.layers:
-        viewer.layers.remove(DISCREPANCY_LAYER)  # a loaded field has no histograms
+    elif name in viewer.layers:
+        viewer.layers.remove(name)  # a loaded field has no histograms
+    return layers
+
+
+def set_review_mode(viewer, run: RegistrationRun, outputs: Outputs, mode: str) -> None:
+    """Switch the review view of ``run``'s outputs to ``mode`` (a key of REVIEW_MODES)."""
+    if mode not in REVIEW_MODES:
+        raise ValueError(f"review mode must be one of {tuple(REVIEW_MODES)}, got {mode!r}")
+    warped, review = (_layer(viewer, output_name(run, role)) for role in (WARPED, REVIEW))
+    if review is not None and mode != "blend":
+        review.data = outputs.review[mode]
+        review.colormap = "inferno" if mode == "difference" else "gray"
+        review.metadata = output_meta(REVIEW, run, mode=mode, meaning=REVIEW_MODES[mode])
+    if review is not None:
+        review.visible = mode != "blend"
+    if warped is not None:
+        warped.opacity = 0.5
+        warped.visible = mode == "blend"
+
+
+def _layer(viewer, name: str):
+    return viewer.layers[name] if name in viewer.layers else None
+
+
+def set_detail_visible(viewer, run: RegistrationRun, role: str, shown: bool) -> None:
+    """Show or hide the ``role`` layer (displacement, grid, discrepancy) of ``run``."""
+    name = output_name(run, role)
+    if name in viewer.layers:
+        viewer.layers[name].visible = shown
 
 
 # --------------------------------------------------------------------- apply to layers
@@ -201,6 +392,7 @@ def warp_labels(viewer, run: RegistrationRun, layer: Labels):
         scale=scale,
         translate=translate,
         opacity=layer.opacity,
+        metadata=output_meta("warped labels", run, source=layer.name),
     )
 
 
@@ -262,5 +454,9 @@ def move_points(viewer, run: RegistrationRun, layer: Points, frame: str):
         translate=np.asarray(fixed.translate),
         size=float(size.mean()) if size.size else 5.0,
         face_color="magenta" if frame == "moving" else "lime",
-        metadata={"frame": "fixed" if frame == "moving" else "moving", "source": layer.name},
+        metadata={
+            "frame": "fixed" if frame == "moving" else "moving",
+            "source": layer.name,
+            **output_meta("moved points", run, source=layer.name),
+        },
     )

@@ -49,6 +49,12 @@ class RegistrationRun:
         Slice index -> the moving slice warped with its field.
     stride : int
         Control-point spacing of the model (pixels).
+    fixed_name, moving_name : str
+        The layers' names when registered (the outputs are named after them).
+    fixed_scale, fixed_translate : tuple
+        The fixed layer's placement when registered (the outputs take it).
+    outputs : Outputs or None
+        What the output layers show (:func:`._register_outputs.prepare_outputs`).
     """
 
     fields: dict[int | None, np.ndarray]
@@ -59,6 +65,21 @@ class RegistrationRun:
     model_name: str = ""
     warped: dict[int | None, np.ndarray] = field(default_factory=dict)
     stride: int = 4
+    fixed_name: str = ""
+    moving_name: str = ""
+    fixed_scale: tuple = ()
+    fixed_translate: tuple = ()
+    outputs: Any = None
+
+    def __post_init__(self) -> None:
+        fixed, moving = self.layer("fixed"), self.layer("moving")
+        if fixed is not None:
+            self.fixed_name = self.fixed_name or fixed.name
+            if not self.fixed_scale:
+                self.fixed_scale = tuple(float(v) for v in fixed.scale)
+                self.fixed_translate = tuple(float(v) for v in fixed.translate)
+        if moving is not None:
+            self.moving_name = self.moving_name or moving.name
 
     @property
     def indices(self) -> list[int | None]:

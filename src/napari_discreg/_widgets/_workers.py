@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from napari.qt.threading import thread_worker
-from qtpy.QtCore import QEvent, QObject
+from qtpy.QtCore import QEvent, QObject, Signal
 from qtpy.QtWidgets import QApplication, QLabel, QProgressBar, QPushButton, QWidget
 
 from ._notify import notify_exception
@@ -29,6 +29,16 @@ class Failure:
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"Failure({self.exc!r})"
+
+
+class StopRequested(Exception):  # noqa: N818 - a request, not an error
+    """Raised by a job's progress callback when Stop was asked for (inside a unit)."""
+
+
+class _Relay(QObject):
+    """Carries progress from the worker thread to the GUI thread (a queued signal)."""
+
+    progressed = Signal(int, int)
 
 
 class Job:
@@ -55,8 +65,13 @@ class Job:
         on_return: Callable[[Any], None] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
         on_finish: Callable[[], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.stop_event = threading.Event()
+        # progress from inside a unit of work (``job.report(done, total)`` in the body)
+        self._relay = _Relay()
+        if on_progress is not None:
+            self._relay.progressed.connect(on_progress)
         self.context = context
         self._done = False
         self._started = False
@@ -110,6 +125,14 @@ class Job:
         worker.errored.connect(errored)
         worker.finished.connect(finished)
         self.worker = worker
+
+    def report(self, done: int, total: int) -> None:
+        """From the worker thread: show progress (``on_progress``) and raise
+        :class:`StopRequested` when Stop was asked for, so a long unit of work (a
+        registration's optimiser steps) stops within one step."""
+        self._relay.progressed.emit(int(done), int(total))
+        if self.stop_event.is_set():
+            raise StopRequested
 
     def start(self) -> Job:
         self._started = True
@@ -189,8 +212,22 @@ class WorkerWidgetMixin:
 
     def event(self, event):
         if event.type() == QEvent.Type.ParentChange:
+            if self.parentWidget() is None and self._watched:
+                # napari closes a dock panel (its x) by un-parenting the widget, with
+                # no close event: that is a close for the widget's jobs too
+                self._closed_by_panel()
             self._watch_ancestors()
         return QWidget.event(self, event)
+
+    def _closed_by_panel(self) -> None:
+        running = getattr(self, "is_running", False)
+        self.shutdown()
+        if running:
+            from . import _notify
+
+            _notify.info(
+                f"{getattr(self, 'job_title', 'the job')} was stopped because its panel was closed"
+            )
 
     def closeEvent(self, event):  # noqa: N802 - Qt API
         self.shutdown()

@@ -32,7 +32,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -54,10 +53,11 @@ from ._adaptation_targets import (
     saved_configs,
     saved_run,
     target_source_combo,
+    unchanged,
     warnings_text,
 )
 from ._io import CHECKPOINT_FILTER
-from ._qt import row
+from ._qt import row, scrolled_layout
 from ._state import state_for, unwrap_viewer
 from ._workers import Job, WorkerWidgetMixin, job_controls
 
@@ -128,6 +128,12 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.lr_spin.setRange(1e-6, 1e-2)
         self.lr_spin.setSingleStep(1e-5)
         self.lr_spin.setValue(self.adapt_config.lr)
+        self.discrepancy_combo.setToolTip(
+            "How the two heads' disagreement on the target pairs is measured (pEMD: the "
+            "paper's projected Earth Mover's discrepancy)"
+        )
+        self.steps_spin.setToolTip("Adaptation iterations (each: steps A, B and C of MCD)")
+        self.lr_spin.setToolTip("Adam learning rate of the adaptation")
 
         self.source_combo = target_source_combo()
         self.folder_box = FolderTargetsBox()
@@ -140,7 +146,12 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         sform.addRow("Learning rate", self.lr_spin)
 
         self.start_button = QPushButton("Start")
+        self.start_button.setToolTip("Adapt a copy of the current model (in the background)")
         job_controls(self)
+        self.job_title = "the adaptation"
+        self.stop_button.setToolTip(
+            "Stop within one pass: the best weights so far (by the keep-best criterion) are kept"
+        )
         self.plot = AdaptationPlot(napari_viewer)
         self.keep_button = QPushButton("Keep")
         self.keep_button.setToolTip("Use the adapted model for registration from now on")
@@ -149,6 +160,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             "Go back to the model (and exact weights) used before adapting"
         )
         self.save_button = QPushButton("Save…")
+        self.save_button.setToolTip("Write the adapted model to a .safetensors checkpoint")
         self.reregister_button = QPushButton("Re-register")
         self.reregister_button.setToolTip(
             "Register again (Register widget settings) with the adapted model"
@@ -156,18 +168,19 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         for b in (self.keep_button, self.revert_button, self.save_button, self.reregister_button):
             b.setEnabled(False)
 
-        layout = QVBoxLayout(self)
+        layout, footer = scrolled_layout(self)
         layout.addLayout(row(QLabel("Target source"), self.source_combo))
         layout.addWidget(self.layer_box)
         layout.addWidget(self.folder_box)
         layout.addWidget(settings)
         layout.addWidget(self.state_box)
-        layout.addLayout(row(self.start_button, self.stop_button))
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status_label)
         layout.addWidget(self.plot, 1)
-        layout.addLayout(row(self.keep_button, self.revert_button))
-        layout.addLayout(row(self.save_button, self.reregister_button))
+        # the run's controls and what to do with its result are always reachable
+        footer.addLayout(row(self.start_button, self.stop_button))
+        footer.addWidget(self.progress)
+        footer.addWidget(self.status_label)
+        footer.addLayout(row(self.keep_button, self.revert_button))
+        footer.addLayout(row(self.save_button, self.reregister_button))
 
         self.source_combo.currentIndexChanged.connect(lambda *_: self._show_source())
         self.start_button.clicked.connect(lambda *_: self.start())
@@ -304,7 +317,8 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.status_label.setText(note)
 
         def body(stop: threading.Event):
-            run = run_adaptation(spec)  # reads folders, loads the model: in this thread
+            # stop checked between the passes inside an iteration: Stop answers in one pass
+            run = run_adaptation(replace(spec, should_stop=stop.is_set))  # in this thread
             try:
                 for progress in run:
                     # the worker's own count: records reach the GUI thread later, via signals
@@ -328,10 +342,11 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         return self.job
 
     def stop(self) -> None:
-        """Stop after the iteration in progress (the best weights so far are kept)."""
+        """Stop within one pass of the iteration in progress: that iteration is undone,
+        the last complete one is scored by the keep-best criterion, the best is kept."""
         if self.job is not None and self.job.is_running:
             self.job.request_stop()
-            self.status_label.setText("stopping after this iteration…")
+            self.status_label.setText("stopping…")
 
     def _on_record(self, progress) -> None:
         record = replace(progress.record, best_iteration=progress.best_iteration)
@@ -358,7 +373,9 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             _notify.warning(warnings_text(self._warnings))
         self.plot.refresh()
         if result is not None:  # None: closed before its first iteration
-            self.result, self.adapted_model = result, result.model
+            self.result = result
+            # a run that kept its starting weights has nothing to offer as "adapted"
+            self.adapted_model = None if unchanged(result) else result.model
         self.status_label.setText(result_text(result))
 
     def _set_running(self, running: bool) -> None:

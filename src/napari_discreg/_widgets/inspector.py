@@ -48,7 +48,18 @@ class HistogramInspectorWidget(FigureWidget):
         self.last_values: dict = {}
         self._query: tuple | None = None
         self._last_hover = 0.0
-        super().__init__(napari_viewer, figsize=(5.0, 8.0), parent=parent)
+        super().__init__(
+            napari_viewer,
+            figsize=(5.0, 8.0),
+            min_height=380,
+            caption=(
+                "Top: each head's probability over the K x K displacements of the control "
+                "point (+ its expected displacement, x the true one when known). Middle: the "
+                "row and column marginals (the 1D projections). Bottom: their cumulative "
+                "sums; the shaded area between the heads is the EMD, summed as pEMD."
+            ),
+            parent=parent,
+        )
         self.state = state_for(self.viewer)
 
         self.pick_check = QCheckBox("inspect on click")
@@ -240,6 +251,7 @@ class HistogramInspectorWidget(FigureWidget):
             ax.set_xlabel(COL_LABEL, fontsize=8)
             ax.set_ylabel(ROW_LABEL, fontsize=8)
         self.figure.colorbar(im, ax=list(axes[0]), shrink=0.8, label="probability")
+        axes[0, 0].legend(fontsize=7, loc="lower right", framealpha=0.6)  # the + and x marks
         for ax, kind, label in ((axes[1, 0], "rows", ROW_LABEL), (axes[1, 1], "cols", COL_LABEL)):
             ax.step(off, h[f"{kind}_f1"], where="mid", color=c1, label="F1")
             ax.step(off, h[f"{kind}_f2"], where="mid", color=c2, label="F2")

@@ -19,7 +19,9 @@ import weakref
 
 import numpy as np
 from napari.layers import Image, Labels, Points
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -27,7 +29,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -43,11 +44,23 @@ from ._io import FIELD_FILTER, IMAGE_FILTER, layer_name_for, read_image_file
 from ._layers import check_image_pair
 from ._model_choice import ModelBox
 from ._pickers import LayerCombo, preferring
-from ._qt import OUTPUT_WORDS, row
-from ._register_outputs import POINTS_FRAMES, apply_field, show_outputs
+from ._qt import OUTPUT_WORDS, row, scrolled_layout
+from ._register_outputs import (
+    DETAIL_ROLES,
+    DISCREPANCY,
+    DISPLACEMENT,
+    GRID,
+    POINTS_FRAMES,
+    REVIEW_MODES,
+    apply_field,
+    prepare_outputs,
+    set_detail_visible,
+    set_review_mode,
+    show_outputs,
+)
 from ._slices import Request, SliceBox
 from ._state import RegistrationRun, state_for, unwrap_viewer
-from ._workers import Job, WorkerWidgetMixin, job_controls
+from ._workers import Job, StopRequested, WorkerWidgetMixin, job_controls
 
 
 class RegisterWidget(WorkerWidgetMixin, QWidget):
@@ -61,6 +74,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
     def __init__(self, napari_viewer, parent=None) -> None:
         super().__init__(parent)
         self._init_lifecycle()
+        self._running_text = ""
         napari_viewer = unwrap_viewer(napari_viewer)
         self.viewer = napari_viewer
         self.state = state_for(napari_viewer)
@@ -108,9 +122,34 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         self.method_combo = self.model_box.method_combo
         self.adam_steps_spin = self.model_box.adam_steps_spin
 
-        # display options
+        # display options: the review view and the field's layers (hidden until asked for)
         out_box = QGroupBox("Display")
         oform = QFormLayout(out_box)
+        self.review_combo = QComboBox()
+        for key, text in REVIEW_MODES.items():
+            self.review_combo.addItem(key, key)
+            self.review_combo.setItemData(
+                self.review_combo.count() - 1, text, Qt.ItemDataRole.ToolTipRole
+            )
+        self.review_combo.setToolTip(
+            "How to judge the alignment: the warped image blended over the fixed one, a "
+            "checkerboard of both, or their difference"
+        )
+        self.show_checks = {
+            DISPLACEMENT: QCheckBox("arrows"),
+            GRID: QCheckBox("grid"),
+            DISCREPANCY: QCheckBox("discrepancy"),
+        }
+        self.show_checks[DISPLACEMENT].setToolTip(
+            "Show the displacement arrows (foreground control points): the fixed pixel at "
+            "the tail samples the moving image at the head"
+        )
+        self.show_checks[GRID].setToolTip(
+            "Show a regular grid of the moving image, deformed like the image"
+        )
+        self.show_checks[DISCREPANCY].setToolTip(
+            "Show the two heads' disagreement (projected EMD, bins) per control point"
+        )
         self.vector_step_spin = QSpinBox()
         self.vector_step_spin.setRange(1, 16)
         self.vector_step_spin.setValue(1)
@@ -119,11 +158,19 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         self.grid_spacing_spin.setRange(2, 64)
         self.grid_spacing_spin.setValue(8)
         self.grid_spacing_spin.setSuffix(" px")
+        self.grid_spacing_spin.setToolTip("Distance between the deformation grid's lines")
+        oform.addRow("Review", self.review_combo)
+        oform.addRow("Show", row(*self.show_checks.values()))
         oform.addRow("Vectors: every", self.vector_step_spin)
         oform.addRow("Grid spacing", self.grid_spacing_spin)
 
         self.register_button = QPushButton("Register")
+        self.register_button.setToolTip(
+            "Register the moving image onto the fixed one (in the background)"
+        )
         job_controls(self)
+        self.stop_button.setToolTip("Stop the registration (within one optimiser step)")
+        self.job_title = "the registration"
 
         # apply the field to other layers
         apply_box = QGroupBox("Apply the field to another layer")
@@ -137,6 +184,9 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         for key, text in POINTS_FRAMES.items():
             self.points_frame_combo.addItem(text, key)
         self.apply_button = QPushButton("Apply")
+        self.apply_combo.setToolTip("A Labels or Points layer drawn on the moving (or fixed) image")
+        self.points_frame_combo.setToolTip("Which image the points were placed on")
+        self.apply_button.setToolTip("Warp the labels / move the points with the last field")
         aform.addRow("Layer", self.apply_combo)
         aform.addRow("Points", self.points_frame_combo)
         aform.addRow("", self.apply_button)
@@ -144,19 +194,27 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         field_box = QGroupBox("Displacement field")
         self.save_field_button = QPushButton("Save field…")
         self.load_field_button = QPushButton("Load field…")
+        self.save_field_button.setToolTip(
+            "Save the last field: .npy/.tif (row, col in pixels) or an ITK displacement "
+            "field (.mha/.nii.gz) for ITK, elastix's transformix and ANTs"
+        )
+        self.load_field_button.setToolTip("Warp the chosen moving image with a saved field")
+        self.fixed_combo.setToolTip("The image the moving one is aligned to")
+        self.moving_combo.setToolTip("The image that is deformed (a different layer)")
         field_row = QHBoxLayout(field_box)
         field_row.addWidget(self.save_field_button)
         field_row.addWidget(self.load_field_button)
 
-        layout = QVBoxLayout(self)
+        layout, footer = scrolled_layout(self)
         for w in (images, self.volume_box, self.model_box, out_box):
             layout.addWidget(w)
-        layout.addLayout(row(self.register_button, self.stop_button))
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status_label)
         layout.addWidget(apply_box)
         layout.addWidget(field_box)
         layout.addStretch(1)
+        # Register / Stop and the progress stay reachable however short the panel is
+        footer.addLayout(row(self.register_button, self.stop_button))
+        footer.addWidget(self.progress)
+        footer.addWidget(self.status_label)
 
         # signals (lambdas: Qt's ``checked`` arguments never reach the methods)
         self.fixed_combo.currentIndexChanged.connect(lambda *_: self.volume_box.update_for_layer())
@@ -169,6 +227,9 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         self.apply_button.clicked.connect(lambda *_: self._apply_clicked())
         self.save_field_button.clicked.connect(lambda *_: self._save_field_dialog())
         self.load_field_button.clicked.connect(lambda *_: self._load_field_dialog())
+        self.review_combo.currentIndexChanged.connect(lambda *_: self._review_changed())
+        for role, check in self.show_checks.items():
+            check.toggled.connect(lambda shown, role=role: self._detail_toggled(role, shown))
         self.points_frame_combo.setEnabled(True)
         self.volume_box.update_for_layer()
 
@@ -202,6 +263,11 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             moving,
             missing="choose a fixed and a moving image layer (or open image files with 'Open…')",
         )
+        if fixed is moving:
+            raise ValueError(
+                f"{fixed.name!r} is chosen as both the fixed and the moving image; choose "
+                "two different layers"
+            )
         return self.volume_box.request(fixed, moving)
 
     # ------------------------------------------------------------------ model
@@ -244,11 +310,27 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         fixed_data, moving_data = request.fixed.data, request.moving.data
         axis = request.axis
         method, refine = self.model_box.method(), self.model_box.refine_settings()
+        display = {
+            "vector_step": self.vector_step_spin.value(),
+            "grid_spacing": float(self.grid_spacing_spin.value()),
+        }
+        # read on the GUI thread: the worker builds the run and its outputs
+        placement = {
+            "fixed_layer": weakref.ref(request.fixed),
+            "moving_layer": weakref.ref(request.moving),
+            "fixed_name": request.fixed.name,
+            "moving_name": request.moving.name,
+            "fixed_scale": tuple(float(v) for v in request.fixed.scale),
+            "fixed_translate": tuple(float(v) for v in request.fixed.translate),
+        }
+        n = len(request.indices)
+        job_box: list[Job] = []
 
         def body(stop: threading.Event):
             # None: the shipped model, loaded once per device and cached by ``register``
             mdl = model if model is not None else state.model
-            results = {}
+            job = job_box[0]
+            results, fixed_slices = {}, {}
             for k, index in enumerate(request.indices):
                 if stop.is_set():
                     break
@@ -257,54 +339,84 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
                 else:
                     f = np.asarray(np.take(fixed_data, index, axis=axis))
                     m = np.asarray(np.take(moving_data, index, axis=axis))
-                res = register(f, m, model=mdl, device=device, method=method, refine=refine)
-                res.network_outputs()  # the network's histograms: here, not on the GUI thread
-                results[index] = res
-                yield k + 1
-            return results
 
-        self.progress.setRange(0, len(request.indices))
+                def progress(done, total, k=k):
+                    # one slice = 100 units; the histograms take the last 10
+                    job.report(k * 100 + (90 * done) // max(total, 1), n * 100)
+
+                try:
+                    res = register(
+                        f,
+                        m,
+                        model=mdl,
+                        device=device,
+                        method=method,
+                        refine=refine,
+                        progress=progress,
+                    )
+                    res.network_outputs()  # the histograms: here, not on the GUI thread
+                except StopRequested:
+                    break
+                results[index], fixed_slices[index] = res, f
+                job.report(k * 100 + 100, n * 100)
+                yield k + 1
+            if not results:
+                return None
+            run = RegistrationRun(
+                fields={k: r.displacement for k, r in results.items()},
+                results=dict(results),
+                axis=axis,
+                model_name=model_name,
+                warped={k: r.warped for k, r in results.items()},
+                stride=next(iter(results.values())).stride,
+                **placement,
+            )
+            run.outputs = prepare_outputs(run, fixed_slices, **display)
+            return run
+
+        self.progress.setRange(0, n * 100)
         self.progress.setValue(0)
-        self.status_label.setText(f"registering with {model_name} ({method})…")
+        self._running_text = f"registering with {model_name} ({method})…"
+        self.status_label.setText(self._running_text)
         self.register_button.setEnabled(False)
-        self.stop_button.setEnabled(len(request.indices) > 1)
+        self.stop_button.setEnabled(True)
         self.job = Job(
             body,
             context="registration",
-            on_yield=self.progress.setValue,
-            on_return=lambda results: self._registered(request, results, model_name),
+            on_progress=lambda done, total: self.progress.setValue(done),
+            on_return=lambda run: self._registered(request, run, model_name),
             on_failure=lambda exc: self.status_label.setText(f"failed: {_notify.describe(exc)}"),
             on_finish=self._job_finished,
-        ).start()
+        )
+        job_box.append(self.job)
+        self.job.start()
         return self.job
 
     def stop(self) -> None:
-        """Stop a running every-slice registration after the current slice."""
-        if self.job is not None:
+        """Stop a running registration within one optimiser step (of every slice: after
+        the slices already registered, which are shown)."""
+        if self.job is not None and self.job.is_running:
             self.job.request_stop()
+            self.status_label.setText("stopping…")
 
     def _job_finished(self) -> None:
         self.register_button.setEnabled(True)
         self.stop_button.setEnabled(False)
+        if self.status_label.text() in (self._running_text, "stopping…"):
+            self.status_label.setText("registration ended without a result")  # never stale
 
-    def _registered(self, request: Request, results: dict, model_name: str) -> None:
-        if not results:
+    def _registered(self, request: Request, run: RegistrationRun | None, model_name: str) -> None:
+        if run is None:
             self.status_label.setText("stopped before the first slice was registered")
             return
         if request.fixed not in self.viewer.layers or request.moving not in self.viewer.layers:
+            self.status_label.setText(
+                "the fixed or moving layer was removed during registration: nothing to show"
+            )
             _notify.warning("the fixed or moving layer was removed during registration")
             return
+        results = run.results
         first = next(iter(results.values()))
-        run = RegistrationRun(
-            fields={k: r.displacement for k, r in results.items()},
-            results=dict(results),
-            axis=request.axis,
-            fixed_layer=weakref.ref(request.fixed),
-            moving_layer=weakref.ref(request.moving),
-            model_name=model_name,
-            warped={k: r.warped for k, r in results.items()},
-            stride=first.stride,
-        )
         self.show_run(run)
         mean_disc = float(np.mean([r.discrepancy.mean() for r in results.values()]))
         fallbacks = sum(r.identity_fallback for r in results.values())
@@ -314,8 +426,13 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             if fallbacks
             else ""
         )
+        stopped = (
+            f" (stopped: {len(results)} of {len(request.indices)} slices)"
+            if len(results) < len(request.indices)
+            else ""
+        )
         self.status_label.setText(
-            f"registered {len(results)} slice(s) with {method_summary(first)} "
+            f"registered {len(results)} slice(s){stopped} with {method_summary(first)} "
             f"({model_name}); mean head discrepancy (pEMD) {mean_disc:.3f} bins{guarded}"
         )
         if fallbacks:
@@ -332,13 +449,40 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
     # ------------------------------------------------------------------ outputs
     def show_run(self, run: RegistrationRun) -> None:
         """Add or update the output layers of ``run`` and share it with the other widgets."""
-        show_outputs(
-            self.viewer,
-            run,
-            vector_step=self.vector_step_spin.value(),
-            grid_spacing=self.grid_spacing_spin.value(),
-        )
+        if run.outputs is None:  # a run made elsewhere (a loaded field): prepare it here
+            fixed = run.layer("fixed")
+            slices = {
+                k: np.asarray(fixed.data if k is None else np.take(fixed.data, k, axis=run.axis))
+                for k in run.fields
+            }
+            run.outputs = prepare_outputs(
+                run,
+                slices,
+                vector_step=self.vector_step_spin.value(),
+                grid_spacing=float(self.grid_spacing_spin.value()),
+            )
+        shown = {role for role, check in self.show_checks.items() if check.isChecked()}
+        show_outputs(self.viewer, run, run.outputs, mode=self.review_mode(), shown=shown)
         self.state.set_run(run)
+
+    def review_mode(self) -> str:
+        """The review view: ``"blend"``, ``"checkerboard"`` or ``"difference"``."""
+        return str(self.review_combo.currentData())
+
+    def set_review_mode(self, mode: str) -> None:
+        index = self.review_combo.findData(mode)
+        if index < 0:
+            raise ValueError(f"review mode must be one of {tuple(REVIEW_MODES)}, got {mode!r}")
+        self.review_combo.setCurrentIndex(index)
+
+    def _review_changed(self) -> None:
+        run = self.state.run
+        if run is not None and run.outputs is not None and run.layer("fixed") is not None:
+            set_review_mode(self.viewer, run, run.outputs, self.review_mode())
+
+    def _detail_toggled(self, role: str, shown: bool) -> None:
+        if role in DETAIL_ROLES and self.state.run is not None:
+            set_detail_visible(self.viewer, self.state.run, role, shown)
 
     def _apply_clicked(self) -> None:
         layer = self.apply_combo.layer()
