@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.geometry import in_plane_axes
 from ..core.io import save_field
 from ..core.warp import warp_numpy
 from ._register_outputs import slice_order
@@ -21,12 +22,27 @@ from ._state import RegistrationRun
 
 
 def save_run_field(path: str | os.PathLike, run: RegistrationRun | None) -> Path:
-    """Write the field of ``run``: one slice ``(2, H, W)``, several ``(N, 2, H, W)``."""
+    """Write the field of ``run``: one slice ``(2, H, W)``, several ``(N, 2, H, W)``.
+
+    ITK files (``.mha``, ``.nii.gz``) are in physical units: the fixed layer's scale is
+    the pixel spacing (and, for several slices, the slice spacing).
+    """
     if run is None:
         raise ValueError("register first: there is no field to save")
     keys = slice_order(run.fields)
     arr = run.fields[keys[0]] if len(keys) == 1 else np.stack([run.fields[k] for k in keys])
-    return save_field(path, arr)
+    return save_field(path, arr, spacing=field_spacing(run, stack=len(keys) > 1))
+
+
+def field_spacing(run: RegistrationRun, *, stack: bool) -> tuple[float, ...] | None:
+    """The fixed layer's pixel spacing in the field's axis order, or None if unknown."""
+    scale = tuple(abs(float(v)) for v in run.fixed_scale)
+    if not scale:
+        return None
+    plane = [scale[a] for a in in_plane_axes(len(scale), run.axis)]
+    if stack and run.axis is not None:
+        return (scale[run.axis], *plane)
+    return tuple(plane)
 
 
 def run_from_field(

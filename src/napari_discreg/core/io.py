@@ -39,13 +39,20 @@ message that names the file; a destination that cannot be written raises
 
 from __future__ import annotations
 
+import json
+import errno
 import os
-import uuid
+import re
+import shutil
+import socket
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .itk_field import CONVENTION, ITK_FIELD_EXTENSIONS, read_itk_field, write_itk_field
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -60,6 +67,8 @@ __all__ = [
     "load_field",
     "image_format",
     "temporary_sibling",
+    "replace_atomically",
+    "remove_stale_temporaries",
 ]
 
 _FORMATS: dict[str, str] = {
@@ -79,8 +88,10 @@ IMAGE_EXTENSIONS: tuple[str, ...] = tuple(_FORMATS)
 WRITE_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff", ".npy", ".nii", ".nii.gz", ".png")
 """Extensions :func:`write_image` writes."""
 
-FIELD_EXTENSIONS: tuple[str, ...] = (".npy", ".tif", ".tiff")
-"""Extensions of displacement-field files (:func:`write_field`, :func:`save_field`)."""
+FIELD_EXTENSIONS: tuple[str, ...] = (".npy", ".tif", ".tiff", *ITK_FIELD_EXTENSIONS)
+"""Extensions of displacement-field files (:func:`write_field`, :func:`save_field`):
+``.npy``/TIFF hold napari-discreg's own ``(2, H, W)`` pixel arrays; ``.mha``/``.nii``/
+``.nii.gz`` hold ITK displacement-field images (:mod:`napari_discreg.core.itk_field`)."""
 
 _FORMAT_NAMES = {
     "png": "a PNG/JPEG/BMP image",
@@ -122,15 +133,133 @@ def image_format(path: str | os.PathLike) -> str:
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
-    """A fresh hidden file name next to ``path`` with the same extension.
+    """A new, empty, uniquely named hidden file next to ``path``, with the same extension.
 
-    ``out/warped.tif`` -> ``out/.warped.partial-1a2b3c4d.tif``: the extension is kept
-    because the writers pick the format (and compression, for ``.nii.gz``) from it.
+    ``out/warped.tif`` -> ``out/.warped.partial-HOST-PID-1a2b3c4d.tif``, created with
+    :func:`tempfile.mkstemp` (``O_EXCL``: two processes never get the same name). The
+    extension is kept because the writers pick the format (and compression, for
+    ``.nii.gz``) from it; host and process id let a later write in the folder remove
+    the temporaries of a process that was killed (:func:`remove_stale_temporaries`).
+    The caller renames it onto ``path`` or deletes it.
     """
     p = Path(path)
     ext = _extension(p)
     stem = p.name[: len(p.name) - len(ext)] if ext else p.name
-    return p.with_name(f".{stem}.partial-{uuid.uuid4().hex[:8]}{ext}")
+    remove_stale_temporaries(p.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{stem}{_PARTIAL}{_HOST}-{os.getpid()}-", suffix=ext, dir=p.parent)
+    os.close(fd)
+    return Path(name)
+
+
+_PARTIAL = ".partial-"
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+_STALE = re.compile(rf"^\..*{re.escape(_PARTIAL)}{re.escape(_HOST)}-(\d+)-[^/]*$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries (:func:`temporary_sibling`) in ``folder`` that a process of
+    this machine left behind when it was killed (its process id no longer runs).
+
+    Temporaries of live processes and of other machines (a shared folder) are kept.
+    Returns the removed files.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _STALE.match(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists but not ours, or not checkable: keep it
+        return True
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) in _FULL or "No space left" in str(exc)
+
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _write_error(p: Path, exc: BaseException, nbytes: int | None) -> OSError:
+    """The error to raise when writing ``p`` failed: a disk-full error names the file,
+    the bytes needed and the bytes free."""
+    if not _disk_full(exc):
+        return OSError(f"cannot write {p} ({exc})")
+    try:
+        free = f"{shutil.disk_usage(p.parent).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    need = f"about {nbytes:,} bytes" if nbytes else "more space"
+    return OSError(
+        errno.ENOSPC,
+        f"cannot write {p}: the disk is full (it needs {need}, {free} in {p.parent}); "
+        + ("the previous file is unchanged" if p.exists() else "nothing was written")
+        + "; free some space or write elsewhere",
+    )
+
+
+def replace_atomically(
+    path: str | os.PathLike, write: Callable[[Path], None], *, nbytes: int | None = None
+) -> Path:
+    """Write ``path`` all-or-nothing: ``write(tmp)`` fills a fresh temporary in the same
+    folder (:func:`temporary_sibling`), which is flushed to disk (``fsync``) and renamed
+    onto ``path`` (:func:`os.replace`); the folder is then synced too.
+
+    On any failure or interruption (``KeyboardInterrupt`` included) the temporary is
+    deleted and ``path`` keeps its previous content. An :class:`OSError` names the file;
+    on a full disk (``ENOSPC``) it says so, with ``nbytes`` (the expected size) and the
+    free space.
+    """
+    p = Path(path)
+    tmp: Path | None = None
+    try:
+        tmp = temporary_sibling(p)
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+        tmp = None
+        _fsync_dir(p.parent)
+    except OSError as exc:
+        raise _write_error(p, exc, nbytes) from exc
+    finally:
+        if tmp is not None:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+    return p
 
 
 def _check_readable(path: str | os.PathLike) -> tuple[Path, str]:
@@ -352,19 +481,10 @@ def _atomic_write(
         raise OSError(f"cannot write {p}: the folder {p.parent} does not exist")
     if p.is_dir():
         raise OSError(f"cannot write {p}: it is a folder")
-    tmp = temporary_sibling(p)
-    try:
-        if writer is None:
-            _write_raw(tmp, arr, ext)
-        else:  # a format of its own (displacement fields for ITK)
-            writer(tmp)
-        os.replace(tmp, p)
-    except OSError as exc:
-        raise OSError(f"cannot write {p} ({exc})") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    if writer is None:
+        return replace_atomically(p, lambda tmp: _write_raw(tmp, arr, ext), nbytes=arr.nbytes)
+    # a format of its own (displacement fields for ITK)
+    return replace_atomically(p, writer, nbytes=arr.nbytes)
 
 
 def write_image(path: str | os.PathLike, array) -> Path:
@@ -417,15 +537,49 @@ def _check_field(field: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(field, dtype=np.float32)
 
 
-def write_field(path: str | os.PathLike, displacement) -> Path:
-    """Write a ``(2, H, W)`` displacement field (pixels, row/col) as float32 ``.npy`` or TIFF.
+def _field_writer(field: np.ndarray, ext: str, spacing) -> Callable[[Path], None] | None:
+    """How a field file of extension ``ext`` is written (``None``: plain ``.npy``).
 
+    TIFF fields carry :data:`~napari_discreg.core.itk_field.CONVENTION` as JSON in their
+    ImageDescription; ITK fields carry theirs in the format's own header; a ``.npy``
+    holds the bare array (its format has no room for metadata).
+    """
+    if ext in ITK_FIELD_EXTENSIONS:
+        return lambda tmp: write_itk_field(tmp, field, spacing, ext=ext)
+    if ext in (".tif", ".tiff"):
+        meta = {**CONVENTION, "shape": list(field.shape)}
+        if spacing is not None:
+            meta["spacing"] = [float(v) for v in spacing]
+
+        def write_tiff(tmp: Path) -> None:
+            import tifffile
+
+            tifffile.imwrite(
+                str(tmp),
+                field,
+                photometric="minisblack",
+                description=json.dumps(meta),
+                metadata=None,
+            )
+
+        return write_tiff
+    return None
+
+
+def write_field(path: str | os.PathLike, displacement, *, spacing=None) -> Path:
+    """Write a ``(2, H, W)`` displacement field (pixels, row/col), float32.
+
+    ``.npy`` and TIFF hold the array itself (TIFF with the convention and units as
+    JSON in its description); ``.mha``, ``.nii`` and ``.nii.gz`` an ITK displacement
+    field in physical units (``spacing``: the pixel size in (row, col) order, default
+    1), which SimpleITK, transformix and ANTs read (:mod:`~napari_discreg.core.itk_field`).
     Atomic like :func:`write_image`. Raises :class:`ValueError` for another shape or
     extension.
     """
     p = Path(path)
     field = _check_field(np.asarray(displacement), str(p))
-    return _atomic_write(p, field, FIELD_EXTENSIONS, "a displacement field")
+    writer = _field_writer(field, _extension(p), spacing)
+    return _atomic_write(p, field, FIELD_EXTENSIONS, "a displacement field", writer=writer)
 
 
 def _read_field_file(p: Path) -> np.ndarray:
@@ -440,6 +594,8 @@ def _read_field_file(p: Path) -> np.ndarray:
     try:
         if ext == ".npy":
             arr = np.load(str(p), allow_pickle=False)
+        elif ext in ITK_FIELD_EXTENSIONS:
+            arr = read_itk_field(p, ext)  # back to pixels, (row, col)
         else:
             import tifffile
 
@@ -464,11 +620,13 @@ def read_field(path: str | os.PathLike) -> np.ndarray:
     return _check_field(_read_field_file(p), str(p))
 
 
-def save_field(path: str | os.PathLike, field) -> Path:
+def save_field(path: str | os.PathLike, field, *, spacing=None) -> Path:
     """Write one field ``(2, H, W)`` or a stack ``(N, 2, H, W)`` (float32) atomically.
 
-    A stack holds the field of slice ``n`` of a volume at index ``n``; one field is
-    written by :func:`write_field` (the format the command line reads and writes).
+    A stack holds the field of slice ``n`` of a volume at index ``n`` (as an ITK file:
+    a 3D field with zero z components over the whole volume, ``spacing`` then in
+    (slice, row, col) order); one field is written by :func:`write_field` (the format
+    the command line reads and writes).
     Raises :class:`ValueError` for another shape or an extension not in
     :data:`FIELD_EXTENSIONS`, :class:`OSError` when the file cannot be written.
     """
@@ -479,8 +637,9 @@ def save_field(path: str | os.PathLike, field) -> Path:
             f"a displacement field has shape (2, H, W) or (N, 2, H, W), got {arr.shape}"
         )
     if arr.ndim == 3:
-        return write_field(p, arr)
-    return _atomic_write(p, arr, FIELD_EXTENSIONS, "a displacement field")
+        return write_field(p, arr, spacing=spacing)
+    writer = _field_writer(arr, _extension(p), spacing)
+    return _atomic_write(p, arr, FIELD_EXTENSIONS, "a displacement field", writer=writer)
 
 
 def load_field(path: str | os.PathLike) -> np.ndarray:
