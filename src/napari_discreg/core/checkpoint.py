@@ -15,6 +15,7 @@ metadata, and any other named tensors the run needs under ``STATE_PREFIX``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import lru_cache
 from importlib import resources
@@ -23,10 +24,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from .config import SHIPPED_MODELS, ModelConfig
-from .model import DiscreteRegistrationNet, resolve_device
+from .config import SHIPPED_MODELS, ModelConfig, parse_json
+from .io import replace_atomically
+from .model import DiscreteRegistrationNet, expected_state_shapes, resolve_device
 
 FORMAT = "napari-discreg"
 FORMAT_VERSION = "1"
@@ -90,32 +92,72 @@ def _model_metadata(model: DiscreteRegistrationNet, extra: dict[str, Any] | None
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """safetensors file written to a temporary name and renamed (never a partial file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """safetensors file written all-or-nothing (:func:`~napari_discreg.core.io.replace_atomically`:
+    a unique temporary name, fsync, rename; the previous file intact on any failure).
+
+    The file is serialised in memory and written by Python, so a full disk is an
+    :class:`OSError` (``ENOSPC``) naming ``path`` and the bytes needed, never a
+    ``SafetensorError``.
+    """
+    data = save(tensors, metadata=metadata)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    replace_atomically(path, write, nbytes=len(data))
+
+
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+"""safetensors dtypes a model weight may have (the shipped models are F32)."""
+MAX_PARAMETERS = 50_000_000
+"""Most weights a checkpoint's architecture may have (200 MB as float32; the shipped
+models have about 0.2 M)."""
 
 
 def read_checkpoint(
     path: str | os.PathLike,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and validate a checkpoint: (config, tensors, extra)."""
+    """Read and validate a checkpoint: (config, tensors, extra).
+
+    Validated before any tensor is read or any model built: the metadata's JSON (nesting
+    bounded), the config's types and ranges (:class:`ModelConfig`: bounded K, features,
+    channels, stride, temperature, capture range), the number of weights the config
+    implies, and every weight's name, shape and dtype from the safetensors header
+    against the shapes the config implies (computed on the ``meta`` device). Then the
+    tensors are read and every floating-point tensor must be finite. Anything else
+    raises ``ValueError``.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist or is not a file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            header = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                header[k] = (tuple(sl.get_shape()), str(sl.get_dtype()))
+            config, extra = _checked_metadata(path, meta)
+            _check_header(path, config, header)
+            tensors = {k: f.get_tensor(k) for k in header}
+    except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(
             f"{path} is not a readable safetensors checkpoint ({exc}); napari-discreg only "
             "loads .safetensors files it wrote (pickled .pt/.pth files are refused)"
         ) from exc
+    bad = sorted(
+        k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    )
+    if bad:
+        raise ValueError(
+            f"{path}: tensor(s) {bad[:3]} hold NaN or infinite values; the model is broken "
+            "(retrain it, or use an earlier checkpoint)"
+        )
+    return config, tensors, extra
+
+
+def _checked_metadata(path: Path, meta: dict[str, str]) -> tuple[ModelConfig, dict[str, Any]]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a napari-discreg checkpoint")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -123,14 +165,44 @@ def read_checkpoint(
             f"{path} has checkpoint format version {meta.get('format_version')!r}; this "
             f"napari-discreg reads version {FORMAT_VERSION}"
         )
+    if "model_config" not in meta:
+        raise ValueError(f"{path}: the model config in the checkpoint is missing")
+    where = f"{path}: the model config in the checkpoint"
+    raw = parse_json(meta["model_config"], where)
     try:
-        config = ModelConfig.from_dict(json.loads(meta["model_config"]))
-        extra = json.loads(meta.get("extra", "{}"))
-    except (KeyError, json.JSONDecodeError, TypeError) as exc:
+        config = ModelConfig.from_dict(raw)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where} is invalid ({exc})") from exc
+    extra = parse_json(meta.get("extra", "{}"), f"{path}: the checkpoint's extra metadata")
+    if not isinstance(extra, dict):
+        raise ValueError(f"{path}: the checkpoint's extra metadata is not a JSON object")
+    return config, extra
+
+
+def _check_header(path: Path, config: ModelConfig, header: dict[str, tuple]) -> None:
+    """The model tensors' names, shapes and dtypes against those ``config`` implies."""
+    expected = expected_state_shapes(config)
+    count = sum(math.prod(s) for s in expected.values())
+    if count > MAX_PARAMETERS:
         raise ValueError(
-            f"{path}: the model config in the checkpoint is missing or corrupt ({exc})"
-        ) from exc
-    return config, tensors, extra
+            f"{path}: its config {config.to_dict()} implies {count:,} weights, more than the "
+            f"{MAX_PARAMETERS:,} napari-discreg loads"
+        )
+    model = {k: v for k, v in header.items() if not k.startswith((OPTIMIZER_PREFIX, STATE_PREFIX))}
+    missing = sorted(set(expected) - set(model))
+    unexpected = sorted(set(model) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(model) if expected[k] != model[k][0])
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not fit the napari-discreg architecture for its config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
+        )
+    dtypes = sorted(f"{k}: {v[1]}" for k, v in model.items() if v[1] not in FLOAT_DTYPES)
+    if dtypes:
+        raise ValueError(
+            f"{path}: weights must be floating point ({', '.join(FLOAT_DTYPES)}); got "
+            f"{', '.join(dtypes[:3])}"
+        )
 
 
 @lru_cache(maxsize=8)

@@ -27,9 +27,16 @@ Every reader returns ``float32``. Conventions, stated once here:
   with no reorientation by the affine (:func:`write_image` writes an identity
   affine, so a written image reads back unchanged).
 
-Writing is atomic: every writer writes a temporary file in the destination folder
-and renames it onto the destination (:func:`os.replace`), so an interrupted or
-failed write never leaves a partial file behind.
+Reading is bounded: the shape in a file's header (NIfTI header, TIFF series, PNG
+size, ``.npy`` header) is checked against a voxel limit (:data:`DEFAULT_MAX_VOXELS`,
+``$NAPARI_DISCREG_MAX_VOXELS`` or ``max_voxels=``) before any data are decoded, so a
+small compressed file that declares a huge volume is refused without allocating it.
+
+Writing is atomic: every writer (:func:`replace_atomically`) writes a uniquely named
+temporary file in the destination folder, flushes it to disk (``fsync``), renames it
+onto the destination (:func:`os.replace`) and syncs the folder, so an interrupted or
+failed write never leaves a partial file behind and keeps the previous file; a full
+disk raises an :class:`OSError` that says so, with the bytes needed.
 
 Errors a user can cause (missing file, unknown extension, corrupt file, a slice
 index out of range, an array of the wrong shape) raise :class:`ValueError` with a
@@ -39,8 +46,8 @@ message that names the file; a destination that cannot be written raises
 
 from __future__ import annotations
 
-import json
 import errno
+import json
 import os
 import re
 import shutil
@@ -69,6 +76,8 @@ __all__ = [
     "temporary_sibling",
     "replace_atomically",
     "remove_stale_temporaries",
+    "max_voxels",
+    "DEFAULT_MAX_VOXELS",
 ]
 
 _FORMATS: dict[str, str] = {
@@ -146,7 +155,9 @@ def temporary_sibling(path: str | os.PathLike) -> Path:
     ext = _extension(p)
     stem = p.name[: len(p.name) - len(ext)] if ext else p.name
     remove_stale_temporaries(p.parent)
-    fd, name = tempfile.mkstemp(prefix=f".{stem}{_PARTIAL}{_HOST}-{os.getpid()}-", suffix=ext, dir=p.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{stem}{_PARTIAL}{_HOST}-{os.getpid()}-", suffix=ext, dir=p.parent
+    )
     os.close(fd)
     return Path(name)
 
@@ -188,6 +199,12 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OSError):  # exists but not ours, or not checkable: keep it
         return True
     return True
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to the disk (where a full disk shows at the latest)."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -246,8 +263,7 @@ def replace_atomically(
     try:
         tmp = temporary_sibling(p)
         write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        _fsync_file(tmp)
         os.replace(tmp, p)
         tmp = None
         _fsync_dir(p.parent)
@@ -287,12 +303,79 @@ def _to_gray(rgb: np.ndarray) -> np.ndarray:
     return rgb2gray(rgb[..., :3])
 
 
-def _load(p: Path, fmt: str) -> np.ndarray:
-    """The file's array with colour converted to gray and singleton axes dropped."""
+MAX_VOXELS_ENV = "NAPARI_DISCREG_MAX_VOXELS"
+DEFAULT_MAX_VOXELS = 2**28
+"""The most voxels (pixels times slices; colour samples not counted) a file may hold:
+268,435,456, e.g. a 645^3 volume, 1 GiB as float32. Set another limit with the
+environment variable ``NAPARI_DISCREG_MAX_VOXELS`` or the readers' ``max_voxels``."""
+
+
+def max_voxels(value: int | None = None) -> int:
+    """The voxel limit in force: ``value``, else ``$NAPARI_DISCREG_MAX_VOXELS``, else
+    :data:`DEFAULT_MAX_VOXELS`."""
+    if value is None:
+        env = os.environ.get(MAX_VOXELS_ENV, "").strip()
+        if not env:
+            return DEFAULT_MAX_VOXELS
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"{MAX_VOXELS_ENV}={env!r} is not a whole number of voxels") from None
+    if int(value) < 1:
+        raise ValueError(f"the voxel limit must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_size(p: Path, shape: tuple[int, ...], dtype: Any, limit: int, colour: bool) -> None:
+    """Refuse, from the header alone, a file whose array is larger than ``limit`` voxels."""
+    dims = [int(s) for s in shape]
+    if colour and len(dims) > 2 and dims[-1] in (3, 4):
+        dims = dims[:-1]
+    count = int(np.prod(dims, dtype=np.float64)) if dims else 0
+    if count > limit:
+        try:
+            itemsize = np.dtype(dtype).itemsize
+        except TypeError:
+            itemsize = 0
+        name = np.dtype(dtype).name if itemsize else ""
+        raw = (
+            f"{count * itemsize / 2**30:.1f} GiB as {name}, " if name not in ("", "float32") else ""
+        )
+        raise ValueError(
+            f"{p}: its header declares an array of shape {tuple(int(s) for s in shape)} "
+            f"({count:,} voxels; {raw}{count * 4 / 2**30:.1f} GiB as float32), more than the "
+            f"limit of {limit:,} voxels; crop or downsample it, or raise the limit with "
+            f"{MAX_VOXELS_ENV}"
+        )
+
+
+def _npy_header(p: Path) -> tuple[tuple[int, ...], np.dtype]:
+    with open(p, "rb") as fh:
+        if fh.read(6) != b"\x93NUMPY":
+            raise ValueError("the file does not start with the .npy header")
+        fh.seek(0)
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    return tuple(shape), dtype
+
+
+def _load(p: Path, fmt: str, limit: int | None = None) -> np.ndarray:
+    """The file's array with colour converted to gray and singleton axes dropped.
+
+    The shape and dtype in the file's header are checked against the voxel limit
+    (:func:`max_voxels`) before anything is decoded.
+    """
+    limit = max_voxels(limit)
     try:
         if fmt == "png":
             import imageio.v3 as iio
+            from PIL import Image
 
+            with Image.open(p) as im:  # reads the header only
+                _check_size(p, (im.height, im.width), np.uint8, limit, False)
             # pillow only: imageio would otherwise try every plugin it knows on a bad file
             arr = np.asarray(iio.imread(p, plugin="pillow"))
             if arr.ndim == 3 and arr.shape[-1] in (3, 4):
@@ -305,6 +388,7 @@ def _load(p: Path, fmt: str) -> np.ndarray:
             with tifffile.TiffFile(str(p)) as tif:
                 series = tif.series[0]
                 axes = series.axes
+                _check_size(p, series.shape, series.dtype, limit, axes.endswith("S"))
                 arr = np.asarray(series.asarray())
             if axes.endswith("S") and arr.shape[-1] in (3, 4):
                 arr = _to_gray(arr)
@@ -312,11 +396,11 @@ def _load(p: Path, fmt: str) -> np.ndarray:
             import nibabel as nib
 
             img: Any = nib.load(str(p))  # a Nifti1/2Image (nibabel types it as the base class)
+            _check_size(p, img.header.get_data_shape(), img.header.get_data_dtype(), limit, False)
             arr = np.asarray(img.get_fdata(dtype=np.float32))
         else:
-            with open(p, "rb") as fh:
-                if fh.read(6) != b"\x93NUMPY":
-                    raise ValueError("the file does not start with the .npy header")
+            shape, dtype = _npy_header(p)
+            _check_size(p, shape, dtype, limit, False)
             arr = np.load(str(p), allow_pickle=False)
     except ValueError as exc:
         if str(p) in str(exc):
@@ -350,7 +434,11 @@ def _check_axis(p: Path, shape: tuple[int, ...], axis: int) -> int:
 
 
 def read_image(
-    path: str | os.PathLike, *, axis: int | None = None, index: int | None = None
+    path: str | os.PathLike,
+    *,
+    axis: int | None = None,
+    index: int | None = None,
+    max_voxels: int | None = None,
 ) -> np.ndarray:
     """Read one 2D image (float32) from a PNG/JPEG, TIFF, NIfTI or ``.npy`` file.
 
@@ -364,6 +452,9 @@ def read_image(
     index : int, optional
         For 3D files: which slice along ``axis`` (0-based). Default: the middle one,
         ``n // 2``.
+    max_voxels : int, optional
+        Refuse a file whose header declares more voxels than this, before reading
+        its data (default :data:`DEFAULT_MAX_VOXELS`, or ``$NAPARI_DISCREG_MAX_VOXELS``).
 
     Returns
     -------
@@ -374,11 +465,11 @@ def read_image(
     ------
     ValueError
         Missing file, unknown extension, unreadable or corrupt file, non-numeric
-        data, an array with more than three non-singleton axes, or ``axis``/``index``
-        out of range. The message names the file.
+        data, an array with more than three non-singleton axes, more voxels than
+        ``max_voxels``, or ``axis``/``index`` out of range. The message names the file.
     """
     p, fmt = _check_readable(path)
-    arr = _load(p, fmt)
+    arr = _load(p, fmt, max_voxels)
     if arr.ndim == 3:
         ax = _check_axis(p, arr.shape, _DEFAULT_AXIS[fmt] if axis is None else int(axis))
         n = arr.shape[ax]
@@ -392,14 +483,17 @@ def read_image(
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def read_stack(path: str | os.PathLike, *, axis: int | None = None) -> np.ndarray:
+def read_stack(
+    path: str | os.PathLike, *, axis: int | None = None, max_voxels: int | None = None
+) -> np.ndarray:
     """Read a stack or volume file as ``(N, H, W)`` float32 slices along ``axis``.
 
     ``axis`` defaults as in :func:`read_image` (0 for TIFF/``.npy``, 2 for NIfTI);
-    a 2D file gives ``N = 1``. Raises :class:`ValueError` like :func:`read_image`.
+    a 2D file gives ``N = 1``; ``max_voxels`` as in :func:`read_image`. Raises
+    :class:`ValueError` like :func:`read_image`.
     """
     p, fmt = _check_readable(path)
-    arr = _load(p, fmt)
+    arr = _load(p, fmt, max_voxels)
     if arr.ndim == 2:
         arr = arr[None]
     else:

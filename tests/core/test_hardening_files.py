@@ -1,0 +1,217 @@
+"""Files under stress (issue 17): decompression bombs, full disks, unique temporaries,
+outputs that would replace inputs, concurrent runs into one folder, Ctrl-C over a
+complete model, and an exact resume on the built-in template."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import os
+import subprocess
+import sys
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_discreg.core import io
+from napari_discreg.core.checkpoint import load_model, save_checkpoint
+
+BIG = (1024, 1024, 1024)  # 2**30 voxels: 4 GiB as float32
+
+
+def _bomb_tiff(path: Path) -> Path:
+    """A 1.3 MB TIFF that declares a 1024^3 uint8 volume (pre-compressed zero tiles)."""
+    import tifffile
+
+    tile = zlib.compress(np.zeros(BIG[1:], np.uint8).tobytes(), 9)
+    tifffile.imwrite(
+        path,
+        data=(tile for _ in range(BIG[0])),
+        shape=BIG,
+        dtype=np.uint8,
+        compression="zlib",
+        tile=BIG[1:],
+    )
+    return path
+
+
+def _bomb_nifti(path: Path) -> Path:
+    """A 100-byte .nii.gz whose header declares a 1024^3 float32 volume."""
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(BIG)
+    hdr.set_data_dtype(np.float32)
+    hdr["vox_offset"] = 352
+    with gzip.open(path, "wb") as fh:
+        fh.write(hdr.binaryblock + b"\0" * 4 + b"\0" * 4096)
+    return path
+
+
+def _bomb_npy(path: Path) -> Path:
+    """A .npy header that declares 1024^3 float32 with almost no data behind it."""
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": "<f4", "fortran_order": False, "shape": BIG}
+        )
+        fh.write(b"\0" * 64)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make", [_bomb_tiff, _bomb_nifti, _bomb_npy], ids=["tiff", "nii.gz", "npy"]
+)
+@pytest.mark.parametrize("reader", [io.read_stack, io.read_image], ids=["stack", "image"])
+def test_readers_refuse_a_declared_huge_volume_before_decoding(tmp_path, make, reader):
+    ext = {"_bomb_tiff": ".tif", "_bomb_nifti": ".nii.gz", "_bomb_npy": ".npy"}[make.__name__]
+    path = make(tmp_path / f"bomb{ext}")
+    assert path.stat().st_size < 2_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="1,073,741,824 voxels.*limit of 268,435,456"):
+            reader(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6  # nothing of the 4 GiB was allocated
+
+
+def test_png_bomb_refused_from_its_size(tmp_path):
+    """A PNG header is read by Pillow; the limit applies to its width x height."""
+    img = np.zeros((64, 80), np.uint8)
+    io.write_image(tmp_path / "a.png", img)
+    with pytest.raises(ValueError, match="5,120 voxels.*limit of 1,000"):
+        io.read_image(tmp_path / "a.png", max_voxels=1000)
+    assert io.read_image(tmp_path / "a.png", max_voxels=5120).shape == (64, 80)
+
+
+def test_voxel_limit_is_settable(tmp_path, monkeypatch):
+    np.save(tmp_path / "v.npy", np.zeros((4, 10, 10), np.float32))
+    assert io.read_stack(tmp_path / "v.npy").shape == (4, 10, 10)
+    monkeypatch.setenv(io.MAX_VOXELS_ENV, "399")
+    with pytest.raises(ValueError, match="400 voxels.*NAPARI_DISCREG_MAX_VOXELS"):
+        io.read_stack(tmp_path / "v.npy")
+    assert io.read_stack(tmp_path / "v.npy", max_voxels=400).shape == (4, 10, 10)
+    monkeypatch.setenv(io.MAX_VOXELS_ENV, "lots")
+    with pytest.raises(ValueError, match="not a whole number"):
+        io.read_stack(tmp_path / "v.npy")
+
+
+# ------------------------------------------------------------------ atomic, unique writes
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(
+        p.name for p in folder.iterdir() if ".partial-" in p.name or p.name.endswith(".tmp")
+    )
+
+
+def test_temporaries_are_unique_and_created_exclusively(tmp_path):
+    a = io.temporary_sibling(tmp_path / "m.safetensors")
+    b = io.temporary_sibling(tmp_path / "m.safetensors")
+    assert a != b and a.is_file() and b.is_file()
+    assert a.name.startswith(".m.partial-") and a.name.endswith(".safetensors")
+    assert f"-{os.getpid()}-" in a.name
+
+
+def test_two_checkpoint_writes_never_share_a_temporary(tmp_path, tiny_model, monkeypatch):
+    """The fixed ``<out>.tmp`` let two runs write into one temporary file."""
+    seen = []
+    real = io._fsync_file
+
+    def spy(path):
+        seen.append(Path(path).name)
+        real(path)
+
+    monkeypatch.setattr(io, "_fsync_file", spy)
+    save_checkpoint(tiny_model, tmp_path / "m.safetensors")
+    save_checkpoint(tiny_model, tmp_path / "m.safetensors")
+    assert len(seen) == 2 and seen[0] != seen[1]
+    assert not any(n.endswith(".tmp") for n in seen)
+    assert _leftovers(tmp_path) == []
+
+
+def test_temporaries_of_a_killed_process_are_removed_later(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".m.partial-{io._HOST}-{dead.pid}-abcd1234.safetensors"
+    live = tmp_path / f".m.partial-{io._HOST}-{os.getppid()}-abcd1234.safetensors"
+    other_host = tmp_path / f".m.partial-otherhost-{dead.pid}-abcd1234.safetensors"
+    for p in (stale, live, other_host):
+        p.write_bytes(b"x")
+    io.write_image(tmp_path / "a.tif", np.zeros((4, 4), np.float32))
+    assert not stale.exists()
+    assert live.exists() and other_host.exists()
+
+
+def _enospc(*_a, **_k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_on_a_model_keeps_the_previous_file(tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "m.safetensors"
+    save_checkpoint(tiny_model, out)
+    before = out.read_bytes()
+    monkeypatch.setattr(io, "_fsync_file", _enospc)
+    with pytest.raises(
+        OSError, match=r"m\.safetensors: the disk is full \(it needs about [\d,]+ bytes"
+    ) as err:
+        save_checkpoint(tiny_model, out)
+    assert err.value.errno == errno.ENOSPC
+    assert "previous file is unchanged" in str(err.value)
+    assert out.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["w.tif", "w.nii.gz", "w.npy", "w.png"])
+def test_full_disk_on_an_image_keeps_the_previous_file(tmp_path, monkeypatch, name):
+    out = tmp_path / name
+    io.write_image(out, np.ones((8, 8), np.float32))
+    before = out.read_bytes()
+    monkeypatch.setattr(io, "_write_raw", _enospc)
+    with pytest.raises(OSError, match="the disk is full") as err:
+        io.write_image(out, np.zeros((8, 8), np.float32))
+    assert err.value.errno == errno.ENOSPC and str(out) in str(err.value)
+    assert out.read_bytes() == before and _leftovers(tmp_path) == []
+
+
+def test_ctrl_c_during_a_write_leaves_no_temporary(tmp_path, monkeypatch):
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "_fsync_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_image(tmp_path / "a.tif", np.zeros((4, 4), np.float32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return False
+    path.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    return r.returncode == 0
+
+
+def test_real_full_disk_on_a_small_tmpfs(tmp_path, tiny_model):
+    """The tester's case on a real 64 kB tmpfs (only where the tests run as root)."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "64k"):
+        pytest.skip("needs root on Linux to mount a tmpfs")
+    try:
+        small = disk / "m.safetensors"
+        save_checkpoint(tiny_model, small)  # the tiny model fits
+        before = small.read_bytes()
+        (disk / "fill").write_bytes(b"\0" * (64 * 1024 - 2 * len(before) + 4096))
+        big = tiny_model
+        with pytest.raises(OSError, match="the disk is full"):
+            save_checkpoint(big, small, extra={"pad": "x" * 3 * len(before)})
+        assert small.read_bytes() == before and _leftovers(disk) == []
+        load_model(small)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
