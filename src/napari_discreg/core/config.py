@@ -6,16 +6,123 @@ next to its weights so that a model can always be rebuilt exactly.
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+import numpy as np
+
+MAX_JSON_DEPTH = 16
+"""Deepest nesting of lists and objects accepted in JSON read from a checkpoint or a state."""
+MAX_IMAGE_SIDE = 2048
+"""Largest side in pixels of the images a config may ask for (``DataConfig.size``)."""
+MIN_IMAGE_SIDE = 16
+"""Smallest side in pixels that :func:`register` accepts for the shipped models (their
+label range, :func:`~napari_discreg.core.preprocess.min_image_size`); training and
+adaptation sizes below it are refused too."""
+
+
+def parse_json(text: str, where: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for text read from a file: malformed or too deeply nested JSON
+    (which makes Python's parser recurse) raises ``ValueError`` naming ``where``."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: expected JSON text, got {type(text).__name__}")
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:  # bracket depth outside strings, before the recursive parser runs
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > max_depth:
+                raise ValueError(
+                    f"{where}: JSON nested deeper than {max_depth} levels; the file is corrupt "
+                    "or was not written by napari-discreg"
+                )
+        elif ch in "]}":
+            depth -= 1
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc})") from exc
+
+
+def _field_error(cls: type, name: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"{cls.__name__}.{name} must be {expected}, got {value!r}")
+
+
+def _coerce(cls: type, name: str, kind: str, value: Any) -> Any:
+    """``value`` checked against the declared type ``kind`` (a string: the modules use
+    postponed annotations): whole numbers for ``int`` (an integral float becomes an int),
+    finite real numbers for ``float``, and so on; a clear ``ValueError`` otherwise."""
+    kind = kind.replace(" ", "")
+    if kind.endswith("|None"):
+        return None if value is None else _coerce(cls, name, kind[: -len("|None")], value)
+    if kind == "bool":
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise _field_error(cls, name, "true or false", value)
+    if kind == "int":
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise _field_error(cls, name, "a whole number", value)
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if math.isfinite(value) and float(value).is_integer():
+            return int(value)
+        raise _field_error(cls, name, "a whole number", value)
+    if kind == "float":
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise _field_error(cls, name, "a number", value)
+        if not math.isfinite(value):
+            raise _field_error(cls, name, "a finite number", value)
+        return float(value)
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise _field_error(cls, name, "a string", value)
+    if kind.startswith("tuple["):
+        if not isinstance(value, (tuple, list)):
+            raise _field_error(cls, name, f"a list ({kind})", value)
+        inner = kind[len("tuple[") : -1].split(",")
+        if len(inner) == 2 and inner[1] == "...":
+            return tuple(_coerce(cls, name, inner[0], v) for v in value)
+        if len(value) != len(inner):
+            raise _field_error(cls, name, f"{len(inner)} values", value)
+        return tuple(_coerce(cls, name, t, v) for t, v in zip(inner, value, strict=True))
+    return value  # pragma: no cover - every declared type is handled above
 
 
 class Config:
     """What every settings record shares: ``to_dict`` (JSON-able) and ``from_dict``
     (rejects unknown keys with a clear message; JSON lists become the tuples the fields
     declare). Subclasses are frozen dataclasses; ``_upgrade`` fills keys that older
-    records lack."""
+    records lack.
+
+    Every field is checked against its declared type when a record is made, however it
+    is made (``from_dict`` on a checkpoint's or a state file's JSON, or in code): whole
+    numbers for ``int`` fields, finite numbers for ``float`` fields, booleans, strings
+    and tuples of those; the subclasses' ``_check`` then bounds the ranges. Anything else
+    raises ``ValueError`` with the field's name.
+    """
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = _coerce(type(self), f.name, str(f.type), getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+        self._check()
+
+    def _check(self) -> None:
+        """Range checks of the subclass (the types are already checked)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
@@ -30,12 +137,9 @@ class Config:
             raise ValueError(f"{cls.__name__} must be a mapping, got {type(data).__name__}")
         data = cls._upgrade(dict(data))
         declared = {f.name: str(f.type) for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - set(declared))
+        unknown = sorted(set(map(str, data)) - set(declared))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-        for key, value in data.items():
-            if declared[key].startswith("tuple") and isinstance(value, list):
-                data[key] = tuple(value)
         return cls(**data)
 
 
@@ -47,6 +151,21 @@ SHIPPED_MODELS: dict[str, tuple[str, str]] = {
 shipped with the package; each has its training record beside it (same stem, .json).
 ``load_model(name)`` loads one; ``"default"`` is what ``load_model()`` and
 ``register()`` use."""
+
+
+# Bounds of a model's architecture: a checkpoint's config is checked against them before
+# anything is built (a 3 kB file asking for K = 1001 would otherwise allocate gigabytes).
+# The shipped models use K = 15, q = 7, stride 4, 24 features, 64 head channels, T = 10.
+MAX_NUM_LABELS = 63
+MAX_CAPTURE_RANGE = 128.0
+MAX_STRIDE = 32
+MAX_CHANNELS = 1024
+MAX_TEMPERATURE = 1000.0
+# Bounds of the other settings (steps, pairs, levels): far above any sensible value, low
+# enough that a tampered state file cannot ask for an endless or enormous run.
+MAX_COUNT = 1_000_000
+MAX_BATCH = 4096
+MAX_LEVELS = 8
 
 
 @dataclass(frozen=True)
@@ -83,17 +202,33 @@ class ModelConfig(Config):
     head_bottleneck: int = 32
     temperature: float = 10.0
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if self.num_labels < 3 or self.num_labels % 2 == 0:
             raise ValueError(f"num_labels must be an odd integer >= 3, got {self.num_labels}")
-        if not self.capture_range > 0:
-            raise ValueError(f"capture_range must be > 0 pixels, got {self.capture_range}")
-        if self.stride < 1:
-            raise ValueError(f"stride must be >= 1, got {self.stride}")
-        if self.features < 1 or self.head_channels < 1:
-            raise ValueError("features and head_channels must be >= 1")
-        if self.head_bottleneck < 0:
-            raise ValueError(f"head_bottleneck must be >= 0, got {self.head_bottleneck}")
+        if self.num_labels > MAX_NUM_LABELS:
+            raise ValueError(
+                f"num_labels must be at most {MAX_NUM_LABELS} (the cost volume holds K^2 "
+                f"values per control point), got {self.num_labels}"
+            )
+        if not 0 < self.capture_range <= MAX_CAPTURE_RANGE:
+            raise ValueError(
+                f"capture_range must be > 0 and <= {MAX_CAPTURE_RANGE} pixels, got "
+                f"{self.capture_range}"
+            )
+        if not 1 <= self.stride <= MAX_STRIDE:
+            raise ValueError(f"stride must be between 1 and {MAX_STRIDE}, got {self.stride}")
+        for name in ("features", "head_channels"):
+            value = getattr(self, name)
+            if not 1 <= value <= MAX_CHANNELS:
+                raise ValueError(f"{name} must be between 1 and {MAX_CHANNELS}, got {value}")
+        if not 0 <= self.head_bottleneck <= MAX_CHANNELS:
+            raise ValueError(
+                f"head_bottleneck must be between 0 and {MAX_CHANNELS}, got {self.head_bottleneck}"
+            )
+        if not 0 < self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be > 0 and <= {MAX_TEMPERATURE}, got {self.temperature}"
+            )
 
     @classmethod
     def _upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +255,21 @@ class DataConfig(Config):
     bias: float = 0.25
     blur: float = 0.6
 
+    def _check(self) -> None:
+        if not MIN_IMAGE_SIDE <= self.size <= MAX_IMAGE_SIDE:
+            raise ValueError(
+                f"size must be between {MIN_IMAGE_SIDE} px (the smallest image register "
+                f"accepts) and {MAX_IMAGE_SIDE} px, got {self.size}"
+            )
+        for name in ("train_slices", "test_slices"):
+            start, stop = getattr(self, name)
+            if not 0 <= start < stop <= MAX_COUNT:
+                raise ValueError(f"{name} must be a range 0 <= start < stop, got {(start, stop)}")
+        if self.max_displacement < 0 or self.smoothness <= 0:
+            raise ValueError("max_displacement must be >= 0 and smoothness > 0")
+        if min(self.affine_scale, self.noise, self.bias, self.blur) < 0:
+            raise ValueError("affine_scale, noise, bias and blur must be >= 0")
+
 
 @dataclass(frozen=True)
 class TrainConfig(Config):
@@ -138,6 +288,17 @@ class TrainConfig(Config):
     source_contrasts: tuple[str, ...] = ("t1", "t2", "pd")
     contrast_augmentation: bool = True
     seed: int = 0
+
+    def _check(self) -> None:
+        if not 0 <= self.steps <= MAX_COUNT or not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(
+                f"steps must be in [0, {MAX_COUNT}] and batch_size in [1, {MAX_BATCH}], got "
+                f"{self.steps} and {self.batch_size}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 SELECTION_CRITERIA: tuple[str, ...] = ("mind", "nmi", "agreement")
@@ -175,7 +336,7 @@ class AdaptConfig(Config):
     source_augmentation: bool = True
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if self.criterion not in SELECTION_CRITERIA:
             raise ValueError(
                 f"unknown selection criterion {self.criterion!r}; expected one of {SELECTION_CRITERIA}"
@@ -189,6 +350,19 @@ class AdaptConfig(Config):
             raise ValueError("steps must be >= 0; batch_size, generator_updates, select_every >= 1")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if (
+            max(self.steps, self.generator_updates, self.select_every, self.swd_projections)
+            > (MAX_COUNT)
+            or self.batch_size > MAX_BATCH
+        ):
+            raise ValueError(
+                f"steps, generator_updates, select_every and swd_projections must be at most "
+                f"{MAX_COUNT} and batch_size at most {MAX_BATCH}"
+            )
+        if self.swd_projections < 1 or self.seed < 0:
+            raise ValueError("swd_projections must be >= 1 and seed >= 0")
+        if self.discrepancy_weight < 0 or self.source_weight_c < 0:
+            raise ValueError("discrepancy_weight and source_weight_c must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -226,7 +400,7 @@ class FolderConfig(Config):
     eval_pairs: int = 32
     target_pairs: int = 128
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if not 0.0 <= self.foreground_threshold < 1.0:
             raise ValueError(
                 f"foreground_threshold must be in [0, 1), got {self.foreground_threshold}"
@@ -239,6 +413,10 @@ class FolderConfig(Config):
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.eval_pairs < 0 or self.target_pairs < 1:
             raise ValueError("eval_pairs must be >= 0 and target_pairs >= 1")
+        if max(self.eval_pairs, self.target_pairs) > MAX_COUNT:
+            raise ValueError(f"eval_pairs and target_pairs must be at most {MAX_COUNT}")
+        if self.axis is not None and not -3 <= self.axis <= 2:
+            raise ValueError(f"axis must be one of -3..2 (a volume's axes), got {self.axis}")
 
 
 @dataclass(frozen=True)
@@ -272,13 +450,17 @@ class RefineConfig(Config):
     dilation: int = 2
     levels: int = 2
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if self.levels < 1:
             raise ValueError(f"refine: levels must be >= 1, got {self.levels}")
         if self.steps < 0 or self.lr <= 0 or self.smoothness < 0:
             raise ValueError("refine: steps must be >= 0, lr > 0 and smoothness >= 0")
         if self.grid_stride < 1 or self.radius < 0 or self.dilation < 1:
             raise ValueError("refine: grid_stride >= 1, radius >= 0 and dilation >= 1 needed")
+        if self.levels > MAX_LEVELS or self.steps > MAX_COUNT:
+            raise ValueError(f"refine: at most {MAX_LEVELS} levels and {MAX_COUNT} steps")
+        if max(self.grid_stride, self.radius, self.dilation) > MAX_STRIDE:
+            raise ValueError(f"refine: grid_stride, radius and dilation must be <= {MAX_STRIDE}")
 
 
 @dataclass(frozen=True)
@@ -321,7 +503,7 @@ class BSplineConfig(Config):
     dilations: tuple[int, ...] = (2, 1)
     symmetric: bool = True
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if not (self.spacing >= 2 and math.isfinite(self.spacing)):
             raise ValueError(f"bspline: spacing must be a finite number >= 2, got {self.spacing}")
         if self.levels < 1 or len(self.iterations) < 1:
@@ -334,6 +516,20 @@ class BSplineConfig(Config):
             raise ValueError("bspline: smoothness and damping must be >= 0")
         if self.radius < 0 or not self.dilations or any(d < 1 for d in self.dilations):
             raise ValueError("bspline: radius >= 0 and dilations >= 1 needed")
+        if self.levels > MAX_LEVELS or self.spacing > MAX_IMAGE_SIDE:
+            raise ValueError(
+                f"bspline: at most {MAX_LEVELS} levels and spacing <= {MAX_IMAGE_SIDE}"
+            )
+        if len(self.iterations) > MAX_LEVELS or sum(self.iterations) > MAX_COUNT:
+            raise ValueError(f"bspline: at most {MAX_LEVELS} iteration counts, {MAX_COUNT} in all")
+        if (
+            self.radius > MAX_STRIDE
+            or len(self.dilations) > MAX_LEVELS
+            or max(self.dilations) > MAX_STRIDE
+        ):
+            raise ValueError(
+                f"bspline: radius and dilations must be <= {MAX_STRIDE}, at most {MAX_LEVELS} dilations"
+            )
 
 
 DEFAULT_MODEL = ModelConfig()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .labels import label_offsets
+from .memory import GUARD_FLOOR, MemoryEstimate, check_memory, network_bytes, training_bytes
 from .warp import pixels_to_grid_sample
 
 
@@ -236,6 +237,10 @@ class DiscreteRegistrationNet(nn.Module):
 
     ``forward(fixed, moving)`` takes (B, 1, H, W) tensors with H and W multiples of
     ``config.stride`` and returns the logits of both heads, each (B, h, w, K, K).
+
+    Train and eval mode compute the same function: the network has no batch norm, no
+    dropout and its instance norms keep no running statistics (:func:`mode_independent`,
+    tested), so inference never needs to switch a model's mode.
     """
 
     offsets: torch.Tensor  # (K*K, 2) label displacements in px, a non-persistent buffer
@@ -258,6 +263,7 @@ class DiscreteRegistrationNet(nn.Module):
     def cost_volume(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """Scaled cost volume (B, K^2, h, w) of G's features."""
         self._check(fixed, moving)
+        self._check_memory(fixed)
         s = self.config.stride
         h, w = fixed.shape[-2] // s, fixed.shape[-1] // s
         feats = self.G(torch.cat([fixed, moving], dim=0))
@@ -278,6 +284,19 @@ class DiscreteRegistrationNet(nn.Module):
         k = self.config.num_labels
         return logits.permute(0, 2, 3, 1).reshape(b, h, w, k, k)
 
+    def _check_memory(self, fixed: torch.Tensor) -> None:
+        """Refuse a pass whose estimated peak (:mod:`.memory`: inference, or a training
+        forward and backward when autograd records) exceeds the memory limit."""
+        b, _, h, w = (int(n) for n in fixed.shape)
+        grad = torch.is_grad_enabled()
+        need = (training_bytes if grad else network_bytes)(self.config, (h, w), b)
+        if need > GUARD_FLOOR:
+            kind = "training pass" if grad else "pass"
+            check_memory(
+                MemoryEstimate(need, f"a network {kind} over {b} pair(s) of {h} x {w} px"),
+                hint="use smaller images or batches, or a model with fewer labels or a larger stride",
+            )
+
     def _check(self, fixed: torch.Tensor, moving: torch.Tensor) -> None:
         if fixed.shape != moving.shape or fixed.ndim != 4 or fixed.shape[1] != 1:
             raise ValueError(
@@ -287,6 +306,26 @@ class DiscreteRegistrationNet(nn.Module):
         s = self.config.stride
         if fixed.shape[-2] % s or fixed.shape[-1] % s:
             raise ValueError(f"H and W must be multiples of the stride {s}; pad the images first")
+
+
+def mode_independent(model: nn.Module) -> bool:
+    """Whether ``model`` computes the same in train and eval mode: no dropout, no batch
+    norm, no norm layer that tracks running statistics."""
+    for m in model.modules():
+        if isinstance(m, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)):
+            return False
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            return False
+    return True
+
+
+def expected_state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the state dict of a model of ``config``, built on
+    the ``meta`` device: no memory is allocated for the weights, so a checkpoint's tensors
+    can be checked against its config before anything is built."""
+    with torch.device("meta"):
+        net = DiscreteRegistrationNet(config)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
