@@ -6,6 +6,7 @@ One pipeline serves the API, the CLI and the napari widget: :data:`DEFAULT_METHO
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,7 +19,8 @@ from .config import BSplineConfig, RefineConfig
 from .discrepancy import projected_emd
 from .geometry import control_point_index, control_point_position
 from .labels import argmax_label
-from .model import DiscreteRegistrationNet, resolve_device
+from .memory import ENV_LIMIT, check_memory, register_estimate
+from .model import DiscreteRegistrationNet, mode_independent, resolve_device
 from .predict import predict_field
 from .preprocess import check_pair, min_image_size, network_input
 from .refine import no_worse_than_identity, refine_field, refine_step_count
@@ -86,19 +88,65 @@ def _summarise(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     )
 
 
-_EVAL_LOCK = threading.Lock()
-
-
 def _run_network(model, ft, mt):
-    """The network in eval mode on padded inputs; the model's own mode is restored."""
-    with _EVAL_LOCK:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                return predict_field(model, ft, mt)
-        finally:
-            model.train(was_training)
+    """The network on padded inputs, under ``torch.inference_mode``.
+
+    The model's train/eval mode is left alone (switching it is not thread-safe: another
+    thread may be training or registering with the same model): the architecture
+    computes the same in both modes (:func:`~napari_discreg.core.model.mode_independent`),
+    which :func:`register` checks.
+    """
+    with torch.inference_mode():
+        return predict_field(model, ft, mt)
+
+
+class CaptureRangeWarning(UserWarning):
+    """The network's field looks unreliable because the motion may exceed its capture range."""
+
+
+CAPTURE_EDGE_FRACTION = 0.05
+"""Warn when at least this share of the foreground control points have their most
+probable label on the outermost ring of the K x K grid (the capture range)."""
+CAPTURE_MIN_PEAK = 0.15
+"""... or when the mean peak probability of the heads' mean histogram over the foreground
+control points is below this (the network finds no candidate that matches).
+
+Measured with the shipped model on a 128 px T1 slice rolled by ``s`` px (method
+``"network"``, guard off): the outer-ring share is 0 for s <= 5, 0.12-0.20 for s = 7-9,
+and <= 0.04 for s >= 10, where the network's field collapses to about 0; the mean peak
+probability is 0.50 at s = 0, 0.37 at 3, 0.21 at 6, 0.10-0.12 for s >= 8, and 0.30-0.34
+on synthetic T1->T2/PD pairs with up to 6 px of motion (no warning)."""
+
+
+def capture_range_check(
+    probs: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, offsets, stride: int
+) -> str | None:
+    """A warning message when the network's histograms ``probs`` (2, 1, h, w, K, K) on a
+    padded pair suggest motion beyond the capture range, else ``None``."""
+    mean = probs.mean(0)[0].float()  # (h, w, K, K)
+    h, w, k, _ = mean.shape
+    fg = torch.nn.functional.max_pool2d(((fixed > 0.05) | (moving > 0.05)).float(), stride)
+    fg = fg[0, 0, :h, :w] > 0
+    if not bool(fg.any()):
+        return None
+    label = mean.flatten(-2).argmax(-1)[fg]
+    a, b = label // k, label % k
+    ring = ((a - k // 2).abs() == k // 2) | ((b - k // 2).abs() == k // 2)
+    edge = float(ring.float().mean())
+    peak = float(mean.flatten(-2).max(-1).values[fg].mean())
+    if edge < CAPTURE_EDGE_FRACTION and peak >= CAPTURE_MIN_PEAK:
+        return None
+    q = float(offsets.abs().max())
+    why = (
+        f"{edge:.0%} of the foreground control points chose the largest displacement"
+        if edge >= CAPTURE_EDGE_FRACTION
+        else f"the network is unsure at most control points (mean peak probability {peak:.2f})"
+    )
+    return (
+        f"{why}: the motion may be larger than the network's capture range of +/-{q:g} px "
+        "(or the contrasts unlike its training); try refinement (method='bspline', the "
+        "default, reaches further) or a pre-alignment"
+    )
 
 
 @dataclass
@@ -130,6 +178,11 @@ class RegistrationResult:
         ``register(guard=True)``) and the zero field was used instead; for the network
         methods this is judged on the network's field (the refinement then starts from
         zero).
+    capture_warning : str or None
+        For the network methods: why the network's field may be unreliable because the
+        motion looks larger than its capture range (also issued as a
+        :class:`CaptureRangeWarning`); ``None`` when it looks fine or the network did not
+        make the field.
 
     The network's view of the pair, the same whatever the method (computed on first use
     when the method did not need the network):
@@ -152,6 +205,7 @@ class RegistrationResult:
     method: str = DEFAULT_METHOD
     refine_steps: int = 0
     identity_fallback: bool = False
+    capture_warning: str | None = None
     _network: NetworkOutputs | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -222,6 +276,7 @@ def register(
     refine: bool | int | RefineConfig | BSplineConfig | None = None,
     guard: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    max_memory_gb: float | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (2D images of the same shape).
 
@@ -255,6 +310,20 @@ def register(
         ``progress(done, total)``: called at the start, after the network's pass and
         after every optimiser step (Gauss-Newton or Adam), and at the end. An exception
         it raises (a stop request) ends the registration and propagates.
+    max_memory_gb : float, optional
+        Refuse (``ValueError``) when the estimated peak memory
+        (:func:`~napari_discreg.core.memory.register_estimate`) exceeds this many GB;
+        default: the environment variable ``DISCREG_MAX_MEMORY_GB``, else 8 GB. The
+        memory available on the machine bounds it too.
+
+    The caller's model is not modified: its train/eval mode is left as it is (the
+    network computes the same in both), so one model may serve several threads.
+
+    Warns
+    -----
+    CaptureRangeWarning
+        For the network methods, when the network's field suggests motion beyond its
+        capture range (``RegistrationResult.capture_warning``).
 
     Returns
     -------
@@ -264,8 +333,8 @@ def register(
     ------
     ValueError
         For images that are not 2D, differ in shape, hold NaN/inf, are constant or
-        smaller than the label range needs, and for an unknown method or settings that
-        do not fit it.
+        smaller than the label range needs, that would need more memory than allowed,
+        and for an unknown method or settings that do not fit it.
     """
     method, settings = resolve_method(method, refine)
     if model is None:
@@ -274,15 +343,26 @@ def register(
     else:
         dev = resolve_device(device) if device is not None else next(model.parameters()).device
         model = model.to(dev)
+    if model.training and not mode_independent(model):
+        raise ValueError(
+            "this model computes differently in train mode; call model.eval() before register"
+        )
     cfg = model.config
     f, m = check_pair(
         fixed, moving, min_size=min_image_size(cfg.num_labels, cfg.capture_range, cfg.stride)
     )
     h, w = f.shape
+    check_memory(
+        register_estimate(cfg, method, (h, w)),
+        limit_gb=max_memory_gb,
+        hint="downsample or crop the images (or raise the limit with max_memory_gb or "
+        f"{ENV_LIMIT})",
+    )
     ft = network_input(f, cfg.stride, dev)
     mt = network_input(m, cfg.stride, dev)
     outputs = NetworkOutputs(model, ft, mt)
     fallback = False
+    capture = None
     steps = 0
     # judged and optimised on the image itself, not its padding
     fi, mi = ft[..., :h, :w], mt[..., :h, :w]
@@ -313,6 +393,9 @@ def register(
             dense, fallback = _guard(fi, mi, dense, descriptors, settings)
     else:
         dense, _, probs = _run_network(model, ft, mt)
+        capture = capture_range_check(probs, ft, mt, model.offsets, cfg.stride)
+        if capture is not None:
+            warnings.warn(capture, CaptureRangeWarning, stacklevel=2)
         outputs.set(probs)
         dense = dense[..., :h, :w]
         tick()
@@ -339,6 +422,7 @@ def register(
         method=method,
         refine_steps=steps,
         identity_fallback=fallback,
+        capture_warning=capture,
         _network=outputs,
     )
 
