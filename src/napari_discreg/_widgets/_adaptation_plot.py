@@ -49,28 +49,53 @@ class AdaptationPlot(FigureWidget):
         self.best_iteration = record.best_iteration
 
     def draw(self) -> None:
+        """Build the axes and the line artists (on reset and theme changes); the data
+        go in through :meth:`update_data`."""
         c1, c2 = self.theme.series
         ax1, ax3 = self.figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
-        ax1.plot(self.iterations, self.source_ce, color=c1, label="source CE")
+        (self._source_line,) = ax1.plot([], [], color=c1, label="source CE")
         ax1.set_ylabel("source cross-entropy", color=c1, fontsize=8)
         ax2 = ax1.twinx()
-        ax2.plot(
-            self.iterations, self.discrepancy, color=c2, label=f"target {self.discrepancy_name}"
-        )
+        (self._disc_line,) = ax2.plot([], [], color=c2, label=f"target {self.discrepancy_name}")
         ax2.set_ylabel(f"target {self.discrepancy_name}", color=c2, fontsize=8)
         ax1.set_title("adaptation", fontsize=9)
-        if self.criterion:
-            it, score = zip(*self.criterion, strict=True)
-            ax3.plot(it, score, "o-", color=self.theme.text, ms=4, label="keep-best criterion")
-            if self.best_iteration is not None:
-                best = [s for i, s in self.criterion if i == self.best_iteration]
-                if best:
-                    ax3.plot([self.best_iteration], best, "*", color="#ffd54f", ms=12, label="best")
-            ax3.legend(fontsize=7, loc="lower right")
+        (self._crit_line,) = ax3.plot(
+            [], [], "o-", color=self.theme.text, ms=4, label="keep-best criterion"
+        )
+        (self._best_marker,) = ax3.plot([], [], "*", color="#ffd54f", ms=12, label="best")
+        ax3.legend(fontsize=7, loc="lower right")
         ax3.set_ylabel("keep-best criterion", fontsize=8)
         ax3.set_xlabel("iteration", fontsize=8)
         for ax in (ax1, ax2, ax3):
             ax.tick_params(labelsize=7)
+        self._axes = (ax1, ax2, ax3)
+        self._set_data()
+
+    def _set_data(self) -> None:
+        self._source_line.set_data(self.iterations, self.source_ce)
+        self._disc_line.set_data(self.iterations, self.discrepancy)
+        it = [i for i, _ in self.criterion]
+        score = [v for _, v in self.criterion]
+        self._crit_line.set_data(it, score)
+        best = [(i, v) for i, v in self.criterion if i == self.best_iteration]
+        self._best_marker.set_data([i for i, _ in best], [v for _, v in best])
+        for ax in self._axes:
+            ax.relim()
+            ax.autoscale_view()
+
+    def update_data(self) -> None:
+        """Show the records added since the last draw: new data on the same artists, in
+        the layout of the last full draw (a redraw costs a third of a rebuild, so the
+        event loop stays responsive during a run)."""
+        if self.figure.get_layout_engine() is not None:
+            # keep the axes where the constrained layout put them: it is the costly part
+            self.figure.set_layout_engine("none")
+        self._set_data()
+        self.canvas.draw_idle()
+
+    def refresh(self) -> None:
+        self.figure.set_layout_engine("constrained")  # a full rebuild lays out again
+        super().refresh()
 
     def apply_theme(self) -> None:
         super().apply_theme()

@@ -19,7 +19,7 @@ re-running a pair updates its own layers in place. Every output carries
   (hidden).
 
 :func:`prepare_outputs` computes every array (grid inversion, Jacobians, review images)
-and runs in the worker thread; :func:`show_outputs` only hands them to napari.
+and runs in the worker thread; :func:`show_outputs_steps` only hands them to napari, one layer per event-loop turn.
 All new layers take the fixed layer's scale and translate. For a 3D fixed layer the
 outputs of the registered slices are stacked along the registered axis and placed at
 those slices of the volume.
@@ -28,6 +28,7 @@ those slices of the volume.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,13 +211,23 @@ def prepare_outputs(
     return out
 
 
-def show_outputs(
-    viewer, run: RegistrationRun, outputs: Outputs, *, mode: str = "blend", shown=()
-) -> dict:
+def show_outputs_steps(
+    viewer,
+    run: RegistrationRun,
+    outputs: Outputs,
+    *,
+    mode: str = "blend",
+    shown=(),
+    layers: dict | None = None,
+) -> Iterator[str]:
     """Add or update the output layers of ``run`` from ``outputs`` (GUI thread; no
-    computing here). The warped image (or the review image of ``mode``) is shown; of the
-    field, grid and discrepancy layers only the roles in ``shown`` (hidden otherwise).
-    Returns ``{role: layer}``."""
+    computing here), yielding after each layer (its role) so that the GUI returns to its
+    event loop between layers: adding a napari layer builds its visual and its controls
+    (about 0.1 s each), and five at once would freeze the window for half a second.
+
+    The warped image (or the review image of ``mode``) is shown; of the field, grid and
+    discrepancy layers only the roles in ``shown`` (hidden otherwise). ``layers``
+    (optional) receives ``{role: layer}``."""
     fixed, moving = run.layer("fixed"), run.layer("moving")
     if fixed is None or moving is None:
         raise ValueError("the registered layers no longer exist")
@@ -225,7 +236,7 @@ def show_outputs(
     scale, translate = placement(run)
     fscale = np.asarray(run.fixed_scale, dtype=float)
     ftranslate = np.asarray(run.fixed_translate, dtype=float)
-    layers = {}
+    layers = {} if layers is None else layers
 
     def visible(role: str) -> bool:
         return role in shown
@@ -244,6 +255,7 @@ def show_outputs(
         metadata=output_meta(WARPED, run, meaning="the moving image warped onto the fixed one"),
         **warped_kwargs,
     )
+    yield WARPED
     layers[REVIEW] = upsert_layer(
         viewer,
         output_name(run, REVIEW),
@@ -256,6 +268,7 @@ def show_outputs(
         visible=mode != "blend",
         metadata=output_meta(REVIEW, run, mode=mode, meaning=REVIEW_MODES[mode]),
     )
+    yield REVIEW
     layers[DISPLACEMENT] = upsert_layer(
         viewer,
         output_name(run, DISPLACEMENT),
@@ -272,6 +285,7 @@ def show_outputs(
             DISPLACEMENT, run, meaning="arrow from fixed pixel x to x + u(x) in the moving image"
         ),
     )
+    yield DISPLACEMENT
     layers[GRID] = upsert_layer(
         viewer,
         output_name(run, GRID),
@@ -289,6 +303,7 @@ def show_outputs(
             GRID, run, meaning="regular grid of the moving image, warped like the image"
         ),
     )
+    yield GRID
     if outputs.folded > 0:
         # the grid needs the inverse map, which a folding field does not have there
         off = f" (up to {outputs.residual:.1f} px off)" if outputs.residual > 0.5 else ""
@@ -318,9 +333,9 @@ def show_outputs(
                 meaning="projected EMD between heads F1 and F2 per control point (bins)",
             ),
         )
+        yield DISCREPANCY
     elif name in viewer.layers:
         viewer.layers.remove(name)  # a loaded field has no histograms
-    return layers
 
 
 def set_review_mode(viewer, run: RegistrationRun, outputs: Outputs, mode: str) -> None:

@@ -9,13 +9,15 @@ Widgets call :meth:`Job.stop_and_wait` when they close, so no worker outlives th
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from napari.qt.threading import thread_worker
-from qtpy.QtCore import QEvent, QObject, Signal
+from qtpy.QtCore import QEvent, QObject, QTimer, Signal
 from qtpy.QtWidgets import QApplication, QLabel, QProgressBar, QPushButton, QWidget
 
 from ._notify import notify_exception
@@ -76,6 +78,10 @@ class Job:
         self._done = False
         self._started = False
         self._exited = threading.Event()  # set by the worker thread when the body is over
+        # ``on_return`` may return an iterator of GUI steps (e.g. one output layer each):
+        # they run one per event-loop turn, and the job ends after the last one
+        self._steps: Iterator[Any] | None = None
+        self._finish_pending = False
         stop = self.stop_event
         exited = self._exited
 
@@ -109,7 +115,10 @@ class Job:
                 if on_failure is not None:
                     on_failure(value.exc)
             elif on_return is not None:
-                on_return(value)
+                steps = on_return(value)
+                if isinstance(steps, Iterator):  # GUI work in slices: one per event-loop turn
+                    self._steps = steps
+                    self._next_step()
 
         def errored(exc):
             notify_exception(exc, context)
@@ -117,14 +126,44 @@ class Job:
                 on_failure(exc)
 
         def finished():
+            if self._steps is not None:
+                self._finish_pending = True  # after the last GUI step
+                return
             self._done = True
             if on_finish is not None:
                 on_finish()
+
+        self._finished = finished
+        self._on_failure = on_failure
 
         worker.returned.connect(returned)
         worker.errored.connect(errored)
         worker.finished.connect(finished)
         self.worker = worker
+
+    def _next_step(self) -> None:
+        """Run one GUI step of ``on_return``'s iterator, then come back after the event
+        loop has had its turn (a zero-delay timer)."""
+        steps = self._steps
+        if steps is None:
+            return
+        try:
+            next(steps)
+        except StopIteration:
+            self._end_steps()
+        except Exception as exc:  # noqa: BLE001 - shown like a worker's error
+            self._end_steps()
+            notify_exception(exc, self.context)
+            if self._on_failure is not None:
+                self._on_failure(exc)
+        else:
+            QTimer.singleShot(0, self._next_step)
+
+    def _end_steps(self) -> None:
+        self._steps = None
+        if self._finish_pending:
+            self._finish_pending = False
+            self._finished()
 
     def report(self, done: int, total: int) -> None:
         """From the worker thread: show progress (``on_progress``) and raise
@@ -158,8 +197,12 @@ class Job:
             return True
         deadline = time.monotonic() + timeout
         app = QApplication.instance()
-        # first the thread, then the queued ``returned``/``finished`` signals
+        # first the thread, then the queued ``returned``/``finished`` signals and the
+        # GUI steps (they end early: the widget is going away)
         while not self._done and time.monotonic() < deadline:
+            if self._steps is not None:
+                self._steps.close()
+                self._end_steps()
             if app is not None:
                 app.processEvents()
             self._exited.wait(0.01)
@@ -183,6 +226,15 @@ class _AncestorWatcher(QObject):
         return False
 
 
+@functools.cache
+def warm_up() -> None:
+    """What a job would otherwise do the first time, with Python's GIL held: torch's
+    first optimiser imports ``torch._dynamo`` (about 800 modules, 1 s), which froze the
+    window in the middle of the first adaptation or refinement. Done once per process,
+    when the first widget opens."""
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
 class WorkerWidgetMixin:
     """For widgets with background jobs: ``shutdown()`` runs when the widget closes, when
     any widget it is docked in (the dock, the napari main window) closes, and when the
@@ -192,6 +244,7 @@ class WorkerWidgetMixin:
     """
 
     def _init_lifecycle(self) -> None:
+        warm_up()
         self._watcher = _AncestorWatcher(self)
         self._watched: set[int] = set()  # ids only: no references to the napari window
         app = QApplication.instance()

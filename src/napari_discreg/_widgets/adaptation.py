@@ -295,16 +295,12 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             self.adapted_model = None  # an unkept earlier result is discarded by a new run
         self._warnings = []
         try:
-            base = self.state.resolve_model(self.state.device)
-            spec = self._spec(base, resume, saved)
+            spec = self._spec(None, resume, saved)  # the model: in the worker (below)
         except _notify.USER_ERRORS as exc:
             _notify.error(_notify.describe(exc))
             return None
-        self._previous = (
-            self.state.model,
-            self.state.model_name,
-            {k: v.detach().clone() for k, v in base.state_dict().items()},
-        )
+        current, current_name, device = self.state.model, self.state.model_name, self.state.device
+        self._previous = None
         self._kept = False
         self.result = None
         self.records = []
@@ -317,8 +313,17 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.status_label.setText(note)
 
         def body(stop: threading.Event):
+            # loading the shipped model and copying its weights take 0.1-0.3 s: not on
+            # the GUI thread. Revert goes back to exactly these weights.
+            base = self.state.resolve_model(device)
+            self._previous = (
+                current,
+                current_name,
+                {k: v.detach().clone() for k, v in base.state_dict().items()},
+            )
+            run_spec = spec if resume is not None else replace(spec, model=base)
             # stop checked between the passes inside an iteration: Stop answers in one pass
-            run = run_adaptation(replace(spec, should_stop=stop.is_set))  # in this thread
+            run = run_adaptation(replace(run_spec, should_stop=stop.is_set))  # in this thread
             try:
                 for progress in run:
                     # the worker's own count: records reach the GUI thread later, via signals
@@ -366,7 +371,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         now = time.monotonic()
         if now - self._last_draw > 0.3 or record.iteration >= record.total:
             self._last_draw = now
-            self.plot.refresh()
+            self.plot.update_data()
 
     def _on_done(self, result) -> None:
         if self._warnings:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator
 
 import numpy as np
 from napari.layers import Image, Labels, Points
@@ -56,7 +57,7 @@ from ._register_outputs import (
     prepare_outputs,
     set_detail_visible,
     set_review_mode,
-    show_outputs,
+    show_outputs_steps,
 )
 from ._slices import Request, SliceBox
 from ._state import RegistrationRun, state_for, unwrap_viewer
@@ -402,22 +403,29 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
     def _job_finished(self) -> None:
         self.register_button.setEnabled(True)
         self.stop_button.setEnabled(False)
-        if self.status_label.text() in (self._running_text, "stopping…"):
+        if self.status_label.text() in (self._running_text, "stopping…", "showing the result…"):
             self.status_label.setText("registration ended without a result")  # never stale
 
-    def _registered(self, request: Request, run: RegistrationRun | None, model_name: str) -> None:
+    def _registered(
+        self, request: Request, run: RegistrationRun | None, model_name: str
+    ) -> Iterator[str] | None:
         if run is None:
             self.status_label.setText("stopped before the first slice was registered")
-            return
+            return None
         if request.fixed not in self.viewer.layers or request.moving not in self.viewer.layers:
             self.status_label.setText(
                 "the fixed or moving layer was removed during registration: nothing to show"
             )
             _notify.warning("the fixed or moving layer was removed during registration")
-            return
+            return None
+        # the job runs these steps one per event-loop turn: one output layer each
+        return self._present(request, run, model_name)
+
+    def _present(self, request: Request, run: RegistrationRun, model_name: str) -> Iterator[str]:
+        self.status_label.setText("showing the result…")
+        yield from self.show_run_steps(run)
         results = run.results
         first = next(iter(results.values()))
-        self.show_run(run)
         mean_disc = float(np.mean([r.discrepancy.mean() for r in results.values()]))
         fallbacks = sum(r.identity_fallback for r in results.values())
         guarded = (
@@ -449,6 +457,11 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
     # ------------------------------------------------------------------ outputs
     def show_run(self, run: RegistrationRun) -> None:
         """Add or update the output layers of ``run`` and share it with the other widgets."""
+        for _ in self.show_run_steps(run):
+            pass
+
+    def show_run_steps(self, run: RegistrationRun) -> Iterator[str]:
+        """:meth:`show_run` one output layer at a time (a generator)."""
         if run.outputs is None:  # a run made elsewhere (a loaded field): prepare it here
             fixed = run.layer("fixed")
             slices = {
@@ -462,7 +475,9 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
                 grid_spacing=float(self.grid_spacing_spin.value()),
             )
         shown = {role for role, check in self.show_checks.items() if check.isChecked()}
-        show_outputs(self.viewer, run, run.outputs, mode=self.review_mode(), shown=shown)
+        yield from show_outputs_steps(
+            self.viewer, run, run.outputs, mode=self.review_mode(), shown=shown
+        )
         self.state.set_run(run)
 
     def review_mode(self) -> str:
