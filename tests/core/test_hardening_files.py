@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from napari_discreg.core import io
-from napari_discreg.core.checkpoint import load_model, save_checkpoint
+from napari_discreg.core.checkpoint import save_checkpoint
 
 BIG = (1024, 1024, 1024)  # 2**30 voxels: 4 GiB as float32
 
@@ -212,6 +212,177 @@ def test_real_full_disk_on_a_small_tmpfs(tmp_path, tiny_model):
         with pytest.raises(OSError, match="the disk is full"):
             save_checkpoint(big, small, extra={"pad": "x" * 3 * len(before)})
         assert small.read_bytes() == before and _leftovers(disk) == []
-        load_model(small)
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# ---------------------------------------------------------------- the command line
+
+import threading  # noqa: E402
+
+import torch  # noqa: E402
+
+import napari_discreg.core.train as train_mod  # noqa: E402
+from napari_discreg.cli import _common, main  # noqa: E402
+from napari_discreg.core.checkpoint import checkpoint_info  # noqa: E402
+from napari_discreg.core.config import ModelConfig  # noqa: E402
+from napari_discreg.core.model import DiscreteRegistrationNet  # noqa: E402
+from napari_discreg.core.train import StepRecord  # noqa: E402
+
+SIZE = 48
+TINY = ["--num-labels", "5", "--capture-range", "2", "--features", "4", "--head-channels", "8"]
+TRAIN = ["--size", SIZE, "--batch-size", 2, *TINY]
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = DiscreteRegistrationNet(
+        ModelConfig(num_labels=5, capture_range=2, features=4, head_channels=8)
+    )
+    return save_checkpoint(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+def test_register_refuses_to_write_over_its_input(tmp_path, tiny_file, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    img = np.random.default_rng(0).random((48, 48)).astype(np.float32)
+    fixed = io.write_image(out / "warped.tif", img)
+    moving = io.write_image(tmp_path / "moving.tif", img)
+    before = fixed.read_bytes()
+    assert run("register", fixed, moving, "-o", out, "--model", tiny_file) == 2
+    err = capsys.readouterr().err
+    assert "would overwrite the input FIXED" in err and str(fixed) in err
+    assert fixed.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["warped.tif"]
+
+
+def test_model_output_must_be_safetensors_and_no_input(tmp_path, tiny_file, capsys):
+    target = io.write_image(tmp_path / "tf.tif", np.zeros((2, 48, 48), np.float32))
+    before = target.read_bytes()
+    assert run("adapt", "--target", target, "-o", target, "--model", tiny_file) == 2
+    assert "a model is written as a .safetensors file" in capsys.readouterr().err
+    assert target.read_bytes() == before
+    assert run("train", "-o", tmp_path / "m.tif", *TRAIN) == 2
+    assert ".safetensors" in capsys.readouterr().err
+    model_before = tiny_file.read_bytes()
+    assert run("adapt", "--demo-target", 2, "-o", tiny_file, "--model", tiny_file) == 2
+    assert "would overwrite the input --model" in capsys.readouterr().err
+    assert tiny_file.read_bytes() == model_before
+    state = tmp_path / "m.state.safetensors"
+    state.write_bytes(model_before)
+    assert run("adapt", "--demo-target", 2, "-o", state, "--resume", state) == 2
+    assert "would overwrite the input --resume" in capsys.readouterr().err
+    # the state written beside -o would replace the base model
+    assert run("adapt", "--demo-target", 2, "-o", tmp_path / "m.safetensors", "--model", state) == 2
+    assert "the state written beside it" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_a_complete_model_and_writes_the_partial_beside_it(
+    tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "m.safetensors"
+    assert run("train", "-o", out, "--steps", 2, *TRAIN) == 0
+    complete = out.read_bytes()
+    capsys.readouterr()
+
+    def interrupted(model, *, config, **kwargs):
+        yield StepRecord(1, config.steps, {"loss": 1.0, "accuracy": 0.5})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train_steps", interrupted)
+    assert run("train", "-o", out, "--steps", 10, *TRAIN) == 130
+    partial = tmp_path / "m.partial.safetensors"
+    assert out.read_bytes() == complete
+    assert checkpoint_info(partial)["training"]["interrupted"] is True
+    said = capsys.readouterr().out
+    assert f"saved the model trained so far to {partial}" in said and f"{out} was kept" in said
+
+
+def _state_disk_full(monkeypatch):
+    real = io._fsync_file
+
+    def fsync(path):
+        if ".state." in Path(path).name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path)
+
+    monkeypatch.setattr(io, "_fsync_file", fsync)
+
+
+def test_full_disk_for_the_training_state_saves_the_model_and_exits_2(
+    tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "m.safetensors"
+    _state_disk_full(monkeypatch)
+    rc = run("train", "-o", out, "--steps", 3, "--checkpoint-every", 1, *TRAIN)
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "disk is full" in captured.err and "m.state.safetensors" in captured.err
+    assert "Traceback" not in captured.err and "SafetensorError" not in captured.err
+    assert checkpoint_info(out)["training"]["completed_steps"] == 3  # the model fitted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_full_disk_for_the_adaptation_state_saves_the_model_and_exits_2(
+    tmp_path, tiny_file, capsys, monkeypatch
+):
+    out = tmp_path / "a.safetensors"
+    _state_disk_full(monkeypatch)
+    argv = ["adapt", "-o", out, "--model", tiny_file, "--demo-target", 2, "--steps", 2]
+    rc = run(*argv, "--size", SIZE, "--batch-size", 2, "--checkpoint-every", 1)
+    captured = capsys.readouterr()
+    assert rc == 2 and "disk is full" in captured.err and "a.state.safetensors" in captured.err
+    assert checkpoint_info(out)["adaptation"]["completed_steps"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_full_disk_for_the_model_exits_2_with_the_previous_model_intact(
+    tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "m.safetensors"
+    assert run("train", "-o", out, "--steps", 1, *TRAIN) == 0
+    before = out.read_bytes()
+    monkeypatch.setattr(io, "_fsync_file", _enospc)
+    assert run("train", "-o", out, "--steps", 2, *TRAIN) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}: the disk is full" in err and "previous file is unchanged" in err
+    assert out.read_bytes() == before and _leftovers(tmp_path) == []
+
+
+def test_two_runs_into_one_folder_never_mix_their_outputs(tmp_path, monkeypatch):
+    """Run A pauses in the middle of its renames while run B commits: without the
+    folder lock B's files land between A's and the folder ends up mixed."""
+    folder = tmp_path / "out"
+    names = ["warped.tif", "displacement.npy", "summary.json"]
+    a_paused, release = threading.Event(), threading.Event()
+    real_replace = os.replace
+
+    def slow_replace(src, dst):
+        real_replace(src, dst)
+        if threading.current_thread().name == "A" and Path(dst).name == names[0]:
+            a_paused.set()
+            release.wait(5)
+
+    monkeypatch.setattr(_common.os, "replace", slow_replace)
+
+    def write(tag: str) -> None:
+        with _common.Outputs(folder) as outputs:
+            for n in names:
+                outputs.path(n).write_text(tag)
+
+    a = threading.Thread(target=write, args=("A",), name="A")
+    b = threading.Thread(target=write, args=("B",), name="B")
+    a.start()
+    assert a_paused.wait(5)
+    b.start()
+    b.join(0.5)  # B must wait for A's lock, not finish in between
+    release.set()
+    a.join(5)
+    b.join(5)
+    contents = {(folder / n).read_text() for n in names}
+    assert len(contents) == 1, contents
+    assert _leftovers(folder) == []

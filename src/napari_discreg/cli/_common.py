@@ -12,6 +12,8 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from .. import save_model
 from ..core import io
 from ..core.config import SHIPPED_MODELS, FolderConfig
 from ..core.data import normalise_intensity
+from ..core.distributed import barrier
 from ..runs.base import jsonable as _jsonable
 from ..runs.base import make_dirs as _make_dirs
 from ..runs.base import remove_empty as _remove_empty
@@ -73,6 +76,8 @@ _fraction = _number(float, lambda x: 0.0 <= x < 1.0, "in [0, 1)", "a number")
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -120,14 +125,98 @@ def check_writable_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).absolute() == Path(b).absolute()
+
+
+def refuse_overwriting_inputs(outputs: list[tuple[str, Path]], inputs: dict[str, object]) -> None:
+    """Raise :class:`ValueError` if an output file is one of the inputs.
+
+    ``outputs``: (description, e.g. ``"-o"``, file that will be written) pairs;
+    ``inputs`` an option (``"--model"``) to its value(s) (paths; ``None`` skipped).
+    """
+    for opt, values in inputs.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is None or not isinstance(value, (str, os.PathLike)):
+                continue
+            for what, out in outputs:
+                if Path(value).is_file() and _same_file(value, out):
+                    raise ValueError(
+                        f"{what} {out} would overwrite the input {opt} {value}; write the "
+                        "output elsewhere"
+                    )
+
+
+MODEL_SUFFIX = ".safetensors"
+
+
+def check_model_output(out: Path, inputs: dict[str, object], *, resume=None) -> Path:
+    """``-o`` of ``train``/``adapt``: a ``.safetensors`` name that is no input (the state
+    written beside it neither, except the ``--resume`` state it continues)."""
+    check_writable_file(out)
+    if not out.name.lower().endswith(MODEL_SUFFIX) or out.name.lower() == MODEL_SUFFIX:
+        raise ValueError(
+            f"-o {out}: a model is written as a {MODEL_SUFFIX} file; give a name ending in "
+            f"{MODEL_SUFFIX} (e.g. model{MODEL_SUFFIX})"
+        )
+    refuse_overwriting_inputs([("-o", out)], {**inputs, "--resume": resume})
+    refuse_overwriting_inputs([("the state written beside it,", _state_path(out))], inputs)
+    return out
+
+
+def partial_model_path(out: Path) -> Path:
+    """Where an interrupted run saves its model when ``out`` already holds one:
+    ``model.safetensors`` -> ``model.partial.safetensors``."""
+    name = out.name
+    stem = name[: -len(MODEL_SUFFIX)] if name.lower().endswith(MODEL_SUFFIX) else name
+    return out.with_name(stem + ".partial" + MODEL_SUFFIX)
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` between processes (``flock`` on the folder itself;
+    on Windows a byte lock on a ``.napari-discreg.lock`` file in it). Released when the
+    block ends or the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None  # type: ignore[assignment]
+    if fcntl is not None:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+        return
+    import msvcrt  # pragma: no cover
+
+    fd = os.open(folder / ".napari-discreg.lock", os.O_RDWR | os.O_CREAT)  # pragma: no cover
+    try:  # pragma: no cover
+        while True:
+            try:
+                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]
+                break
+            except OSError:
+                continue
+        yield
+    finally:  # pragma: no cover
+        os.close(fd)
+
+
 class Outputs:
     """Files written together or not at all.
 
     ``Outputs(folder)`` checks at once that ``folder`` can be written (creating
     nothing). Inside ``with outputs:`` the folder is created, :meth:`path` hands out
-    a temporary name in it for each output, and on a clean exit all temporary files
-    are renamed onto their names; on an exception (or Ctrl-C) they are deleted, and
-    so is any folder the block created.
+    a unique temporary name in it for each output, and on a clean exit all temporary
+    files are renamed onto their names, under an exclusive lock on the folder, so
+    that two runs writing into one folder at once leave the complete set of one of
+    them, never a mix; on an exception (or Ctrl-C) they are deleted, and so is any
+    folder the block created.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
@@ -152,8 +241,10 @@ class Outputs:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             try:
-                for tmp, final in self._staged:
-                    os.replace(tmp, final)
+                with folder_lock(self.folder):
+                    for tmp, final in self._staged:
+                        os.replace(tmp, final)
+                io.sync_folder(self.folder)
             except OSError as err:
                 self._discard()
                 raise OSError(f"cannot write the outputs in {self.folder} ({err})") from err
@@ -170,16 +261,35 @@ class Outputs:
 
 
 def _save_model(model, path: Path, extra: dict) -> None:
-    """Save a checkpoint atomically, creating its folder; nothing is left on failure."""
+    """Save a checkpoint atomically, creating its folder; nothing is left on failure
+    (the previous file at ``path`` is kept)."""
     created = _make_dirs(path.parent)
     try:
         save_model(model, path, extra=_jsonable(extra))
     except BaseException:
-        tmp = path.with_name(path.name + ".tmp")  # save_checkpoint's temporary name
-        if tmp.exists():
-            tmp.unlink()
         _remove_empty(created)
         raise
+
+
+def save_run_model(model, out: Path, extra: dict, *, interrupted: bool, ctx) -> Path | None:
+    """Rank 0 saves the run's model, every rank waits for it; returns where it went.
+
+    An interrupted run never replaces a model already at ``out``: it goes to
+    :func:`partial_model_path` instead. A failed save (e.g. a full disk) is raised on
+    rank 0 after the other ranks were released, so that they do not wait for it.
+    """
+    dest, error = None, None
+    if ctx.is_main:
+        dest = partial_model_path(out) if interrupted and out.exists() else out
+        try:
+            _save_model(model, dest, extra)
+        except OSError as exc:
+            error = exc
+    if not interrupted:
+        barrier(ctx)
+    if error is not None:
+        raise error
+    return dest
 
 
 def _foreground(image: np.ndarray) -> np.ndarray | None:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from ..core.config import AdaptConfig, DataConfig, FolderConfig
 from ..core.discrepancy import Discrepancy
-from ..core.distributed import DistContext, barrier, init_distributed, shutdown
+from ..core.distributed import DistContext, init_distributed, shutdown
 from ..runs import AdaptationSpec, TargetOptions, resolve_adaptation, run_adaptation
 from ._common import (
     EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
     PROG,
     SHIPPED_NAMES,
     _add_folder_options,
@@ -21,11 +22,11 @@ from ._common import (
     _positive_float,
     _positive_int,
     _progress,
-    _save_model,
     _say,
     _state_path,
     _warn,
-    check_writable_file,
+    check_model_output,
+    save_run_model,
 )
 
 
@@ -183,7 +184,14 @@ def _adapt_spec(args, out: Path) -> AdaptationSpec:
 
 
 def _run_adapt(args) -> int:
-    out = check_writable_file(args.output)
+    inputs = {
+        "--model": args.model,
+        "--source": args.source,
+        "--target": args.target,
+        "--target-fixed": args.target_fixed,
+        "--target-moving": args.target_moving,
+    }
+    out = check_model_output(Path(args.output), inputs, resume=args.resume)
     spec = resolve_adaptation(_adapt_spec(args, out))  # bad options fail before torchrun's group
     ctx = init_distributed(args.device)
     try:
@@ -217,10 +225,9 @@ def _adapt(spec: AdaptationSpec, out: Path, ctx: DistContext) -> int:
         raise KeyboardInterrupt
 
     interrupted, diverged = result.interrupted, result.diverged
-    if ctx.is_main:
-        _save_model(result.model, out, result.metadata)
-    if not (interrupted or diverged):
-        barrier(ctx)
+    saved = save_run_model(
+        result.model, out, result.metadata, interrupted=bool(interrupted or diverged), ctx=ctx
+    )
     if not ctx.is_main:
         return 1 if diverged else EXIT_INTERRUPTED if interrupted else 0
     completed, total, best_iter = result.completed_steps, result.total_steps, result.best_iteration
@@ -230,18 +237,21 @@ def _adapt(spec: AdaptationSpec, out: Path, ctx: DistContext) -> int:
         resume_hint = f"resume with: {PROG} adapt --resume {state_path} -o {out}" + (
             "" if result.state_saved else " (from the last saved state)"
         )
+    kept = f" (the complete model at {out} was kept)" if saved != out else ""
+    if result.state_error is not None and (diverged or interrupted):
+        _warn(f"the adaptation state was not saved: {result.state_error}")
     if diverged:
         print(f"{PROG}: warning: {diverged}", file=sys.stderr)
-        _say(f"saved the best weights (iteration {best_iter}) to {out}")
+        _say(f"saved the best weights (iteration {best_iter}) to {saved}{kept}")
         return 1
     if interrupted:
         _say(
             f"interrupted after {completed} of {total} iterations; saved the best weights "
-            f"seen to {out}"
+            f"seen to {saved}{kept}"
         )
         if resume_hint:
             _say(resume_hint)
-        return EXIT_INTERRUPTED
+        return EXIT_USER_ERROR if result.state_error is not None else EXIT_INTERRUPTED
     init, best, criterion = (
         result.initial_criterion,
         result.best_criterion,
@@ -253,6 +263,10 @@ def _adapt(spec: AdaptationSpec, out: Path, ctx: DistContext) -> int:
         f"{result.runtime_s:.1f} s ({completed} of {total} in all); best iteration {best_iter} "
         f"({crit}); saved {out}"
     )
+    if result.state_error is not None:
+        raise OSError(
+            f"the model was saved to {out} but the adaptation state was not: {result.state_error}"
+        )
     if result.state_saved:
         _say(f"  adaptation state: {state_path} (continue with --resume and a larger --steps)")
     sync = result.weight_difference

@@ -21,6 +21,7 @@ from ._common import (
     _non_negative_int,
     _say,
     _write_json,
+    refuse_overwriting_inputs,
 )
 
 
@@ -74,6 +75,16 @@ def _add_register(sub) -> None:
 def _run_register(args) -> int:
 
     outputs = Outputs(args.outdir)
+    names = {
+        "warped": "warped.tif",
+        "displacement": "displacement.npy",
+        "discrepancy": "discrepancy.tif",
+        "summary": "summary.json",
+    }
+    refuse_overwriting_inputs(
+        [("the output", outputs.final(n)) for n in names.values()],
+        {"FIXED": args.fixed, "MOVING": args.moving, "--model": args.model},
+    )
     fixed = io.read_image(args.fixed, axis=args.axis, index=args.index)
     moving = io.read_image(args.moving, axis=args.axis, index=args.index)
     if fixed.shape != moving.shape:
@@ -99,12 +110,6 @@ def _run_register(args) -> int:
     mask = _foreground(fixed)
     nmi_before = normalised_mutual_information(fixed, moving, mask=mask)
     nmi_after = normalised_mutual_information(fixed, result.warped, mask=mask)
-    names = {
-        "warped": "warped.tif",
-        "displacement": "displacement.npy",
-        "discrepancy": "discrepancy.tif",
-        "summary": "summary.json",
-    }
     summary = {
         "fixed": str(args.fixed),
         "moving": str(args.moving),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..core.config import DataConfig, FolderConfig, ModelConfig, TrainConfig
 from ..core.data import CONTRASTS
-from ..core.distributed import DistContext, barrier, init_distributed, shutdown
+from ..core.distributed import DistContext, init_distributed, shutdown
 from ..runs import TrainingSpec, run_training
 from ._common import (
     EXIT_INTERRUPTED,
@@ -20,11 +20,11 @@ from ._common import (
     _positive_float,
     _positive_int,
     _progress,
-    _save_model,
     _say,
     _state_path,
     _warn,
-    check_writable_file,
+    check_model_output,
+    save_run_model,
 )
 
 
@@ -120,7 +120,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    out = check_writable_file(args.output)
+    out = check_model_output(Path(args.output), {"--source": args.source}, resume=args.resume)
     ctx = init_distributed(args.device)
     try:
         return _train(_train_spec(args, out, ctx), out, ctx)
@@ -196,20 +196,27 @@ def _train(spec: TrainingSpec, out: Path, ctx: DistContext) -> int:
     if result is None:  # interrupted before the first step began
         raise KeyboardInterrupt
 
-    if ctx.is_main:
-        _save_model(result.model, out, result.metadata)
-    if not result.interrupted:
-        barrier(ctx)
+    saved = save_run_model(
+        result.model, out, result.metadata, interrupted=result.interrupted, ctx=ctx
+    )
     if not ctx.is_main:
         return EXIT_INTERRUPTED if result.interrupted else 0
     completed, total, state_path = result.completed_steps, result.total_steps, result.state_path
     if result.interrupted:
         _say(
-            f"interrupted after {completed} of {total} steps; saved the model trained so far to {out}"
+            f"interrupted after {completed} of {total} steps; saved the model trained so far to "
+            f"{saved}" + (f" (the complete model at {out} was kept)" if saved != out else "")
         )
-        if state_path is not None:
+        if state_path is not None and result.state_error is None:
             _say(f"resume with: {PROG} train --resume {state_path} -o {out}")
+        if result.state_error is not None:
+            raise OSError(f"the training state was not saved: {result.state_error}")
         return EXIT_INTERRUPTED
+    if result.state_error is not None:
+        _say(f"saved {out}")
+        raise OSError(
+            f"the model was saved to {out} but the training state was not: {result.state_error}"
+        )
     last = result.losses
     acc = last.get("accuracy", float("nan"))
     ran = completed - result.start_step

@@ -207,6 +207,11 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Make the renames in ``folder`` durable (``fsync`` of the folder; POSIX only)."""
+    _fsync_dir(Path(folder))
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
     try:

@@ -184,6 +184,7 @@ class AdaptationResult:
     best_criterion: float | None
     weight_difference: float | None
     runtime_s: float
+    state_error: str | None = None
 
 
 # ----------------------------------------------------------- settings and resume
@@ -559,8 +560,14 @@ def _adapt(
             "napari_discreg_version": __version__,
         }
 
+    state_error: str | None = None
+
     def save_state(running: bool) -> bool:
-        """Write the resumable state (main process); False if the run cannot be resumed."""
+        """Write the resumable state (main process); False if the run cannot be resumed.
+
+        A failed write (e.g. a full disk) is a warning: the previous state stays, the run
+        goes on and the result reports it (``state_error``)."""
+        nonlocal state_error
         if not ctx.is_main or state_path is None:
             return False
         if not running and state.weights is None:
@@ -568,7 +575,15 @@ def _adapt(
         make_dirs(state_path.parent)
         extra = record_extra(time.perf_counter() - start)
         extra["adaptation_run"] = {**_absolute(run_settings(spec)), "steps": cfg.steps}
-        save_adaptation_state(state_path, model, state, jsonable(extra), running=running)
+        try:
+            save_adaptation_state(state_path, model, state, jsonable(extra), running=running)
+        except OSError as exc:
+            state_error = str(exc)
+            Messages(spec.log, spec.warn, True).warning(
+                f"adaptation state after iteration {state.step} not saved: {exc}"
+            )
+            return False
+        state_error = None
         return True
 
     try:
@@ -634,4 +649,5 @@ def _adapt(
         best_criterion=criteria.get(best_iter),
         weight_difference=sync,
         runtime_s=elapsed,
+        state_error=state_error,
     )

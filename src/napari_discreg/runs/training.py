@@ -113,6 +113,7 @@ class TrainingResult:
     losses: dict[str, float]
     weight_difference: float | None
     runtime_s: float
+    state_error: str | None = None
 
 
 def resolve_training(spec: TrainingSpec) -> TrainingSpec:
@@ -276,11 +277,24 @@ def _train(
             "napari_discreg_version": __version__,
         }
 
+    state_error: str | None = None
+
     def save_state(completed: int, interrupted: bool) -> None:
+        """Write the state (main process); a failed write (e.g. a full disk) is a warning,
+        the previous state stays, the run goes on and the result reports it."""
+        nonlocal state_error
         if ctx.is_main and state_path is not None:
             make_dirs(state_path.parent)
             extra = jsonable(record_extra(completed, interrupted, time.perf_counter() - start))
-            save_training_state(state_path, model, {"adam": optimizer}, completed, extra)
+            try:
+                save_training_state(state_path, model, {"adam": optimizer}, completed, extra)
+            except OSError as exc:
+                state_error = str(exc)
+                Messages(spec.log, spec.warn, True).warning(
+                    f"training state after step {completed} not saved: {exc}"
+                )
+            else:
+                state_error = None
 
     # looked up here, not imported: the command-line tests replace core.train.train_steps
     steps = core_train.train_steps(
@@ -332,6 +346,7 @@ def _train(
         losses=last,
         weight_difference=sync,
         runtime_s=elapsed,
+        state_error=state_error,
     )
 
 
