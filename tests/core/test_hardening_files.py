@@ -386,3 +386,11 @@ def test_two_runs_into_one_folder_never_mix_their_outputs(tmp_path, monkeypatch)
     contents = {(folder / n).read_text() for n in names}
     assert len(contents) == 1, contents
     assert _leftovers(folder) == []
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, tiny_model):
+    """mkstemp creates 0600 files; outputs keep the permissions open() gives."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    out = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask

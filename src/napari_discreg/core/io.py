@@ -158,8 +158,20 @@ def temporary_sibling(path: str | os.PathLike) -> Path:
     fd, name = tempfile.mkstemp(
         prefix=f".{stem}{_PARTIAL}{_HOST}-{os.getpid()}-", suffix=ext, dir=p.parent
     )
-    os.close(fd)
+    try:  # mkstemp makes 0600 files: give the file the permissions open() would
+        os.chmod(name, 0o666 & ~_UMASK)
+    finally:
+        os.close(fd)
     return Path(name)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 _PARTIAL = ".partial-"
@@ -273,6 +285,9 @@ def replace_atomically(
         tmp = None
         _fsync_dir(p.parent)
     except OSError as exc:
+        if tmp is not None:  # first, so that the free space reported counts it as free
+            tmp.unlink(missing_ok=True)
+            tmp = None
         raise _write_error(p, exc, nbytes) from exc
     finally:
         if tmp is not None:
