@@ -323,3 +323,28 @@ def test_identical_images_give_zero_with_the_guard(shipped_model, pair):
     for method in ("bspline", "network"):
         res = nd.register(f, f, model=shipped_model, method=method)
         assert np.abs(res.displacement).max() == 0.0, method
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested deeper"),
+        ('{"step": 1e300, "optimizers": {}}', "corrupt"),
+    ],
+)
+def test_tampered_training_state_refused(tmp_path, raw, match):
+    from safetensors.torch import save_file
+
+    from napari_discreg.core.state import load_training_state
+
+    meta = {
+        "format": checkpoint.FORMAT,
+        "format_version": checkpoint.FORMAT_VERSION,
+        "model_config": json.dumps(TINY.to_dict()),
+        "extra": "{}",
+        "training_state": raw,
+    }
+    path = tmp_path / "s.safetensors"
+    save_file(_tiny_tensors(), str(path), metadata=meta)
+    with pytest.raises(ValueError, match=match):
+        load_training_state(path)

@@ -217,3 +217,118 @@ def test_cli_unwritable_output(tmp_path, capsys):
     code, err = _cli(["register", str(good), str(good), "-o", str(blocker / "out")], capsys)
     assert code == 2 and "error" in err
     record("CLI", "output directory under a regular file", f"exit 2: `{err.splitlines()[-1]}`")
+
+
+def _checkpoint(path, tiny_model, config=None, tensors=None, extra="{}"):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from napari_discreg.core import checkpoint
+
+    state = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    state.update(tensors or {})
+    meta = {
+        "format": checkpoint.FORMAT,
+        "format_version": checkpoint.FORMAT_VERSION,
+        "model_config": json.dumps({**tiny_model.config.to_dict(), **(config or {})}),
+        "extra": extra,
+    }
+    save_file(
+        {k: torch.as_tensor(v).contiguous() for k, v in state.items()}, str(path), metadata=meta
+    )
+    return path
+
+
+def test_cli_hostile_checkpoints(tmp_path, capsys, tiny_model):
+    good = tmp_path / "good.npy"
+    np.save(good, IMG)
+    key = next(k for k in tiny_model.state_dict() if k.startswith("F1."))
+    nan_weight = tiny_model.state_dict()[key].clone()
+    nan_weight.view(-1)[0] = float("nan")
+    cases = {
+        "checkpoint (3 kB) with num_labels=1001": {"config": {"num_labels": 1001}},
+        "checkpoint with features=30000": {"config": {"features": 30000}},
+        "checkpoint with stride 4.5": {"config": {"stride": 4.5}},
+        "checkpoint with temperature NaN": {"config": {"temperature": float("nan")}},
+        "checkpoint with a NaN weight": {"tensors": {key: nan_weight}},
+        "checkpoint with int8 weights": {
+            "tensors": {key: nan_weight.nan_to_num().to("cpu").char()}
+        },
+        "checkpoint with JSON nested 100000 deep": {"extra": "[" * 100_000 + "]" * 100_000},
+    }
+    for i, (case, kw) in enumerate(cases.items()):
+        path = _checkpoint(tmp_path / f"m{i}.safetensors", tiny_model, **kw)
+        t0 = time.perf_counter()
+        code, err = _cli(
+            ["register", str(good), str(good), "--model", str(path), "-o", str(tmp_path / f"o{i}")],
+            capsys,
+        )
+        assert code == 2 and err.startswith("napari-discreg: error:"), (case, err)
+        assert time.perf_counter() - t0 < 5
+        record("CLI", f"register: {case}", f"exit 2, nothing built: `{err.splitlines()[-1]}`")
+
+
+def test_register_memory_estimate_refused(monkeypatch):
+    from napari_discreg.core.config import ModelConfig
+    from napari_discreg.core.model import DiscreteRegistrationNet
+
+    cfg = ModelConfig(
+        num_labels=61, capture_range=30.0, stride=2, features=4, head_channels=4, head_bottleneck=4
+    )
+    model = DiscreteRegistrationNet(cfg).eval()
+    img = RNG.random((128, 128)).astype(np.float32)
+    monkeypatch.setenv("DISCREG_MAX_MEMORY_GB", "0.5")
+    with pytest.raises(ValueError, match="GB of memory") as err:
+        nd.register(img, img, model=model, method="network")
+    record(
+        "register",
+        "K = 61, stride 2 model (0.1 MB) on 128 x 128 with DISCREG_MAX_MEMORY_GB=0.5",
+        f"ValueError before the network runs: {err.value}",
+    )
+
+
+def test_cli_adapt_size_outside_register_range(tmp_path, capsys):
+    for size in ("8", "20000"):
+        out = tmp_path / f"a{size}.safetensors"
+        code, err = _cli(["adapt", "--demo-target", "4", "--size", size, "-o", str(out)], capsys)
+        assert code == 2 and "smallest image register accepts" in err
+        assert not out.exists()
+        record("CLI", f"adapt --size {size}", f"exit 2: `{err.splitlines()[-1]}`")
+
+
+def test_register_motion_beyond_capture_range(shipped_model, pair):
+    f = pair.fixed
+    with pytest.warns(nd.core.register.CaptureRangeWarning) as caught:
+        res = nd.register(f, np.roll(f, 10, axis=1), model=shipped_model, method="network")
+    assert res.capture_warning
+    record(
+        "register",
+        "method='network', 10 px shift (capture range +/-7 px)",
+        f"CaptureRangeWarning, result.capture_warning set: {caught[0].message}",
+    )
+    fg = f > 0.05 * f.max()
+    res = nd.register(f, np.roll(f, 10, axis=1), model=shipped_model)
+    assert abs(res.displacement[1][fg].mean() - 10) < 1
+    record(
+        "register",
+        "default method (bspline), 10 px shift",
+        f"handled: mean column displacement {res.displacement[1][fg].mean():.2f} px",
+    )
+    for method in ("bspline", "network"):
+        res = nd.register(f, f, model=shipped_model, method=method)
+        assert np.abs(res.displacement).max() == 0
+    raw = np.hypot(
+        *nd.register(f, f, model=shipped_model, method="network", guard=False).displacement
+    )
+    r, c = np.unravel_index(raw.argmax(), raw.shape)
+    border = min(r, c, raw.shape[0] - 1 - r, raw.shape[1] - 1 - c)
+    assert raw.max() < 1.5 and raw[8:-8, 8:-8].max() < raw.max()
+    record(
+        "register",
+        "identical images (96 x 96), method bspline or network",
+        f"handled: zero field (the guard keeps no motion); the network alone (guard=False) "
+        f"gives mean {raw.mean():.2f} px, max {raw.max():.2f} px {border} px from the border, "
+        "where the replicated edge matches many candidates",
+    )

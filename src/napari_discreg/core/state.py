@@ -22,6 +22,7 @@ from .checkpoint import (
     _write,
     read_checkpoint,
 )
+from .config import MAX_COUNT, parse_json
 from .model import DiscreteRegistrationNet, resolve_device
 
 # ------------------------------------------------------------------ training states
@@ -186,9 +187,11 @@ def load_training_state(
             "resume from the *.state.safetensors file that --checkpoint-every writes"
         )
     try:
-        info = json.loads(raw)
+        info = parse_json(raw, f"{p}: the training state")
         step, layout = int(info["step"]), dict(info["optimizers"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        if not 0 <= step <= MAX_COUNT:
+            raise ValueError(f"step {step} is out of range")
+    except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{p}: the training state is corrupt ({exc})") from exc
     built = _build_model(config, tensors, p)
     if model is None:
