@@ -6,6 +6,7 @@ import torch
 
 import napari_discreg as nd
 from napari_discreg.core import data
+from napari_discreg.core.adapt import AdaptState
 from napari_discreg.core.config import AdaptConfig, DataConfig, TrainConfig
 from napari_discreg.core.model import clone_model
 from napari_discreg.core.train import train_steps
@@ -245,3 +246,47 @@ def test_selection_scores_agree_with_each_criterion_and_see_head_disagreement(ti
     assert selection_scores(twin, f, m, mask, ("agreement",))["agreement"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="unknown selection criterion"):
         selection_scores(tiny_model, f, m, mask, ("bogus",))
+
+
+def test_should_stop_inside_an_iteration_undoes_it_and_scores_the_last_complete_one(
+    tiny_model, target
+):
+    """A stop asked for in the middle of iteration 3 (after its step A) ends the run
+    within that pass: the model goes back to iteration 2's weights, which are scored by
+    the keep-best criterion (keep_best=False: they are what the run keeps)."""
+    cfg = AdaptConfig(batch_size=2, select_every=100, generator_updates=1, keep_best=False)
+    state = AdaptState()
+    calls = {"n": 0}
+    completed: list[int] = []
+    snapshots = {}
+
+    def should_stop() -> bool:
+        # iteration 3: checked before it (1st call), then after its step A (2nd call)
+        if len(completed) == 3:
+            calls["n"] += 1
+        return calls["n"] >= 2
+
+    gen = nd.adapt_steps(
+        tiny_model,
+        *target,
+        steps=50,
+        config=cfg,
+        data_config=CFG,
+        device="cpu",
+        state=state,
+        should_stop=should_stop,
+    )
+    for record in gen:
+        completed.append(record.iteration)
+        snapshots[record.iteration] = _state(tiny_model)
+    assert completed == [0, 1, 2]  # iteration 3 never completed
+    assert state.step == 2
+    assert _same(snapshots[2], tiny_model.state_dict())  # undone: iteration 2's weights
+    assert state.best_iteration == 2 and state.best_score is not None  # scored on stop
+
+
+def test_should_stop_before_any_iteration_keeps_the_start(tiny_model, target):
+    before = _state(tiny_model)
+    records = run(tiny_model, target, steps=10, should_stop=lambda: True)
+    assert [r.iteration for r in records] == [0]
+    assert _same(before, tiny_model.state_dict())
