@@ -31,9 +31,11 @@ Measured (MB of peak growth), with ``cp-labels`` = control points x K^2:
   256 px 583, 384 px 1207, about 2.8x one training step of the same batch; estimated
   as 3x.
 
-The estimates are upper bounds within about 1.5x for these cases (1024 px network:
-estimate 775 MB, measured 541). The script that measured them is
-``benchmarks/memory_calibration.py`` (run it on a new machine or torch to re-check).
+The estimates are upper bounds, 1.1-1.7x the measured peak on these cases
+(``OMP_NUM_THREADS=1 python benchmarks/memory_calibration.py --quick``: e.g. network
+512 px 174 MB measured / 194 estimated, stride 2 483 / 725, K = 31 256 px 883 / 1043,
+bspline 512 px 168 / 210, adaptation 384 px 1121 / 1562); rerun that script on a new
+machine or torch release to re-check them.
 """
 
 from __future__ import annotations
