@@ -77,8 +77,9 @@ def _coerce(cls: type, name: str, kind: str, value: Any) -> Any:
             raise _field_error(cls, name, "a whole number", value)
         if isinstance(value, numbers.Integral):
             return int(value)
-        if math.isfinite(value) and float(value).is_integer():
-            return int(value)
+        number = float(value)
+        if math.isfinite(number) and number.is_integer():
+            return int(number)
         raise _field_error(cls, name, "a whole number", value)
     if kind == "float":
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
