@@ -93,6 +93,12 @@ class LayerTargetsBox(QGroupBox):
                 exclude=lambda layer: layer is self.fixed_combo.layer(),
             ),
         )
+        self.fixed_combo.setToolTip(
+            "Fixed images of the target pairs: a 2D image or a stack (N, H, W) of the new contrast"
+        )
+        self.moving_combo.setToolTip(
+            "Moving images of the target pairs, same shape as the fixed ones (no labels needed)"
+        )
         self.moving_combo.select_preferred()
         form = QFormLayout(self)
         form.addRow("Fixed", self.fixed_combo)
@@ -135,6 +141,8 @@ class FolderTargetsBox(QGroupBox):
         )
         for w in (self.fixed_edit, self.moving_edit):
             w.setToolTip(tip)
+        self.fixed_browse.setToolTip("Choose the folder of fixed-contrast images")
+        self.moving_browse.setToolTip("Choose the folder of moving-contrast images")
         self.unpaired_check = QCheckBox("unpaired (different subjects)")
         self.unpaired_check.setToolTip(
             "The folders are not the same subjects: pair slices at random (no ground truth, "
@@ -212,6 +220,7 @@ class StateBox(QGroupBox):
             "the file it resumed."
         )
         self.path_browse = QPushButton("Browse…")
+        self.path_browse.setToolTip("Choose where the resumable state is written")
         self.resume_button = QPushButton("Resume…")
         self.resume_button.setToolTip(
             "Continue a saved state (of this widget or `napari-discreg adapt "

@@ -48,13 +48,22 @@ class ModelBox(QGroupBox):
                     self.model_combo.count() - 1, description, Qt.ItemDataRole.ToolTipRole
                 )
         self.model_combo.addItem("checkpoint file", None)
+        self.model_combo.setToolTip(
+            "The network: a model shipped with the plugin (default: trained with contrast "
+            "augmentation; mono: the paper's mono-modal source model) or a checkpoint file"
+        )
         self.checkpoint_edit = QLineEdit()
         self.checkpoint_edit.setPlaceholderText("path/to/model.safetensors")
         self.browse_checkpoint_button = QPushButton("Browse…")
+        self.browse_checkpoint_button.setToolTip("Choose a .safetensors checkpoint")
+        self.checkpoint_edit.setToolTip("A napari-discreg .safetensors checkpoint")
         self.model_label = QLabel()
         self.model_label.setWordWrap(True)
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICES))
+        self.device_combo.setToolTip(
+            "Where registration and adaptation run: auto (CUDA when available), cpu or cuda"
+        )
         if not torch.cuda.is_available():
             self.device_combo.model().item(DEVICES.index("cuda")).setEnabled(False)
         self._show_device(state.device)

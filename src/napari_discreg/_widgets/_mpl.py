@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg, NavigationToolbar2QT
 from matplotlib.figure import Figure
 from napari.utils.theme import get_theme
-from qtpy.QtWidgets import QLabel, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
 from ._state import unwrap_viewer
 
@@ -79,6 +80,7 @@ class FigureWidget(QWidget):
         toolbar: bool = True,
         min_height: int | None = None,
         caption: str = "",
+        scroll: bool = False,
         parent=None,
     ):
         super().__init__(parent)
@@ -93,11 +95,28 @@ class FigureWidget(QWidget):
         self.toolbar = NavigationToolbar2QT(self.canvas, self) if toolbar else None
         if self.toolbar is not None:
             layout.addWidget(self.toolbar)
-        layout.addWidget(self.canvas)
         self.caption_label = QLabel(caption)  # what am I looking at
         self.caption_label.setWordWrap(True)
         self.caption_label.setVisible(bool(caption))
-        layout.addWidget(self.caption_label)
+        if scroll:
+            # a tall figure scrolls inside a short panel (three docked panels on a
+            # 1366 x 768 screen) instead of making the window taller than the screen
+            body = QWidget()
+            inner = QVBoxLayout(body)
+            inner.setContentsMargins(0, 0, 0, 0)
+            inner.addWidget(self.canvas)
+            inner.addWidget(self.caption_label)
+            area = QScrollArea()
+            area.setWidgetResizable(True)
+            area.setFrameShape(QFrame.Shape.NoFrame)
+            area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+            area.setWidget(body)
+            area.setMinimumHeight(120)
+            layout.addWidget(area, 1)
+            self.scroll_area = area
+        else:
+            layout.addWidget(self.canvas)
+            layout.addWidget(self.caption_label)
         self.theme = FigureTheme.from_napari(self.viewer.theme)
         self.viewer.events.theme.connect(self._on_theme_changed)
         self.refresh()

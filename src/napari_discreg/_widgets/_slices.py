@@ -46,7 +46,11 @@ class SliceBox(QGroupBox):
         self.slice_spin.setToolTip("Slice to register (default: the one the viewer shows)")
         self.follow_check = QCheckBox("follow the viewer")
         self.follow_check.setChecked(True)
+        self.follow_check.setToolTip("Register the slice the viewer shows (it follows the slider)")
         self.every_slice_check = QCheckBox("register every slice")
+        self.every_slice_check.setToolTip(
+            "Register every slice of the volume along the axis (Stop keeps the slices done)"
+        )
         form = QFormLayout(self)
         form.addRow("Axis", self.axis_spin)
         form.addRow("Slice", row(self.slice_spin, self.follow_check))

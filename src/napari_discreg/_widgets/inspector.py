@@ -52,6 +52,7 @@ class HistogramInspectorWidget(FigureWidget):
             napari_viewer,
             figsize=(5.0, 8.0),
             min_height=380,
+            scroll=True,
             caption=(
                 "Top: each head's probability over the K x K displacements of the control "
                 "point (+ its expected displacement, x the true one when known). Middle: the "
