@@ -24,7 +24,12 @@ Conventions
   what there is (and says so); the exit status is then 130.
 * ``train`` and ``adapt`` run unchanged under ``torchrun --nproc-per-node N`` (data
   parallel, :mod:`napari_discreg.core.distributed`): rank 0 prints, shows progress
-  and writes the files; see docs/scaling.md.
+  and writes the files; see docs/scaling.md. A rank that hangs longer than
+  ``--dist-timeout`` (default 300 s) makes the others stop with an error, status 1.
+* Outputs never replace inputs (refused, status 2); ``-o`` of ``train``/``adapt``
+  must end in ``.safetensors``. Ctrl-C never replaces a model already at ``-o``: the
+  partial one goes to ``NAME.partial.safetensors`` beside it. A full disk is an
+  error naming the file and the bytes needed (status 2), the previous file intact.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
-from ._common import EXIT_INTERRUPTED, EXIT_USER_ERROR, PROG
+from ..core.distributed import DistributedError
+from ._common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USER_ERROR, PROG
 from .adapt import _add_adapt
 from .demo import _add_demo
 from .register import _add_register
@@ -84,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 user error, 130 Ctrl-C)."""
+    """Run the command line; returns the exit status (0 ok, 1 a failed run, 2 user error or
+    full disk, 130 Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -102,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except DistributedError as exc:
+        if args.traceback:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED

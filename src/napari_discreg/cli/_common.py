@@ -23,7 +23,13 @@ from .. import save_model
 from ..core import io
 from ..core.config import SHIPPED_MODELS, FolderConfig
 from ..core.data import normalise_intensity
-from ..core.distributed import barrier
+from ..core.distributed import (
+    TIMEOUT_ENV,
+    DistContext,
+    barrier,
+    collective_failure,
+    shutdown,
+)
 from ..runs.base import jsonable as _jsonable
 from ..runs.base import make_dirs as _make_dirs
 from ..runs.base import remove_empty as _remove_empty
@@ -32,6 +38,7 @@ SHIPPED_NAMES = ", ".join(SHIPPED_MODELS)
 """The shipped models ``--model`` accepts by name (for help texts)."""
 
 PROG = "napari-discreg"
+EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -360,6 +367,32 @@ def _add_folder_options(p, *, axis: bool) -> None:
         default=0,
         help="background processes that make the training pairs (default 0: none)",
     )
+
+
+def _add_dist_timeout(p) -> None:
+    p.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others at a synchronisation "
+        f"before it stops with an error (default ${TIMEOUT_ENV}, else 300)",
+    )
+
+
+def run_distributed(ctx: DistContext, work) -> int:
+    """``work()`` in the process group ``ctx``; a failed collective (a hung or lost rank)
+    becomes a :class:`~napari_discreg.core.distributed.DistributedError` with a clear
+    message; the group is left at the end."""
+    try:
+        return work()
+    except RuntimeError as exc:
+        failure = collective_failure(exc, ctx)
+        if failure is exc:
+            raise
+        raise failure from exc
+    finally:
+        shutdown(ctx)
 
 
 def _state_path(out: Path) -> Path:

@@ -10,13 +10,14 @@ from pathlib import Path
 
 from ..core.config import AdaptConfig, DataConfig, FolderConfig
 from ..core.discrepancy import Discrepancy
-from ..core.distributed import DistContext, init_distributed, shutdown
+from ..core.distributed import DistContext, init_distributed
 from ..runs import AdaptationSpec, TargetOptions, resolve_adaptation, run_adaptation
 from ._common import (
     EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
     PROG,
     SHIPPED_NAMES,
+    _add_dist_timeout,
     _add_folder_options,
     _device_arg,
     _positive_float,
@@ -26,6 +27,7 @@ from ._common import (
     _state_path,
     _warn,
     check_model_output,
+    run_distributed,
     save_run_model,
 )
 
@@ -130,6 +132,7 @@ def _add_adapt(sub) -> None:
         help="slice axis of volumes (default 0 for TIFF/.npy; 2 for NIfTI)",
     )
     p.add_argument("--device", type=_device_arg, default="auto", help="auto (default), cpu or cuda")
+    _add_dist_timeout(p)
     p.add_argument(
         "--checkpoint-every",
         type=_positive_int,
@@ -193,11 +196,8 @@ def _run_adapt(args) -> int:
     }
     out = check_model_output(Path(args.output), inputs, resume=args.resume)
     spec = resolve_adaptation(_adapt_spec(args, out))  # bad options fail before torchrun's group
-    ctx = init_distributed(args.device)
-    try:
-        return _adapt(replace(spec, context=ctx), out, ctx)
-    finally:
-        shutdown(ctx)
+    ctx = init_distributed(args.device, timeout_s=args.dist_timeout)
+    return run_distributed(ctx, lambda: _adapt(replace(spec, context=ctx), out, ctx))
 
 
 def _adapt(spec: AdaptationSpec, out: Path, ctx: DistContext) -> int:

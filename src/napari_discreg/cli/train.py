@@ -9,11 +9,12 @@ from pathlib import Path
 
 from ..core.config import DataConfig, FolderConfig, ModelConfig, TrainConfig
 from ..core.data import CONTRASTS
-from ..core.distributed import DistContext, init_distributed, shutdown
+from ..core.distributed import DistContext, init_distributed
 from ..runs import TrainingSpec, run_training
 from ._common import (
     EXIT_INTERRUPTED,
     PROG,
+    _add_dist_timeout,
     _add_folder_options,
     _device_arg,
     _evaluation_text,
@@ -24,6 +25,7 @@ from ._common import (
     _state_path,
     _warn,
     check_model_output,
+    run_distributed,
     save_run_model,
 )
 
@@ -74,6 +76,7 @@ def _add_train(sub) -> None:
         help=f"template contrasts, each paired with itself (default {','.join(t.source_contrasts)})",
     )
     p.add_argument("--device", type=_device_arg, default="auto", help="auto (default), cpu or cuda")
+    _add_dist_timeout(p)
     p.add_argument(
         "--checkpoint-every",
         type=_positive_int,
@@ -121,11 +124,8 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     out = check_model_output(Path(args.output), {"--source": args.source}, resume=args.resume)
-    ctx = init_distributed(args.device)
-    try:
-        return _train(_train_spec(args, out, ctx), out, ctx)
-    finally:
-        shutdown(ctx)
+    ctx = init_distributed(args.device, timeout_s=args.dist_timeout)
+    return run_distributed(ctx, lambda: _train(_train_spec(args, out, ctx), out, ctx))
 
 
 def _train_spec(args, out: Path, ctx: DistContext) -> TrainingSpec:

@@ -43,6 +43,9 @@ from .train import source_cross_entropy
 
 __all__ = [
     "DistContext",
+    "DistributedError",
+    "collective_failure",
+    "collective_timeout",
     "all_reduce_mean",
     "average_gradients",
     "barrier",
@@ -54,6 +57,12 @@ __all__ = [
     "shutdown",
     "unwrap",
 ]
+
+
+TIMEOUT_ENV = "NAPARI_DISCREG_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
+"""How long a collective waits for the other ranks before failing (5 minutes; torch's
+own default is 30). Set with ``--dist-timeout`` or ``$NAPARI_DISCREG_DIST_TIMEOUT``."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def is_main(self) -> bool:
@@ -98,8 +108,47 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+class DistributedError(RuntimeError):
+    """A collective failed: another rank hung, died or did not answer in time."""
+
+
+def collective_timeout(timeout_s: float | None = None) -> float:
+    """The timeout in force: ``timeout_s``, else ``$NAPARI_DISCREG_DIST_TIMEOUT``, else
+    :data:`DEFAULT_TIMEOUT_S` (seconds)."""
+    if timeout_s is None:
+        env = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not env:
+            return DEFAULT_TIMEOUT_S
+        try:
+            timeout_s = float(env)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}={env!r} is not a number of seconds") from None
+    if not timeout_s > 0:
+        raise ValueError(f"the collective timeout must be > 0 s, got {timeout_s}")
+    return float(timeout_s)
+
+
+def collective_failure(exc: BaseException, ctx: DistContext) -> BaseException:
+    """``exc`` as a :class:`DistributedError` with a clear message when it is the failure
+    of a collective (a timeout, a lost peer) in a distributed run; else ``exc`` itself."""
+    if not ctx.distributed or not isinstance(exc, RuntimeError):
+        return exc
+    text = str(exc)
+    dist_error = getattr(dist, "DistError", ())
+    markers = ("Timed out", "timed out", "Timeout", "gloo", "NCCL", "Connection closed", "peer")
+    if not (isinstance(exc, dist_error) or any(m in text for m in markers)):
+        return exc
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return DistributedError(
+        f"rank {ctx.rank} of {ctx.world_size}: another process did not answer within the "
+        f"collective timeout ({ctx.timeout_s:g} s) or went away; stopping this one too. "
+        f"Check the other ranks' logs; --dist-timeout / {TIMEOUT_ENV} set the timeout. "
+        f"({first[:300]})"
+    )
+
+
 def init_distributed(
-    device=None, *, backend: str | None = None, timeout_s: float = 1800.0
+    device=None, *, backend: str | None = None, timeout_s: float | None = None
 ) -> DistContext:
     """Join the process group described by torchrun's environment variables.
 
@@ -110,8 +159,10 @@ def init_distributed(
         each process takes GPU ``LOCAL_RANK`` (one process per GPU).
     backend : str, optional
         Default ``"nccl"`` on CUDA, ``"gloo"`` on CPU.
-    timeout_s : float
-        How long a collective may wait for the other ranks before failing.
+    timeout_s : float, optional
+        How long a collective may wait for the other ranks before failing (default
+        :func:`collective_timeout`: ``$NAPARI_DISCREG_DIST_TIMEOUT``, else 300 s); a
+        hung or stopped rank then makes the others fail instead of waiting.
 
     Returns
     -------
@@ -124,8 +175,9 @@ def init_distributed(
     ValueError
         More processes on a node than GPUs, or malformed environment variables.
     """
+    timeout_s = collective_timeout(timeout_s)
     if not launched_by_torchrun() or _env_int("WORLD_SIZE") <= 1:
-        return DistContext(device=resolve_device(device))
+        return DistContext(device=resolve_device(device), timeout_s=timeout_s)
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
     dev = resolve_device(device)
@@ -147,7 +199,7 @@ def init_distributed(
             dist.init_process_group(backend, timeout=timeout, device_id=dev)
         else:
             dist.init_process_group(backend, timeout=timeout)
-    return DistContext(rank, world, local_rank, dev, backend)
+    return DistContext(rank, world, local_rank, dev, backend, timeout_s)
 
 
 def shutdown(ctx: DistContext) -> None:
