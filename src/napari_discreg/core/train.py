@@ -112,6 +112,31 @@ def source_batches(
         yield {k: v.to(device) for k, v in batch.items()}
 
 
+def template_batches(
+    config: DataConfig,
+    batch_size: int,
+    contrasts: tuple[str, ...],
+    seed: int,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    start_step: int = 0,
+    augment: bool = False,
+) -> Iterator[Batch]:
+    """Like :func:`source_batches`, but batch ``s`` (0-based step) on ``rank`` is drawn
+    from its own generator ``default_rng([seed, rank, s])``: the stream does not depend
+    on where it started, so a run resumed after step ``start_step`` sees exactly the
+    batches an uninterrupted one would have seen, and every rank has its own."""
+    template = data_mod.load_template(config.size)
+    pairs = source_pairs(contrasts, augment)
+    step = start_step
+    while True:
+        rng = np.random.default_rng([seed, rank, step])
+        batch = data_mod.sample_batch(template, "train", batch_size, rng, config, pairs=pairs)
+        yield {k: v.to(device) for k, v in batch.items()}
+        step += 1
+
+
 def train_steps(
     model: DiscreteRegistrationNet,
     *,

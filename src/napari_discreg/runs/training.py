@@ -31,7 +31,7 @@ from ..core.distributed import (
 )
 from ..core.model import DiscreteRegistrationNet
 from ..core.state import load_training_state, save_training_state
-from ..core.train import StepRecord, source_batches
+from ..core.train import StepRecord, template_batches
 from .base import (
     Messages,
     Run,
@@ -198,10 +198,19 @@ def run_training(spec: TrainingSpec) -> Run[TrainingProgress, TrainingResult]:
             "held_out": how,
         }
         say.info(f"  {how}")
-    elif ctx.distributed or start_step:
-        # a different template stream per rank, and a new one after a resume
-        rng = np.random.default_rng([tcfg.seed, ctx.rank, start_step])
-        batches = source_batches(dcfg, tcfg.batch_size, tcfg.source_contrasts, rng, ctx.device)
+    else:
+        # the template: batch s of rank r from default_rng([seed, r, s]), so a resumed
+        # run continues the very stream of an uninterrupted one (and ranks differ)
+        batches = template_batches(
+            dcfg,
+            tcfg.batch_size,
+            tcfg.source_contrasts,
+            tcfg.seed,
+            ctx.device,
+            rank=ctx.rank,
+            start_step=start_step,
+            augment=tcfg.contrast_augmentation,
+        )
     if ctx.distributed:
         say.info(
             f"data-parallel: {ctx.describe()}; {tcfg.batch_size} pairs per process and step "
