@@ -332,3 +332,56 @@ def test_register_motion_beyond_capture_range(shipped_model, pair):
         f"gives mean {raw.mean():.2f} px, max {raw.max():.2f} px {border} px from the border, "
         "where the replicated edge matches many candidates",
     )
+
+
+def test_cli_files_under_stress(tmp_path, capsys, monkeypatch):
+    """Issue 17: bombs, outputs over inputs, a full disk (rows for docs/robustness.md)."""
+    import errno
+    import gzip
+
+    import nibabel as nib
+
+    from napari_discreg.core import io
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((1024, 1024, 1024))
+    hdr.set_data_dtype(np.float32)
+    hdr["vox_offset"] = 352
+    bomb = tmp_path / "bomb.nii.gz"
+    with gzip.open(bomb, "wb") as fh:
+        fh.write(hdr.binaryblock + b"\0" * 4100)
+    good = tmp_path / "good.npy"
+    np.save(good, IMG)
+    code, err = _cli(["register", str(bomb), str(good), "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and "limit of" in err
+    record(
+        "CLI",
+        "NIfTI declaring 1024^3 voxels (4 KB gzip)",
+        f"exit 2, refused from the header: `{err.splitlines()[-1]}`",
+    )
+
+    (tmp_path / "o2").mkdir()
+    fixed = io.write_image(tmp_path / "o2" / "warped.tif", IMG)
+    code, err = _cli(["register", str(fixed), str(good), "-o", str(tmp_path / "o2")], capsys)
+    assert code == 2 and "would overwrite the input" in err
+    record(
+        "CLI",
+        "register output folder holds the input `warped.tif`",
+        f"exit 2, input kept: `{err.splitlines()[-1]}`",
+    )
+
+    code, err = _cli(["adapt", "--target", str(fixed), "-o", str(fixed)], capsys)
+    assert code == 2 and ".safetensors" in err
+    record("CLI", "adapt `-o` names the target stack (`.tif`)", f"exit 2: `{err.splitlines()[-1]}`")
+
+    def full(*_a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "_fsync_file", full)
+    code, err = _cli(["register", str(good), str(good), "-o", str(tmp_path / "o3")], capsys)
+    assert code == 2 and "disk is full" in err and not (tmp_path / "o3").exists()
+    record(
+        "CLI",
+        "disk full while writing register's outputs",
+        f"exit 2, nothing written: `{err.splitlines()[-1]}`",
+    )
