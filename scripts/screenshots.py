@@ -4,17 +4,21 @@ Run under a display, e.g. headless::
 
     xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python scripts/screenshots.py
 
-It opens the multimodal sample pair, registers it with the Register widget (network +
-refinement), inspects
-a control point with the histogram inspector, opens the adaptation target set and
-runs a few adaptation steps, and saves after each stage a screenshot of the whole
-window and one of the widget to ``docs/images/`` (``--out``):
+It opens the multimodal sample pair, registers it with the Register widget (the default
+method), shows the review view's modes and the field, inspects a control point with the
+histogram inspector, opens the adaptation target set and runs a few adaptation steps, and
+saves after each stage a screenshot of the whole window and one of the widget to
+``docs/images/`` (``--out``):
 
 =============================  ==============================================
 file                           shows
 =============================  ==============================================
-``register.png``               viewer: fixed, warped moving, grid, vectors
+``register.png``               viewer after Register: the warped image blended
+                               over the fixed one (the default review view)
 ``register_widget.png``        the Register widget
+``review_checkerboard.png``    viewer: the checkerboard review view
+``review_difference.png``      viewer: the difference review view
+``field.png``                  viewer: arrows and deformation grid shown
 ``discrepancy.png``            viewer: the discrepancy map over the fixed image
 ``inspector.png``              viewer with the histogram inspector docked
 ``inspector_widget.png``       the histogram inspector
@@ -96,6 +100,12 @@ def main(argv=None) -> int:
     import napari
 
     from napari_discreg._widgets import state_for
+    from napari_discreg._widgets._register_outputs import (
+        DISCREPANCY,
+        DISPLACEMENT,
+        GRID,
+        output_name,
+    )
 
     viewer = napari.Viewer(title="napari-discreg", show=True)
     viewer.window.resize(*args.size)
@@ -103,34 +113,36 @@ def main(argv=None) -> int:
     _, register = viewer.window.add_plugin_dock_widget("napari-discreg", "Register")
     if args.model is not None and not register.load_checkpoint(args.model):
         return 1
-    # the shipped model is not adapted to T1 vs T2: show the default refinement on top
-    register.refine_check.setChecked(True)
     wait_for(register.run(), what="registration")
     state = state_for(viewer)
     if state.run is None:
         print("registration failed (see the notification above)", file=sys.stderr)
         return 1
+    run = state.run
 
-    # stage 1: the registration result
-    layers = viewer.layers
-    for layer in layers:
-        layer.visible = layer.name in (
-            "fixed (T1)",
-            "moving (T2-like) warped",
-            "deformation grid",
-            "displacement",
-        )
-    layers["moving (T2-like) warped"].opacity = 0.5
+    def out(role: str):
+        return viewer.layers[output_name(run, role)]
+
+    # stage 1: the registration result as it first appears (blend review view)
     viewer.reset_view()
     save_window(viewer, args.out / "register.png")
     save_widget(register, args.out / "register_widget.png")
-
-    layers["discrepancy"].visible = True
-    layers["deformation grid"].visible = False
-    layers["displacement"].visible = False
-    layers["moving (T2-like) warped"].visible = False
+    for mode in ("checkerboard", "difference"):
+        register.set_review_mode(mode)
+        save_window(viewer, args.out / f"review_{mode}.png")
+    register.set_review_mode("blend")
+    register.show_checks[DISPLACEMENT].setChecked(True)
+    register.show_checks[GRID].setChecked(True)
+    save_window(viewer, args.out / "field.png")
+    register.show_checks[DISPLACEMENT].setChecked(False)
+    register.show_checks[GRID].setChecked(False)
+    register.show_checks[DISCREPANCY].setChecked(True)
+    out("warped").visible = False
     save_window(viewer, args.out / "discrepancy.png")
+    register.show_checks[DISCREPANCY].setChecked(False)
+    out("warped").visible = True
 
+    layers = viewer.layers
     # stage 2: inspect the brain control point where the heads disagree most
     _, inspector = viewer.window.add_plugin_dock_widget(
         "napari-discreg", "Histogram inspector", tabify=True
@@ -144,7 +156,6 @@ def main(argv=None) -> int:
     i, j = np.unravel_index(int(np.argmax(disc)), disc.shape)
     row, col = result.control_point_position(i, j)
     inspector.inspect(row, col)
-    layers["deformation grid"].visible = True
     save_window(viewer, args.out / "inspector.png")
     save_widget(inspector, args.out / "inspector_widget.png")
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg, NavigationToolbar2QT
 from matplotlib.figure import Figure
 from napari.utils.theme import get_theme
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QSizePolicy, QVBoxLayout, QWidget
 
+from ._qt import VerticalScrollArea
 from ._state import unwrap_viewer
 
 
@@ -106,10 +106,7 @@ class FigureWidget(QWidget):
             inner.setContentsMargins(0, 0, 0, 0)
             inner.addWidget(self.canvas)
             inner.addWidget(self.caption_label)
-            area = QScrollArea()
-            area.setWidgetResizable(True)
-            area.setFrameShape(QFrame.Shape.NoFrame)
-            area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+            area = VerticalScrollArea()
             area.setWidget(body)
             area.setMinimumHeight(120)
             layout.addWidget(area, 1)

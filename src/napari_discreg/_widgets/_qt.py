@@ -18,6 +18,32 @@ def row(*widgets) -> QHBoxLayout:
     return layout
 
 
+class VerticalScrollArea(QScrollArea):
+    """Scrolls vertically only and asks for the width its content needs (a plain
+    QScrollArea asks for little, so a docked panel would clip its content on the right)."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+    def _content_width(self, hint) -> int:
+        return hint.width() + self.verticalScrollBar().sizeHint().width() + 2
+
+    def minimumSizeHint(self):  # noqa: N802 - Qt API
+        hint = super().minimumSizeHint()
+        if self.widget() is not None:
+            hint.setWidth(self._content_width(self.widget().minimumSizeHint()))
+        return hint
+
+    def sizeHint(self):  # noqa: N802 - Qt API
+        hint = super().sizeHint()
+        if self.widget() is not None:
+            hint.setWidth(self._content_width(self.widget().sizeHint()))
+        return hint
+
+
 def scrolled_layout(owner: QWidget) -> tuple[QVBoxLayout, QVBoxLayout]:
     """Give ``owner`` a vertical scroll area: returns ``(content, footer)`` layouts.
 
@@ -27,10 +53,7 @@ def scrolled_layout(owner: QWidget) -> tuple[QVBoxLayout, QVBoxLayout]:
     """
     inner = QWidget()
     content = QVBoxLayout(inner)
-    scroll = QScrollArea()
-    scroll.setWidgetResizable(True)
-    scroll.setFrameShape(QFrame.Shape.NoFrame)
-    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll = VerticalScrollArea()
     scroll.setWidget(inner)
     outer = QVBoxLayout(owner)
     outer.setContentsMargins(0, 0, 0, 0)
