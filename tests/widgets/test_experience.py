@@ -268,3 +268,20 @@ def test_saved_itk_field_carries_the_layer_spacing(
     # and it loads back as the same field
     widget.load_field(out)
     np.testing.assert_allclose(state_for(viewer).run.fields[None], field, atol=1e-5)
+
+
+def test_motion_beyond_the_capture_range_is_said_in_the_status(
+    viewer, tiny_model_path, small_pair, wait_job
+):
+    viewer.add_image(small_pair.fixed, name="fixed")
+    viewer.add_image(np.roll(small_pair.fixed, 12, axis=1), name="moving")  # 12 px > +/-3 px
+    widget = RegisterWidget(viewer)
+    assert widget.load_checkpoint(tiny_model_path)
+    widget.model_box.set_method("network")
+    wait_job(widget.run())
+    assert state_for(viewer).run.results[None].capture_warning is not None
+    assert "capture range" in widget.status_label.text()
+    # the default method reaches further and says nothing of the kind
+    widget.model_box.set_method("bspline")
+    wait_job(widget.run())
+    assert "capture range" not in widget.status_label.text()

@@ -434,6 +434,12 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             if fallbacks
             else ""
         )
+        beyond = sum(r.capture_warning is not None for r in results.values())
+        if beyond:  # the network's field hit its capture range (CaptureRangeWarning)
+            guarded += (
+                f"; {beyond} slice(s): the motion may be larger than the network's capture "
+                "range (the bspline method reaches further)"
+            )
         stopped = (
             f" (stopped: {len(results)} of {len(request.indices)} slices)"
             if len(results) < len(request.indices)
