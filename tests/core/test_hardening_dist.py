@@ -17,7 +17,7 @@ from napari_discreg.cli import build_parser
 from napari_discreg.core import distributed as dist_mod
 
 WORKER = r"""
-import sys, time
+import os, sys, time
 from pathlib import Path
 from napari_discreg.core.distributed import (
     all_reduce_mean, barrier, collective_failure, init_distributed, shutdown,
@@ -34,7 +34,7 @@ try:
 except RuntimeError as exc:
     err = collective_failure(exc, ctx)
     print(f"{type(err).__name__} after {time.monotonic() - start:.1f} s: {err}", flush=True)
-    sys.exit(3)
+    os._exit(3)  # as the CLI does: a group with a hung peer cannot be torn down
 print("no error", flush=True)
 """
 

@@ -35,10 +35,13 @@ Conventions
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
+
+import torch.distributed
 
 from .. import __version__
 from ..core.distributed import DistributedError
@@ -113,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.traceback:
             raise
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # a group whose peer hangs cannot be torn down: gloo's threads stay blocked
+            # and the interpreter's exit ends in std::terminate (SIGABRT); leave now
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_FAILURE)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)

@@ -385,14 +385,15 @@ def run_distributed(ctx: DistContext, work) -> int:
     becomes a :class:`~napari_discreg.core.distributed.DistributedError` with a clear
     message; the group is left at the end."""
     try:
-        return work()
+        result = work()
     except RuntimeError as exc:
         failure = collective_failure(exc, ctx)
         if failure is exc:
+            shutdown(ctx)
             raise
-        raise failure from exc
-    finally:
-        shutdown(ctx)
+        raise failure from exc  # the group is left as it is: a hung peer blocks its teardown
+    shutdown(ctx)
+    return result
 
 
 def _state_path(out: Path) -> Path:
