@@ -124,3 +124,22 @@ def test_a_truncated_mha_is_a_clear_error(tmp_path):
     path.write_bytes(data[: len(data) - 100])
     with pytest.raises(ValueError, match="shorter than its header"):
         read_field(path)
+
+
+@pytest.mark.parametrize("name", ["huge.npy", "huge.mha", "huge.tif"])
+def test_a_field_file_declaring_a_huge_array_is_refused_before_decoding(
+    tmp_path, name, monkeypatch
+):
+    """The voxel limit of the image readers holds for field files too: the header is
+    checked before the data are read."""
+    monkeypatch.setenv("NAPARI_DISCREG_MAX_VOXELS", "10000")
+    field = np.zeros((2, 100, 100), np.float32)  # 20,000 values > 10,000
+    path = tmp_path / name
+    if name.endswith(".npy"):
+        np.save(path, field)
+    else:
+        monkeypatch.delenv("NAPARI_DISCREG_MAX_VOXELS")
+        write_field(path, field)
+        monkeypatch.setenv("NAPARI_DISCREG_MAX_VOXELS", "10000")
+    with pytest.raises(ValueError, match="more than the limit of 10,000 voxels"):
+        read_field(path)

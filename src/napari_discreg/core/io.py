@@ -59,7 +59,13 @@ from typing import Any
 
 import numpy as np
 
-from .itk_field import CONVENTION, ITK_FIELD_EXTENSIONS, read_itk_field, write_itk_field
+from .itk_field import (
+    CONVENTION,
+    ITK_FIELD_EXTENSIONS,
+    itk_field_shape,
+    read_itk_field,
+    write_itk_field,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -697,7 +703,8 @@ def write_field(path: str | os.PathLike, displacement, *, spacing=None) -> Path:
 
 
 def _read_field_file(p: Path) -> np.ndarray:
-    """The array of a ``.npy`` or TIFF field file, unchecked (ValueError naming the file)."""
+    """The array of a field file, unchecked (ValueError naming the file). The shape its
+    header declares is checked against the voxel limit (:func:`max_voxels`) first."""
     if not p.is_file():
         raise ValueError(f"{p}: no such file")
     ext = _extension(p)
@@ -705,15 +712,26 @@ def _read_field_file(p: Path) -> np.ndarray:
         raise ValueError(
             f"{p}: displacement fields are read from {', '.join(FIELD_EXTENSIONS)}, not {ext!r}"
         )
+    limit = max_voxels()
     try:
         if ext == ".npy":
+            shape, dtype = _npy_header(p)
+            _check_size(p, shape, dtype, limit, False)
             arr = np.load(str(p), allow_pickle=False)
         elif ext in ITK_FIELD_EXTENSIONS:
+            _check_size(p, itk_field_shape(p, ext), np.float32, limit, False)
             arr = read_itk_field(p, ext)  # back to pixels, (row, col)
         else:
             import tifffile
 
-            arr = tifffile.imread(str(p))
+            with tifffile.TiffFile(str(p)) as tif:
+                series = tif.series[0]
+                _check_size(p, series.shape, series.dtype, limit, False)
+                arr = series.asarray()
+    except ValueError as exc:
+        if str(p) in str(exc):  # already names the file (the size check)
+            raise
+        raise ValueError(f"{p}: cannot be read as a displacement field ({exc})") from exc
     except Exception as exc:
         raise ValueError(
             f"{p}: cannot be read as a displacement field ({type(exc).__name__}: {exc})"

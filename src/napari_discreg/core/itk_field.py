@@ -181,7 +181,25 @@ def read_itk_field(path: str | os.PathLike, ext: str) -> np.ndarray:
     return from_itk_vectors(vec, spacing)
 
 
-def _read_mha(p: Path) -> tuple[np.ndarray, np.ndarray]:
+def itk_field_shape(path: str | os.PathLike, ext: str) -> tuple[int, ...]:
+    """The array shape (components included) an ITK field file declares, from its
+    header alone (nothing decoded)."""
+    p = Path(path)
+    if ext == ".mha":
+        fields, _ = _mha_header(p)
+        try:
+            size = [int(v) for v in fields["DimSize"].split()]
+            comps = int(fields.get("ElementNumberOfChannels", "1"))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{p}: malformed MetaImage header ({exc})") from exc
+        return (*size[::-1], comps)
+    import nibabel as nib
+
+    return tuple(int(v) for v in nib.load(str(p)).header.get_data_shape())
+
+
+def _mha_header(p: Path) -> tuple[dict[str, str], int]:
+    """The MetaImage header's fields and the offset of the data."""
     with open(p, "rb") as fh:
         head = fh.read(_MAX_HEADER)
     marker = head.find(b"ElementDataFile")
@@ -192,6 +210,11 @@ def _read_mha(p: Path) -> tuple[np.ndarray, np.ndarray]:
     for line in head[:end].decode("ascii", "replace").splitlines():
         key, _, value = line.partition("=")
         fields[key.strip()] = value.strip()
+    return fields, end + 1
+
+
+def _read_mha(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    fields, offset = _mha_header(p)
     if fields.get("ElementDataFile") != "LOCAL" or fields.get("CompressedData", "False") != "False":
         raise ValueError(f"{p}: only uncompressed MetaImage files with LOCAL data are read")
     if fields.get("ElementType") not in ("MET_FLOAT", "MET_DOUBLE"):
@@ -209,9 +232,9 @@ def _read_mha(p: Path) -> tuple[np.ndarray, np.ndarray]:
         dtype = dtype.newbyteorder(">")
     count = int(np.prod(size)) * comps
     expected = count * dtype.itemsize
-    if os.path.getsize(p) - (end + 1) < expected:
+    if os.path.getsize(p) - offset < expected:
         raise ValueError(f"{p}: the file is shorter than its header says")
-    arr = np.fromfile(p, dtype=dtype, count=count, offset=end + 1)
+    arr = np.fromfile(p, dtype=dtype, count=count, offset=offset)
     return arr.reshape(*size[::-1], comps), spacing
 
 
