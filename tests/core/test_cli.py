@@ -437,3 +437,33 @@ def test_console_script_reports_user_errors_without_traceback(tmp_path):
     assert "f.png: no such file" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- memory limit
+
+
+def test_max_memory_gb_refuses_register_and_adapt_before_they_start(
+    tmp_path, tiny_model, capsys, monkeypatch
+):
+    """``--max-memory-gb`` bounds core.memory's estimate for every command; the refusal
+    comes before any output exists (exit 2, the number and a hint in the message)."""
+    monkeypatch.delenv("DISCREG_MAX_MEMORY_GB", raising=False)
+    fixed, moving = tmp_path / "f.npy", tmp_path / "m.npy"
+    pair = make_pair(
+        load_template(SIZE), 110, "t1", "t2", np.random.default_rng(0), DataConfig(size=SIZE)
+    )
+    np.save(fixed, pair.fixed)
+    np.save(moving, pair.moving)
+    out = tmp_path / "out"
+    argv = ["register", fixed, moving, "-o", out, "--model", tiny_model, "--max-memory-gb", "1e-6"]
+    assert run(*argv) == 2
+    err = _error(capsys)
+    assert "GB" in err and "downsample or crop" in err
+    assert not out.exists()
+    model_out = tmp_path / "a.safetensors"
+    argv = ["adapt", "-o", model_out, "--model", tiny_model, "--demo-target", 1]
+    assert run(*argv, "--size", SIZE, "--max-memory-gb", "1e-6") == 2
+    err = capsys.readouterr().err  # refused before the first iteration
+    assert "napari-discreg: error:" in err and "smaller batch" in err and "Traceback" not in err
+    assert not model_out.exists()
+    assert run("register", fixed, moving, "-o", out, "--max-memory-gb", "-1") == 2  # usage

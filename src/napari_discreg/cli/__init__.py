@@ -45,7 +45,13 @@ import torch.distributed
 
 from .. import __version__
 from ..core.distributed import DistributedError
-from ._common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USER_ERROR, PROG
+from ._common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    PROG,
+    apply_memory_option,
+)
 from .adapt import _add_adapt
 from .demo import _add_demo
 from .register import _add_register
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
     args.command_line = shlex.join([PROG, *argv])
+    apply_memory_option(args)
     try:
         return int(args.func(args))
     except (ValueError, OSError) as exc:

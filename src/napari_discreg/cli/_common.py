@@ -43,6 +43,30 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+def add_memory_option(p) -> None:
+    """``--max-memory-gb``: the most memory one job may need by core.memory's estimate
+    (sets ``DISCREG_MAX_MEMORY_GB`` for the run; the available memory bounds it too)."""
+    from ..core.memory import DEFAULT_LIMIT_GB, ENV_LIMIT
+
+    p.add_argument(
+        "--max-memory-gb",
+        type=_positive_float,
+        default=None,
+        metavar="GB",
+        help=f"refuse a job whose estimated peak memory exceeds GB (default: ${ENV_LIMIT}, "
+        f"else {DEFAULT_LIMIT_GB:g}; never more than the memory available)",
+    )
+
+
+def apply_memory_option(args) -> None:
+    """Make ``--max-memory-gb`` the limit of every estimate in this process."""
+    from ..core.memory import ENV_LIMIT
+
+    value = getattr(args, "max_memory_gb", None)
+    if value is not None:
+        os.environ[ENV_LIMIT] = repr(float(value))
+
+
 def _say(message: str = "") -> None:
     print(message, flush=True)
 

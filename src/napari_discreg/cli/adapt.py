@@ -26,6 +26,7 @@ from ._common import (
     _say,
     _state_path,
     _warn,
+    add_memory_option,
     check_model_output,
     run_distributed,
     save_run_model,
@@ -148,6 +149,7 @@ def _add_adapt(sub) -> None:
         "place; --steps may extend the run)",
     )
     _add_folder_options(p, axis=False)
+    add_memory_option(p)
     p.set_defaults(func=_run_adapt)
 
 

@@ -31,6 +31,7 @@ from ._common import (
     _say,
     _write_json,
     _write_text,
+    add_memory_option,
 )
 
 
@@ -76,6 +77,7 @@ def _add_demo(sub) -> None:
         metavar="STEPS",
         help="Adam steps of --method network+adam; without --method, 0 is the network alone",
     )
+    add_memory_option(p)
     p.set_defaults(func=_run_demo)
 
 

@@ -21,6 +21,7 @@ from ._common import (
     _non_negative_int,
     _say,
     _write_json,
+    add_memory_option,
     refuse_overwriting_inputs,
 )
 
@@ -69,6 +70,7 @@ def _add_register(sub) -> None:
         f"{RefineConfig.steps}); without --method, --refine STEPS selects network+adam and "
         "--refine 0 the network alone, as in earlier releases",
     )
+    add_memory_option(p)
     p.set_defaults(func=_run_register)
 
 

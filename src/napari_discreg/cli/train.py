@@ -24,6 +24,7 @@ from ._common import (
     _say,
     _state_path,
     _warn,
+    add_memory_option,
     check_model_output,
     run_distributed,
     save_run_model,
@@ -119,6 +120,7 @@ def _add_train(sub) -> None:
         default=m.head_channels,
         help=f"channels of F1/F2 (default {m.head_channels})",
     )
+    add_memory_option(p)
     p.set_defaults(func=_run_train)
 
 

@@ -33,6 +33,7 @@ from ..core.distributed import (
     broadcast_module,
     max_weight_difference,
 )
+from ..core.memory import ENV_LIMIT, adaptation_estimate, check_memory
 from ..core.model import DiscreteRegistrationNet
 from ..core.state import load_adaptation_state, save_adaptation_state
 from ..core.train import StepRecord, source_batches
@@ -504,6 +505,13 @@ def _adapt(
 ) -> Generator[AdaptationProgress, None, AdaptationResult]:
     cfg, folder, every = spec.config, info["folder"], spec.checkpoint_every
     start_step = state.step
+    # refuse a run that cannot fit before its first iteration, not in the middle of it
+    side = max(int(spec.data_config.size), *(int(n) for n in np.shape(fixed)[-2:]))
+    check_memory(
+        adaptation_estimate(model.config, (side, side), cfg.batch_size),
+        hint=f"use smaller images or a smaller batch (or raise the limit with {ENV_LIMIT} / "
+        "--max-memory-gb)",
+    )
     # looked up here, not imported: napari_discreg.adapt_steps is the public name
     # (the command-line tests replace it)
     steps = napari_discreg.adapt_steps(
