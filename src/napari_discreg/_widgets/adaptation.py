@@ -376,7 +376,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
     def _on_done(self, result) -> None:
         if self._warnings:
             _notify.warning(warnings_text(self._warnings))
-        self.plot.refresh()
+        self.plot.update_data()
         if result is not None:  # None: closed before its first iteration
             self.result = result
             # a run that kept its starting weights has nothing to offer as "adapted"
