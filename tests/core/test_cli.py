@@ -447,7 +447,7 @@ def test_max_memory_gb_refuses_register_and_adapt_before_they_start(
 ):
     """``--max-memory-gb`` bounds core.memory's estimate for every command; the refusal
     comes before any output exists (exit 2, the number and a hint in the message)."""
-    monkeypatch.delenv("DISCREG_MAX_MEMORY_GB", raising=False)
+    monkeypatch.delenv("NAPARI_DISCREG_MAX_MEMORY_GB", raising=False)
     fixed, moving = tmp_path / "f.npy", tmp_path / "m.npy"
     pair = make_pair(
         load_template(SIZE), 110, "t1", "t2", np.random.default_rng(0), DataConfig(size=SIZE)

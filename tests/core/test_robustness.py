@@ -279,12 +279,12 @@ def test_register_memory_estimate_refused(monkeypatch):
     )
     model = DiscreteRegistrationNet(cfg).eval()
     img = RNG.random((128, 128)).astype(np.float32)
-    monkeypatch.setenv("DISCREG_MAX_MEMORY_GB", "0.5")
+    monkeypatch.setenv("NAPARI_DISCREG_MAX_MEMORY_GB", "0.5")
     with pytest.raises(ValueError, match="GB of memory") as err:
         nd.register(img, img, model=model, method="network")
     record(
         "register",
-        "K = 61, stride 2 model (0.1 MB) on 128 x 128 with DISCREG_MAX_MEMORY_GB=0.5",
+        "K = 61, stride 2 model (0.1 MB) on 128 x 128 with NAPARI_DISCREG_MAX_MEMORY_GB=0.5",
         f"ValueError before the network runs: {err.value}",
     )
 

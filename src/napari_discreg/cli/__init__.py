@@ -50,7 +50,7 @@ from ._common import (
     EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
     PROG,
-    apply_memory_option,
+    memory_option,
 )
 from .adapt import _add_adapt
 from .demo import _add_demo
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
     args.command_line = shlex.join([PROG, *argv])
-    apply_memory_option(args)
     try:
-        return int(args.func(args))
+        with memory_option(args):
+            return int(args.func(args))
     except (ValueError, OSError) as exc:
         if args.traceback:
             raise

@@ -45,7 +45,7 @@ EXIT_INTERRUPTED = 130
 
 def add_memory_option(p) -> None:
     """``--max-memory-gb``: the most memory one job may need by core.memory's estimate
-    (sets ``DISCREG_MAX_MEMORY_GB`` for the run; the available memory bounds it too)."""
+    (sets ``NAPARI_DISCREG_MAX_MEMORY_GB`` for the run; the available memory bounds it too)."""
     from ..core.memory import DEFAULT_LIMIT_GB, ENV_LIMIT
 
     p.add_argument(
@@ -58,13 +58,26 @@ def add_memory_option(p) -> None:
     )
 
 
-def apply_memory_option(args) -> None:
-    """Make ``--max-memory-gb`` the limit of every estimate in this process."""
+@contextmanager
+def memory_option(args):
+    """While the command runs, ``--max-memory-gb`` is the limit of every estimate
+    (``NAPARI_DISCREG_MAX_MEMORY_GB``); the environment is restored afterwards (``main`` may be
+    called more than once in a process)."""
     from ..core.memory import ENV_LIMIT
 
     value = getattr(args, "max_memory_gb", None)
-    if value is not None:
-        os.environ[ENV_LIMIT] = repr(float(value))
+    if value is None:
+        yield
+        return
+    before = os.environ.get(ENV_LIMIT)
+    os.environ[ENV_LIMIT] = repr(float(value))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_LIMIT, None)
+        else:
+            os.environ[ENV_LIMIT] = before
 
 
 def _say(message: str = "") -> None:
@@ -280,7 +293,20 @@ class Outputs:
                 self._discard()
                 raise OSError(f"cannot write the outputs in {self.folder} ({err})") from err
             return
-        self._discard()  # and the exception propagates
+        self._discard()  # and the exception propagates, naming the final file
+        if isinstance(exc, OSError):
+            renamed = self._final_names(exc.strerror or str(exc))
+            if renamed != (exc.strerror or str(exc)):
+                raise OSError(exc.errno, renamed) from exc
+
+    def _final_names(self, text: str) -> str:
+        """``text`` with each temporary name replaced by the output it stood for."""
+        for tmp, final in self._staged:
+            if str(tmp) in text:
+                text = text.replace(str(tmp), str(final))
+                if not final.exists():
+                    text = text.replace("the previous file is unchanged", "nothing was written")
+        return text
 
     def _discard(self) -> None:
         for tmp, _ in self._staged:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -22,6 +23,33 @@ MIN_IMAGE_SIDE = 16
 """Smallest side in pixels that :func:`register` accepts for the shipped models (their
 label range, :func:`~napari_discreg.core.preprocess.min_image_size`); training and
 adaptation sizes below it are refused too."""
+
+
+ENV_PREFIX = "NAPARI_DISCREG_"
+"""Environment variables that set napari-discreg's limits start with this."""
+
+
+def limit_setting(
+    value: float | None, env: str, default: float, *, unit: str, integer: bool = False
+) -> tuple[float, str]:
+    """A positive limit and where it comes from: ``value`` when given, else the
+    environment variable ``env``, else ``default`` (``ValueError`` for one that is not a
+    positive finite number, or not whole when ``integer``)."""
+    source = "the limit given"
+    if value is None:
+        raw = os.environ.get(env, "").strip()
+        if raw:
+            try:
+                value = int(raw) if integer else float(raw)
+            except ValueError:
+                kind = "whole number" if integer else "number"
+                raise ValueError(f"{env}={raw!r} is not a {kind} of {unit}") from None
+            source = f"{env}={raw}"
+        else:
+            value, source = default, f"the default (set {env} to change it)"
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"the limit must be a finite number of {unit} > 0, got {value}")
+    return value, source
 
 
 def parse_json(text: str, where: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:

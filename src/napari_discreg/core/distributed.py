@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .config import ENV_PREFIX, limit_setting
 from .model import resolve_device
 from .train import source_cross_entropy
 
@@ -59,7 +60,7 @@ __all__ = [
 ]
 
 
-TIMEOUT_ENV = "NAPARI_DISCREG_DIST_TIMEOUT"
+TIMEOUT_ENV = ENV_PREFIX + "DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 """How long a collective waits for the other ranks before failing (5 minutes; torch's
 own default is 30). Set with ``--dist-timeout`` or ``$NAPARI_DISCREG_DIST_TIMEOUT``."""
@@ -115,16 +116,7 @@ class DistributedError(RuntimeError):
 def collective_timeout(timeout_s: float | None = None) -> float:
     """The timeout in force: ``timeout_s``, else ``$NAPARI_DISCREG_DIST_TIMEOUT``, else
     :data:`DEFAULT_TIMEOUT_S` (seconds)."""
-    if timeout_s is None:
-        env = os.environ.get(TIMEOUT_ENV, "").strip()
-        if not env:
-            return DEFAULT_TIMEOUT_S
-        try:
-            timeout_s = float(env)
-        except ValueError:
-            raise ValueError(f"{TIMEOUT_ENV}={env!r} is not a number of seconds") from None
-    if not timeout_s > 0:
-        raise ValueError(f"the collective timeout must be > 0 s, got {timeout_s}")
+    timeout_s, _ = limit_setting(timeout_s, TIMEOUT_ENV, DEFAULT_TIMEOUT_S, unit="seconds")
     return float(timeout_s)
 
 

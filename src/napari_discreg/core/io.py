@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import ENV_PREFIX, limit_setting
 from .itk_field import (
     CONVENTION,
     ITK_FIELD_EXTENSIONS,
@@ -329,7 +330,7 @@ def _to_gray(rgb: np.ndarray) -> np.ndarray:
     return rgb2gray(rgb[..., :3])
 
 
-MAX_VOXELS_ENV = "NAPARI_DISCREG_MAX_VOXELS"
+MAX_VOXELS_ENV = ENV_PREFIX + "MAX_VOXELS"
 DEFAULT_MAX_VOXELS = 2**28
 """The most voxels (pixels times slices; colour samples not counted) a file may hold:
 268,435,456, e.g. a 645^3 volume, 1 GiB as float32. Set another limit with the
@@ -339,17 +340,8 @@ environment variable ``NAPARI_DISCREG_MAX_VOXELS`` or the readers' ``max_voxels`
 def max_voxels(value: int | None = None) -> int:
     """The voxel limit in force: ``value``, else ``$NAPARI_DISCREG_MAX_VOXELS``, else
     :data:`DEFAULT_MAX_VOXELS`."""
-    if value is None:
-        env = os.environ.get(MAX_VOXELS_ENV, "").strip()
-        if not env:
-            return DEFAULT_MAX_VOXELS
-        try:
-            value = int(env)
-        except ValueError:
-            raise ValueError(f"{MAX_VOXELS_ENV}={env!r} is not a whole number of voxels") from None
-    if int(value) < 1:
-        raise ValueError(f"the voxel limit must be >= 1, got {value}")
-    return int(value)
+    limit, _ = limit_setting(value, MAX_VOXELS_ENV, DEFAULT_MAX_VOXELS, unit="voxels", integer=True)
+    return int(limit)
 
 
 def _check_size(p: Path, shape: tuple[int, ...], dtype: Any, limit: int, colour: bool) -> None:

@@ -40,12 +40,11 @@ machine or torch release to re-check them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from .config import ENV_PREFIX, ModelConfig, limit_setting
 
-ENV_LIMIT = "DISCREG_MAX_MEMORY_GB"
+ENV_LIMIT = ENV_PREFIX + "MAX_MEMORY_GB"
 """Environment variable: the most memory (GB, 1e9 bytes) one job may need by the estimate."""
 DEFAULT_LIMIT_GB = 8.0
 """Default of :data:`ENV_LIMIT`; the machine's available memory bounds it too."""
@@ -156,19 +155,7 @@ def memory_limit(limit_gb: float | None = None) -> tuple[int, str]:
     """(bytes, where the number comes from): ``limit_gb`` when given, else the environment
     variable :data:`ENV_LIMIT`, else :data:`DEFAULT_LIMIT_GB`; never more than the memory
     the machine has available now."""
-    source = "the limit given"
-    if limit_gb is None:
-        raw = os.environ.get(ENV_LIMIT)
-        if raw:
-            try:
-                limit_gb = float(raw)
-            except ValueError:
-                raise ValueError(f"{ENV_LIMIT}={raw!r} is not a number of GB") from None
-            source = f"{ENV_LIMIT}={raw}"
-        else:
-            limit_gb, source = DEFAULT_LIMIT_GB, f"the default limit (set {ENV_LIMIT} to change it)"
-    if not (limit_gb > 0) or limit_gb != limit_gb or limit_gb == float("inf"):
-        raise ValueError(f"the memory limit must be a finite number of GB > 0, got {limit_gb}")
+    limit_gb, source = limit_setting(limit_gb, ENV_LIMIT, DEFAULT_LIMIT_GB, unit="GB")
     limit = int(limit_gb * 1e9)
     available = available_bytes()
     if available is not None and available < limit:

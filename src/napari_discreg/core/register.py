@@ -313,7 +313,7 @@ def register(
     max_memory_gb : float, optional
         Refuse (``ValueError``) when the estimated peak memory
         (:func:`~napari_discreg.core.memory.register_estimate`) exceeds this many GB;
-        default: the environment variable ``DISCREG_MAX_MEMORY_GB``, else 8 GB. The
+        default: the environment variable ``NAPARI_DISCREG_MAX_MEMORY_GB``, else 8 GB. The
         memory available on the machine bounds it too.
 
     The caller's model is not modified: its train/eval mode is left as it is (the
