@@ -193,9 +193,9 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     Temporaries of live processes and of other machines (a shared folder) are kept.
     Returns the removed files.
     """
-    removed = []
+    removed: list[Path] = []
     try:
-        entries = list(os.scandir(folder))
+        entries = list(os.scandir(os.fspath(folder)))
     except OSError:
         return removed
     for entry in entries:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -195,7 +196,8 @@ def itk_field_shape(path: str | os.PathLike, ext: str) -> tuple[int, ...]:
         return (*size[::-1], comps)
     import nibabel as nib
 
-    return tuple(int(v) for v in nib.load(str(p)).header.get_data_shape())
+    img: Any = nib.load(str(p))  # a Nifti1Image (nibabel types it as the base class)
+    return tuple(int(v) for v in img.header.get_data_shape())
 
 
 def _mha_header(p: Path) -> tuple[dict[str, str], int]:
@@ -241,7 +243,7 @@ def _read_mha(p: Path) -> tuple[np.ndarray, np.ndarray]:
 def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
-    img = nib.load(str(p))
+    img: Any = nib.load(str(p))
     shape = img.shape
     if len(shape) != 5 or shape[3] != 1 or shape[4] not in (2, 3):
         raise ValueError(f"{p}: not an ITK displacement field (5D vector image), shape {shape}")

@@ -524,7 +524,7 @@ def _adapt(
         source=source,
         device=ctx.device,
         state=state,
-        **({"should_stop": spec.should_stop} if spec.should_stop is not None else {}),
+        should_stop=spec.should_stop,
     )
     completed, best_iter, interrupted, diverged = start_step, state.best_iteration, False, None
     sync: float | None = None
