@@ -23,6 +23,15 @@ from napari_discreg._widgets._layers import is_output
 from napari_discreg._widgets._register_outputs import output_name
 
 
+def _pair_widget(viewer, pair, model_path) -> RegisterWidget:
+    """A Register widget with the tiny model over layers "fixed" and "moving" of ``pair``."""
+    viewer.add_image(pair.fixed, name="fixed")
+    viewer.add_image(pair.moving, name="moving")
+    widget = RegisterWidget(viewer)
+    assert widget.load_checkpoint(model_path)
+    return widget
+
+
 def _registered_pair(viewer, widget, pair, wait_job, *, fixed="fixed", moving="moving"):
     widget.fixed_combo.set_layer(viewer.layers[fixed])
     widget.moving_combo.set_layer(viewer.layers[moving])
@@ -72,10 +81,7 @@ def test_each_pair_keeps_its_own_outputs_and_a_rerun_updates_them(
 
 
 def test_outputs_are_never_offered_as_inputs(viewer, tiny_model_path, small_pair, wait_job):
-    viewer.add_image(small_pair.fixed, name="fixed")
-    viewer.add_image(small_pair.moving, name="moving")
-    widget = RegisterWidget(viewer)
-    assert widget.load_checkpoint(tiny_model_path)
+    widget = _pair_widget(viewer, small_pair, tiny_model_path)
     wait_job(widget.run())
     outputs = [layer.name for layer in viewer.layers if is_output(layer)]
     assert outputs
@@ -110,10 +116,7 @@ def test_the_same_layer_as_fixed_and_moving_is_refused(viewer, small_pair, notes
 def test_status_is_cleared_when_the_moving_layer_goes_away_mid_run(
     viewer, tiny_model_path, small_pair, wait_job, qtbot
 ):
-    viewer.add_image(small_pair.fixed, name="fixed")
-    viewer.add_image(small_pair.moving, name="moving")
-    widget = RegisterWidget(viewer)
-    assert widget.load_checkpoint(tiny_model_path)
+    widget = _pair_widget(viewer, small_pair, tiny_model_path)
     job = widget.run()
     viewer.layers.remove("moving")
     wait_job(job)
@@ -123,10 +126,7 @@ def test_status_is_cleared_when_the_moving_layer_goes_away_mid_run(
 
 
 def test_review_view_modes_and_hidden_details(viewer, tiny_model_path, small_pair, wait_job):
-    viewer.add_image(small_pair.fixed, name="fixed")
-    viewer.add_image(small_pair.moving, name="moving")
-    widget = RegisterWidget(viewer)
-    assert widget.load_checkpoint(tiny_model_path)
+    widget = _pair_widget(viewer, small_pair, tiny_model_path)
     wait_job(widget.run())
     run = state_for(viewer).run
 
@@ -167,10 +167,7 @@ def test_review_view_modes_and_hidden_details(viewer, tiny_model_path, small_pai
 def test_register_progress_moves_in_steps_and_stop_answers(
     viewer, tiny_model_path, small_pair, wait_job, qtbot
 ):
-    viewer.add_image(small_pair.fixed, name="fixed")
-    viewer.add_image(small_pair.moving, name="moving")
-    widget = RegisterWidget(viewer)
-    assert widget.load_checkpoint(tiny_model_path)
+    widget = _pair_widget(viewer, small_pair, tiny_model_path)
     widget.model_box.set_method("network+adam")
     widget.adam_steps_spin.setValue(200)
     values: list[int] = []
@@ -216,10 +213,7 @@ def test_plots_say_what_they_show(viewer, tiny_model_path, small_pair, wait_job)
     adaptation = AdaptationWidget(viewer)
     for plot in (inspector, adaptation.plot):
         assert plot.caption_label.text() and not plot.caption_label.isHidden()
-    viewer.add_image(small_pair.fixed, name="fixed")
-    viewer.add_image(small_pair.moving, name="moving")
-    widget = RegisterWidget(viewer)
-    assert widget.load_checkpoint(tiny_model_path)
+    widget = _pair_widget(viewer, small_pair, tiny_model_path)
     wait_job(widget.run())
     inspector.inspect(40, 40)
     legend = inspector.figure.axes[0].get_legend()

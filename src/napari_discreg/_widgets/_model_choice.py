@@ -24,7 +24,7 @@ from ..core.config import SHIPPED_MODELS, RefineConfig
 from ..core.register import DEFAULT_METHOD, METHODS
 from . import _notify
 from ._io import CHECKPOINT_FILTER, layer_name_for
-from ._qt import row
+from ._qt import row, select_data
 from ._state import SHIPPED_MODEL_NAME, SessionState
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -127,10 +127,7 @@ class ModelBox(QGroupBox):
 
     def set_method(self, name: str) -> None:
         """Choose the registration method ``name`` (a key of ``METHODS``)."""
-        index = self.method_combo.findData(name)
-        if index < 0:
-            raise ValueError(f"method must be one of {tuple(METHODS)}, got {name!r}")
-        self.method_combo.setCurrentIndex(index)
+        select_data(self.method_combo, name, "method", METHODS)
 
     def refine_settings(self) -> RefineConfig | None:
         """Settings for ``register(refine=...)``: the Adam steps of network+adam, else None."""

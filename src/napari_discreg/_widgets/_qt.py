@@ -9,6 +9,15 @@ from qtpy.QtWidgets import QFrame, QHBoxLayout, QScrollArea, QVBoxLayout, QWidge
 OUTPUT_WORDS = ("warped", "displacement", "discrepancy", "deformation", "inspected")
 
 
+def select_data(combo, value, what: str, choices) -> None:
+    """Select the entry of ``combo`` whose data is ``value``; ``ValueError`` naming
+    ``what`` and the ``choices`` when there is none."""
+    index = combo.findData(value)
+    if index < 0:
+        raise ValueError(f"{what} must be one of {tuple(choices)}, got {value!r}")
+    combo.setCurrentIndex(index)
+
+
 def row(*widgets) -> QHBoxLayout:
     """The widgets side by side in a margin-less horizontal layout."""
     layout = QHBoxLayout()

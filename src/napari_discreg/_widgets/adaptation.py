@@ -57,7 +57,7 @@ from ._adaptation_targets import (
     warnings_text,
 )
 from ._io import CHECKPOINT_FILTER
-from ._qt import row, scrolled_layout
+from ._qt import row, scrolled_layout, select_data
 from ._state import state_for, unwrap_viewer
 from ._workers import Job, WorkerWidgetMixin, job_controls
 
@@ -196,10 +196,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         return self.discrepancy_combo.currentData()
 
     def set_discrepancy(self, key: str) -> None:
-        index = self.discrepancy_combo.findData(key)
-        if index < 0:
-            raise ValueError(f"discrepancy must be one of {tuple(DISCREPANCIES)}, got {key!r}")
-        self.discrepancy_combo.setCurrentIndex(index)
+        select_data(self.discrepancy_combo, key, "discrepancy", DISCREPANCIES)
 
     def target_source(self) -> str:
         """Where the target pairs come from: ``"layers"`` or ``"folders"``."""

@@ -45,7 +45,7 @@ from ._io import FIELD_FILTER, IMAGE_FILTER, layer_name_for, read_image_file
 from ._layers import check_image_pair
 from ._model_choice import ModelBox
 from ._pickers import LayerCombo, preferring
-from ._qt import OUTPUT_WORDS, row, scrolled_layout
+from ._qt import OUTPUT_WORDS, row, scrolled_layout, select_data
 from ._register_outputs import (
     DETAIL_ROLES,
     DISCREPANCY,
@@ -491,10 +491,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         return str(self.review_combo.currentData())
 
     def set_review_mode(self, mode: str) -> None:
-        index = self.review_combo.findData(mode)
-        if index < 0:
-            raise ValueError(f"review mode must be one of {tuple(REVIEW_MODES)}, got {mode!r}")
-        self.review_combo.setCurrentIndex(index)
+        select_data(self.review_combo, mode, "review mode", REVIEW_MODES)
 
     def _review_changed(self) -> None:
         run = self.state.run
