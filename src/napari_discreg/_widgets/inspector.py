@@ -17,7 +17,7 @@ from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel
 from ..core.geometry import in_plane_axes, insert_axis, sample_field
 from ..core.inspect import HISTOGRAM_KEYS, point_summary
 from . import _notify
-from ._layers import upsert_layer
+from ._layers import META_KEY, upsert_layer
 from ._mpl import FigureWidget
 from ._state import state_for
 
@@ -213,6 +213,7 @@ class HistogramInspectorWidget(FigureWidget):
             size=float(max(1.5 * stride, 4)),
             face_color="red",
             border_color="white",
+            metadata={META_KEY: {"output": MARKER_LAYER}},  # never offered as an input
         )
         if active is not None and active in self.viewer.layers:
             self.viewer.layers.selection.active = active  # keep the user's selection
