@@ -231,8 +231,6 @@ def show_outputs_steps(
     fixed, moving = run.layer("fixed"), run.layer("moving")
     if fixed is None or moving is None:
         raise ValueError("the registered layers no longer exist")
-    if mode not in REVIEW_MODES:
-        raise ValueError(f"review mode must be one of {tuple(REVIEW_MODES)}, got {mode!r}")
     scale, translate = placement(run)
     fscale = np.asarray(run.fixed_scale, dtype=float)
     ftranslate = np.asarray(run.fixed_translate, dtype=float)
@@ -245,14 +243,14 @@ def show_outputs_steps(
     if isinstance(moving, Image):
         warped_kwargs["colormap"] = moving.colormap.name
         warped_kwargs["contrast_limits"] = tuple(moving.contrast_limits)
+    warped_view, review_view = review_properties(run, outputs, mode)
     layers[WARPED] = upsert_layer(
         viewer,
         output_name(run, WARPED),
         "image",
         outputs.warped,
-        opacity=0.5 if mode == "blend" else 1.0,
-        visible=mode == "blend",
         metadata=output_meta(WARPED, run, meaning="the moving image warped onto the fixed one"),
+        **warped_view,
         **warped_kwargs,
     )
     yield WARPED
@@ -260,13 +258,11 @@ def show_outputs_steps(
         viewer,
         output_name(run, REVIEW),
         "image",
-        outputs.review["difference" if mode == "difference" else "checkerboard"],
+        review_view.pop("data"),
         scale=scale,
         translate=translate,
-        colormap="gray" if mode != "difference" else "inferno",
         contrast_limits=(0.0, 1.0),
-        visible=mode != "blend",
-        metadata=output_meta(REVIEW, run, mode=mode, meaning=REVIEW_MODES[mode]),
+        **review_view,
     )
     yield REVIEW
     layers[DISPLACEMENT] = upsert_layer(
@@ -340,18 +336,27 @@ def show_outputs_steps(
 
 def set_review_mode(viewer, run: RegistrationRun, outputs: Outputs, mode: str) -> None:
     """Switch the review view of ``run``'s outputs to ``mode`` (a key of REVIEW_MODES)."""
+    views = review_properties(run, outputs, mode)
+    for role, view in zip((WARPED, REVIEW), views, strict=True):
+        layer = _layer(viewer, output_name(run, role))
+        if layer is not None:
+            for key, value in view.items():  # "data" first: the rest styles it
+                setattr(layer, key, value)
+
+
+def review_properties(run: RegistrationRun, outputs: Outputs, mode: str) -> tuple[dict, dict]:
+    """The properties of the warped and the review layer in review ``mode`` (a key of
+    REVIEW_MODES): what both the first show and a switch of mode set."""
     if mode not in REVIEW_MODES:
         raise ValueError(f"review mode must be one of {tuple(REVIEW_MODES)}, got {mode!r}")
-    warped, review = (_layer(viewer, output_name(run, role)) for role in (WARPED, REVIEW))
-    if review is not None and mode != "blend":
-        review.data = outputs.review[mode]
-        review.colormap = "inferno" if mode == "difference" else "gray"
-        review.metadata = output_meta(REVIEW, run, mode=mode, meaning=REVIEW_MODES[mode])
-    if review is not None:
-        review.visible = mode != "blend"
-    if warped is not None:
-        warped.opacity = 0.5
-        warped.visible = mode == "blend"
+    warped = {"opacity": 0.5, "visible": mode == "blend"}
+    review = {
+        "data": outputs.review["difference" if mode == "difference" else "checkerboard"],
+        "colormap": "inferno" if mode == "difference" else "gray",
+        "visible": mode != "blend",
+        "metadata": output_meta(REVIEW, run, mode=mode, meaning=REVIEW_MODES[mode]),
+    }
+    return warped, review
 
 
 def _layer(viewer, name: str):

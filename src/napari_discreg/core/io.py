@@ -593,10 +593,9 @@ def _atomic_write(
         raise OSError(f"cannot write {p}: the folder {p.parent} does not exist")
     if p.is_dir():
         raise OSError(f"cannot write {p}: it is a folder")
-    if writer is None:
-        return replace_atomically(p, lambda tmp: _write_raw(tmp, arr, ext), nbytes=arr.nbytes)
-    # a format of its own (displacement fields for ITK)
-    return replace_atomically(p, writer, nbytes=arr.nbytes)
+    # ``writer``: a format of its own (e.g. displacement fields for ITK)
+    write = writer if writer is not None else (lambda tmp: _write_raw(tmp, arr, ext))
+    return replace_atomically(p, write, nbytes=arr.nbytes)
 
 
 def write_image(path: str | os.PathLike, array) -> Path:
