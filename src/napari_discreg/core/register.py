@@ -366,13 +366,14 @@ def register(
     steps = 0
     # judged and optimised on the image itself, not its padding
     fi, mi = ft[..., :h, :w], mt[..., :h, :w]
-    total = (0 if method == "bspline" else 1) + (
-        refine_step_count(settings, (h, w))
-        if isinstance(settings, RefineConfig)
-        else _bspline_steps(settings, (h, w))
-        if isinstance(settings, BSplineConfig)
-        else 0
-    )
+    # optimiser steps the progress counts: Gauss-Newton steps, or Adam steps of every level
+    if isinstance(settings, BSplineConfig):
+        planned = _bspline_steps(settings, (h, w))
+    elif isinstance(settings, RefineConfig):
+        planned = refine_step_count(settings, (h, w))
+    else:
+        planned = 0
+    total = (0 if method == "bspline" else 1) + planned
     done = 0
 
     def tick() -> None:
@@ -388,7 +389,7 @@ def register(
         assert isinstance(settings, BSplineConfig)
         descriptors: list = []
         dense = bspline_refine(fi, mi, None, settings, descriptors=descriptors, callback=callback)
-        steps = _bspline_steps(settings, (h, w))
+        steps = planned
         if guard:
             dense, fallback = _guard(fi, mi, dense, descriptors, settings)
     else:
@@ -404,7 +405,7 @@ def register(
         if method == "network+bspline":
             assert isinstance(settings, BSplineConfig)
             dense = bspline_refine(fi, mi, dense, settings, callback=callback)
-            steps = _bspline_steps(settings, (h, w))
+            steps = planned
         elif method == "network+adam":
             assert isinstance(settings, RefineConfig)
             dense = refine_field(fi, mi, dense, settings, callback=callback)
