@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from napari_discreg.core import data
-from napari_discreg.core.checkpoint import default_weights_path
+from napari_discreg.core.checkpoint import default_weights_path, save_checkpoint
 from napari_discreg.core.config import DataConfig, ModelConfig
 from napari_discreg.core.model import DiscreteRegistrationNet
 
@@ -38,3 +38,14 @@ def pair():
     cfg = DataConfig(size=96, max_displacement=4.5)
     template = data.load_template(cfg.size)
     return data.make_pair(template, 110, "t1", "t2", np.random.default_rng(3), cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A small random model (K = 5, +/-2 px) saved as a checkpoint: the command-line
+    tests' stand-in for the shipped weights."""
+    torch.manual_seed(0)
+    model = DiscreteRegistrationNet(
+        ModelConfig(num_labels=5, capture_range=2, features=4, head_channels=8)
+    )
+    return save_checkpoint(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")

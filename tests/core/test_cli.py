@@ -14,31 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import napari_discreg
 import napari_discreg.core.checkpoint as checkpoint_mod
 import napari_discreg.core.train as train_mod
-from napari_discreg import load_model, save_model
+from napari_discreg import load_model
 from napari_discreg.cli import main
 from napari_discreg.core import io
 from napari_discreg.core.checkpoint import checkpoint_info
-from napari_discreg.core.config import DataConfig, ModelConfig, RefineConfig
+from napari_discreg.core.config import DataConfig, RefineConfig
 from napari_discreg.core.data import load_template, make_pair
-from napari_discreg.core.model import DiscreteRegistrationNet
 from napari_discreg.core.train import StepRecord
 
 SIZE = 48  # every test uses this template size, so it is built once
 TINY = ["--num-labels", "5", "--capture-range", "2", "--features", "4", "--head-channels", "8"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = DiscreteRegistrationNet(
-        ModelConfig(num_labels=5, capture_range=2, features=4, head_channels=8)
-    )
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+@pytest.fixture
+def tiny_model(tiny_checkpoint) -> Path:
+    """The checkpoint of a tiny random model (conftest's ``tiny_checkpoint``)."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

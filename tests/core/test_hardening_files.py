@@ -220,13 +220,9 @@ def test_real_full_disk_on_a_small_tmpfs(tmp_path, tiny_model):
 
 import threading  # noqa: E402
 
-import torch  # noqa: E402
-
 import napari_discreg.core.train as train_mod  # noqa: E402
 from napari_discreg.cli import _common, main  # noqa: E402
 from napari_discreg.core.checkpoint import checkpoint_info  # noqa: E402
-from napari_discreg.core.config import ModelConfig  # noqa: E402
-from napari_discreg.core.model import DiscreteRegistrationNet  # noqa: E402
 from napari_discreg.core.train import StepRecord  # noqa: E402
 
 SIZE = 48
@@ -238,40 +234,31 @@ def run(*args) -> int:
     return main([str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = DiscreteRegistrationNet(
-        ModelConfig(num_labels=5, capture_range=2, features=4, head_channels=8)
-    )
-    return save_checkpoint(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
-
-
-def test_register_refuses_to_write_over_its_input(tmp_path, tiny_file, capsys):
+def test_register_refuses_to_write_over_its_input(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "out"
     out.mkdir()
     img = np.random.default_rng(0).random((48, 48)).astype(np.float32)
     fixed = io.write_image(out / "warped.tif", img)
     moving = io.write_image(tmp_path / "moving.tif", img)
     before = fixed.read_bytes()
-    assert run("register", fixed, moving, "-o", out, "--model", tiny_file) == 2
+    assert run("register", fixed, moving, "-o", out, "--model", tiny_checkpoint) == 2
     err = capsys.readouterr().err
     assert "would overwrite the input FIXED" in err and str(fixed) in err
     assert fixed.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["warped.tif"]
 
 
-def test_model_output_must_be_safetensors_and_no_input(tmp_path, tiny_file, capsys):
+def test_model_output_must_be_safetensors_and_no_input(tmp_path, tiny_checkpoint, capsys):
     target = io.write_image(tmp_path / "tf.tif", np.zeros((2, 48, 48), np.float32))
     before = target.read_bytes()
-    assert run("adapt", "--target", target, "-o", target, "--model", tiny_file) == 2
+    assert run("adapt", "--target", target, "-o", target, "--model", tiny_checkpoint) == 2
     assert "a model is written as a .safetensors file" in capsys.readouterr().err
     assert target.read_bytes() == before
     assert run("train", "-o", tmp_path / "m.tif", *TRAIN) == 2
     assert ".safetensors" in capsys.readouterr().err
-    model_before = tiny_file.read_bytes()
-    assert run("adapt", "--demo-target", 2, "-o", tiny_file, "--model", tiny_file) == 2
+    model_before = tiny_checkpoint.read_bytes()
+    assert run("adapt", "--demo-target", 2, "-o", tiny_checkpoint, "--model", tiny_checkpoint) == 2
     assert "would overwrite the input --model" in capsys.readouterr().err
-    assert tiny_file.read_bytes() == model_before
+    assert tiny_checkpoint.read_bytes() == model_before
     state = tmp_path / "m.state.safetensors"
     state.write_bytes(model_before)
     assert run("adapt", "--demo-target", 2, "-o", state, "--resume", state) == 2
@@ -328,11 +315,11 @@ def test_full_disk_for_the_training_state_saves_the_model_and_exits_2(
 
 
 def test_full_disk_for_the_adaptation_state_saves_the_model_and_exits_2(
-    tmp_path, tiny_file, capsys, monkeypatch
+    tmp_path, tiny_checkpoint, capsys, monkeypatch
 ):
     out = tmp_path / "a.safetensors"
     _state_disk_full(monkeypatch)
-    argv = ["adapt", "-o", out, "--model", tiny_file, "--demo-target", 2, "--steps", 2]
+    argv = ["adapt", "-o", out, "--model", tiny_checkpoint, "--demo-target", 2, "--steps", 2]
     rc = run(*argv, "--size", SIZE, "--batch-size", 2, "--checkpoint-every", 1)
     captured = capsys.readouterr()
     assert rc == 2 and "disk is full" in captured.err and "a.state.safetensors" in captured.err

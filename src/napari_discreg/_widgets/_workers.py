@@ -20,6 +20,7 @@ from napari.qt.threading import thread_worker
 from qtpy.QtCore import QEvent, QObject, QTimer, Signal
 from qtpy.QtWidgets import QApplication, QLabel, QProgressBar, QPushButton, QWidget
 
+from . import _notify
 from ._notify import notify_exception
 
 
@@ -276,8 +277,6 @@ class WorkerWidgetMixin:
         running = getattr(self, "is_running", False)
         self.shutdown()
         if running:
-            from . import _notify
-
             _notify.info(
                 f"{getattr(self, 'job_title', 'the job')} was stopped because its panel was closed"
             )
