@@ -129,53 +129,50 @@ def main(argv: list[str] | None = None) -> None:
     probe = LatencyProbe()
     rows: list[tuple] = []
 
+    def repeated(n: int, button, is_running, stop_button=None, stop_after=None) -> list:
+        """``n`` measurements of clicking ``button`` (and ``stop_button`` after
+        ``stop_after`` seconds)."""
+        stop = None if stop_button is None else stop_button.click
+        return [
+            measure(app, probe, button.click, is_running, stop=stop, stop_after=stop_after)
+            for _ in range(n)
+        ]
+
     def run_register(method: str, label: str, **kw) -> None:
         reg.model_box.set_method(method)
         for steps_key, value in kw.items():
             getattr(reg.model_box, steps_key).setValue(value)
-        results = [
-            measure(app, probe, reg.register_button.click, lambda: reg.is_running)
-            for _ in range(args.repeats)
-        ]
-        rows.append((label, results))
+        rows.append((label, repeated(args.repeats, reg.register_button, reg_running)))
+
+    def reg_running() -> bool:
+        return reg.is_running
+
+    def ada_running() -> bool:
+        return ada.is_running
 
     run_register("bspline", "Register (default: bspline + histograms)")
     run_register(
         "network+adam", "Register with refinement (network+adam, 40 steps)", adam_steps_spin=40
     )
     reg.model_box.set_method("bspline")
-    stop_results = [
-        measure(
-            app,
-            probe,
-            reg.register_button.click,
-            lambda: reg.is_running,
-            stop=reg.stop_button.click,
-            stop_after=0.05,
+    rows.append(
+        (
+            "Register, Stop after 50 ms",
+            repeated(args.repeats, reg.register_button, reg_running, reg.stop_button, 0.05),
         )
-        for _ in range(args.repeats)
-    ]
-    rows.append(("Register, Stop after 50 ms", stop_results))
+    )
 
     # adaptation on the sample pair itself (layers as targets)
+    n_adapt = max(1, args.repeats - 1)
     ada.steps_spin.setValue(args.adapt_steps)
-    results = [
-        measure(app, probe, ada.start_button.click, lambda: ada.is_running)
-        for _ in range(max(1, args.repeats - 1))
-    ]
-    rows.append((f"Adaptation, {args.adapt_steps} iterations", results))
-    ada.steps_spin.setValue(1000)
-    stop_results = [
-        measure(
-            app,
-            probe,
-            ada.start_button.click,
-            lambda: ada.is_running,
-            stop=ada.stop_button.click,
-            stop_after=6.0,
+    rows.append(
+        (
+            f"Adaptation, {args.adapt_steps} iterations",
+            repeated(n_adapt, ada.start_button, ada_running),
         )
-        for _ in range(max(1, args.repeats - 1))
-    ]
+    )
+    ada.steps_spin.setValue(1000)
+    stop_results = repeated(n_adapt, ada.start_button, ada_running, ada.stop_button, 6.0)
     rows.append(("Adaptation, Stop after 6 s", stop_results))
 
     geometry = window.frameGeometry()
