@@ -69,8 +69,35 @@ def test_unexpected_worker_errors_are_notifications_too(viewer, notes, monkeypat
     widget = RegisterWidget(viewer)
     state_for(viewer).set_model(object(), "stub")  # never used: register is broken
     wait_job(widget.run())
-    assert _errors(notes) == ["registration: RuntimeError: boom"]
+    [message] = _errors(notes)
+    assert message.startswith("registration: RuntimeError: boom") and "this is a bug" in message
     assert widget.register_button.isEnabled()
+
+
+def test_an_index_error_is_a_bug_whose_traceback_is_logged(
+    viewer, notes, monkeypatch, wait_job, caplog
+):
+    """IndexError is never a user error (issue 27): it is logged with its traceback."""
+    import logging
+
+    import napari_discreg
+    from napari_discreg._widgets import _notify
+
+    assert not issubclass(IndexError, _notify.USER_ERRORS)
+
+    def broken(*args, **kwargs):
+        raise IndexError("index 108 is out of bounds for axis 0 with size 108")
+
+    monkeypatch.setattr(napari_discreg, "register", broken)
+    viewer.add_image(np.random.default_rng(0).random((64, 64)), name="fixed")
+    viewer.add_image(np.random.default_rng(1).random((64, 64)), name="moving")
+    widget = RegisterWidget(viewer)
+    state_for(viewer).set_model(object(), "stub")
+    with caplog.at_level(logging.ERROR, logger="napari_discreg"):
+        wait_job(widget.run())
+    [message] = _errors(notes)
+    assert "IndexError" in message and "this is a bug" in message
+    assert any(r.exc_info and r.exc_info[0] is IndexError for r in caplog.records)
 
 
 def test_errors_reach_napari_notification_manager(viewer):

@@ -17,6 +17,9 @@ def is_output(layer) -> bool:
     return isinstance(meta.get(META_KEY), dict) and "output" in meta[META_KEY]
 
 
+#: kinds whose elements carry their own colours (see :func:`upsert_layer`)
+_PER_ELEMENT = ("points", "vectors", "shapes")
+
 _KINDS = {"image": Image, "labels": Labels, "points": Points, "vectors": Vectors, "shapes": Shapes}
 
 # properties napari lets us set again on an existing layer
@@ -58,15 +61,28 @@ def upsert_layer(viewer, name: str, kind: str, data, **kwargs):
     if existing is None:
         return getattr(viewer, f"add_{kind}")(data, name=name, **kwargs)
     layer = existing
+    per_element = kind in _PER_ELEMENT
     # everything at once, then one refresh (each setter would redraw the thumbnail)
     with _refresh_blocked(layer):
         # geometry first so that the new data lands in the right place
         for key in ("scale", "translate"):
             if key in kwargs:
                 setattr(layer, key, kwargs[key])
+        if not per_element:
+            layer.data = data
+            if kind == "image" and "contrast_limits" not in kwargs:
+                layer.reset_contrast_limits()
+    if per_element:
+        # Vectors, Points and Shapes colour each element: a colour set after the data
+        # changed its length is drawn at once from the *view* indices, which only a
+        # refresh recomputes (napari 0.9). Inside ``_block_refresh`` they were stale
+        # ("index 108 is out of bounds for axis 0 with size 108", issue 27), so the data
+        # is set with its refresh, and only the styles are batched. A hidden layer is
+        # not refreshed, so its view is recomputed here.
         layer.data = data
-        if kind == "image" and "contrast_limits" not in kwargs:
-            layer.reset_contrast_limits()
+        if not layer.visible:
+            layer.set_view_slice()
+    with _refresh_blocked(layer):
         for key, value in kwargs.items():
             if key in ("scale", "translate", "visible") or key not in _SETTABLE:
                 continue

@@ -14,7 +14,10 @@ from napari.utils.notifications import show_error, show_info, show_warning
 logger = logging.getLogger("napari_discreg")
 
 #: Exceptions that come from user input (bad layers, files, checkpoints) rather than bugs.
-USER_ERRORS = (ValueError, FileNotFoundError, OSError, FloatingPointError, IndexError)
+#: Anything else (IndexError, KeyError, TypeError...) is a bug: its traceback is logged
+#: and the message says so. Code that can fail on a user's input raises ValueError.
+USER_ERRORS = (ValueError, FileNotFoundError, OSError, FloatingPointError)
+BUG_NOTE = "this is a bug: please report it (the traceback is in the log)"
 
 
 def error(message: str) -> None:
@@ -42,7 +45,9 @@ def describe(exc: BaseException) -> str:
 
 def notify_exception(exc: BaseException, context: str = "") -> None:
     """Turn an exception (e.g. from a worker) into an error notification."""
-    if not isinstance(exc, USER_ERRORS):
-        logger.error("unexpected error%s", f" in {context}" if context else "", exc_info=exc)
     prefix = f"{context}: " if context else ""
-    error(prefix + describe(exc))
+    if isinstance(exc, USER_ERRORS):
+        error(prefix + describe(exc))
+        return
+    logger.error("unexpected error%s", f" in {context}" if context else "", exc_info=exc)
+    error(f"{prefix}{describe(exc)} ({BUG_NOTE})")
