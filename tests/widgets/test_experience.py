@@ -135,12 +135,15 @@ def test_review_view_modes_and_hidden_details(viewer, tiny_model_path, small_pai
     def layer(role):
         return viewer.layers[output_name(run, role)]
 
-    # default: the warped image blended over the fixed one; field, grid, discrepancy hidden
-    assert widget.review_mode() == "blend"
-    assert layer("warped").visible and layer("warped").opacity == pytest.approx(0.5)
-    assert not layer("review").visible
+    # default: the checkerboard (multimodal pairs); field, grid, discrepancy hidden
+    assert widget.review_mode() == "checkerboard"
+    assert layer("review").visible and not layer("warped").visible
     for role in ("displacement", "deformation grid", "discrepancy"):
         assert not layer(role).visible, role
+    # blend: the warped image at 50 % over the fixed one
+    widget.set_review_mode("blend")
+    assert layer("warped").visible and layer("warped").opacity == pytest.approx(0.5)
+    assert not layer("review").visible
     # checkerboard: tiles of the fixed and the warped image alternate
     widget.set_review_mode("checkerboard")
     review = layer("review")

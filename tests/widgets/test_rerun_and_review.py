@@ -99,3 +99,47 @@ def test_rerun_with_fewer_arrows_while_they_are_hidden(
     arrows = _layer(viewer, "displacement")
     assert 0 < len(arrows.data) < n_before
     assert len(arrows._view_data) == len(arrows.data)
+
+
+def test_the_review_hides_the_unregistered_moving_layer_and_gives_it_back(
+    viewer, tiny_model_path, small_pair, wait_job
+):
+    widget = _widget(viewer, small_pair.fixed, small_pair.moving, tiny_model_path)
+    viewer.add_image(np.roll(small_pair.fixed, 1, axis=0), name="fixed B")
+    viewer.add_image(np.roll(small_pair.moving, 2, axis=1), name="moving B")
+    moving, moving_b = viewer.layers["moving"], viewer.layers["moving B"]
+    widget.fixed_combo.set_layer(viewer.layers["fixed"])
+    widget.moving_combo.set_layer(moving)
+    # multimodal pairs blend to flat grey: the checkerboard is the default review
+    assert widget.review_mode() == "checkerboard"
+    wait_job(widget.run())
+    review, warped = _layer(viewer, "review"), _layer(viewer, "warped")
+    assert review.visible and not warped.visible
+    assert not moving.visible  # no ghost of the unregistered image under the review
+    assert viewer.layers["fixed"].visible
+    widget.set_review_mode("blend")  # the warped image over the fixed one, and nothing else
+    assert warped.visible and not review.visible and not moving.visible
+    widget.set_review_mode("off")  # review off: the moving layer is back, outputs hidden
+    assert moving.visible and not warped.visible and not review.visible
+    widget.set_review_mode("checkerboard")
+    assert not moving.visible and review.visible
+    # another pair picked: the first pair's moving layer comes back at once
+    widget.fixed_combo.set_layer(viewer.layers["fixed B"])
+    widget.moving_combo.set_layer(moving_b)
+    assert moving.visible and moving_b.visible
+    wait_job(widget.run())
+    assert moving.visible and not moving_b.visible
+    # a moving layer the user had hidden stays hidden when the review is switched off
+    widget.set_review_mode("off")
+    assert moving_b.visible
+    moving_b.visible = False
+    widget.set_review_mode("difference")
+    widget.set_review_mode("off")
+    assert not moving_b.visible
+    # closing the panel gives the hidden layer back
+    widget.set_review_mode("blend")
+    moving_b.visible = True
+    widget.set_review_mode("checkerboard")
+    assert not moving_b.visible
+    widget.close()
+    assert moving_b.visible

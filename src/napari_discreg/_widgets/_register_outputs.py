@@ -4,12 +4,13 @@ Each registration's outputs are named after its pair, ``"<moving> → <fixed> <r
 (:func:`output_name`), so registering another pair never overwrites them and
 re-running a pair updates its own layers in place. Every output carries
 ``metadata["napari_discreg"]`` (its role and pair) and is never offered as an input
-(:func:`is_output`). The roles:
+(:func:`is_output`). While a review mode is on, the unregistered moving layer is hidden
+(:class:`HiddenMoving`). The roles:
 
 * ``warped`` - the moving image warped onto the fixed one, shown over the fixed image
   (the review view's *blend*);
-* ``review`` - a checkerboard of the fixed and the warped image, or their difference
-  (both intensity-normalised), for the review view's other modes;
+* ``review`` - a checkerboard of the fixed and the warped image (the default review),
+  or their difference (both intensity-normalised);
 * ``displacement`` - Vectors from each foreground control point ``x`` to ``x + u(x)``,
   where the fixed pixel ``x`` samples the moving image (hidden until asked for);
 * ``deformation grid`` - a regular grid of the moving image warped like the image
@@ -28,6 +29,7 @@ those slices of the volume.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,12 +59,19 @@ WARPED, REVIEW, DISPLACEMENT, GRID, DISCREPANCY = (
     "deformation grid",
     "discrepancy",
 )
-#: review modes: how the warped image is compared with the fixed one
+#: review modes: how the warped image is compared with the fixed one. The first is the
+#: default: the checkerboard, because the pairs this plugin is for are multimodal, and a
+#: 50 % blend of two contrasts (T1 over T2, HE over an immunostain) is close to flat grey
+#: where they are aligned, while a checkerboard shows each edge crossing a tile border
+#: whatever the contrasts. The default does not depend on the pair (a view that changed
+#: with the data would surprise); blend is a click away for mono-modal pairs.
 REVIEW_MODES = {
-    "blend": "blend: the warped image at 50 % over the fixed one",
     "checkerboard": "checkerboard: tiles of the fixed and the warped image alternate",
+    "blend": "blend: the warped image at 50 % over the fixed one",
     "difference": "difference: |fixed - warped| of the normalised intensities",
+    "off": "off: no review layer; the unregistered moving image is shown again",
 }
+DEFAULT_REVIEW = "checkerboard"
 #: roles the user shows with the Display box's check boxes (hidden by default)
 DETAIL_ROLES = (DISPLACEMENT, GRID, DISCREPANCY)
 POINTS_FRAMES = {
@@ -216,7 +225,7 @@ def show_outputs_steps(
     run: RegistrationRun,
     outputs: Outputs,
     *,
-    mode: str = "blend",
+    mode: str = DEFAULT_REVIEW,
     shown=(),
     layers: dict | None = None,
 ) -> Iterator[str]:
@@ -353,10 +362,45 @@ def review_properties(run: RegistrationRun, outputs: Outputs, mode: str) -> tupl
     review = {
         "data": outputs.review["difference" if mode == "difference" else "checkerboard"],
         "colormap": "inferno" if mode == "difference" else "gray",
-        "visible": mode != "blend",
+        "visible": mode in ("checkerboard", "difference"),
         "metadata": output_meta(REVIEW, run, mode=mode, meaning=REVIEW_MODES[mode]),
     }
     return warped, review
+
+
+class HiddenMoving:
+    """The unregistered moving layer that the review view hid, to show it again.
+
+    While a review mode is on, the moving layer of the pair under review is hidden
+    (between the fixed layer and the warped one it showed doubled edges, issue 27). It
+    is shown again when the review is switched off, when another pair is picked or
+    registered, and when the panel closes; a layer the user had hidden stays hidden.
+    """
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+
+    @property
+    def layer(self):
+        return self._ref() if self._ref is not None else None
+
+    def hide(self, layer) -> None:
+        """Hide ``layer`` (giving back the one hidden before, if another)."""
+        if layer is None:
+            return self.restore()
+        if self.layer is not layer:
+            self.restore()
+            if not layer.visible:
+                return None  # hidden by the user: not ours to show again
+            self._ref = weakref.ref(layer)
+        layer.visible = False
+        return None
+
+    def restore(self) -> None:
+        """Show the layer this hid again (if it still exists)."""
+        layer, self._ref = self.layer, None
+        if layer is not None:
+            layer.visible = True
 
 
 def _layer(viewer, name: str):

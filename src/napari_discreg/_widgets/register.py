@@ -47,12 +47,14 @@ from ._model_choice import ModelBox
 from ._pickers import LayerCombo, preferring
 from ._qt import OUTPUT_WORDS, row, scrolled_layout, select_data
 from ._register_outputs import (
+    DEFAULT_REVIEW,
     DETAIL_ROLES,
     DISCREPANCY,
     DISPLACEMENT,
     GRID,
     POINTS_FRAMES,
     REVIEW_MODES,
+    HiddenMoving,
     apply_field,
     prepare_outputs,
     set_detail_visible,
@@ -81,6 +83,8 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         self.state = state_for(napari_viewer)
         self.state.register_widget = self  # for the adaptation widget's Re-register
         self.job: Job | None = None
+        #: the unregistered moving layer the review view hides (shown again when off)
+        self.hidden_moving = HiddenMoving()
 
         avoid = OUTPUT_WORDS + ("target",)
         self.fixed_combo = LayerCombo(
@@ -132,9 +136,12 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             self.review_combo.setItemData(
                 self.review_combo.count() - 1, text, Qt.ItemDataRole.ToolTipRole
             )
+        self.review_combo.setCurrentIndex(self.review_combo.findData(DEFAULT_REVIEW))
         self.review_combo.setToolTip(
-            "How to judge the alignment: the warped image blended over the fixed one, a "
-            "checkerboard of both, or their difference"
+            "How to judge the alignment: a checkerboard of the fixed and the warped image "
+            "(default: it works across contrasts), the warped image blended over the fixed "
+            "one, or their difference. While a review is on, the unregistered moving layer "
+            "is hidden; 'off' shows it again"
         )
         self.show_checks = {
             DISPLACEMENT: QCheckBox("arrows"),
@@ -219,6 +226,8 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
 
         # signals (lambdas: Qt's ``checked`` arguments never reach the methods)
         self.fixed_combo.currentIndexChanged.connect(lambda *_: self.volume_box.update_for_layer())
+        for combo in (self.fixed_combo, self.moving_combo):
+            combo.currentIndexChanged.connect(lambda *_: self._pair_changed())
         self.open_fixed_button.clicked.connect(lambda *_: self._open_image_dialog(self.fixed_combo))
         self.open_moving_button.clicked.connect(
             lambda *_: self._open_image_dialog(self.moving_combo)
@@ -485,9 +494,10 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             self.viewer, run, run.outputs, mode=self.review_mode(), shown=shown
         )
         self.state.set_run(run)
+        self._hide_moving_under_review()
 
     def review_mode(self) -> str:
-        """The review view: ``"blend"``, ``"checkerboard"`` or ``"difference"``."""
+        """The review view: ``"checkerboard"`` (default), ``"blend"``, ``"difference"``, ``"off"``."""
         return str(self.review_combo.currentData())
 
     def set_review_mode(self, mode: str) -> None:
@@ -497,6 +507,21 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         run = self.state.run
         if run is not None and run.outputs is not None and run.layer("fixed") is not None:
             set_review_mode(self.viewer, run, run.outputs, self.review_mode())
+            self._hide_moving_under_review()
+
+    def _hide_moving_under_review(self) -> None:
+        """Hide the last run's moving layer while a review mode is on; show it when off."""
+        run = self.state.run
+        if run is None or self.review_mode() == "off" or run.layer("fixed") is None:
+            self.hidden_moving.restore()
+        else:
+            self.hidden_moving.hide(run.layer("moving"))
+
+    def _pair_changed(self) -> None:
+        """Another pair picked: the moving layer hidden for the last review comes back."""
+        hidden = self.hidden_moving.layer
+        if hidden is not None and hidden is not self.moving_combo.layer():
+            self.hidden_moving.restore()
 
     def _detail_toggled(self, role: str, shown: bool) -> None:
         if role in DETAIL_ROLES and self.state.run is not None:
@@ -577,6 +602,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
 
     def closeEvent(self, event):  # noqa: N802 - Qt API
         self.shutdown()
+        self.hidden_moving.restore()
         for combo in (self.fixed_combo, self.moving_combo, self.apply_combo):
             combo.disconnect_viewer()
         self.volume_box.disconnect_viewer()
