@@ -1,21 +1,38 @@
-"""Sample data contributions (npe2): synthetic multimodal pairs made from the MNI template.
+"""Sample data contributions (npe2): synthetic multimodal pairs made from the MNI template,
+and one real histology pair with human landmarks.
 
-Both samples are made with :mod:`napari_discreg.core.data` from the template that
-nilearn ships (no download). The moving layers carry the true displacement in their
+The synthetic samples are made with :mod:`napari_discreg.core.data` from the template
+that nilearn ships (no download). The moving layers carry the true displacement in their
 metadata (``"true_displacement"``, pixels, row/col, same convention as
 :attr:`napari_discreg.RegistrationResult.displacement`), so a registration can be
 compared with the truth.
+
+The histology pair (:func:`histology_pair`) ships in ``samples/`` (two RGB JPEGs and their
+landmarks, BSD-3-Clause, see ``samples/README.md``): a real pair has no true field, but
+its landmarks give the target registration error (the Register widget reports it).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from skimage.io import imread
 
 SAMPLE_SIZE = 192
 """Side of the sample images in pixels."""
 TARGET_PAIRS = 8
 """Number of pairs in the adaptation target set."""
 _SEED = 0
+
+#: the shipped histology pair (see samples/README.md)
+SAMPLES = Path(__file__).parent / "samples"
+HISTOLOGY_FIXED = "Izd2-29-041-w35_HE"
+HISTOLOGY_MOVING = "Izd2-29-041-w35_proSPC"
+HISTOLOGY_SOURCE = (
+    "BIRL repository (github.com/Borda/BIRL, data-images/), CIMA / ANHIR data set, "
+    "Borovec et al., IEEE TMI 2020; BSD-3-Clause"
+)
 
 _CONVENTION = "warped(r, c) = moving(r + u[0, r, c], c + u[1, r, c]); fixed ~ warped"
 
@@ -132,3 +149,56 @@ def adaptation_target_set():
             "image",
         ),
     ]
+
+
+def read_landmarks(path) -> tuple[np.ndarray, np.ndarray]:
+    """An ImageJ landmark CSV (columns ``,X,Y``: X the column, Y the row) as
+    ``(index, points)``: the index column and the points in (row, col) order."""
+    table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    if table.shape[1] != 3:
+        raise ValueError(f"{path}: expected the columns ',X,Y', got {table.shape[1]} columns")
+    return table[:, 0].astype(int), table[:, [2, 1]].astype(np.float64)
+
+
+def histology_pair():
+    """A real stain pair: HE (fixed) and proSPC (moving) sections of a mouse lung lesion,
+    RGB, of different sizes, with 78 corresponding landmarks as two Points layers.
+
+    The images are the original JPEGs (``samples/``); the landmarks are in (row, col)
+    pixel coordinates of their own image, point ``i`` of one layer matching point ``i``
+    of the other (their ``landmark`` feature is the files' index column).
+    """
+    images, landmarks = [], []
+    for role, stem, stain, colour in (
+        ("fixed", HISTOLOGY_FIXED, "HE", "cyan"),
+        ("moving", HISTOLOGY_MOVING, "proSPC", "magenta"),
+    ):
+        name = f"{role} ({stain})"
+        source = {"source": HISTOLOGY_SOURCE, "stain": stain}
+        images.append(
+            (
+                imread(SAMPLES / f"{stem}.jpg"),
+                {"name": name, "rgb": True, "metadata": {**source, "file": f"{stem}.jpg"}},
+                "image",
+            )
+        )
+        index, points = read_landmarks(SAMPLES / f"{stem}.csv")
+        landmarks.append(
+            (
+                points,
+                {
+                    "name": f"{name} landmarks",
+                    "size": 12,
+                    "face_color": colour,
+                    "features": {"landmark": index},
+                    "metadata": {
+                        **source,
+                        "file": f"{stem}.csv",
+                        "order": "(row, col) pixels of the image; point i matches point i "
+                        "of the other landmark layer",
+                    },
+                },
+                "points",
+            )
+        )
+    return images + landmarks
