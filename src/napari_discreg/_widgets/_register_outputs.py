@@ -97,6 +97,8 @@ def output_meta(role: str, run: RegistrationRun | None = None, **extra) -> dict:
     info = {"output": role, **extra}
     if run is not None:
         info["pair"] = {"fixed": run.fixed_name, "moving": run.moving_name}
+        if run.tre is not None:
+            info["tre"] = run.tre
     return {META_KEY: info}
 
 

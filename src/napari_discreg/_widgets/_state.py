@@ -55,6 +55,10 @@ class RegistrationRun:
         The fixed layer's placement when registered (the outputs take it).
     outputs : Outputs or None
         What the output layers show (:func:`._register_outputs.prepare_outputs`).
+    tre : dict or None
+        The landmarks' target registration error before and after
+        (:func:`._landmarks.tre_summary`), when landmarks were chosen; also in the
+        outputs' metadata.
     """
 
     fields: dict[int | None, np.ndarray]
@@ -70,6 +74,7 @@ class RegistrationRun:
     fixed_scale: tuple = ()
     fixed_translate: tuple = ()
     outputs: Any = None
+    tre: dict | None = None
 
     def __post_init__(self) -> None:
         fixed, moving = self.layer("fixed"), self.layer("moving")

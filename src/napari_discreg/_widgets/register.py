@@ -42,6 +42,7 @@ from ..core.register import method_summary
 from . import _notify
 from ._field_files import run_from_field, save_run_field
 from ._io import FIELD_FILTER, IMAGE_FILTER, layer_name_for, read_image_file
+from ._landmarks import format_tre, matching_landmarks, tre_summary
 from ._layers import check_image_pair
 from ._model_choice import ModelBox
 from ._pickers import LayerCombo, preferring
@@ -83,6 +84,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         self.state = state_for(napari_viewer)
         self.state.register_widget = self  # for the adaptation widget's Re-register
         self.job: Job | None = None
+        self._landmarks_note = ""
         #: the unregistered moving layer the review view hides (shown again when off)
         self.hidden_moving = HiddenMoving()
 
@@ -109,6 +111,35 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         form = QFormLayout(images)
         form.addRow("Fixed", row(self.fixed_combo, self.open_fixed_button))
         form.addRow("Moving", row(self.moving_combo, self.open_moving_button))
+
+        # landmarks: optional Points layers of the fixed and the moving image (TRE)
+        landmarks_box = QGroupBox("Landmarks (optional)")
+        lform = QFormLayout(landmarks_box)
+        self.fixed_landmarks_combo = LayerCombo(
+            napari_viewer,
+            (Points,),
+            allow_none=True,
+            prefer=lambda layers: matching_landmarks(self._layer_name(self.fixed_combo), layers),
+        )
+        self.moving_landmarks_combo = LayerCombo(
+            napari_viewer,
+            (Points,),
+            allow_none=True,
+            prefer=lambda layers: matching_landmarks(self._layer_name(self.moving_combo), layers),
+        )
+        self.fixed_landmarks_combo.setToolTip(
+            "Points placed on the fixed image (filled in when a Points layer is called "
+            "'<fixed image> landmarks'); with moving landmarks, Register reports the target "
+            "registration error (TRE) before and after"
+        )
+        self.moving_landmarks_combo.setToolTip(
+            "The corresponding points on the moving image, in the same order (point i "
+            "matches point i of the fixed landmarks)"
+        )
+        lform.addRow("Fixed landmarks", self.fixed_landmarks_combo)
+        lform.addRow("Moving landmarks", self.moving_landmarks_combo)
+        self._landmarks_images: tuple = (None, None)
+        self._sync_landmarks()
 
         # 3D stacks
         self.volume_box = SliceBox(napari_viewer, self.fixed_combo.layer)
@@ -214,7 +245,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         field_row.addWidget(self.load_field_button)
 
         layout, footer = scrolled_layout(self)
-        for w in (images, self.volume_box, self.model_box, out_box):
+        for w in (images, landmarks_box, self.volume_box, self.model_box, out_box):
             layout.addWidget(w)
         layout.addWidget(apply_box)
         layout.addWidget(field_box)
@@ -228,6 +259,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         self.fixed_combo.currentIndexChanged.connect(lambda *_: self.volume_box.update_for_layer())
         for combo in (self.fixed_combo, self.moving_combo):
             combo.currentIndexChanged.connect(lambda *_: self._pair_changed())
+            combo.currentIndexChanged.connect(lambda *_: self._sync_landmarks())
         self.open_fixed_button.clicked.connect(lambda *_: self._open_image_dialog(self.fixed_combo))
         self.open_moving_button.clicked.connect(
             lambda *_: self._open_image_dialog(self.moving_combo)
@@ -264,6 +296,50 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         combo = self.fixed_combo if role == "fixed" else self.moving_combo
         combo.set_layer(layer)
         return layer
+
+    @staticmethod
+    def _layer_name(combo: LayerCombo) -> str | None:
+        layer = combo.layer()
+        return None if layer is None else layer.name
+
+    def _sync_landmarks(self) -> None:
+        """Fill the landmark boxes with the images' landmarks when the images change (a
+        layer named ``"<image> landmarks"``); a choice made by hand stays otherwise."""
+        if not hasattr(self, "fixed_landmarks_combo"):
+            return  # still building the widget
+        images = (self.fixed_combo.layer(), self.moving_combo.layer())
+        if images[0] is not self._landmarks_images[0]:
+            self.fixed_landmarks_combo.select_preferred()
+        if images[1] is not self._landmarks_images[1]:
+            self.moving_landmarks_combo.select_preferred()
+        self._landmarks_images = images
+
+    def _landmarks(self, request: Request) -> tuple[dict | None, str]:
+        """The chosen landmarks in pixels of their images, for the TRE (read on the GUI
+        thread): ``(landmarks or None, a note for the status line when not used)``."""
+        fixed_pts = self.fixed_landmarks_combo.layer()
+        moving_pts = self.moving_landmarks_combo.layer()
+        if fixed_pts is None or moving_pts is None:
+            return None, ""
+        if request.axis is not None or fixed_pts.ndim != 2 or moving_pts.ndim != 2:
+            return None, "landmarks not compared: the TRE needs 2D images and 2D points"
+        if len(fixed_pts.data) != len(moving_pts.data):
+            return None, (
+                f"landmarks not compared: {len(fixed_pts.data)} fixed and "
+                f"{len(moving_pts.data)} moving points (point i must match point i)"
+            )
+        if len(fixed_pts.data) == 0:
+            return None, ""
+        moving = request.moving
+        units = getattr(moving, "units", None)
+        unit = str(units[-1]) if units is not None and len(units) else None
+        return {
+            "fixed": _points_in_pixels(fixed_pts, request.fixed),
+            "moving": _points_in_pixels(moving_pts, moving),
+            "spacing": tuple(float(v) for v in moving.scale[-2:]),
+            "unit": None if unit in (None, "pixel") else unit,
+            "names": (fixed_pts.name, moving_pts.name),
+        }, ""
 
     def _request(self) -> Request:
         """Validate the chosen layers and slices (ValueError with a clear message)."""
@@ -333,6 +409,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             "fixed_scale": tuple(float(v) for v in request.fixed.scale),
             "fixed_translate": tuple(float(v) for v in request.fixed.translate),
         }
+        landmarks, self._landmarks_note = self._landmarks(request)
         n = len(request.indices)
         job_box: list[Job] = []
 
@@ -381,6 +458,15 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
                 stride=next(iter(results.values())).stride,
                 **placement,
             )
+            if landmarks is not None and None in results:
+                run.tre = tre_summary(
+                    landmarks["fixed"],
+                    landmarks["moving"],
+                    results[None].displacement,
+                    spacing=landmarks["spacing"],
+                    unit=landmarks["unit"],
+                )
+                run.tre["layers"] = list(landmarks["names"])
             run.outputs = prepare_outputs(run, fixed_slices, **display)
             return run
 
@@ -454,6 +540,10 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             if len(results) < len(request.indices)
             else ""
         )
+        if run.tre is not None:
+            guarded += f"; {format_tre(run.tre)}"
+        elif self._landmarks_note:
+            guarded += f"; {self._landmarks_note}"
         self.status_label.setText(
             f"registered {len(results)} slice(s){stopped} with {method_summary(first)} "
             f"({model_name}); mean head discrepancy (pEMD) {mean_disc:.3f} bins{guarded}"
@@ -603,10 +693,24 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
     def closeEvent(self, event):  # noqa: N802 - Qt API
         self.shutdown()
         self.hidden_moving.restore()
-        for combo in (self.fixed_combo, self.moving_combo, self.apply_combo):
+        for combo in (
+            self.fixed_combo,
+            self.moving_combo,
+            self.apply_combo,
+            self.fixed_landmarks_combo,
+            self.moving_landmarks_combo,
+        ):
             combo.disconnect_viewer()
         self.volume_box.disconnect_viewer()
         self.model_box.disconnect_state()
         if self.state.register_widget is self:
             self.state.register_widget = None
         QWidget.closeEvent(self, event)
+
+
+def _points_in_pixels(points: Points, image: Image) -> np.ndarray:
+    """A 2D Points layer's points in (row, col) pixels of a 2D ``image`` (through world
+    coordinates: scale and translate; equal to the points' data when both are placed
+    alike, as napari's new Points layers and the histology sample are)."""
+    world = np.asarray(points.data, float) * np.asarray(points.scale) + np.asarray(points.translate)
+    return (world - np.asarray(image.translate)[-2:]) / np.asarray(image.scale)[-2:]
