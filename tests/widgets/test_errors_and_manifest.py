@@ -22,16 +22,17 @@ def test_register_input_errors_are_notifications(viewer, notes, tmp_path):
     assert "choose a fixed and a moving image layer" in _errors(notes)[-1]
 
     viewer.add_image(np.random.default_rng(0).random((96, 96)), name="fixed")
-    viewer.add_image(np.random.default_rng(1).random((80, 80)), name="moving")
+    viewer.add_image(np.random.default_rng(1).random((3, 80, 80)), name="moving")
     widget.fixed_combo.set_layer(viewer.layers["fixed"])
     widget.moving_combo.set_layer(viewer.layers["moving"])
     assert widget.run() is None
-    assert "must have the same shape" in _errors(notes)[-1]
+    assert "two 2D images or two 3D stacks" in _errors(notes)[-1]
 
-    viewer.add_image(np.random.default_rng(2).random((96, 96, 3)), name="colour", rgb=True)
+    # RGB images are registered (issue 24), stacks of them are not
+    viewer.add_image(np.random.default_rng(2).random((2, 96, 96, 3)), name="colour", rgb=True)
     widget.moving_combo.set_layer(viewer.layers["colour"])
     assert widget.run() is None
-    assert "RGB" in _errors(notes)[-1]
+    assert "stack of RGB images" in _errors(notes)[-1]
 
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"this is not a checkpoint")
@@ -108,14 +109,14 @@ def test_errors_reach_napari_notification_manager(viewer):
     notification_manager.notification_ready.connect(received.append)
     try:
         viewer.add_image(np.ones((50, 50)), name="fixed")
-        viewer.add_image(np.ones((60, 60)), name="moving")
+        viewer.add_image(np.ones((2, 60, 60)), name="moving")
         widget = RegisterWidget(viewer)
         widget.fixed_combo.set_layer(viewer.layers["fixed"])
         widget.moving_combo.set_layer(viewer.layers["moving"])
         widget.run()
     finally:
         notification_manager.notification_ready.disconnect(received.append)
-    assert any("same shape" in str(n.message) and n.severity == "error" for n in received)
+    assert any("two 3D stacks" in str(n.message) and n.severity == "error" for n in received)
 
 
 def test_adaptation_and_inspector_errors_are_notifications(viewer, notes):

@@ -75,8 +75,10 @@ def _last(notes, level="error") -> str | None:
 REGISTER_CASES = {
     # name: (fixed data, moving data, layer kwargs, expected substring or REGISTERED)
     "no image layers": (None, None, {}, "choose a fixed and a moving image layer"),
-    "shape mismatch (96x96 vs 80x80)": (IMG, IMG[:80, :80], {}, "must have the same shape"),
-    "RGB layer": (IMG, np.dstack([IMG] * 3), {"rgb": True}, "RGB image"),
+    "different sizes (96x96 vs 80x80)": (IMG, IMG[:80, :80], {}, REGISTERED),
+    "RGB layer": (IMG, np.dstack([IMG] * 3), {"rgb": True}, REGISTERED),
+    "2D fixed, 3D moving": (IMG, np.stack([IMG] * 2), {}, "two 2D images or two 3D stacks"),
+    "stack of RGB images": (IMG, np.stack([np.dstack([IMG] * 3)] * 2), {"rgb": True}, "RGB"),
     "4D layer": (IMG[None, None], IMG[None, None], {}, "has 4 dimensions"),
     "NaN pixels": (np.where(IMG > 0.99, np.nan, IMG), IMG, {}, "NaN"),
     "inf pixels": (IMG, np.where(IMG > 0.99, np.inf, IMG), {}, "NaN or infinite"),
@@ -115,7 +117,7 @@ def test_register_widget_bad_inputs(viewer, notes, tiny_model_path, wait_job, ca
     if expected == REGISTERED:
         assert error is None, error
         warped = _out(viewer, "warped")
-        assert warped.data.shape == np.asarray(fixed).shape
+        assert warped.data.shape[:2] == np.asarray(fixed).shape  # RGB: (H, W, 3)
         np.testing.assert_allclose(warped.scale, viewer.layers["fixed"].scale)
         assert np.isfinite(warped.data).all()
         scale = ", ".join(f"{v:g}" for v in warped.scale)

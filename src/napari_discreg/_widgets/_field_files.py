@@ -16,7 +16,7 @@ import numpy as np
 from ..core.geometry import in_plane_axes
 from ..core.io import save_field
 from ..core.warp import warp_numpy
-from ._register_outputs import slice_order
+from ._register_outputs import gray_image, slice_order, warp_to_grid
 from ._slices import Request
 from ._state import RegistrationRun
 
@@ -51,11 +51,13 @@ def run_from_field(
     """Warp the request's moving layer with a loaded ``field`` (a run without histograms).
 
     A field stack ``(N, 2, H, W)`` needs 3D layers with ``N`` slices along the chosen
-    axis; one field ``(2, H, W)`` goes to the chosen slice. Raises ``ValueError`` when
-    the field does not fit.
+    axis; one field ``(2, H, W)`` goes to the chosen slice. The field lives on the fixed
+    image's grid, in moving pixels (the moving image may have another size, or colour).
+    Raises ``ValueError`` when the field does not fit.
     """
     moving = request.moving
     data = moving.data
+    fixed = request.fixed.data
     if field.ndim == 4:
         if request.axis is None:
             raise ValueError(f"a field stack {field.shape} needs 3D fixed/moving layers")
@@ -68,15 +70,24 @@ def run_from_field(
         fields = {i: field[i] for i in range(n)}
     else:
         fields = {request.indices[0] if request.axis is not None else None: field}
-    warped = {}
+    warped, colour = {}, {}
     for index, f in fields.items():
         sl = np.asarray(data if index is None else np.take(data, index, axis=request.axis))
-        if f.shape[1:] != sl.shape:
+        # the field lives on the fixed grid (the moving image may have another size)
+        grid = np.shape(fixed if index is None else np.take(fixed, index, axis=request.axis))
+        grid = grid[:2]  # an RGB fixed image: its rows and columns
+        if f.ndim != 3 or f.shape[0] != 2 or f.shape[1:] != grid:
             raise ValueError(
-                f"the field {f.shape} does not fit images of shape {sl.shape}; "
-                "it must be (2, H, W) for (H, W) images"
+                f"the field {f.shape} does not fit the fixed image of shape {grid}; "
+                "it must be (2, H, W) for an (H, W) fixed image"
             )
-        warped[index] = warp_numpy(sl, f, order=1)
+        if getattr(moving, "rgb", False):
+            colour[index] = warp_to_grid(sl, f, order=1)
+            warped[index] = warp_to_grid(gray_image(sl), f, order=1)
+        elif sl.shape == f.shape[1:]:
+            warped[index] = warp_numpy(sl, f, order=1)
+        else:
+            warped[index] = warp_to_grid(sl.astype(np.float32), f, order=1)
     return RegistrationRun(
         fields=fields,
         axis=request.axis,
@@ -84,5 +95,6 @@ def run_from_field(
         moving_layer=weakref.ref(moving),
         model_name=name,
         warped=warped,
+        warped_colour=colour,
         stride=stride,
     )

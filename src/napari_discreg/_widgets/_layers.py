@@ -46,13 +46,19 @@ _SETTABLE = (
 def upsert_layer(viewer, name: str, kind: str, data, **kwargs):
     """Add a ``kind`` layer called ``name`` or update the existing one in place.
 
-    An existing layer of another type, or of another dimensionality, is replaced
-    (at the same position in the layer list).
+    An existing layer of another type, of another dimensionality, or an image that is
+    RGB where the new one is not (``rgb`` in ``kwargs``) or the reverse, is replaced (at
+    the same position in the layer list).
     """
     cls = _KINDS[kind]
     existing = viewer.layers[name] if name in viewer.layers else None
-    ndim = _data_ndim(kind, data)
-    if existing is not None and (not isinstance(existing, cls) or existing.ndim != ndim):
+    rgb = bool(kwargs.get("rgb", False))
+    ndim = _data_ndim(kind, data) - (1 if rgb else 0)
+    if existing is not None and (
+        not isinstance(existing, cls)
+        or existing.ndim != ndim
+        or (kind == "image" and bool(getattr(existing, "rgb", False)) != rgb)
+    ):
         index = viewer.layers.index(existing)
         viewer.layers.remove(existing)
         layer = getattr(viewer, f"add_{kind}")(data, name=name, **kwargs)
@@ -115,18 +121,35 @@ def _data_ndim(kind: str, data) -> int:
     raise ValueError(kind)
 
 
-def check_image_pair(fixed, moving, *, what: str = "", missing: str) -> None:
-    """Raise a clear ValueError unless ``fixed`` and ``moving`` are two grayscale,
-    single-scale 2D/3D Image layers of one shape (``what``: e.g. "target ")."""
+def check_image_pair(
+    fixed,
+    moving,
+    *,
+    what: str = "",
+    missing: str,
+    rgb: bool = False,
+    same_shape: bool = True,
+) -> None:
+    """Raise a clear ValueError unless ``fixed`` and ``moving`` are two single-scale 2D/3D
+    Image layers (``what``: e.g. "target ").
+
+    With ``rgb``, 2D RGB(A) layers are accepted too; with ``same_shape`` (default) the
+    two must have one shape, otherwise only as many dimensions.
+    """
     if fixed is None or moving is None:
         raise ValueError(missing)
     for role, layer in (("fixed", fixed), ("moving", moving)):
         if not isinstance(layer, Image):
             raise ValueError(f"the {role} {what}layer {layer.name!r} is not an image layer")
-        if getattr(layer, "rgb", False):
+        if getattr(layer, "rgb", False) and not rgb:
             raise ValueError(
-                f"the {role} {what}layer {layer.name!r} is an RGB image; registration needs one "
+                f"the {role} {what}layer {layer.name!r} is an RGB image; this needs one "
                 "grayscale channel (convert it first, e.g. skimage.color.rgb2gray)"
+            )
+        if getattr(layer, "rgb", False) and layer.ndim != 2:
+            raise ValueError(
+                f"the {role} {what}layer {layer.name!r} is a stack of RGB images; register "
+                "one 2D RGB image (or convert the stack to grayscale first)"
             )
         if getattr(layer, "multiscale", False):
             raise ValueError(
@@ -137,9 +160,14 @@ def check_image_pair(fixed, moving, *, what: str = "", missing: str) -> None:
                 f"the {role} {what}layer {layer.name!r} has {layer.ndim} dimensions; use 2D images "
                 "or 3D stacks (one 2D slice per index)"
             )
-    if tuple(fixed.data.shape) != tuple(moving.data.shape):
+    if same_shape and tuple(fixed.data.shape) != tuple(moving.data.shape):
         raise ValueError(
             f"{what}fixed {tuple(fixed.data.shape)} ({fixed.name!r}) and moving "
             f"{tuple(moving.data.shape)} ({moving.name!r}) must have the same shape; "
             "resample or crop one onto the other's grid first"
+        )
+    if fixed.ndim != moving.ndim:
+        raise ValueError(
+            f"{what}fixed {fixed.name!r} is {fixed.ndim}D and moving {moving.name!r} is "
+            f"{moving.ndim}D: choose two 2D images or two 3D stacks"
         )

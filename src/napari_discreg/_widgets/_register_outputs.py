@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from napari.layers import Image, Labels, Points
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, map_coordinates
+from skimage.color import rgb2gray
 
 from ..core.data import normalise_intensity
 from ..core.geometry import (
@@ -72,6 +73,13 @@ REVIEW_MODES = {
     "off": "off: no review layer; the unregistered moving image is shown again",
 }
 DEFAULT_REVIEW = "checkerboard"
+#: the pre-alignments the Register widget offers (``register(prealign=...)``)
+PREALIGN_CHOICES = {
+    "affine": "affine: rotation, shift, scale and shear (default)",
+    "rigid": "rigid: rotation and shift only",
+    "none": "none: the images are aligned already; only local motion is left",
+}
+DEFAULT_PREALIGN = "affine"
 #: roles the user shows with the Display box's check boxes (hidden by default)
 DETAIL_ROLES = (DISPLACEMENT, GRID, DISCREPANCY)
 POINTS_FRAMES = {
@@ -153,6 +161,47 @@ class Outputs:
     meta: dict = dataclasses.field(default_factory=dict)
 
 
+def gray_image(image: np.ndarray) -> np.ndarray:
+    """A 2D image as one channel: the luminance of RGB(A) ``(H, W, 3|4)`` (alpha
+    dropped; for the review images and the foreground only), grayscale as it is."""
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        return rgb2gray(arr[..., :3]).astype(np.float32)
+    return arr
+
+
+def warp_to_grid(image: np.ndarray, field: np.ndarray, *, order: int = 1) -> np.ndarray:
+    """``image`` (Hm, Wm) or (Hm, Wm, C) warped onto the field's grid (Hf, Wf):
+    ``warped(r, c) = image(r + u0, c + u1)`` in the image's pixels (linear or nearest,
+    the border value outside), for images of another size than the field, and colour.
+
+    Integer images keep their dtype (rounded and clipped); labels need ``order=0``.
+    """
+    img = np.asarray(image)
+    field = np.asarray(field, dtype=np.float64)
+    rows, cols = np.meshgrid(
+        np.arange(field.shape[1], dtype=np.float64),
+        np.arange(field.shape[2], dtype=np.float64),
+        indexing="ij",
+    )
+    coords = np.stack([rows + field[0], cols + field[1]])
+    channels = img[..., None] if img.ndim == 2 else img
+    out = np.stack(
+        [
+            map_coordinates(
+                channels[..., k].astype(np.float32), coords, order=order, mode="nearest"
+            )
+            for k in range(channels.shape[-1])
+        ],
+        axis=-1,
+    )
+    out = out[..., 0] if img.ndim == 2 else out
+    if np.issubdtype(img.dtype, np.integer):
+        info = np.iinfo(img.dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(img.dtype)
+    return out.astype(np.float32)
+
+
 def checkerboard(a: np.ndarray, b: np.ndarray, tile: int) -> np.ndarray:
     """Tiles of ``tile`` pixels taken alternately from ``a`` and ``b`` (same shape)."""
     r = (np.arange(a.shape[0]) // tile)[:, None]
@@ -205,8 +254,9 @@ def prepare_outputs(
         for mode, image in review_images(fixed, warped).items():
             review[mode][index] = image
     ndim = 2 if run.axis is None else 3
+    colour = getattr(run, "warped_colour", None)
     out = Outputs(
-        warped=stack_slices(run, run.warped),
+        warped=stack_slices(run, colour if colour else run.warped),
         review={mode: stack_slices(run, images) for mode, images in review.items()},
         vectors=np.concatenate(vectors) if vectors else np.zeros((0, 2, ndim)),
         grid=np.concatenate(segments),
@@ -251,7 +301,9 @@ def show_outputs_steps(
         return role in shown
 
     warped_kwargs = {"scale": scale, "translate": translate, "blending": "translucent"}
-    if isinstance(moving, Image):
+    if getattr(run, "warped_colour", None):
+        warped_kwargs["rgb"] = True  # the moving image's colours, warped
+    elif isinstance(moving, Image) and not moving.rgb:
         warped_kwargs["colormap"] = moving.colormap.name
         warped_kwargs["contrast_limits"] = tuple(moving.contrast_limits)
     warped_view, review_view = review_properties(run, outputs, mode)
@@ -440,15 +492,18 @@ def warp_labels(viewer, run: RegistrationRun, layer: Labels):
     if moving is None:
         raise ValueError("the registered moving layer no longer exists")
     data = layer.data
-    if tuple(data.shape) != tuple(moving.data.shape):
+    shape = tuple(moving.data.shape[:-1] if moving.rgb else moving.data.shape)
+    if tuple(data.shape) != shape:
         raise ValueError(
-            f"labels {layer.name!r} {tuple(data.shape)} must have the moving image's shape "
-            f"{tuple(moving.data.shape)}"
+            f"labels {layer.name!r} {tuple(data.shape)} must have the moving image's shape {shape}"
         )
     warped = {}
     for index, field in run.fields.items():
         sl = np.asarray(data if index is None else np.take(data, index, axis=run.axis))
-        warped[index] = warp_numpy(sl, field, order=0)
+        if sl.shape == field.shape[1:]:
+            warped[index] = warp_numpy(sl, field, order=0)
+        else:  # a moving image of another size than the fixed one
+            warped[index] = warp_to_grid(sl, field, order=0)
     scale, translate = placement(run)
     return upsert_layer(
         viewer,
@@ -465,9 +520,9 @@ def warp_labels(viewer, run: RegistrationRun, layer: Labels):
 def move_points(viewer, run: RegistrationRun, layer: Points, frame: str):
     """Points of the moving image in the fixed frame (``frame="moving"``, by inverting the
     field) or points of the fixed image in the moving frame (``"fixed"``, ``x + u(x)``)."""
-    fixed = run.layer("fixed")
-    if fixed is None:
-        raise ValueError("the registered fixed layer no longer exists")
+    fixed, moving = run.layer("fixed"), run.layer("moving")
+    if fixed is None or moving is None:
+        raise ValueError("the registered fixed or moving layer no longer exists")
     if frame not in POINTS_FRAMES:
         raise ValueError(f"points frame must be one of {tuple(POINTS_FRAMES)}, got {frame!r}")
     pts = np.asarray(layer.data, dtype=float)
@@ -476,9 +531,11 @@ def move_points(viewer, run: RegistrationRun, layer: Points, frame: str):
             f"points {layer.name!r} have {pts.shape[-1] if pts.ndim == 2 else '?'} coordinates; "
             f"the registered images have {fixed.ndim}"
         )
-    # points' data -> world -> fixed data coordinates (scale and translate only)
+    # points' data -> world -> pixels of the image they were placed on (scale and
+    # translate only); the result is placed on the other image
+    source, target = (moving, fixed) if frame == "moving" else (fixed, moving)
     world = pts * np.asarray(layer.scale) + np.asarray(layer.translate)
-    coords = (world - np.asarray(fixed.translate)) / np.asarray(fixed.scale)
+    coords = (world - np.asarray(source.translate)) / np.asarray(source.scale)
     plane = in_plane_axes(fixed.ndim, run.axis)
     out = coords.copy()
     moved = np.zeros(len(coords), dtype=bool)
@@ -516,8 +573,8 @@ def move_points(viewer, run: RegistrationRun, layer: Points, frame: str):
         layer.name + suffix,
         "points",
         out,
-        scale=np.asarray(fixed.scale),
-        translate=np.asarray(fixed.translate),
+        scale=np.asarray(target.scale),
+        translate=np.asarray(target.translate),
         size=float(size.mean()) if size.size else 5.0,
         face_color="magenta" if frame == "moving" else "lime",
         metadata={

@@ -55,6 +55,9 @@ class RegistrationRun:
         The fixed layer's placement when registered (the outputs take it).
     outputs : Outputs or None
         What the output layers show (:func:`._register_outputs.prepare_outputs`).
+    warped_colour : dict
+        Slice index -> the RGB(A) moving image warped onto the fixed grid (empty for a
+        grayscale moving image); the warped layer shows it.
     tre : dict or None
         The landmarks' target registration error before and after
         (:func:`._landmarks.tre_summary`), when landmarks were chosen; also in the
@@ -74,6 +77,7 @@ class RegistrationRun:
     fixed_scale: tuple = ()
     fixed_translate: tuple = ()
     outputs: Any = None
+    warped_colour: dict[int | None, np.ndarray] = field(default_factory=dict)
     tre: dict | None = None
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ from qtpy.QtWidgets import (
 # the package's public API, and tests replace it there.
 import napari_discreg
 
+from ..core.geometry import in_plane_axes
 from ..core.io import load_field
 from ..core.register import method_summary
 from . import _notify
@@ -48,19 +49,23 @@ from ._model_choice import ModelBox
 from ._pickers import LayerCombo, preferring
 from ._qt import OUTPUT_WORDS, row, scrolled_layout, select_data
 from ._register_outputs import (
+    DEFAULT_PREALIGN,
     DEFAULT_REVIEW,
     DETAIL_ROLES,
     DISCREPANCY,
     DISPLACEMENT,
     GRID,
     POINTS_FRAMES,
+    PREALIGN_CHOICES,
     REVIEW_MODES,
     HiddenMoving,
     apply_field,
+    gray_image,
     prepare_outputs,
     set_detail_visible,
     set_review_mode,
     show_outputs_steps,
+    warp_to_grid,
 )
 from ._slices import Request, SliceBox
 from ._state import RegistrationRun, state_for, unwrap_viewer
@@ -107,10 +112,24 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         self.open_moving_button.setToolTip(
             "Open a PNG, TIFF, NIfTI or .npy file as the moving image"
         )
+        self.prealign_combo = QComboBox()
+        for key, text in PREALIGN_CHOICES.items():
+            self.prealign_combo.addItem(key, key)
+            self.prealign_combo.setItemData(
+                self.prealign_combo.count() - 1, text, Qt.ItemDataRole.ToolTipRole
+            )
+        self.prealign_combo.setCurrentIndex(self.prealign_combo.findData(DEFAULT_PREALIGN))
+        self.prealign_combo.setToolTip(
+            "A global transform found first, across contrasts, then refined by the "
+            "deformable method: affine (default: rotation, shift, scale and shear, e.g. two "
+            "stained sections), rigid (rotation and shift only) or none (the images are "
+            "aligned already, only local motion is left)"
+        )
         images = QGroupBox("Images")
         form = QFormLayout(images)
         form.addRow("Fixed", row(self.fixed_combo, self.open_fixed_button))
         form.addRow("Moving", row(self.moving_combo, self.open_moving_button))
+        form.addRow("Pre-align", self.prealign_combo)
 
         # landmarks: optional Points layers of the fixed and the moving image (TRE)
         landmarks_box = QGroupBox("Landmarks (optional)")
@@ -348,13 +367,23 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             fixed,
             moving,
             missing="choose a fixed and a moving image layer (or open image files with 'Open…')",
+            rgb=True,
+            same_shape=False,
         )
         if fixed is moving:
             raise ValueError(
                 f"{fixed.name!r} is chosen as both the fixed and the moving image; choose "
                 "two different layers"
             )
-        return self.volume_box.request(fixed, moving)
+        request = self.volume_box.request(fixed, moving)
+        if request.axis is not None:
+            nf, nm = fixed.data.shape[request.axis], moving.data.shape[request.axis]
+            if nf != nm:
+                raise ValueError(
+                    f"the fixed stack has {nf} slices along axis {request.axis} and the "
+                    f"moving one {nm}: slice i is registered to slice i, so they need as many"
+                )
+        return request
 
     # ------------------------------------------------------------------ model
     def device(self) -> str | None:
@@ -396,6 +425,11 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         fixed_data, moving_data = request.fixed.data, request.moving.data
         axis = request.axis
         method, refine = self.model_box.method(), self.model_box.refine_settings()
+        prealign = self.prealign()
+        # the layers' physical pixel sizes (row, col) of the registered plane
+        fixed_spacing = _plane_spacing(request.fixed, axis)
+        moving_spacing = _plane_spacing(request.moving, axis)
+        moving_rgb = bool(getattr(request.moving, "rgb", False))
         display = {
             "vector_step": self.vector_step_spin.value(),
             "grid_spacing": float(self.grid_spacing_spin.value()),
@@ -417,7 +451,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             # None: the shipped model, loaded once per device and cached by ``register``
             mdl = model if model is not None else state.model
             job = job_box[0]
-            results, fixed_slices = {}, {}
+            results, fixed_slices, colour = {}, {}, {}
             for k, index in enumerate(request.indices):
                 if stop.is_set():
                     break
@@ -439,12 +473,17 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
                         device=device,
                         method=method,
                         refine=refine,
+                        prealign=prealign,
+                        fixed_spacing=fixed_spacing,
+                        moving_spacing=moving_spacing,
                         progress=progress,
                     )
                     res.network_outputs()  # the histograms: here, not on the GUI thread
                 except StopRequested:
                     break
-                results[index], fixed_slices[index] = res, f
+                results[index], fixed_slices[index] = res, gray_image(f)
+                if moving_rgb:  # the warped colour image (the result's is its luminance)
+                    colour[index] = warp_to_grid(m, res.displacement, order=1)
                 job.report(k * 100 + 100, n * 100)
                 yield k + 1
             if not results:
@@ -456,6 +495,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
                 model_name=model_name,
                 warped={k: r.warped for k, r in results.items()},
                 stride=next(iter(results.values())).stride,
+                warped_colour=colour,
                 **placement,
             )
             if landmarks is not None and None in results:
@@ -540,6 +580,9 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             if len(results) < len(request.indices)
             else ""
         )
+        notes = _result_warnings(results.values())
+        if notes:
+            guarded += "; probably wrong: " + "; ".join(notes)
         if run.tre is not None:
             guarded += f"; {format_tre(run.tre)}"
         elif self._landmarks_note:
@@ -548,6 +591,8 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             f"registered {len(results)} slice(s){stopped} with {method_summary(first)} "
             f"({model_name}); mean head discrepancy (pEMD) {mean_disc:.3f} bins{guarded}"
         )
+        for note in notes:
+            _notify.warning(f"the registration is probably wrong: {note}")
         if fallbacks:
             hint = (
                 "try the bspline method or an adaptation"
@@ -570,7 +615,9 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         if run.outputs is None:  # a run made elsewhere (a loaded field): prepare it here
             fixed = run.layer("fixed")
             slices = {
-                k: np.asarray(fixed.data if k is None else np.take(fixed.data, k, axis=run.axis))
+                k: gray_image(
+                    np.asarray(fixed.data if k is None else np.take(fixed.data, k, axis=run.axis))
+                )
                 for k in run.fields
             }
             run.outputs = prepare_outputs(
@@ -585,6 +632,13 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         )
         self.state.set_run(run)
         self._hide_moving_under_review()
+
+    def prealign(self) -> str:
+        """The pre-alignment: ``"affine"`` (default), ``"rigid"`` or ``"none"``."""
+        return str(self.prealign_combo.currentData())
+
+    def set_prealign(self, mode: str) -> None:
+        select_data(self.prealign_combo, mode, "pre-alignment", PREALIGN_CHOICES)
 
     def review_mode(self) -> str:
         """The review view: ``"checkerboard"`` (default), ``"blend"``, ``"difference"``, ``"off"``."""
@@ -714,3 +768,20 @@ def _points_in_pixels(points: Points, image: Image) -> np.ndarray:
     alike, as napari's new Points layers and the histology sample are)."""
     world = np.asarray(points.data, float) * np.asarray(points.scale) + np.asarray(points.translate)
     return (world - np.asarray(image.translate)[-2:]) / np.asarray(image.scale)[-2:]
+
+
+def _plane_spacing(layer: Image, axis: int | None) -> tuple[float, float]:
+    """The layer's physical pixel size (row, col) in the registered plane (its scale)."""
+    scale = np.abs(np.asarray(layer.scale, dtype=float))
+    return tuple(float(scale[a]) for a in in_plane_axes(len(scale), axis))  # type: ignore[return-value]
+
+
+def _result_warnings(results) -> list[str]:
+    """The results' reasons to doubt them (``RegistrationResult.warnings``), each once;
+    the capture-range warning has its own words in the status line."""
+    notes: list[str] = []
+    for r in results:
+        for note in getattr(r, "warnings", None) or ():
+            if note != r.capture_warning and note not in notes:
+                notes.append(note)
+    return notes
