@@ -7,6 +7,7 @@ import pytest
 
 from napari_discreg import register
 from napari_discreg.core.config import RefineConfig
+from napari_discreg.core.prealign import prealign_steps
 from napari_discreg.core.refine import refine_step_count
 
 
@@ -34,13 +35,14 @@ def test_progress_counts_every_step_to_the_total(pair, tiny_model, method):
     done = [d for d, _ in seen]
     assert done[0] == 0 and done[-1] == total  # starts at 0, ends at the total
     assert done == sorted(done)  # never goes back
-    if method != "network":  # optimiser steps: many intermediate reports, not 0 -> 100 %
-        assert total > 3 and len(set(done)) > 3
-        if method == "network+adam":  # Adam steps of every level, plus the network
-            expected = 1 + refine_step_count(RefineConfig(), pair.fixed.shape)
-        else:  # Gauss-Newton steps (plus the network's pass)
-            expected = result.refine_steps + (0 if method == "bspline" else 1)
-        assert total == expected
+    # the pre-alignment's Adam steps come first, then the method's optimiser steps
+    assert result.prealign == "affine"
+    assert total > 3 and len(set(done)) > 3  # many intermediate reports, not 0 -> 100 %
+    if method == "network+adam":  # Adam steps of every level, plus the network
+        expected = 1 + refine_step_count(RefineConfig(), pair.fixed.shape)
+    else:  # Gauss-Newton steps (plus the network's pass)
+        expected = result.refine_steps + (0 if method == "bspline" else 1)
+    assert total == prealign_steps() + expected
     # the result is the same as without a progress callback
     plain = register(pair.fixed, pair.moving, model=tiny_model, device="cpu", method=method)
     np.testing.assert_allclose(result.displacement, plain.displacement, atol=1e-5)

@@ -9,8 +9,16 @@ import numpy as np
 from .. import register
 from ..core import io
 from ..core.config import RefineConfig
+from ..core.itk_field import itk_affine_text
 from ..core.metrics import normalised_mutual_information
 from ..core.model import resolve_device
+from ..core.prealign import (
+    DEFAULT_PREALIGN,
+    PREALIGN_MODES,
+    describe_affine,
+    resample,
+    unmoved_matrix,
+)
 from ..core.register import DEFAULT_METHOD, METHODS, method_summary
 from ..runs.base import load_base_model
 from ._common import (
@@ -19,8 +27,10 @@ from ._common import (
     _device_arg,
     _foreground,
     _non_negative_int,
+    _positive_float,
     _say,
     _write_json,
+    _write_text,
     add_memory_option,
     refuse_overwriting_inputs,
 )
@@ -32,15 +42,17 @@ def _add_register(sub) -> None:
         "register",
         help="register a moving image onto a fixed image",
         description=(
-            "Register MOVING onto FIXED (2D images of one shape; a 3D file gives one "
-            "slice, see --axis/--index). Writes OUTDIR/warped.tif (moving warped onto "
-            "fixed), displacement.npy ((2, H, W) float32 pixels, row/col, "
-            "warped(r, c) = moving(r + u[0], c + u[1])), discrepancy.tif (per control "
-            "point, how much the two heads disagree) and summary.json."
+            "Register MOVING onto FIXED (2D images of any sizes, grayscale or colour; a 3D "
+            "file gives one slice, see --axis/--index): a pre-alignment (--prealign), then "
+            "the deformable method. Writes OUTDIR/warped.tif (moving warped onto fixed's "
+            "grid), displacement.npy ((2, H, W) float32 pixels on the fixed grid, row/col, "
+            "warped(r, c) = moving(r + u[0], c + u[1]) in the moving image's pixels), "
+            "affine.tfm (the pre-alignment as an ITK transform), discrepancy.tif (per "
+            "control point, how much the two heads disagree) and summary.json."
         ),
     )
     p.add_argument("fixed", help="fixed image (.png .jpg .tif .nii .nii.gz .npy)")
-    p.add_argument("moving", help="moving image, same shape as FIXED")
+    p.add_argument("moving", help="moving image (any size; its own grid)")
     p.add_argument("-o", "--outdir", required=True, help="output folder (created if needed)")
     p.add_argument(
         "--model",
@@ -70,6 +82,22 @@ def _add_register(sub) -> None:
         f"{RefineConfig.steps}); without --method, --refine STEPS selects network+adam and "
         "--refine 0 the network alone, as in earlier releases",
     )
+    p.add_argument(
+        "--prealign",
+        choices=list(PREALIGN_MODES),
+        default=DEFAULT_PREALIGN,
+        help=f"the transform found before the deformable method (default {DEFAULT_PREALIGN}: "
+        + "; ".join(f"{k}: {v}" for k, v in PREALIGN_MODES.items())
+        + ")",
+    )
+    for which in ("fixed", "moving"):
+        p.add_argument(
+            f"--{which}-spacing",
+            type=_positive_float,
+            nargs=2,
+            metavar=("ROW", "COL"),
+            help=f"physical pixel size of {which.upper()} (default: from a NIfTI header, else 1 1)",
+        )
     add_memory_option(p)
     p.set_defaults(func=_run_register)
 
@@ -80,6 +108,7 @@ def _run_register(args) -> int:
     names = {
         "warped": "warped.tif",
         "displacement": "displacement.npy",
+        "affine": "affine.tfm",
         "discrepancy": "discrepancy.tif",
         "summary": "summary.json",
     }
@@ -89,11 +118,8 @@ def _run_register(args) -> int:
     )
     fixed = io.read_image(args.fixed, axis=args.axis, index=args.index)
     moving = io.read_image(args.moving, axis=args.axis, index=args.index)
-    if fixed.shape != moving.shape:
-        raise ValueError(
-            f"fixed {args.fixed} is {fixed.shape[0]} x {fixed.shape[1]} but moving {args.moving} "
-            f"is {moving.shape[0]} x {moving.shape[1]}; resample or crop one onto the other's grid"
-        )
+    fixed_spacing = args.fixed_spacing or io.read_spacing(args.fixed, axis=args.axis)
+    moving_spacing = args.moving_spacing or io.read_spacing(args.moving, axis=args.axis)
     device = resolve_device(args.device)
     model, model_desc = load_base_model(args.model, device)
 
@@ -101,7 +127,15 @@ def _run_register(args) -> int:
         raise ValueError(f"--refine STEPS applies to --method network+adam, not {args.method}")
     start = time.perf_counter()
     result = register(
-        fixed, moving, model=model, device=device, method=args.method, refine=args.refine
+        fixed,
+        moving,
+        model=model,
+        device=device,
+        method=args.method,
+        refine=args.refine,
+        prealign=args.prealign,
+        fixed_spacing=fixed_spacing,
+        moving_spacing=moving_spacing,
     )
     runtime = time.perf_counter() - start
     start = time.perf_counter()
@@ -110,12 +144,20 @@ def _run_register(args) -> int:
 
     magnitude = np.sqrt((result.displacement.astype(np.float64) ** 2).sum(0))
     mask = _foreground(fixed)
-    nmi_before = normalised_mutual_information(fixed, moving, mask=mask)
+    before = resample(moving, unmoved_matrix(fixed_spacing, moving_spacing), fixed.shape)
+    nmi_before = normalised_mutual_information(fixed, before, mask=mask)
     nmi_after = normalised_mutual_information(fixed, result.warped, mask=mask)
     summary = {
         "fixed": str(args.fixed),
         "moving": str(args.moving),
         "shape": list(fixed.shape),
+        "moving_shape": list(moving.shape),
+        "fixed_spacing": list(fixed_spacing),
+        "moving_spacing": list(moving_spacing),
+        "prealign": result.prealign,
+        "affine_px": result.affine.tolist(),
+        "quality": result.quality,
+        "warnings": result.warnings,
         "model": model_desc,
         "device": str(device),
         "method": result.method,
@@ -143,6 +185,12 @@ def _run_register(args) -> int:
     with outputs:
         io.write_image(outputs.path(names["warped"]), result.warped)
         io.write_field(outputs.path(names["displacement"]), result.displacement)
+        _write_text(
+            outputs.path(names["affine"]),
+            itk_affine_text(
+                result.affine, fixed_spacing=fixed_spacing, moving_spacing=moving_spacing
+            ),
+        )
         io.write_image(outputs.path(names["discrepancy"]), discrepancy)
         _write_json(outputs.path(names["summary"]), summary)
 
@@ -151,8 +199,12 @@ def _run_register(args) -> int:
         f"registered {args.moving} onto {args.fixed} ({h} x {w}) in {runtime:.2f} s on {device}"
         f" with {method_summary(result)}"
     )
+    if result.prealign != "none":
+        _say(f"  pre-alignment ({result.prealign}): {describe_affine(result.affine)}")
     if result.identity_fallback:
-        _say("  the field matched the pair worse than no motion, so the zero field was kept")
+        _say("  the deformable field matched worse than the pre-alignment alone, so it was dropped")
+    for note in result.warnings:
+        _say(f"  warning: {note}")
     _say(f"  |u| mean {magnitude.mean():.2f} px, max {magnitude.max():.2f} px")
     _say(
         f"  NMI {nmi_before:.4f} -> {nmi_after:.4f}; mean head discrepancy {discrepancy.mean():.3f}"

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -785,3 +786,28 @@ def load_field(path: str | os.PathLike) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ValueError(f"{p}: the displacement field contains NaN or infinite values")
     return arr
+
+
+def read_spacing(path: str | os.PathLike, *, axis: int | None = None) -> tuple[float, float]:
+    """The physical pixel size (row, col) of the 2D image :func:`read_image` gives for
+    ``path`` and ``axis``: from a NIfTI header's pixdim (the two axes other than the
+    slice axis), else ``(1.0, 1.0)``. A zero, negative or non-finite value in the header
+    counts as 1 (as ITK reads a missing spacing)."""
+    p, fmt = _check_readable(path)
+    if fmt != "nifti":
+        return (1.0, 1.0)
+    import nibabel as nib
+
+    try:
+        img: Any = nib.load(str(p))
+        zooms = [float(z) for z in img.header.get_zooms()]
+        shape = img.header.get_data_shape()
+    except Exception as exc:
+        raise ValueError(f"{p}: cannot read its NIfTI header ({exc})") from exc
+    dims = [i for i, n in enumerate(shape) if n != 1]
+    if len(dims) == 3:
+        ax = _DEFAULT_AXIS[fmt] if axis is None else int(axis) % 3
+        dims = [d for d in dims if d != ax]
+    dims = (dims + [0, 1])[:2]
+    out = [zooms[d] if d < len(zooms) else 1.0 for d in dims]
+    return tuple(z if math.isfinite(z) and z > 0 else 1.0 for z in out)  # type: ignore[return-value]

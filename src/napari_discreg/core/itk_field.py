@@ -254,3 +254,35 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{p}: a 2-component field must be 2D, shape {shape}")
         return np.transpose(data[:, :, 0, :], (1, 0, 2)), np.array(zooms[:2], dtype=float)
     return np.transpose(data, (2, 1, 0, 3)), np.array(zooms[:3], dtype=float)
+
+
+def itk_affine_text(matrix, *, fixed_spacing=(1.0, 1.0), moving_spacing=(1.0, 1.0)) -> str:
+    """A pre-alignment (3 x 3, fixed pixel ``(r, c, 1)`` -> moving pixel) as an ITK
+    transform file (``.tfm``, ``AffineTransform_double_2_2``).
+
+    ITK's transforms map a fixed physical point to the moving physical point it samples
+    (the same direction as the pixel map), in (x, y) = (column, row) order, origin 0 and
+    identity direction as in :func:`write_itk_field`. SimpleITK's ``ReadTransform``,
+    transformix and ANTs' ``antsApplyTransforms`` read it.
+    """
+    a = np.asarray(matrix, dtype=np.float64)
+    if a.shape not in ((3, 3), (2, 3)) or not np.all(np.isfinite(a)):
+        raise ValueError(f"expected a finite (3, 3) pixel transform, got shape {a.shape}")
+    sf = np.asarray(fixed_spacing, dtype=np.float64)
+    sm = np.asarray(moving_spacing, dtype=np.float64)
+    # physical (y, x) = pixel (r, c) * spacing; swap to ITK's (x, y)
+    swap = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    to_fixed_px = np.diag([1 / sf[0], 1 / sf[1], 1.0])
+    to_moving_phys = np.diag([sm[0], sm[1], 1.0])
+    full = np.eye(3)
+    full[:2] = a[:2]
+    phys = swap @ to_moving_phys @ full @ to_fixed_px @ swap
+    m, t = phys[:2, :2], phys[:2, 2]
+    params = " ".join(repr(float(v)) for v in (*m.ravel(), *t))
+    return (
+        "#Insight Transform File V1.0\n"
+        "#Transform 0\n"
+        "Transform: AffineTransform_double_2_2\n"
+        f"Parameters: {params}\n"
+        "FixedParameters: 0 0\n"
+    )

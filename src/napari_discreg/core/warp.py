@@ -68,6 +68,27 @@ def warp(
     return F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
 
 
+def sample(image: torch.Tensor, positions: torch.Tensor, *, mode: str = "bilinear") -> torch.Tensor:
+    """Sample ``image`` (B, C, Hm, Wm) at pixel positions ``positions`` (B, 2, H, W)
+    (row, col) of that image: the output (B, C, H, W) lives on the positions' grid.
+
+    :func:`warp` for images of another size than the field (a moving image on its own
+    grid, a field on the fixed grid). Border-replicating, differentiable.
+    """
+    hm, wm = image.shape[-2:]
+    grid = pixels_to_grid_sample(positions, hm, wm).to(image.dtype)
+    return F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
+
+
+def affine_positions(matrix, height: int, width: int, *, device=None) -> torch.Tensor:
+    """Positions (1, 2, H, W) ``matrix @ (r, c, 1)`` of every pixel of an H x W grid,
+    for a (3, 3) or (2, 3) matrix in pixels (row, col)."""
+    a = torch.as_tensor(np.asarray(matrix, dtype=np.float64)[:2], device=device)
+    grid = pixel_grid(height, width, device=device, dtype=torch.float64).reshape(2, -1)
+    out = a[:, :2] @ grid + a[:, 2:3]
+    return out.reshape(1, 2, height, width).float()
+
+
 def warp_numpy(image: np.ndarray, displacement: np.ndarray, *, order: int = 1) -> np.ndarray:
     """NumPy convenience: warp a 2D ``image`` with a ``(2, H, W)`` field.
 
