@@ -24,6 +24,7 @@ from napari_discreg.core import io
 from napari_discreg.core.checkpoint import checkpoint_info
 from napari_discreg.core.config import DataConfig, RefineConfig
 from napari_discreg.core.data import load_template, make_pair
+from napari_discreg.core.register import DEFAULT_METHOD
 from napari_discreg.core.train import StepRecord
 
 SIZE = 48  # every test uses this template size, so it is built once
@@ -70,7 +71,13 @@ def test_register_writes_all_outputs(tmp_path, tiny_model, pair_files, capsys):
     fixed, moving = pair_files
     out = tmp_path / "a" / "out"
     assert run("register", fixed, moving, "-o", out, "--model", tiny_model) == 0
-    assert _tree(out) == ["discrepancy.tif", "displacement.npy", "summary.json", "warped.tif"]
+    assert _tree(out) == [
+        "affine.tfm",
+        "discrepancy.tif",
+        "displacement.npy",
+        "summary.json",
+        "warped.tif",
+    ]
     assert io.read_image(out / "warped.tif").shape == (SIZE, SIZE)
     u = np.load(out / "displacement.npy")
     assert u.shape == (2, SIZE, SIZE) and u.dtype == np.float32
@@ -81,7 +88,10 @@ def test_register_writes_all_outputs(tmp_path, tiny_model, pair_files, capsys):
     assert summary["model"] == str(tiny_model)
     u_mean, u_max = summary["displacement_px"]["mean_abs"], summary["displacement_px"]["max_abs"]
     assert 0 <= u_mean <= u_max < 10  # the pair's deformation is a few pixels
-    assert summary["method"] == "bspline"
+    assert summary["method"] == DEFAULT_METHOD and summary["prealign"] == "affine"
+    assert np.asarray(summary["affine_px"]).shape == (3, 3)
+    assert set(summary["quality"]) >= {"mind_before", "mind_after", "folding"}
+    assert (out / "affine.tfm").read_text().startswith("#Insight Transform File V1.0")
     assert 1.0 <= summary["nmi"]["before"] <= 2.0 and 1.0 <= summary["nmi"]["after"] <= 2.0
     assert summary["runtime_s"] > 0
     assert "NMI" in capsys.readouterr().out
@@ -91,13 +101,17 @@ def test_register_methods(tmp_path, tiny_model, pair_files, capsys):
     fixed, moving = pair_files
     base = ["register", fixed, moving, "--model", tiny_model]
     assert run(*base, "-o", tmp_path / "default") == 0
-    assert "B-spline Gauss-Newton" in capsys.readouterr().out
+    assert "the network (coarse to fine)" in capsys.readouterr().out
     default = json.loads((tmp_path / "default" / "summary.json").read_text())
-    assert default["method"] == "bspline" and default["refine_steps"] > 0
-    assert run(*base, "-o", tmp_path / "network", "--method", "network") == 0
-    network = json.loads((tmp_path / "network" / "summary.json").read_text())
-    assert network["method"] == "network" and network["refine_steps"] == 0
-    assert default["nmi"]["after"] > network["nmi"]["after"]  # the tiny model barely moves
+    assert default["method"] == "network" and default["refine_steps"] == 0
+    assert run(*base, "-o", tmp_path / "spline", "--method", "bspline") == 0
+    assert "B-spline Gauss-Newton" in capsys.readouterr().out
+    spline = json.loads((tmp_path / "spline" / "summary.json").read_text())
+    assert spline["method"] == "bspline" and spline["refine_steps"] > 0
+    assert spline["nmi"]["after"] > default["nmi"]["after"]  # the tiny model barely moves
+    assert run(*base, "-o", tmp_path / "rigid", "--prealign", "none", "--method", "none") == 0
+    still = json.loads((tmp_path / "rigid" / "summary.json").read_text())
+    assert still["displacement_px"]["max_abs"] == 0.0  # no pre-alignment, no deformation
     # --refine STEPS keeps its meaning of earlier releases: the network, then Adam
     assert run(*base, "-o", tmp_path / "adam", "--refine", 7) == 0
     assert "Adam (7 Adam steps per level)" in capsys.readouterr().out
@@ -128,12 +142,14 @@ def test_register_missing_input(tmp_path, tiny_model, pair_files, capsys):
     assert not out.exists()
 
 
-def test_register_shape_mismatch(tmp_path, tiny_model, pair_files, capsys):
-    small = io.write_image(tmp_path / "small.npy", np.random.default_rng(0).random((40, 40)))
+def test_register_too_small_moving_image(tmp_path, tiny_model, pair_files, capsys):
+    """Other sizes are fine (the field lives on the fixed grid); one too small to hold the
+    label range is refused, naming the image."""
+    small = io.write_image(tmp_path / "small.npy", np.random.default_rng(0).random((8, 40)))
     out = tmp_path / "out"
     rc = run("register", pair_files[0], small, "-o", out, "--model", tiny_model)
     assert rc == 2
-    assert "48 x 48" in _error(capsys)
+    assert "moving: 8 x 40 pixels is smaller" in _error(capsys)
     assert not out.exists()
 
 
@@ -371,20 +387,18 @@ def test_demo_with_model(tmp_path, tiny_model, capsys):
 
 
 def test_demo_with_shipped_model(tmp_path):
-    # the default method (B-spline Gauss-Newton) beats the network alone on this pair
     assert run("demo", "-o", tmp_path, "--size", "96", "--device", "cpu") == 0
     report = json.loads((tmp_path / "report.json").read_text())
     m = report["metrics"]
     assert set(m["epe_px"]) == {"identity", "registered"}
     assert all(np.isfinite(v) for v in m["epe_px"].values())
     assert m["epe_px"]["identity"] > 0.5  # the sample pair really is misaligned
-    assert m["method"] == "bspline" and m["refine_steps"] > 0
+    assert m["method"] == DEFAULT_METHOD and m["refine_steps"] == 0
     assert m["epe_px"]["registered"] < 0.6 * m["epe_px"]["identity"]
-    assert m["epe_px"]["registered"] < m["network_only"]["epe_px"]
     assert m["nmi"]["after"] > m["nmi"]["before"]
     md = (tmp_path / "report.md").read_text()
     assert f"{m['epe_px']['registered']:.3f}" in md
-    assert f"{m['network_only']['epe_px']:.3f}" in md
+    assert "network_only" not in m  # the default is the network: nothing to compare with
 
 
 def test_demo_without_refinement(tmp_path, tiny_model):
@@ -393,7 +407,10 @@ def test_demo_without_refinement(tmp_path, tiny_model):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["metrics"]["refine_steps"] == 0 and "network_only" not in report["metrics"]
     assert report["metrics"]["method"] == "network"
-    assert "registration: the network alone" in (tmp_path / "report.md").read_text()
+    assert (
+        "registration: affine pre-alignment, then the network"
+        in (tmp_path / "report.md").read_text()
+    )
 
 
 # ---------------------------------------------------------------------- entry points
@@ -462,3 +479,34 @@ def test_max_memory_gb_refuses_register_and_adapt_before_they_start(
     assert "napari-discreg: error:" in err and "smaller batch" in err and "Traceback" not in err
     assert not model_out.exists()
     assert run("register", fixed, moving, "-o", out, "--max-memory-gb", "-1") == 2  # usage
+
+
+def test_register_colour_files_of_different_sizes_and_spacings(tmp_path, tiny_model, pair_files):
+    """RGB files of other sizes register onto the fixed grid; a NIfTI header's spacing is
+    read, and --moving-spacing overrides it."""
+    from PIL import Image
+
+    fixed = io.read_image(pair_files[0])
+    rgb = (np.stack([fixed, fixed * 0.5, 1 - fixed], -1) / fixed.max() * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "f.png")
+    moving = np.pad(io.read_image(pair_files[1]), ((3, 5), (0, 9)))
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(moving[..., None], np.diag([0.5, 2.0, 1.0, 1.0])), tmp_path / "m.nii")
+    assert io.read_spacing(tmp_path / "m.nii") == (0.5, 2.0)
+    assert io.read_spacing(tmp_path / "f.png") == (1.0, 1.0)
+    out = tmp_path / "o"
+    args = ["register", tmp_path / "f.png", tmp_path / "m.nii", "-o", out, "--model", tiny_model]
+    assert run(*args, "--moving-spacing", 1, 1) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shape"] == [SIZE, SIZE] and summary["moving_shape"] == list(moving.shape)
+    assert summary["moving_spacing"] == [1.0, 1.0]
+    assert np.load(out / "displacement.npy").shape == (2, SIZE, SIZE)
+    assert io.read_image(out / "warped.tif").shape == (SIZE, SIZE)
+    assert run(*args, "-o", tmp_path / "o2", "--prealign", "none", "--method", "none") == 0
+    summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    assert summary["moving_spacing"] == [0.5, 2.0]
+    u = np.load(tmp_path / "o2" / "displacement.npy")
+    # no motion in physical space: fixed pixel (r, c) is moving pixel (r / 0.5, c / 2)
+    np.testing.assert_allclose(u[0, 10, 10], 10 / 0.5 - 10, atol=1e-4)
+    np.testing.assert_allclose(u[1, 10, 10], 10 / 2.0 - 10, atol=1e-4)

@@ -252,7 +252,7 @@ def demo_markdown(report: dict[str, Any]) -> str:
                 f"{m['network_only']['runtime_s']:.3f} s",
             ]
             if m.get("network_only")
-            else ["- registration: the network alone"]
+            else [f"- registration: {m['method_summary']} (`register(method={m['method']!r})`)"]
         ),
         f"- label accuracy of the network's histograms (foreground control points; the "
         f"same whatever the method): {m['label_accuracy']:.1%}",

@@ -108,7 +108,7 @@ def register_estimate(config: ModelConfig, method: str, shape: tuple[int, int]) 
     """What ``register(method=method)`` of one pair of ``shape`` needs at its peak."""
     h, w = (int(n) for n in shape)
     spline = h * w * _BSPLINE_PER_PIXEL
-    if method == "bspline":
+    if method in ("bspline", "none"):
         total = spline
     elif method == "network":
         total = network_bytes(config, shape)

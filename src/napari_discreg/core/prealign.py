@@ -82,10 +82,10 @@ class PrealignSettings:
     """
 
     sizes: tuple[int, ...] = (64, 128, 256)
-    steps: tuple[int, ...] = (40, 30, 20)
+    steps: tuple[int, ...] = (60, 60, 40)
     search_step: float = 15.0
     candidates: int = 3
-    lr: float = 0.02
+    lr: float = 0.03
 
 
 MIN_GAIN = 0.05
@@ -225,6 +225,12 @@ def _rotation(theta: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
 
 
+SCALE_LR = 0.25
+SHEAR_LR = 0.1
+"""Adam's step size for the log-scale and for the free 2 x 2 part, relative to the one for
+rotation and shift: a free scale lets the MIND-SSC distance shrink the moving tissue."""
+
+
 class _Params(torch.nn.Module):
     """``x -> M (x - cf) + cm + t`` with ``M = R(theta) * exp(log_scale) + L``: the
     rotation and scale always, ``L`` (a free 2 x 2 update) for the affine stage."""
@@ -240,12 +246,16 @@ class _Params(torch.nn.Module):
     def matrix(self) -> torch.Tensor:
         return _rotation(self.theta) * torch.exp(self.log_scale) + self.linear
 
-    def groups(self, mode: str) -> list[torch.nn.Parameter]:
-        params = [self.theta, self.shift]
+    def groups(self, mode: str, lr: float) -> list[dict]:
+        """Adam's parameter groups: scale and shear move slower than rotation and shift
+        (a free scale lets the MIND-SSC distance shrink the moving tissue away)."""
+        params = [{"params": [self.theta, self.shift], "lr": lr}]
         if mode in ("similarity", "affine"):
-            params.append(self.log_scale)
+            params.append({"params": [self.log_scale], "lr": lr * SCALE_LR})
         if mode == "affine":
-            params.append(self.linear)
+            params.append({"params": [self.linear], "lr": lr * SHEAR_LR})
+        for group in params:
+            group["initial_lr"] = group["lr"]
         return params
 
 
@@ -263,8 +273,11 @@ def _optimise(p: _Params, level: _Level, mode: str, steps: int, lr: float, cf, c
     per = [steps // len(stages)] * len(stages)
     per[-1] += steps - sum(per)
     for stage, n in zip(stages, per, strict=True):
-        opt = torch.optim.Adam(p.groups(stage), lr=lr)
-        for _ in range(n):
+        opt = torch.optim.Adam(p.groups(stage, lr))
+        for i in range(n):
+            # the step size decays to zero (cosine) so that every level ends settled
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * 0.5 * (1 + math.cos(math.pi * i / n))
             opt.zero_grad()
             cost = level.cost(*_affine(p, cf, cm))
             cost.backward()

@@ -40,22 +40,27 @@ from .warp import affine_positions, jacobian_determinant, pixel_grid, sample, wa
 _DEFAULT_MODELS: dict[str, DiscreteRegistrationNet] = {}
 
 METHODS: dict[str, str] = {
-    "bspline": "B-spline Gauss-Newton on MIND-SSC (the default: most accurate, fastest)",
-    "network": "the network's field alone",
+    "network": "the network's field, coarse to fine (the default: most accurate on real pairs)",
+    "bspline": "B-spline Gauss-Newton on MIND-SSC",
     "network+bspline": "the network's field, refined by B-spline Gauss-Newton",
     "network+adam": "the network's field, refined by Adam on a dense grid",
+    "none": "no deformable stage: the pre-alignment alone",
 }
-"""Every registration method by name, with a one-line description."""
+"""Every deformable method (run after the pre-alignment) by name, with a one-line
+description."""
 
-DEFAULT_METHOD = "bspline"
-"""What ``register()``, ``napari-discreg register`` and the Register widget run unless
-told otherwise (measured against elastix in docs/benchmarks.md, "Speed")."""
+DEFAULT_METHOD = "network"
+"""What ``register()``, ``napari-discreg register`` and the Register widget run after the
+pre-alignment unless told otherwise: chosen on the real stain pairs with human landmarks
+(``benchmarks/landmarks.py``, "Real pairs" in docs/benchmarks.md), where the network was
+more accurate than the B-spline method and than elastix and ANTs, and invents no motion
+on unmoved pairs."""
 
 
 class NetworkOutputs:
     """The network's histograms for one pair, computed once, on first use.
 
-    The ``"bspline"`` method does not need the network for the field; its histograms,
+    The ``"bspline"`` and ``"none"`` methods do not need the network for the field; its histograms,
     head discrepancy and labels (the inspector's view) are computed when first read, on
     the thread that reads them.
     """
@@ -327,12 +332,15 @@ class RegistrationResult:
 
 def method_summary(result: RegistrationResult) -> str:
     """A short phrase for messages: how ``result``'s field was made."""
+    pre = "" if result.prealign == "none" else f"{result.prealign} pre-alignment, then "
+    if result.method == "none":
+        return f"the {result.prealign} pre-alignment alone" if pre else "no registration"
     if result.method == "network":
-        return "the network alone"
+        return f"{pre}the network (coarse to fine)"
     kind = "Adam steps per level" if result.method == "network+adam" else "Gauss-Newton steps"
     start = "the network, then " if result.method.startswith("network+") else ""
     name = "Adam" if result.method == "network+adam" else "B-spline Gauss-Newton"
-    return f"{start}{name} ({result.refine_steps} {kind})"
+    return f"{pre}{start}{name} ({result.refine_steps} {kind})"
 
 
 def control_grid(shape: tuple[int, int], stride: int) -> tuple[int, int]:
@@ -383,10 +391,11 @@ def register(
         when a model is given.
     method : str, optional
         The deformable stage after the pre-alignment, a key of :data:`METHODS`; default
-        :data:`DEFAULT_METHOD` (``"bspline"``: B-spline Gauss-Newton over MIND-SSC
-        descriptors, :func:`~napari_discreg.core.bspline.bspline_refine`; the network's
-        histograms are computed on first use). ``"network"`` is the fastest: the
-        network's field alone.
+        :data:`DEFAULT_METHOD` (``"network"``: the network's field, coarse to fine,
+        :func:`network_coarse_to_fine`). ``"bspline"`` is B-spline Gauss-Newton over
+        MIND-SSC descriptors (:func:`~napari_discreg.core.bspline.bspline_refine`; the
+        network's histograms are then computed on first use); ``"none"`` keeps the
+        pre-alignment alone.
     refine : BSplineConfig, RefineConfig, int or bool, optional
         Settings of the method's refinement (a :class:`BSplineConfig` for the B-spline
         methods, a :class:`RefineConfig` or a number of Adam steps for
@@ -471,7 +480,7 @@ def register(
     else:
         planned = 0
     pre_steps = 0 if prealign == "none" else prealign_steps(PrealignSettings())
-    total = pre_steps + (0 if method == "bspline" else 1) + planned
+    total = pre_steps + (0 if method in ("bspline", "none") else 1) + planned
     done = 0
 
     def tick() -> None:
@@ -508,7 +517,9 @@ def register(
     steps = 0
     # judged and optimised on the image itself, not its padding
     fi, mi = ft[..., :h, :w], mt[..., :h, :w]
-    if method == "bspline":
+    if method == "none":
+        dense = fi.new_zeros(1, 2, h, w)
+    elif method == "bspline":
         assert isinstance(settings, BSplineConfig)
         descriptors: list = []
         dense = bspline_refine(fi, mi, None, settings, descriptors=descriptors, callback=callback)
@@ -658,8 +669,10 @@ def resolve_method(
             f"{type(refine).__name__}"
         )
     if method is None:  # the forms of earlier releases
-        if refine is None or isinstance(refine, BSplineConfig):
+        if refine is None:
             method = DEFAULT_METHOD
+        elif isinstance(refine, BSplineConfig):
+            method = "bspline"
         elif refine is False or refine == 0:
             method = "network"
         else:
@@ -681,7 +694,7 @@ def resolve_method(
             return method, RefineConfig(steps=refine)
         raise ValueError(f"method 'network+adam' takes a RefineConfig or steps > 0, got {refine!r}")
     if refine not in (None, False, 0):
-        raise ValueError(f"method 'network' takes no refinement settings, got {refine!r}")
+        raise ValueError(f"method {method!r} takes no refinement settings, got {refine!r}")
     return method, None
 
 
