@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     def ada_running() -> bool:
         return ada.is_running
 
-    run_register("bspline", "Register (default: bspline + histograms)")
+    run_register("bspline", "Register (bspline + histograms)")
     run_register(
         "network+adam", "Register with refinement (network+adam, 40 steps)", adam_steps_spin=40
     )

@@ -107,12 +107,15 @@ VARIANTS: dict[str, dict] = {
     "prealign-only": {"method": "none"},
     "no-prealign": {"prealign": "none"},
     "network": {"method": "network"},
+    "bspline": {"method": "bspline"},
     "network+bspline": {"method": "network+bspline"},
     "prealign-rigid": {"prealign": "rigid"},
     "prealign-similarity": {"prealign": "similarity"},
 }
 """Variant name -> keyword arguments of ``napari_discreg.register``."""
-DEFAULT_VARIANTS = ("default", "prealign-only", "no-prealign", "network")
+DEFAULT_VARIANTS = ("default", "bspline", "network+bspline", "prealign-only", "no-prealign")
+"""The ablation: the default (affine pre-alignment, then the network coarse to fine)
+against each stage swapped or left out."""
 
 PEER_LABELS = {
     "elastix": "elastix (affine + B-spline, MI, 4 levels)",
@@ -622,6 +625,74 @@ def synthetic_pairs(n: int, size: int, seed: int = 2024) -> list[dict]:
     return pairs
 
 
+def unmoved_pairs(size: int = 128, seed: int = 2024) -> list[dict]:
+    """Pairs with no motion at all: T1 vs T2-like and vs PD-like renderings of four test
+    slices, and scikit-image's immunohistochemistry image split into its hematoxylin and
+    DAB channels (colour deconvolution), as the issue tried them in napari."""
+    from skimage import data as skdata
+    from skimage.color import rgb2hed
+
+    cfg = DataConfig(size=size)
+    template = data.load_template(size)
+    lo, hi = cfg.test_slices
+    out = []
+    for k in range(4):
+        index = lo + (k * (hi - lo)) // 4
+        rng = np.random.default_rng([seed, 99, k])
+        t1 = data.synthesize_contrast(template, index, "t1", rng, cfg)
+        fg = template.mask[index] > 0
+        for contrast in CONTRASTS:
+            moving = data.synthesize_contrast(template, index, contrast, rng, cfg)
+            out.append(
+                {
+                    "name": f"T1 / {contrast} slice {index}",
+                    "fixed": t1,
+                    "moving": moving,
+                    "mask": fg,
+                }
+            )
+    hed = rgb2hed(skdata.immunohistochemistry())
+    h, dab = hed[..., 0], hed[..., 2]
+    out.append(
+        {"name": "IHC hematoxylin / DAB", "fixed": h, "moving": dab, "mask": np.ones(h.shape, bool)}
+    )
+    return out
+
+
+def run_unmoved(
+    pairs: list[dict], variants: dict[str, tuple[dict, Callable]], model, device
+) -> dict:
+    """Per variant: mean |u| over the foreground (should be ~0) and the largest |u|, and how
+    many results warned."""
+    rows = {}
+    for name, (kwargs, _) in variants.items():
+        extra = variant_kwargs(kwargs)
+        extra.setdefault("model", model)
+        extra.setdefault("device", device)
+        means, maxes, warned = [], [], 0
+        for pair in pairs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = nd.register(pair["fixed"], pair["moving"], **extra)
+            mag = np.linalg.norm(res.displacement, axis=0)
+            means.append(float(mag[pair["mask"]].mean()))
+            maxes.append(float(mag.max()))
+            warned += bool(res.warnings)
+        rows[name] = {
+            "mean_u_template": float(np.mean(means[:-1])),
+            "mean_u_ihc": means[-1],
+            "max_u": float(np.max(maxes)),
+            "warned": warned,
+            "pairs": len(pairs),
+        }
+        print(
+            f"unmoved {name:22s} mean |u| template {rows[name]['mean_u_template']:.3f} px, "
+            f"IHC {rows[name]['mean_u_ihc']:.3f} px",
+            flush=True,
+        )
+    return rows
+
+
 def run_synthetic(pairs: list[dict], methods: dict[str, tuple[Method, bool]]) -> dict:
     """EPE over the valid brain points of every pair, per method (the 2D images go to every
     method as they are: no RGB here)."""
@@ -810,6 +881,27 @@ def markdown(result: dict) -> str:
                 f"{row['median_epe']:.2f} | {row['under_1px']:.0%} | "
                 f"{row['seconds_mean']:.2f} |"
             )
+    unmoved = result.get("unmoved")
+    if unmoved:
+        lines += [
+            "",
+            "### Unmoved multimodal pairs: no invented motion",
+            "",
+            "No motion at all: T1 against T2-like and PD-like renderings of four test slices "
+            "(128 px; mean |u| over the brain) and scikit-image's immunohistochemistry image "
+            "split into hematoxylin and DAB (colour deconvolution, 512 px; mean |u| over the "
+            'image). Goal: mean |u| at most 0.2 px. "warned": results whose `warnings` '
+            "were not empty.",
+            "",
+            "| method | mean \\|u\\| template (px) | mean \\|u\\| IHC (px) | max \\|u\\| (px) | warned |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in unmoved.items():
+            lines.append(
+                f"| {_label(name, kinds)} | {row['mean_u_template']:.3f} | "
+                f"{row['mean_u_ihc']:.3f} | {row['max_u']:.2f} | {row['warned']} of "
+                f"{row['pairs']} |"
+            )
     return "\n".join(lines)
 
 
@@ -898,6 +990,7 @@ def main(argv=None) -> int:
             syn_pairs = synthetic_pairs(n_syn, args.synthetic_size, args.seed)
             synthetic = run_synthetic(syn_pairs, syn_methods)
             synthetic["settings"] = {"size": args.synthetic_size, "seed": args.seed}
+        unmoved = None if args.quick else run_unmoved(unmoved_pairs(), variants, model, device)
 
     command = " ".join(["python benchmarks/landmarks.py", *(shlex.quote(a) for a in given)])
     facts = machine_facts(args.threads)
@@ -916,6 +1009,7 @@ def main(argv=None) -> int:
         "real": real,
         "summary": summary,
         "synthetic": synthetic,
+        "unmoved": unmoved,
     }
     text = markdown(result)
     print(text)

@@ -34,9 +34,9 @@ from napari_discreg.core.warp import jacobian_determinant
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 VARIANTS = {
-    "default": "**register() default** (`bspline`: B-spline Gauss-Newton, MIND-SSC)",
-    "default_hist": "register() default + the network's histograms (what the widget runs)",
-    "network": '`method="network"` (the network alone)',
+    "default": '**`method="bspline"`** (B-spline Gauss-Newton, MIND-SSC; no pre-alignment)',
+    "default_hist": '`method="bspline"` + the network\'s histograms (the widget with it)',
+    "network": '`method="network"` (the network alone; no pre-alignment)',
     "elastix": "elastix (MI, B-spline, 3 levels)",
     "simpleitk": "SimpleITK (MI, B-spline)",
 }
@@ -54,16 +54,20 @@ def _sync(device) -> None:
 def variant_functions(model, device, with_peers: bool = True):
     """name -> fn(fixed, moving) -> (2, H, W) field, for the variants of :data:`VARIANTS`."""
 
+    # these pairs share one grid: the deformable methods alone, without pre-alignment (the
+    # default pipeline on real pairs is measured by benchmarks/landmarks.py)
+    kw = {"model": model, "device": device, "prealign": "none"}
+
     def default(f, m):
-        return nd.register(f, m, model=model, device=device).displacement
+        return nd.register(f, m, method="bspline", **kw).displacement
 
     def default_hist(f, m):
-        res = nd.register(f, m, model=model, device=device)
+        res = nd.register(f, m, method="bspline", **kw)
         res.network_outputs()
         return res.displacement
 
     def network(f, m):
-        return nd.register(f, m, model=model, device=device, method="network").displacement
+        return nd.register(f, m, method="network", **kw).displacement
 
     fns = {"default": default, "default_hist": default_hist, "network": network}
     if with_peers:
@@ -108,10 +112,11 @@ def profile_default(model, pair, device) -> str:
     """torch.profiler table (self CPU time) of 5 default registrations of one pair."""
     from torch.profiler import ProfilerActivity, profile
 
-    nd.register(pair.fixed, pair.moving, model=model, device=device)
+    kw = {"model": model, "device": device, "method": "bspline", "prealign": "none"}
+    nd.register(pair.fixed, pair.moving, **kw)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5):
-            nd.register(pair.fixed, pair.moving, model=model, device=device)
+            nd.register(pair.fixed, pair.moving, **kw)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
@@ -147,11 +152,12 @@ def markdown(rows: list[dict], args, machine: str, adapt: dict, profile: str) ->
         "median wall-clock seconds per pair (after a warm-up call), mean EPE over the brain, "
         "folded share of the brain (Jacobian determinant <= 0). Ratio: elastix's time / the "
         f"variant's. SimpleITK on the first {args.sitk_pairs} pairs only (it takes seconds "
-        f"per pair). The default: `register(fixed, moving)` = `BSplineConfig()` (spacing "
+        f"per pair). The B-spline method (the default until the real-pairs pipeline): "
+        f'`register(fixed, moving, method="bspline", prealign="none")` = `BSplineConfig()` (spacing '
         f"{b.spacing:g} px, {b.levels} levels, {'/'.join(map(str, b.iterations))} Gauss-Newton "
         f"steps, smoothness {b.smoothness:g}, MIND-SSC dilations {b.dilations}), the same "
-        "pipeline as `napari-discreg register` and the widget's Register. The widget also "
-        "computes the network's histograms for the inspector (second row).",
+        "pipeline as `napari-discreg register --method bspline --prealign none`. The widget "
+        "also computes the network's histograms for the inspector (second row).",
         "",
         "| size | moving | variant | seconds / pair | EPE (px) | folding | elastix time / this |",
         "|---|---|---|---|---|---|---|",

@@ -123,7 +123,7 @@ def test_register_api_cli_and_widget_run_one_pipeline(viewer, wait_job, tmp_path
     cli = np.load(tmp_path / "o" / "displacement.npy")
     np.testing.assert_array_equal(gui, api)
     np.testing.assert_array_equal(cli, api)
-    assert "B-spline Gauss-Newton" in widget.status_label.text()
+    assert "affine pre-alignment, then the network" in widget.status_label.text()
     # and it is a good field: far closer to the truth than no motion
     brain = pair.fixed_labels > 0
     epe = np.sqrt(((gui - pair.displacement) ** 2).sum(0))[brain].mean()

@@ -33,7 +33,7 @@ from .prealign import (
 )
 from .prealign import prealign as find_prealignment
 from .predict import predict_field
-from .preprocess import as_image, min_image_size, network_input
+from .preprocess import as_image, min_image_size, network_input, pad_to_multiple
 from .refine import no_worse_than_identity, refine_field, refine_step_count
 from .warp import affine_positions, jacobian_determinant, pixel_grid, sample, warp
 
@@ -162,8 +162,8 @@ def network_coarse_to_fine(
         warped = moving if f == factors[0] else sample(moving, grid + field)
         fl, ml = _downsample(fixed, f), _downsample(warped, f)
         hl, wl = fl.shape[-2:]
-        ft = network_input(fl[0, 0].cpu().numpy(), stride, fixed.device)
-        mt = network_input(ml[0, 0].cpu().numpy(), stride, fixed.device)
+        # already normalised: padded as network_input pads, not normalised again
+        ft, mt = pad_to_multiple(fl, stride), pad_to_multiple(ml, stride)
         dense, _, probs = _run_network(model, ft, mt)
         dense = dense[..., :hl, :wl]
         if f > 1:
@@ -640,7 +640,7 @@ def result_warnings(quality: dict, capture: str | None) -> list[str]:
         notes.append(
             "the registered images match hardly better than before registration (MIND-SSC "
             f"distance {quality['mind_after']:.4f} vs {quality['mind_before']:.4f}): either "
-            "they were aligned already or the registration failed; check the review view"
+            "they were aligned already or the registration missed the motion; check the review view"
         )
     if quality["folding"] > QUALITY_MAX_FOLDING:
         notes.append(
