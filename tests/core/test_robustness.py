@@ -117,7 +117,7 @@ GOOD_PAIRS = {
     "moving of another shape (48x48 vs 48x40)": (IMG, IMG[:, :40]),
     "RGB (48, 48, 3) uint8": ((np.dstack([IMG] * 3) * 255).astype(np.uint8), IMG),
     "RGBA (48, 48, 4)": (np.dstack([IMG] * 4), np.dstack([IMG] * 4)),
-    "uint16 moving of another shape": ((IMG[:44] * 65535).astype(np.uint16), IMG),
+    "uint16 fixed, float moving of another shape": ((IMG[:44] * 65535).astype(np.uint16), IMG),
 }
 
 
