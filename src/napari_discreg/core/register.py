@@ -590,19 +590,35 @@ def _checked(image, name: str, min_size: int) -> np.ndarray:
     return out
 
 
+QUALITY_SCALES = (1, 2, 4)
+"""Downsampling factors over which :func:`mind_distance` averages: at full resolution two
+stains' textures differ more than a few pixels of misalignment do (the lung pair, 33 px
+apart before registration: 0.95 x the distance after it at full resolution alone)."""
+
+
 def mind_distance(fixed: np.ndarray, moving: np.ndarray, positions: torch.Tensor) -> float:
     """MIND-SSC distance between ``fixed`` and ``moving`` sampled at ``positions``
-    (1, 2, H, W), both normalised, over the fixed grid."""
+    (1, 2, H, W), over the fixed grid: the mean over :data:`QUALITY_SCALES` (levels under
+    16 px a side are skipped)."""
     ft = network_input(fixed, 1, positions.device)
     mt = torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32))[None, None]
     warped = sample(mt.to(positions.device), positions)
     wt = network_input(warped[0, 0].cpu().numpy(), 1, positions.device)
-    return float(((mind_ssc(ft) - mind_ssc(wt)) ** 2).mean())
+    out = []
+    for f in QUALITY_SCALES:
+        if f > 1 and min(ft.shape[-2:]) / f < 16:
+            continue
+        a, b = _downsample(ft, f), _downsample(wt, f)
+        out.append(float(((mind_ssc(a) - mind_ssc(b)) ** 2).mean()))
+    return float(np.mean(out))
 
 
 QUALITY_NO_GAIN = 0.97
 """Warn when the registered pair's MIND-SSC distance is above this share of the
-distance before registration: it then matches hardly better than doing nothing."""
+distance before registration: it then matches hardly better than doing nothing. Measured
+with the default pipeline: the real stain pairs 0.69 and 0.88, BIRL's artificial pairs
+0.09-0.17, a 96 px template pair with 4.5 px of motion 0.86; unmoved pairs 1.0 (they are
+told that they were aligned already or that the motion was missed)."""
 QUALITY_MAX_FOLDING = 0.01
 """Warn when more than this share of the deformable field's pixels fold."""
 
