@@ -399,10 +399,17 @@ def test_demo_with_shipped_model(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert f"{m['epe_px']['registered']:.3f}" in md
     assert "network_only" not in m  # the default is the network: nothing to compare with
+    # the shipped real stain pair, from the raw RGB images of different sizes
+    real = report["real_pair"]
+    assert real["landmarks"] == 78 and real["fixed_shape"] != real["moving_shape"]
+    assert real["median_tre_px"]["after"] < 0.2 * real["median_tre_px"]["before"]
+    assert real["robustness"] > 0.9
+    assert "A real stain pair" in md
 
 
 def test_demo_without_refinement(tmp_path, tiny_model):
     argv = ["demo", "-o", tmp_path, "--size", SIZE, "--model", tiny_model, "--refine", 0]
+    argv.append("--no-real-pair")
     assert run(*argv) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["metrics"]["refine_steps"] == 0 and "network_only" not in report["metrics"]
