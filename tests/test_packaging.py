@@ -62,3 +62,19 @@ def test_mypy_passes_on_core_and_runs():
     # the files are listed in pyproject.toml ([tool.mypy] files)
     out = subprocess.run([_tool("mypy")], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_package_import_is_light():
+    """``import napari_discreg`` (napari's plugin discovery) imports neither torch nor
+    scipy; the public names load on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, napari_discreg as nd; "
+        "assert 'torch' not in sys.modules and 'scipy' not in sys.modules, 'heavy import'; "
+        "assert callable(nd.register) and 'torch' in sys.modules; "
+        "assert nd.core.register.DEFAULT_METHOD == nd.DEFAULT_METHOD; "
+        "assert set(nd.__all__) == set(nd._LAZY) and set(nd.__all__) <= set(dir(nd))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -10,19 +10,34 @@ Public API (stable names; the GUI and the command line use only these):
 * :func:`save_model` - write a (possibly adapted) model to a safetensors checkpoint.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from .core.adapt import adapt, adapt_steps
-from .core.checkpoint import load_model
-from .core.checkpoint import save_checkpoint as save_model
-from .core.config import BSplineConfig, RefineConfig
-from .core.register import DEFAULT_METHOD, METHODS, RegistrationResult, register
-from .core.train import StepRecord
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("napari-discreg")  # written once, in pyproject.toml
 except PackageNotFoundError:  # pragma: no cover - a source tree that is not installed
     __version__ = "0+unknown"
+
+# name -> (module, attribute): imported on first use, so that ``import napari_discreg``
+# (napari's plugin discovery, the CLI's --help) does not import torch
+_LAZY: dict[str, tuple[str, str]] = {
+    "BSplineConfig": (".core.config", "BSplineConfig"),
+    "DEFAULT_METHOD": (".core.register", "DEFAULT_METHOD"),
+    "METHODS": (".core.register", "METHODS"),
+    "RefineConfig": (".core.config", "RefineConfig"),
+    "RegistrationResult": (".core.register", "RegistrationResult"),
+    "StepRecord": (".core.train", "StepRecord"),
+    "adapt": (".core.adapt", "adapt"),
+    "adapt_steps": (".core.adapt", "adapt_steps"),
+    "load_model": (".core.checkpoint", "load_model"),
+    "register": (".core.register", "register"),
+    "save_model": (".core.checkpoint", "save_checkpoint"),
+}
+_SUBPACKAGES = ("core", "runs", "cli")
+
 __all__ = [
     "BSplineConfig",
     "DEFAULT_METHOD",
@@ -36,3 +51,26 @@ __all__ = [
     "register",
     "save_model",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover - what static tools see
+    from .core.adapt import adapt, adapt_steps
+    from .core.checkpoint import load_model
+    from .core.checkpoint import save_checkpoint as save_model
+    from .core.config import BSplineConfig, RefineConfig
+    from .core.register import DEFAULT_METHOD, METHODS, RegistrationResult, register
+    from .core.train import StepRecord
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module, __name__), attribute)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBPACKAGES})
