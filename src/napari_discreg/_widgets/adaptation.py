@@ -57,7 +57,7 @@ from ._adaptation_targets import (
     warnings_text,
 )
 from ._io import CHECKPOINT_FILTER
-from ._qt import row, scrolled_layout, select_data
+from ._qt import row, scrolled_layout, select_data, tabbed_panel
 from ._state import state_for, unwrap_viewer
 from ._workers import Job, WorkerWidgetMixin, job_controls
 
@@ -190,6 +190,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.revert_button.clicked.connect(lambda *_: self.revert())
         self.save_button.clicked.connect(lambda *_: self._save_dialog())
         self.reregister_button.clicked.connect(lambda *_: self.reregister())
+        tabbed_panel(self)
 
     # ------------------------------------------------------------------ inputs
     def discrepancy(self) -> str:
@@ -308,6 +309,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.progress.setValue(0)
         note = self._resume_note if resume is not None else "preparing the targets and the model…"
         self.status_label.setText(note)
+        self.show_plot()
 
         def body(stop: threading.Event):
             # loading the shipped model and copying its weights take 0.1-0.3 s: not on
@@ -343,6 +345,11 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         ).start()
         return self.job
 
+    def show_plot(self) -> None:
+        """Scroll the form so that the live plot is in view (above the run's controls,
+        which stay below the scroll area): what a run is watched on."""
+        self.scroll_area.ensureWidgetVisible(self.plot, 0, 0)
+
     def stop(self) -> None:
         """Stop within one pass of the iteration in progress: that iteration is undone,
         the last complete one is scored by the keep-best criterion, the best is kept."""
@@ -353,6 +360,8 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
     def _on_record(self, progress) -> None:
         record = replace(progress.record, best_iteration=progress.best_iteration)
         self.records.append(record)
+        if len(self.records) == 1:  # the status line has grown since the start
+            self.show_plot()
         self.plot.add(record)
         if self.progress.maximum() != record.total:
             self.progress.setRange(0, record.total)

@@ -19,6 +19,7 @@ from ..core.inspect import HISTOGRAM_KEYS, point_summary
 from . import _notify
 from ._layers import META_KEY, upsert_layer
 from ._mpl import FigureWidget
+from ._qt import tabbed_panel
 from ._state import state_for
 
 MARKER_LAYER = "inspected point"
@@ -82,6 +83,7 @@ class HistogramInspectorWidget(FigureWidget):
         self.viewer.mouse_drag_callbacks.append(self._on_mouse_drag)
         self.viewer.mouse_move_callbacks.append(self._on_mouse_move)
         self.state.run_changed.connect(self._on_run_changed)
+        tabbed_panel(self)
 
     # ------------------------------------------------------------------ events
     def _on_mouse_drag(self, viewer, event):

@@ -47,7 +47,7 @@ from ._landmarks import format_tre, matching_landmarks, tre_summary
 from ._layers import check_image_pair
 from ._model_choice import ModelBox
 from ._pickers import LayerCombo, preferring
-from ._qt import OUTPUT_WORDS, row, scrolled_layout, select_data
+from ._qt import OUTPUT_WORDS, row, scrolled_layout, select_data, tabbed_panel
 from ._register_outputs import (
     DEFAULT_PREALIGN,
     DEFAULT_REVIEW,
@@ -293,6 +293,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             check.toggled.connect(lambda shown, role=role: self._detail_toggled(role, shown))
         self.points_frame_combo.setEnabled(True)
         self.volume_box.update_for_layer()
+        tabbed_panel(self)
 
     # ------------------------------------------------------------------ inputs
     def viewer_slice(self) -> int | None:
