@@ -1,5 +1,5 @@
-"""Issue 27, item 3: the panels as tabs that fit a 1366 x 768 screen, the run controls
-and the live plot in view during a run."""
+"""Issue 27, items 3-4: the panels as tabs that fit a 1366 x 768 screen, the adaptation's
+refusal of one layer twice."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from qtpy.QtCore import QPoint, QRect
 from qtpy.QtWidgets import QApplication
 
 from napari_discreg._widgets import (
+    AdaptationWidget,
     state_for,
 )
 
@@ -113,3 +114,22 @@ def test_run_controls_and_live_plot_are_visible_at_1366_by_768(
     assert "iteration" in adaptation.status_label.text()
     adaptation.stop()
     wait_job(job)
+
+
+# ------------------------------------------------------------------ item 4
+
+
+def test_adaptation_refuses_the_same_layer_as_fixed_and_moving(viewer, small_targets, notes):
+    viewer.add_image(small_targets[0], name="target fixed")
+    viewer.add_image(small_targets[1], name="target moving")
+    widget = AdaptationWidget(viewer)
+    widget.status_label.setText("finished after 30 of 36 iterations")  # an earlier run
+    same = viewer.layers["target fixed"]
+    widget.moving_combo.set_layer(same)
+    widget.fixed_combo.set_layer(same)
+    assert widget.fixed_combo.layer() is widget.moving_combo.layer() is same
+    assert widget.start() is None
+    assert not widget.is_running
+    errors = [text for level, text in notes if level == "error"]
+    assert errors and "both the fixed and the moving target" in errors[-1]
+    assert widget.status_label.text().startswith("not started:")

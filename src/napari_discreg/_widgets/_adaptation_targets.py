@@ -118,6 +118,11 @@ class LayerTargetsBox(QGroupBox):
             what="target ",
             missing="choose the fixed and moving target image layers (2D pairs or 3D stacks)",
         )
+        if fixed is moving:  # as the Register widget refuses it: nothing to adapt to
+            raise ValueError(
+                f"{fixed.name!r} is chosen as both the fixed and the moving target; choose "
+                "two different layers (the fixed and the moving contrast)"
+            )
         f, m = np.asarray(fixed.data), np.asarray(moving.data)
         f, m = (f[None], m[None]) if f.ndim == 2 else (f, m)
         desc = f"{f.shape[0]} pairs of the layers '{fixed.name}' (fixed) / '{moving.name}'"

@@ -268,7 +268,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             saved, done = saved_run(path)
             self.set_discrepancy(saved["discrepancy"])
         except _notify.USER_ERRORS as exc:
-            _notify.error(_notify.describe(exc))
+            self._refuse(_notify.describe(exc))
             return None
         self.lr_spin.setValue(float(saved["lr"]))
         self.steps_spin.setValue(max(int(saved.get("steps", 0)), int(self.steps_spin.value())))
@@ -295,7 +295,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         try:
             spec = self._spec(None, resume, saved)  # the model: in the worker (below)
         except _notify.USER_ERRORS as exc:
-            _notify.error(_notify.describe(exc))
+            self._refuse(_notify.describe(exc))
             return None
         current, current_name, device = self.state.model, self.state.model_name, self.state.device
         self._previous = None
@@ -344,6 +344,12 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             on_finish=lambda: self._set_running(False),
         ).start()
         return self.job
+
+    def _refuse(self, message: str) -> None:
+        """A run that does not start: the reason as an error and in the status line (never
+        the text of an earlier run)."""
+        _notify.error(message)
+        self.status_label.setText(f"not started: {message}")
 
     def show_plot(self) -> None:
         """Scroll the form so that the live plot is in view (above the run's controls,
