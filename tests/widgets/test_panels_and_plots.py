@@ -1,15 +1,23 @@
-"""Issue 27, items 3-4: the panels as tabs that fit a 1366 x 768 screen, the adaptation's
-refusal of one layer twice."""
+"""Issue 27, items 3-5: the panels as tabs that fit a 1366 x 768 screen, the adaptation's
+refusal of one layer twice, inspector plots that read at a glance."""
 
 from __future__ import annotations
 
+import matplotlib.colors as mcolors
+import numpy as np
+import pytest
+from matplotlib.collections import PolyCollection
+from napari.utils.theme import get_theme
 from qtpy.QtCore import QPoint, QRect
 from qtpy.QtWidgets import QApplication
 
 from napari_discreg._widgets import (
     AdaptationWidget,
+    HistogramInspectorWidget,
+    RegisterWidget,
     state_for,
 )
+from napari_discreg._widgets.inspector import SHADE_ALPHA, mass_window
 
 PLUGIN = "napari-discreg"
 PANELS = ("Register", "Histogram inspector", "Adaptation")
@@ -133,3 +141,134 @@ def test_adaptation_refuses_the_same_layer_as_fixed_and_moving(viewer, small_tar
     errors = [text for level, text in notes if level == "error"]
     assert errors and "both the fixed and the moving target" in errors[-1]
     assert widget.status_label.text().startswith("not started:")
+
+
+# ------------------------------------------------------------------ item 5
+
+
+def _registered(viewer, pair, model_path, wait_job):
+    viewer.add_image(pair.fixed, name="fixed")
+    viewer.add_image(pair.moving, name="moving")
+    widget = RegisterWidget(viewer)
+    widget.load_checkpoint(model_path)
+    wait_job(widget.run())
+    return widget
+
+
+def _drawn(inspector, size=(420, 620)):
+    """The inspector's figure drawn at a docked panel's size; its renderer."""
+    inspector.resize(*size)
+    inspector.canvas.resize(size[0], max(size[1] - 100, 520))
+    inspector.figure.set_size_inches(
+        inspector.canvas.width() / inspector.figure.dpi,
+        inspector.canvas.height() / inspector.figure.dpi,
+    )
+    inspector.canvas.draw()
+    return inspector.figure.canvas.get_renderer()
+
+
+def _overlap(a, b, tol=0.5) -> bool:
+    return a.x0 < b.x1 - tol and b.x0 < a.x1 - tol and a.y0 < b.y1 - tol and b.y0 < a.y1 - tol
+
+
+def test_mass_window_holds_the_mass_and_zooms_in():
+    k = 15
+    off = np.arange(k, dtype=float) - 7  # -7 ... 7 px
+    f1 = np.zeros((k, k))
+    f1[9:11, 3:5] = 0.25  # all the mass in a 2 x 2 block
+    f2 = np.zeros((k, k))
+    f2[10, 4] = 1.0
+    h = {"offsets": off}
+    for head, p in (("f1", f1), ("f2", f2)):
+        h[f"cdf_rows_{head}"] = np.cumsum(p.sum(1))
+        h[f"cdf_cols_{head}"] = np.cumsum(p.sum(0))
+    (r0, r1), (c0, c1) = mass_window(h)
+    assert r0 <= off[9] - 0.5 and r1 >= off[10] + 0.5  # rows 9-10 inside
+    assert c0 <= off[3] - 0.5 and c1 >= off[4] + 0.5
+    assert r1 - r0 < k and c1 - c0 < k  # narrower than the 15 labels
+    assert r1 - r0 >= 5 and c1 - c0 >= 5  # never fewer than five bins
+    # a mark (the true displacement) far from the mass is kept in view
+    (r0, r1), (c0, c1) = mass_window(h, [(-6.0, 6.0)])
+    assert r0 <= -6.5 and c1 >= 6.5
+
+
+def test_inspector_plots_read_at_a_glance(viewer, tiny_model_path, small_pair, wait_job):
+    _registered(viewer, small_pair, tiny_model_path, wait_job)
+    inspector = HistogramInspectorWidget(viewer)
+    assert inspector.zoom_check.isChecked()  # zoomed to the mass by default
+    assert inspector.inspect(41.0, 58.0)
+    renderer = _drawn(inspector)
+    fig = inspector.figure
+    fig_box = fig.bbox
+    axes = fig.axes
+    boxes = [ax.get_window_extent(renderer) for ax in axes]
+    # legends: one, outside every axes (data areas and colour bar alike)
+    legends = list(fig.legends) + [ax.get_legend() for ax in axes if ax.get_legend()]
+    assert len(legends) == 1
+    legend_box = legends[0].get_window_extent(renderer)
+    labels = " ".join(t.get_text() for t in legends[0].get_texts())
+    assert "expected" in labels and "F1" in labels and "EMD" in labels
+    assert not any(_overlap(legend_box, box) for box in boxes), legend_box
+    assert fig_box.x0 <= legend_box.x0 and legend_box.x1 <= fig_box.x1 + 0.5
+    # no clipped or colliding labels: every axis label and title inside the figure, and
+    # off every other axes (the F2 label no longer runs into the colour bar)
+    for ax in axes:
+        for text in (ax.xaxis.label, ax.yaxis.label, ax.title):
+            if not text.get_text():
+                continue
+            box = text.get_window_extent(renderer)
+            assert fig_box.x0 - 0.5 <= box.x0 and box.x1 <= fig_box.x1 + 0.5, text.get_text()
+            assert fig_box.y0 - 0.5 <= box.y0 and box.y1 <= fig_box.y1 + 0.5, text.get_text()
+            others = [b for a, b in zip(axes, boxes, strict=True) if a is not ax]
+            assert not any(_overlap(box, b) for b in others), text.get_text()
+    # zoomed limits hold (nearly) all of each head's mass
+    h = inspector.last_histograms
+    off = h["offsets"]
+    rows, cols = inspector.last_limits["rows"], inspector.last_limits["cols"]
+    in_rows = (off >= rows[0]) & (off <= rows[1])
+    in_cols = (off >= cols[0]) & (off <= cols[1])
+    for head in ("f1", "f2"):
+        p = h[head] / h[head].sum()
+        assert p[np.ix_(in_rows, in_cols)].sum() >= 0.99 - 1e-6
+    hist = axes[0]
+    assert hist.get_xlim() == pytest.approx(cols)
+    assert sorted(hist.get_ylim()) == pytest.approx(sorted(rows))
+    # the full range is a click away
+    inspector.zoom_check.setChecked(False)
+    d = off[1] - off[0]
+    full = (off[0] - d / 2, off[-1] + d / 2)
+    assert inspector.last_limits == {"rows": pytest.approx(full), "cols": pytest.approx(full)}
+    assert inspector.figure.axes[0].get_xlim() == pytest.approx(full)
+
+
+def _contrast(a, b) -> float:
+    """WCAG contrast ratio of two RGB colours."""
+
+    def lum(c):
+        c = np.asarray(c, dtype=float)
+        c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    lo, hi = sorted((lum(a), lum(b)))
+    return (hi + 0.05) / (lo + 0.05)
+
+
+@pytest.mark.parametrize("theme", ["dark", "light"])
+def test_emd_shading_stands_out_in_both_themes(
+    viewer, tiny_model_path, small_pair, wait_job, theme
+):
+    _registered(viewer, small_pair, tiny_model_path, wait_job)
+    inspector = HistogramInspectorWidget(viewer)
+    viewer.theme = theme
+    assert inspector.inspect(41.0, 58.0)
+    shades = [
+        c for ax in inspector.figure.axes for c in ax.collections if isinstance(c, PolyCollection)
+    ]
+    assert len(shades) == 2  # the row and the column cumulative plots
+    background = np.asarray(mcolors.to_rgb(get_theme(theme).background.as_hex()))
+    for shade in shades:
+        rgba = shade.get_facecolor()[0]
+        alpha = rgba[3]
+        assert alpha == pytest.approx(SHADE_ALPHA)
+        seen = alpha * rgba[:3] + (1 - alpha) * background  # over the axes' background
+        assert _contrast(seen, background) >= 2.0, (theme, mcolors.to_hex(rgba))

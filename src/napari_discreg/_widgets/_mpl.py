@@ -30,6 +30,9 @@ class FigureTheme:
     highlight: str
     primary: str
     series: tuple[str, str] = ("#4fc3f7", "#ffb74d")  # head F1, head F2
+    #: a third colour for areas between the series (the inspector's EMD shading): it must
+    #: stand out of the background in both themes, which napari's highlight grey did not
+    shade: str = "#f48fb1"
 
     @classmethod
     def from_napari(cls, theme_id: str) -> FigureTheme:
@@ -49,6 +52,7 @@ class FigureTheme:
             highlight=hexa(theme.highlight),
             primary=hexa(theme.primary),
             series=("#4fc3f7", "#ffb74d") if dark else ("#1565c0", "#e65100"),
+            shade="#f48fb1" if dark else "#ad1457",
         )
 
 
