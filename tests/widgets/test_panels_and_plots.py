@@ -1,5 +1,5 @@
-"""Issue 27, items 3-5: the panels as tabs that fit a 1366 x 768 screen, the adaptation's
-refusal of one layer twice, inspector plots that read at a glance."""
+"""Issue 27, items 3-6: the panels as tabs that fit a 1366 x 768 screen, the adaptation's
+refusal of one layer twice, inspector plots that read at a glance, the smaller gaps."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from napari_discreg._widgets import (
     RegisterWidget,
     state_for,
 )
-from napari_discreg._widgets.inspector import SHADE_ALPHA, mass_window
+from napari_discreg._widgets.inspector import MARKER_LAYER, SHADE_ALPHA, mass_window
 
 PLUGIN = "napari-discreg"
 PANELS = ("Register", "Histogram inspector", "Adaptation")
@@ -272,3 +272,49 @@ def test_emd_shading_stands_out_in_both_themes(
         assert alpha == pytest.approx(SHADE_ALPHA)
         seen = alpha * rgba[:3] + (1 - alpha) * background  # over the axes' background
         assert _contrast(seen, background) >= 2.0, (theme, mcolors.to_hex(rgba))
+
+
+# ------------------------------------------------------------------ item 6
+
+
+def test_closing_the_inspector_removes_its_marker(
+    make_napari_viewer, tiny_model_path, small_pair, wait_job
+):
+    viewer = make_napari_viewer()
+    _registered(viewer, small_pair, tiny_model_path, wait_job)
+    dock, inspector = viewer.window.add_plugin_dock_widget(PLUGIN, "Histogram inspector")
+    assert inspector.inspect(41.0, 58.0)
+    assert MARKER_LAYER in viewer.layers
+    dock.title.close_button.click()  # what the panel's x does
+    assert MARKER_LAYER not in viewer.layers
+    assert inspector._on_mouse_drag not in viewer.mouse_drag_callbacks
+    # closed as a plain widget too
+    inspector = HistogramInspectorWidget(viewer)
+    assert inspector.inspect(41.0, 58.0)
+    assert MARKER_LAYER in viewer.layers
+    inspector.close()
+    assert MARKER_LAYER not in viewer.layers
+
+
+def test_the_status_line_never_keeps_an_earlier_run_after_an_error(viewer, small_pair, notes):
+    viewer.add_image(small_pair.fixed, name="fixed")
+    viewer.add_image(small_pair.moving, name="moving")
+    widget = RegisterWidget(viewer)
+    widget.status_label.setText("registered 1 slice(s) with bspline")  # an earlier run
+    widget.moving_combo.set_layer(viewer.layers["fixed"])
+    assert widget.run() is None
+    assert widget.status_label.text().startswith("not started:")
+    assert "both the fixed and the moving" in widget.status_label.text()
+    widget.status_label.setText("registered 1 slice(s) with bspline")
+    assert widget.load_field("/nonexistent/field.npy") is None
+    assert widget.status_label.text().startswith("cannot use the field")
+    widget.status_label.setText("registered 1 slice(s) with bspline")
+    assert widget.save_field("/nonexistent/field.npy") is None  # nothing registered yet
+    assert widget.status_label.text().startswith("cannot save the field")
+
+
+def test_adam_steps_have_a_row_of_their_own(viewer):
+    widget = RegisterWidget(viewer)
+    spin = widget.adam_steps_spin
+    assert spin.suffix() == ""  # the words are the row's label: nothing to clip
+    assert widget.model_box.layout().labelForField(spin).text() == "Adam steps"

@@ -89,7 +89,7 @@ REGISTER_CASES = {
         np.zeros((4096, 4096), np.uint8),
         np.zeros((4096, 4096), np.uint8),
         {},
-        "larger than",
+        "larger than the 2048 x 2048 pixels",
     ),
     "uint8 layers": ((IMG * 255).astype(np.uint8),) * 2 + ({}, REGISTERED),
     "int32 layers": ((IMG * 1000).astype(np.int32),) * 2 + ({}, REGISTERED),

@@ -90,11 +90,13 @@ class ModelBox(QGroupBox):
         self.adam_steps_spin = QSpinBox()
         self.adam_steps_spin.setRange(1, 2000)
         self.adam_steps_spin.setValue(RefineConfig().steps)
-        self.adam_steps_spin.setSuffix(" Adam steps")
         self.adam_steps_spin.setToolTip("Adam steps per level of the network+adam method")
         self.method_combo.currentIndexChanged.connect(lambda *_: self._method_changed())
         self._method_changed()
-        form.addRow("Method", row(self.method_combo, self.adam_steps_spin))
+        # rows of their own: beside the method combo a docked panel clipped the spin box's
+        # words ("50 Adam st")
+        form.addRow("Method", self.method_combo)
+        form.addRow("Adam steps", self.adam_steps_spin)
 
         # lambdas: Qt's ``checked``/index arguments never reach the methods
         self.model_combo.currentIndexChanged.connect(lambda *_: self._source_changed())

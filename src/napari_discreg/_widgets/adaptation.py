@@ -466,7 +466,9 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         try:
             out = napari_discreg.save_model(self.adapted_model, path, extra=extra)
         except _notify.USER_ERRORS as exc:
-            _notify.error(f"cannot save the model: {_notify.describe(exc)}")
+            message = f"cannot save the model: {_notify.describe(exc)}"
+            _notify.error(message)
+            self.status_label.setText(message)
             return None
         self.status_label.setText(f"saved the adapted model to {out}")
         return out

@@ -14,12 +14,13 @@ import time
 import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from qtpy.QtCore import QEvent
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel
 
 from ..core.geometry import in_plane_axes, insert_axis, sample_field
 from ..core.inspect import HISTOGRAM_KEYS, point_summary
 from . import _notify
-from ._layers import META_KEY, upsert_layer
+from ._layers import META_KEY, is_output, upsert_layer
 from ._mpl import FigureWidget
 from ._qt import tabbed_panel
 from ._state import state_for
@@ -133,6 +134,7 @@ class HistogramInspectorWidget(FigureWidget):
         self.viewer.mouse_move_callbacks.append(self._on_mouse_move)
         self.state.run_changed.connect(self._on_run_changed)
         self.zoom_check.toggled.connect(lambda *_: self.refresh())
+        self._docked = False
         tabbed_panel(self)
 
     # ------------------------------------------------------------------ events
@@ -375,8 +377,28 @@ class HistogramInspectorWidget(FigureWidget):
                 text.set_color(t.text)
 
     # ------------------------------------------------------------------ lifecycle
+    def event(self, event):
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parentWidget() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):
+                # napari closes a panel (its x) by un-parenting it, without a close event
+                self._docked = False
+                self.shutdown()
+        return super().event(event)
+
+    def _remove_marker(self) -> None:
+        """Remove the ``inspected point`` layer this widget added (when it closes)."""
+        try:
+            layers = self.viewer.layers
+            layer = layers[MARKER_LAYER] if MARKER_LAYER in layers else None
+            if layer is not None and is_output(layer):
+                layers.remove(layer)
+        except (KeyError, ValueError, RuntimeError):  # the viewer is closing
+            pass
+
     def shutdown(self) -> None:
-        """Remove the viewer callbacks (called when the widget closes)."""
+        """Remove the viewer callbacks and the marker layer (called when the widget closes)."""
         for callbacks, func in (
             (self.viewer.mouse_drag_callbacks, self._on_mouse_drag),
             (self.viewer.mouse_move_callbacks, self._on_mouse_move),
@@ -388,6 +410,7 @@ class HistogramInspectorWidget(FigureWidget):
         except (TypeError, ValueError, RuntimeError):
             pass
         self.disconnect_viewer()
+        self._remove_marker()
 
     def closeEvent(self, event):  # noqa: N802 - Qt API
         self.shutdown()

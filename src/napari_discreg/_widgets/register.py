@@ -310,7 +310,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         try:
             data = read_image_file(path)
         except _notify.USER_ERRORS as exc:
-            _notify.error(_notify.describe(exc))
+            self._show_error(f"not opened: {_notify.describe(exc)}", _notify.describe(exc))
             return None
         layer = self.viewer.add_image(data, name=layer_name_for(path))
         combo = self.fixed_combo if role == "fixed" else self.moving_combo
@@ -416,7 +416,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         try:
             request = self._request()
         except ValueError as exc:
-            _notify.error(str(exc))
+            self._show_error(f"not started: {exc}", str(exc))
             return None
         register = napari_discreg.register
         state = self.state
@@ -528,6 +528,12 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         job_box.append(self.job)
         self.job.start()
         return self.job
+
+    def _show_error(self, status: str, message: str | None = None) -> None:
+        """An error notification (``message``, else ``status``) and ``status`` in the
+        status line, which never keeps an earlier run's text after an error."""
+        _notify.error(message or status)
+        self.status_label.setText(status)
 
     def stop(self) -> None:
         """Stop a running registration within one optimiser step (of every slice: after
@@ -675,7 +681,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
     def _apply_clicked(self) -> None:
         layer = self.apply_combo.layer()
         if layer is None:
-            _notify.error("choose a Labels or Points layer to apply the field to")
+            self._show_error("choose a Labels or Points layer to apply the field to")
             return
         self.apply_to_layer(layer, points_frame=self.points_frame_combo.currentData())
 
@@ -691,7 +697,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         try:
             return apply_field(self.viewer, self.state.run, layer, points_frame=points_frame)
         except ValueError as exc:
-            _notify.error(str(exc))
+            self._show_error(f"not applied: {exc}", str(exc))
             return None
 
     # ------------------------------------------------------------------ fields
@@ -710,7 +716,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         try:
             out = save_run_field(path, self.state.run)
         except _notify.USER_ERRORS as exc:
-            _notify.error(f"cannot save the field: {_notify.describe(exc)}")
+            self._show_error(f"cannot save the field: {_notify.describe(exc)}")
             return None
         self.status_label.setText(f"saved the field to {out}")
         return out
@@ -733,7 +739,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
                 stride=model.config.stride if model is not None else 4,
             )
         except _notify.USER_ERRORS as exc:
-            _notify.error(f"cannot use the field: {_notify.describe(exc)}")
+            self._show_error(f"cannot use the field: {_notify.describe(exc)}")
             return None
         self.show_run(run)
         self.status_label.setText(f"warped {request.moving.name!r} with the field from {path}")

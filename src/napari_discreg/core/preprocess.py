@@ -52,9 +52,10 @@ def as_image(array, name: str = "image") -> np.ndarray:
         )
     if arr.size > MAX_PIXELS:
         raise ValueError(
-            f"{name}: {arr.shape[0]} x {arr.shape[1]} is larger than the {MAX_PIXELS} pixels "
-            "napari-discreg registers in one piece; downsample it (e.g. "
-            "skimage.transform.rescale) or crop the region of interest"
+            f"{name}: {arr.shape[0]} x {arr.shape[1]} is larger than the "
+            f"{int(MAX_PIXELS**0.5)} x {int(MAX_PIXELS**0.5)} pixels napari-discreg registers "
+            "in one piece; downsample it (e.g. skimage.transform.rescale) or crop the region "
+            "of interest"
         )
     out = np.array(arr, dtype=np.float32, order="C", copy=True)
     if not np.isfinite(out).all():
