@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from .. import __version__, register
+from .. import __version__
 from ..core.config import DataConfig
 from ..core.data import TISSUES, load_template, make_pair, normalise_intensity
 from ..core.evaluate import control_point_accuracy
@@ -23,6 +23,7 @@ from ..core.model import resolve_device
 from ..core.register import DEFAULT_METHOD, METHODS, method_summary, resolve_method
 from ..core.warp import warp_numpy
 from ..runs.base import load_base_model
+from ..runs.registration import RegistrationSpec, register_pair
 from ._common import (
     SHIPPED_NAMES,
     Outputs,
@@ -301,7 +302,7 @@ def real_pair_metrics(model, device) -> dict[str, Any]:
     _, pf = read_landmarks(SAMPLES / f"{HISTOLOGY_FIXED}.csv")
     _, pm = read_landmarks(SAMPLES / f"{HISTOLOGY_MOVING}.csv")
     start = time.perf_counter()
-    res = register(fixed, moving, model=model, device=device)
+    res = register_pair(RegistrationSpec(fixed, moving, model=model, device=device))
     seconds = time.perf_counter() - start
     before = np.linalg.norm(pf - pm, axis=1)
     after = np.linalg.norm(fixed_to_moving(pf, res.displacement) - pm, axis=1)
@@ -334,9 +335,12 @@ def _run_demo(args) -> int:
     runs = {}
     for name in dict.fromkeys([method, "network"]):
         how = settings if name == method else None
-        register(pair.fixed, pair.moving, model=model, device=device, method=name, refine=how)
+        spec = RegistrationSpec(
+            pair.fixed, pair.moving, model=model, device=device, method=name, refine=how
+        )
+        register_pair(spec)
         start = time.perf_counter()  # timed after a warm-up call
-        res = register(pair.fixed, pair.moving, model=model, device=device, method=name, refine=how)
+        res = register_pair(spec)
         runs[name] = (res, time.perf_counter() - start)
     result, runtime = runs[method]
     metrics = demo_metrics(pair, result, runtime)

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 
-from .. import register
 from ..core import io
 from ..core.config import RefineConfig
 from ..core.itk_field import itk_affine_text
@@ -21,6 +20,7 @@ from ..core.prealign import (
 )
 from ..core.register import DEFAULT_METHOD, METHODS, method_summary
 from ..runs.base import load_base_model
+from ..runs.registration import RegistrationSpec, register_pair
 from ._common import (
     SHIPPED_NAMES,
     Outputs,
@@ -126,16 +126,18 @@ def _run_register(args) -> int:
     if args.refine is not None and args.method in ("bspline", "network+bspline", "network"):
         raise ValueError(f"--refine STEPS applies to --method network+adam, not {args.method}")
     start = time.perf_counter()
-    result = register(
-        fixed,
-        moving,
-        model=model,
-        device=device,
-        method=args.method,
-        refine=args.refine,
-        prealign=args.prealign,
-        fixed_spacing=fixed_spacing,
-        moving_spacing=moving_spacing,
+    result = register_pair(
+        RegistrationSpec(
+            fixed,
+            moving,
+            model=model,
+            device=device,
+            method=args.method,
+            refine=args.refine,
+            prealign=args.prealign,
+            fixed_spacing=fixed_spacing,
+            moving_spacing=moving_spacing,
+        )
     )
     runtime = time.perf_counter() - start
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Training and adaptation runs as an application layer, shared by the command line and
+"""Registration, training and adaptation runs as an application layer, shared by the command line and
 the widgets: a spec of plain values in, a generator of progress records out, and a
 result (model, metadata record, evaluation, state file) at its end.
 
@@ -26,6 +26,13 @@ from .adaptation import (
     run_adaptation,
 )
 from .base import Run, load_base_model
+from .registration import (
+    RegistrationSpec,
+    SliceRegistered,
+    StackResult,
+    register_pair,
+    run_registration,
+)
 from .training import (
     TrainingProgress,
     TrainingResult,
@@ -42,15 +49,20 @@ __all__ = [
     "DemoTargets",
     "FolderTargets",
     "PairFiles",
+    "RegistrationSpec",
     "Run",
+    "SliceRegistered",
+    "StackResult",
     "TargetOptions",
     "TrainingProgress",
     "TrainingResult",
     "TrainingSpec",
     "load_base_model",
     "read_targets",
+    "register_pair",
     "resolve_adaptation",
     "resolve_training",
     "run_adaptation",
+    "run_registration",
     "run_training",
 ]
