@@ -14,6 +14,7 @@ metadata, and any other named tensors the run needs under ``STATE_PREFIX``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -206,8 +207,19 @@ def _check_header(path: Path, config: ModelConfig, header: dict[str, tuple]) -> 
 
 
 @lru_cache(maxsize=8)
-def _cached_checkpoint(path: str, mtime: float):
+def _cached_checkpoint(path: str, digest: str):
     return read_checkpoint(path)
+
+
+def _content_digest(path: Path) -> str:
+    """SHA-256 of the file's bytes: the cache key. A checkpoint replaced with the same
+    modification time (``cp -p``, ``rsync -a``) must not load the old weights; hashing a
+    shipped model (a few MB) takes milliseconds."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_model(path: str | os.PathLike | None = None, device=None) -> DiscreteRegistrationNet:
@@ -221,7 +233,7 @@ def load_model(path: str | os.PathLike | None = None, device=None) -> DiscreteRe
     p = checkpoint_path(path)
     if not p.is_file():
         raise ValueError(f"checkpoint {p} does not exist or is not a file")
-    config, tensors, _ = _cached_checkpoint(str(p.resolve()), p.stat().st_mtime)
+    config, tensors, _ = _cached_checkpoint(str(p.resolve()), _content_digest(p))
     return _build_model(config, tensors, p).to(resolve_device(device)).eval()
 
 

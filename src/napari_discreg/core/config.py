@@ -29,6 +29,11 @@ ENV_PREFIX = "NAPARI_DISCREG_"
 """Environment variables that set napari-discreg's limits start with this."""
 
 
+MAX_LIMIT = 1e15
+"""Largest value any limit may take (GB, voxels, seconds): beyond it a number is a typo,
+and converting it to bytes or an integer would overflow."""
+
+
 def limit_setting(
     value: float | None, env: str, default: float, *, unit: str, integer: bool = False
 ) -> tuple[float, str]:
@@ -47,8 +52,19 @@ def limit_setting(
             source = f"{env}={raw}"
         else:
             value, source = default, f"the default (set {env} to change it)"
-    if not (math.isfinite(value) and value > 0):
+    try:
+        number = float(value)
+    except OverflowError:  # a 400-digit integer
+        raise ValueError(
+            f"the limit ({source}) must be at most {MAX_LIMIT:g} {unit}, got a "
+            f"{len(str(value))}-digit number"
+        ) from None
+    if not (math.isfinite(number) and number > 0):
         raise ValueError(f"the limit must be a finite number of {unit} > 0, got {value}")
+    if number > MAX_LIMIT:
+        raise ValueError(
+            f"the limit ({source}) must be at most {MAX_LIMIT:g} {unit}, got {number:g}"
+        )
     return value, source
 
 

@@ -23,14 +23,40 @@ from .labels import label_offsets
 from .memory import GUARD_FLOOR, MemoryEstimate, check_memory, network_bytes, training_bytes
 from .warp import pixels_to_grid_sample
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""Device types napari-discreg runs on."""
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as given."""
-    if device is None or (isinstance(device, str) and device.lower() == "auto"):
+    """``None``/``"auto"`` -> CUDA when available, else CPU; ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` or ``"mps"`` (any case) as given, when available; anything else is a
+    ``ValueError`` that says what to use."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but CUDA is not available; use 'cpu' or None")
+    hint = "use 'auto', 'cpu' or 'cuda'"
+    if isinstance(device, str):
+        device = device.strip().lower()
+    elif not isinstance(device, torch.device):
+        raise ValueError(f"device must be a name such as 'cpu' or 'cuda', got {device!r}; {hint}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; {hint}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"napari-discreg does not run on device {str(dev)!r}; {hint}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "device 'cuda' was requested but CUDA is not available; use 'auto' or 'cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(dev)!r} does not exist: {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if dev.type == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ValueError("device 'mps' was requested but MPS is not available; use 'auto' or 'cpu'")
     return dev
 
 

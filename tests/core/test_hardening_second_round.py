@@ -1,0 +1,63 @@
+"""Issue 26 (hardening, second round): the cases fixed here, each reproduced first."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import napari_discreg as nd
+from napari_discreg.core.checkpoint import save_checkpoint
+from napari_discreg.core.config import ModelConfig
+from napari_discreg.core.model import DiscreteRegistrationNet, resolve_device
+
+TINY = ModelConfig(num_labels=5, capture_range=2, features=4, head_channels=8)
+
+
+def test_a_checkpoint_replaced_with_the_same_mtime_loads_the_new_weights(tmp_path):
+    """``cp -p`` / ``rsync -a`` keep the modification time: the cache must see the bytes."""
+    torch.manual_seed(0)
+    a = save_checkpoint(DiscreteRegistrationNet(TINY), tmp_path / "a.safetensors")
+    torch.manual_seed(1)
+    b = save_checkpoint(DiscreteRegistrationNet(TINY), tmp_path / "b.safetensors")
+    target = tmp_path / "model.safetensors"
+    shutil.copy2(a, target)
+    first = nd.load_model(target)
+    stat = os.stat(target)
+    shutil.copy2(b, target)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime as before
+    second = nd.load_model(target)
+    expected = nd.load_model(b)
+    for q, r in zip(second.parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(q, r)
+    pairs = zip(first.parameters(), second.parameters(), strict=True)
+    assert any(not torch.equal(p, q) for p, q in pairs)
+
+
+@pytest.mark.parametrize("device", ["meta", "xla", 7, "npu", "cuda:99x"])
+def test_unusable_devices_are_clear_errors(device):
+    with pytest.raises(ValueError, match="device"):
+        resolve_device(device)
+
+
+def test_device_names_in_any_case():
+    assert resolve_device("CPU") == torch.device("cpu")
+    assert resolve_device(" auto ").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available; use 'auto' or 'cpu'"):
+            resolve_device("cuda")
+
+
+def test_absurd_limits_are_one_line_errors(monkeypatch):
+    import numpy as np
+
+    from napari_discreg.core import io
+
+    img = np.random.default_rng(0).random((48, 48))
+    with pytest.raises(ValueError, match="at most 1e\\+15 GB"):
+        nd.register(img, img, max_memory_gb=1e300)
+    monkeypatch.setenv("NAPARI_DISCREG_MAX_VOXELS", "9" * 400)
+    with pytest.raises(ValueError, match="400-digit number"):
+        io.max_voxels(None)
