@@ -17,6 +17,7 @@ from napari_discreg._widgets import (
     RegisterWidget,
     state_for,
 )
+from napari_discreg._widgets._register_outputs import output_name
 from napari_discreg._widgets.inspector import MARKER_LAYER, SHADE_ALPHA, mass_window
 
 PLUGIN = "napari-discreg"
@@ -318,3 +319,43 @@ def test_adam_steps_have_a_row_of_their_own(viewer):
     spin = widget.adam_steps_spin
     assert spin.suffix() == ""  # the words are the row's label: nothing to clip
     assert widget.model_box.layout().labelForField(spin).text() == "Adam steps"
+
+
+def test_output_names_are_short_and_never_overwrite_another_pair(
+    viewer, tiny_model_path, small_pair, wait_job
+):
+    viewer.add_image(small_pair.fixed, name="fixed (T1)")
+    viewer.add_image(small_pair.moving, name="moving (T2-like)")
+    viewer.add_image(np.roll(small_pair.fixed, 1, axis=0), name="fixed B")
+    widget = RegisterWidget(viewer)
+    assert widget.load_checkpoint(tiny_model_path)
+
+    def register(fixed, moving="moving (T2-like)"):
+        widget.fixed_combo.set_layer(viewer.layers[fixed])
+        widget.moving_combo.set_layer(viewer.layers[moving])
+        wait_job(widget.run())
+        return state_for(viewer).run
+
+    run_a = register("fixed (T1)")
+    # named after the moving layer: 28 characters where "moving (T2-like) → fixed (T1)
+    # discrepancy" had 41, which napari's layer list cut in the middle
+    assert output_name(run_a, "discrepancy") == "moving (T2-like) discrepancy"
+    assert "moving (T2-like) warped" in viewer.layers
+    warped_a = viewer.layers["moving (T2-like) warped"].data.copy()
+    # the same moving image onto a second fixed one: both names, the first pair untouched
+    run_b = register("fixed B")
+    assert output_name(run_b, "warped") == "moving (T2-like) → fixed B warped"
+    assert output_name(run_b, "warped") in viewer.layers
+    np.testing.assert_array_equal(viewer.layers["moving (T2-like) warped"].data, warped_a)
+    # registering either pair again updates its own layers: none added
+    n = len(viewer.layers)
+    register("fixed B")
+    register("fixed (T1)")
+    assert len(viewer.layers) == n
+    # a layer of the user's with an output's short name is never overwritten
+    for layer in [la for la in viewer.layers if la.name.startswith("moving (T2-like) ")]:
+        viewer.layers.remove(layer)  # every output of both pairs
+    mine = viewer.add_image(np.zeros((96, 96), np.float32), name="moving (T2-like) review")
+    run_c = register("fixed (T1)")
+    assert output_name(run_c, "review") == "moving (T2-like) → fixed (T1) review"
+    assert not mine.data.any()

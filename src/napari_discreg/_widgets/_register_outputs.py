@@ -1,8 +1,9 @@
 """The Register widget's output layers, and the field applied to Labels and Points layers.
 
-Each registration's outputs are named after its pair, ``"<moving> → <fixed> <role>"``
-(:func:`output_name`), so registering another pair never overwrites them and
-re-running a pair updates its own layers in place. Every output carries
+Each registration's outputs are named after its moving layer, ``"<moving> <role>"``, or
+``"<moving> → <fixed> <role>"`` when that name is taken by another pair's output or a
+layer of the user's (:func:`name_prefix`, :func:`output_name`), so registering another
+pair never overwrites them and re-running a pair updates its own layers in place. Every output carries
 ``metadata["napari_discreg"]`` (its role and pair) and is never offered as an input
 (:func:`is_output`). While a review mode is on, the unregistered moving layer is hidden
 (:class:`HiddenMoving`). The roles:
@@ -86,18 +87,48 @@ POINTS_FRAMES = {
     "moving": "points on the moving image -> fixed frame",
     "fixed": "points on the fixed image -> moving frame",
 }
+#: every output a registration names after its pair
+OUTPUT_ROLES = (WARPED, REVIEW, DISPLACEMENT, GRID, DISCREPANCY)
 #: a smoothed normalised intensity above this (fixed or warped image) is foreground
 FOREGROUND = 0.1
 
 
 def pair_prefix(fixed_name: str, moving_name: str) -> str:
-    """The name every output of the pair starts with."""
+    """The long form of the name a pair's outputs start with: both layers' names."""
     return f"{moving_name} → {fixed_name}"
+
+
+def name_prefix(viewer, fixed_name: str, moving_name: str) -> str:
+    """What the names of a pair's outputs start with: the moving layer's name.
+
+    napari's layer list cuts a name longer than its width in the middle, and with both
+    names (``"moving (T2-like) → fixed (T1) discrepancy"``, 41 characters) what was cut
+    was the pair. The fixed layer's name is added (:func:`pair_prefix`) only when a layer
+    already has the short name of one of the outputs and is not an output of this pair
+    (the same moving image registered onto a second fixed image, or a layer of the
+    user's), or when the pair's outputs have the long names already, so no pair's outputs,
+    and no other layer, are ever overwritten or doubled. Read on the GUI thread when a run
+    starts.
+    """
+    pair = {"fixed": fixed_name, "moving": moving_name}
+    long = pair_prefix(fixed_name, moving_name)
+    short_names = {f"{moving_name} {role}" for role in OUTPUT_ROLES}
+    long_names = {f"{long} {role}" for role in OUTPUT_ROLES}
+    for layer in viewer.layers:
+        if layer.name not in short_names and layer.name not in long_names:
+            continue
+        meta = (getattr(layer, "metadata", None) or {}).get(META_KEY)
+        ours = isinstance(meta, dict) and meta.get("pair") == pair
+        if layer.name in long_names and ours:
+            return long  # the pair's outputs have the long names already: update those
+        if layer.name in short_names and not ours:
+            return long
+    return moving_name
 
 
 def output_name(run: RegistrationRun, role: str) -> str:
     """The layer name of ``role`` (e.g. ``"warped"``) for the pair of ``run``."""
-    return f"{pair_prefix(run.fixed_name, run.moving_name)} {role}"
+    return f"{run.name_prefix or pair_prefix(run.fixed_name, run.moving_name)} {role}"
 
 
 def output_meta(role: str, run: RegistrationRun | None = None, **extra) -> dict:

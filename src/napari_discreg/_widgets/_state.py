@@ -58,6 +58,9 @@ class RegistrationRun:
     warped_colour : dict
         Slice index -> the RGB(A) moving image warped onto the fixed grid (empty for a
         grayscale moving image); the warped layer shows it.
+    name_prefix : str
+        What the output layers' names start with (``_register_outputs.name_prefix``:
+        the moving layer's name, or ``"<moving> → <fixed>"``); empty: the latter.
     tre : dict or None
         The landmarks' target registration error before and after
         (:func:`._landmarks.tre_summary`), when landmarks were chosen; also in the
@@ -79,6 +82,7 @@ class RegistrationRun:
     outputs: Any = None
     warped_colour: dict[int | None, np.ndarray] = field(default_factory=dict)
     tre: dict | None = None
+    name_prefix: str = ""
 
     def __post_init__(self) -> None:
         fixed, moving = self.layer("fixed"), self.layer("moving")

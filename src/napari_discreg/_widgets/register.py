@@ -61,6 +61,7 @@ from ._register_outputs import (
     HiddenMoving,
     apply_field,
     gray_image,
+    name_prefix,
     prepare_outputs,
     set_detail_visible,
     set_review_mode,
@@ -443,6 +444,7 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             "moving_name": request.moving.name,
             "fixed_scale": tuple(float(v) for v in request.fixed.scale),
             "fixed_translate": tuple(float(v) for v in request.fixed.translate),
+            "name_prefix": name_prefix(self.viewer, request.fixed.name, request.moving.name),
         }
         landmarks, self._landmarks_note = self._landmarks(request)
         n = len(request.indices)
@@ -619,6 +621,8 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
 
     def show_run_steps(self, run: RegistrationRun) -> Iterator[str]:
         """:meth:`show_run` one output layer at a time (a generator)."""
+        if not run.name_prefix:  # a run made elsewhere (a loaded field)
+            run.name_prefix = name_prefix(self.viewer, run.fixed_name, run.moving_name)
         if run.outputs is None:  # a run made elsewhere (a loaded field): prepare it here
             fixed = run.layer("fixed")
             slices = {
