@@ -2,9 +2,9 @@
 
 Run under a display, e.g. headless::
 
-    xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python scripts/screenshots.py
+    xvfb-run -a -s "-screen 0 1366x768x24" .venv/bin/python scripts/screenshots.py
 
-It opens the multimodal sample pair, registers it with the Register widget (the default
+It opens the real histology sample pair and registers it, then the multimodal sample pair, registers it with the Register widget (the default
 method), shows the review view's modes and the field, inspects a control point with the
 histogram inspector, opens the adaptation target set and runs a few adaptation steps, and
 saves after each stage a screenshot of the whole window and one of the widget to
@@ -13,8 +13,11 @@ saves after each stage a screenshot of the whole window and one of the widget to
 =============================  ==============================================
 file                           shows
 =============================  ==============================================
-``register.png``               viewer after Register: the warped image blended
-                               over the fixed one (the default review view)
+``histology.png``              viewer after Register on the real stain pair
+                               (RGB, different sizes, landmarks: the TRE in the
+                               status line), checkerboard review
+``register.png``               viewer after Register: the checkerboard of the
+                               warped and the fixed image (the default review)
 ``register_widget.png``        the Register widget
 ``review_checkerboard.png``    viewer: the checkerboard review view
 ``review_difference.png``      viewer: the difference review view
@@ -50,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=6, help="adaptation iterations to run")
     parser.add_argument(
-        "--size", type=int, nargs=2, default=(1600, 1000), help="window width height"
+        "--size", type=int, nargs=2, default=(1366, 768), help="window width height"
     )
     return parser.parse_args(argv)
 
@@ -109,10 +112,22 @@ def main(argv=None) -> int:
 
     viewer = napari.Viewer(title="napari-discreg", show=True)
     viewer.window.resize(*args.size)
-    viewer.open_sample("napari-discreg", "multimodal_pair")
     _, register = viewer.window.add_plugin_dock_widget("napari-discreg", "Register")
     if args.model is not None and not register.load_checkpoint(args.model):
         return 1
+
+    # stage 0: the real stain pair as it comes (RGB, other sizes, landmarks)
+    viewer.open_sample("napari-discreg", "histology_pair")
+    register.fixed_combo.set_layer(viewer.layers["fixed (HE)"])
+    register.moving_combo.set_layer(viewer.layers["moving (proSPC)"])
+    wait_for(register.run(), what="registration of the histology pair")
+    viewer.reset_view()
+    save_window(viewer, args.out / "histology.png")
+    viewer.layers.clear()
+
+    viewer.open_sample("napari-discreg", "multimodal_pair")
+    register.fixed_combo.set_layer(viewer.layers["fixed (T1)"])
+    register.moving_combo.set_layer(viewer.layers["moving (T2-like)"])
     wait_for(register.run(), what="registration")
     state = state_for(viewer)
     if state.run is None:
@@ -123,14 +138,14 @@ def main(argv=None) -> int:
     def out(role: str):
         return viewer.layers[output_name(run, role)]
 
-    # stage 1: the registration result as it first appears (blend review view)
+    # stage 1: the registration result as it first appears (checkerboard review view)
     viewer.reset_view()
     save_window(viewer, args.out / "register.png")
     save_widget(register, args.out / "register_widget.png")
     for mode in ("checkerboard", "difference"):
         register.set_review_mode(mode)
         save_window(viewer, args.out / f"review_{mode}.png")
-    register.set_review_mode("blend")
+    register.set_review_mode("checkerboard")
     register.show_checks[DISPLACEMENT].setChecked(True)
     register.show_checks[GRID].setChecked(True)
     save_window(viewer, args.out / "field.png")
