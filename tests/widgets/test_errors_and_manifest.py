@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import napari_discreg.runs.registration as registration_run
 from napari_discreg._widgets import (
     AdaptationWidget,
     HistogramInspectorWidget,
@@ -59,12 +60,11 @@ def test_worker_errors_from_core_are_notifications(viewer, notes, tiny_model_pat
 
 
 def test_unexpected_worker_errors_are_notifications_too(viewer, notes, monkeypatch, wait_job):
-    import napari_discreg
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(napari_discreg, "register", broken)
+    monkeypatch.setattr(registration_run, "register", broken)
     viewer.add_image(np.random.default_rng(0).random((64, 64)), name="fixed")
     viewer.add_image(np.random.default_rng(1).random((64, 64)), name="moving")
     widget = RegisterWidget(viewer)
@@ -81,7 +81,6 @@ def test_an_index_error_is_a_bug_whose_traceback_is_logged(
     """IndexError is never a user error (issue 27): it is logged with its traceback."""
     import logging
 
-    import napari_discreg
     from napari_discreg._widgets import _notify
 
     assert not issubclass(IndexError, _notify.USER_ERRORS)
@@ -89,7 +88,7 @@ def test_an_index_error_is_a_bug_whose_traceback_is_logged(
     def broken(*args, **kwargs):
         raise IndexError("index 108 is out of bounds for axis 0 with size 108")
 
-    monkeypatch.setattr(napari_discreg, "register", broken)
+    monkeypatch.setattr(registration_run, "register", broken)
     viewer.add_image(np.random.default_rng(0).random((64, 64)), name="fixed")
     viewer.add_image(np.random.default_rng(1).random((64, 64)), name="moving")
     widget = RegisterWidget(viewer)

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 import napari_discreg
+import napari_discreg.runs.registration as registration_run
 from napari_discreg._widgets import RegisterWidget, state_for
 from napari_discreg._widgets._register_outputs import output_name, warp_to_grid
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    """The keyword arguments of every ``napari_discreg.register`` call the widget makes."""
+    """The keyword arguments of every ``register`` call the widget makes (through the
+    registration run of ``napari_discreg.runs.registration``)."""
     real = napari_discreg.register
     seen: list[dict] = []
 
@@ -21,7 +23,7 @@ def calls(monkeypatch):
         seen.append({"fixed": np.asarray(fixed), "moving": np.asarray(moving), **kwargs})
         return real(fixed, moving, **kwargs)
 
-    monkeypatch.setattr(napari_discreg, "register", spy)
+    monkeypatch.setattr(registration_run, "register", spy)
     return seen
 
 
@@ -92,7 +94,7 @@ def test_the_results_warnings_reach_the_status_line(
         result.warnings = [*result.warnings, "the pre-alignment scales the area by 9.00"]
         return result
 
-    monkeypatch.setattr(napari_discreg, "register", doubtful)
+    monkeypatch.setattr(registration_run, "register", doubtful)
     viewer.add_image(small_pair.fixed, name="fixed")
     viewer.add_image(small_pair.moving, name="moving")
     widget = RegisterWidget(viewer)

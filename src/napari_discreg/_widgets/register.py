@@ -33,13 +33,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-# ``napari_discreg.register`` is looked up when a registration starts: the widgets use
-# the package's public API, and tests replace it there.
-import napari_discreg
-
 from ..core.geometry import in_plane_axes
 from ..core.io import load_field
 from ..core.register import method_summary
+from ..runs.registration import RegistrationSpec, run_registration
 from . import _notify
 from ._field_files import run_from_field, save_run_field
 from ._io import FIELD_FILTER, IMAGE_FILTER, layer_name_for, read_image_file
@@ -419,7 +416,6 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         except ValueError as exc:
             self._show_error(f"not started: {exc}", str(exc))
             return None
-        register = napari_discreg.register
         state = self.state
         device = self.device()
         if model_name is None:
@@ -455,40 +451,42 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             mdl = model if model is not None else state.model
             job = job_box[0]
             results, fixed_slices, colour = {}, {}, {}
-            for k, index in enumerate(request.indices):
-                if stop.is_set():
-                    break
-                if index is None:
-                    f, m = np.asarray(fixed_data), np.asarray(moving_data)
-                else:
-                    f = np.asarray(np.take(fixed_data, index, axis=axis))
-                    m = np.asarray(np.take(moving_data, index, axis=axis))
 
-                def progress(done, total, k=k):
-                    # one slice = 100 units; the histograms take the last 10
-                    job.report(k * 100 + (90 * done) // max(total, 1), n * 100)
+            def on_step(number: int, done: int, total: int) -> None:
+                # one slice = 100 units; the histograms take the last 10
+                job.report(number * 100 + (90 * done) // max(total, 1), n * 100)
 
-                try:
-                    res = register(
-                        f,
-                        m,
-                        model=mdl,
-                        device=device,
-                        method=method,
-                        refine=refine,
-                        prealign=prealign,
-                        fixed_spacing=fixed_spacing,
-                        moving_spacing=moving_spacing,
-                        progress=progress,
-                    )
-                    res.network_outputs()  # the histograms: here, not on the GUI thread
-                except StopRequested:
-                    break
-                results[index], fixed_slices[index] = res, gray_image(f)
-                if moving_rgb:  # the warped colour image (the result's is its luminance)
-                    colour[index] = warp_to_grid(m, res.displacement, order=1)
-                job.report(k * 100 + 100, n * 100)
-                yield k + 1
+            spec = RegistrationSpec(
+                fixed_data,
+                moving_data,
+                axis=axis,
+                indices=None if axis is None else tuple(request.indices),
+                model=mdl,
+                device=device,
+                method=method,
+                refine=refine,
+                prealign=prealign,
+                fixed_spacing=fixed_spacing,
+                moving_spacing=moving_spacing,
+                histograms=True,  # here, not on the GUI thread
+                on_step=on_step,
+            )
+            run = run_registration(spec)
+            try:
+                for record in run:
+                    index, res = record.index, record.result
+                    f, m = spec.pair(index)
+                    results[index], fixed_slices[index] = res, gray_image(f)
+                    if moving_rgb:  # the warped colour image (the result's is its luminance)
+                        colour[index] = warp_to_grid(m, res.displacement, order=1)
+                    job.report(record.number * 100, n * 100)
+                    yield record.number
+                    if stop.is_set():
+                        break
+            except StopRequested:
+                pass
+            finally:
+                run.close()
             if not results:
                 return None
             run = RegistrationRun(

@@ -81,13 +81,15 @@ class RegistrationSpec:
             if self.indices not in (None, (), (None,)):
                 raise ValueError("slices are chosen along an axis: give axis with indices")
             return [None]
-        fixed, moving = np.asarray(self.fixed), np.asarray(self.moving)
+        # shapes only: a napari layer's data may be a lazy (dask, zarr) array
+        fshape, mshape = tuple(np.shape(self.fixed)), tuple(np.shape(self.moving))
         axis = int(self.axis)
-        if not -fixed.ndim <= axis < fixed.ndim or not -moving.ndim <= axis < moving.ndim:
+        if not -len(fshape) <= axis < len(fshape) or not -len(mshape) <= axis < len(mshape):
             raise ValueError(
-                f"axis {axis} does not exist in stacks of {fixed.ndim} and {moving.ndim} dimensions"
+                f"axis {axis} does not exist in stacks of {len(fshape)} and {len(mshape)} "
+                "dimensions"
             )
-        n, nm = fixed.shape[axis], moving.shape[axis]
+        n, nm = fshape[axis], mshape[axis]
         if n != nm:
             raise ValueError(
                 f"the fixed stack has {n} slices along axis {axis} and the moving one {nm}: "
