@@ -61,3 +61,19 @@ def test_absurd_limits_are_one_line_errors(monkeypatch):
     monkeypatch.setenv("NAPARI_DISCREG_MAX_VOXELS", "9" * 400)
     with pytest.raises(ValueError, match="400-digit number"):
         io.max_voxels(None)
+
+
+def test_the_partial_model_of_an_interrupted_run_never_replaces_the_input(tmp_path, capsys):
+    """Issue 26 item 1: ``adapt --model A.partial.safetensors -o A.safetensors`` with A
+    present would write "the best weights seen" over its own input on Ctrl-C."""
+    from napari_discreg.cli import main
+
+    torch.manual_seed(0)
+    model = save_checkpoint(DiscreteRegistrationNet(TINY), tmp_path / "A.partial.safetensors")
+    out = save_checkpoint(DiscreteRegistrationNet(TINY), tmp_path / "A.safetensors")
+    before = model.read_bytes()
+    argv = ["adapt", "--model", str(model), "-o", str(out), "--demo-target", "2", "--steps", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "would overwrite the input --model" in err and "interrupted run" in err
+    assert model.read_bytes() == before

@@ -199,7 +199,8 @@ MODEL_SUFFIX = ".safetensors"
 
 def check_model_output(out: Path, inputs: dict[str, object], *, resume=None) -> Path:
     """``-o`` of ``train``/``adapt``: a ``.safetensors`` name that is no input (the state
-    written beside it neither, except the ``--resume`` state it continues)."""
+    written beside it neither, except the ``--resume`` state it continues, and the
+    ``NAME.partial.safetensors`` an interrupted run writes neither)."""
     check_writable_file(out)
     if not out.name.lower().endswith(MODEL_SUFFIX) or out.name.lower() == MODEL_SUFFIX:
         raise ValueError(
@@ -208,6 +209,11 @@ def check_model_output(out: Path, inputs: dict[str, object], *, resume=None) -> 
         )
     refuse_overwriting_inputs([("-o", out)], {**inputs, "--resume": resume})
     refuse_overwriting_inputs([("the state written beside it,", _state_path(out))], inputs)
+    # an interrupted run writes the model trained so far there (when -o exists already)
+    refuse_overwriting_inputs(
+        [("the model an interrupted run writes beside it,", partial_model_path(out))],
+        {**inputs, "--resume": resume},
+    )
     return out
 
 
