@@ -77,3 +77,20 @@ def test_the_partial_model_of_an_interrupted_run_never_replaces_the_input(tmp_pa
     err = capsys.readouterr().err
     assert "would overwrite the input --model" in err and "interrupted run" in err
     assert model.read_bytes() == before
+
+
+def test_a_truncated_results_file_loses_no_results(tmp_path, capsys):
+    """Issue 26 item 3: a ``benchmarks.json`` cut short by a killed run is set aside with a
+    warning naming it; the new results are written (atomically) all the same."""
+    import json
+
+    from napari_discreg.cli.benchmark import read_results
+
+    path = tmp_path / "benchmarks.json"
+    path.write_text('{"adaptation": {"rows": [1, ')
+    assert read_results(path) == {}
+    assert "benchmarks.json could not be read" in capsys.readouterr().err
+    assert (tmp_path / "benchmarks.json.corrupt").read_text().startswith('{"adaptation"')
+    assert not path.exists()
+    path.write_text(json.dumps({"speed": {"x": 1}}))
+    assert read_results(path) == {"speed": {"x": 1}}

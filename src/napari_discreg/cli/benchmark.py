@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from ..core.benchmark import (
     update_section,
 )
 from ..core.discrepancy import Discrepancy
-from ._common import SHIPPED_NAMES
+from ..core.io import replace_atomically
+from ._common import SHIPPED_NAMES, _warn
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -108,12 +110,31 @@ def run(args) -> int:
     )
     update_section(out_dir / "benchmarks.md", "adaptation", text)
     json_path = out_dir / "benchmarks.json"
-    blob = json.loads(json_path.read_text()) if json_path.exists() else {}
+    blob = read_results(json_path)
     blob["adaptation"] = result
-    json_path.write_text(json.dumps(blob, indent=1, default=float))
+    text_json = json.dumps(blob, indent=1, default=float)
+    replace_atomically(json_path, lambda tmp: tmp.write_text(text_json))
     print(table)
     print(f"wrote {out_dir / 'benchmarks.md'} and {json_path}")
     return 0
+
+
+def read_results(path: Path) -> dict:
+    """The results file's other sections, or ``{}``: a file that is not a JSON object
+    (truncated by a killed run, say) is set aside as ``NAME.corrupt`` with a warning, so
+    that this run's results are still written."""
+    if not path.exists():
+        return {}
+    try:
+        blob = json.loads(path.read_text())
+        if not isinstance(blob, dict):
+            raise ValueError("not a JSON object")
+        return blob
+    except (ValueError, UnicodeDecodeError) as exc:
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        _warn(f"{path} could not be read ({exc}); moved it to {aside} and started afresh")
+        return {}
 
 
 def _refine_text(config: dict | None) -> str:
