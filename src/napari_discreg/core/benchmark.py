@@ -34,6 +34,7 @@ from .checkpoint import load_model
 from .config import AdaptConfig, DataConfig, TrainConfig
 from .discrepancy import DISPLAY_NAMES
 from .evaluate import METRICS, evaluate_model, identity_metrics, pair_metrics, summarise
+from .io import replace_atomically
 from .model import DiscreteRegistrationNet, clone_model
 from .refine import RefineConfig
 from .train import StepRecord, train_steps
@@ -287,7 +288,7 @@ def update_section(path, name: str, text: str, *, header: str = BENCHMARKS_HEADE
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    replace_atomically(path, lambda tmp: tmp.write_text(new))  # never half a document
 
 
 def plot_results(result: dict, path) -> None:
