@@ -113,7 +113,11 @@ def run(args) -> int:
     blob = read_results(json_path)
     blob["adaptation"] = result
     text_json = json.dumps(blob, indent=1, default=float)
-    replace_atomically(json_path, lambda tmp: tmp.write_text(text_json))
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text_json)
+
+    replace_atomically(json_path, write)
     print(table)
     print(f"wrote {out_dir / 'benchmarks.md'} and {json_path}")
     return 0

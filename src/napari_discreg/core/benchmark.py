@@ -288,7 +288,11 @@ def update_section(path, name: str, text: str, *, header: str = BENCHMARKS_HEADE
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, lambda tmp: tmp.write_text(new))  # never half a document
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(new)
+
+    replace_atomically(path, write)  # never half a document
 
 
 def plot_results(result: dict, path) -> None:
