@@ -108,17 +108,21 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _border(img: np.ndarray) -> np.ndarray:
+    """The pixels of a frame a twentieth of the short side wide."""
+    h, w = img.shape
+    b = max(1, min(h, w) // 20)
+    return np.concatenate(
+        [img[:b].ravel(), img[-b:].ravel(), img[:, :b].ravel(), img[:, -b:].ravel()]
+    )
+
+
 def bright_background(image: np.ndarray) -> bool:
     """True when the image's border is brighter than its middle (bright-field
     histology: white glass around stained tissue)."""
     img = np.asarray(image, dtype=np.float32)
-    h, w = img.shape
-    b = max(1, min(h, w) // 20)
-    border = np.concatenate(
-        [img[:b].ravel(), img[-b:].ravel(), img[:, :b].ravel(), img[:, -b:].ravel()]
-    )
     lo, hi = np.percentile(img, (1, 99))
-    return float(np.median(border)) > (float(lo) + float(hi)) / 2
+    return float(np.median(_border(img))) > (float(lo) + float(hi)) / 2
 
 
 def tissue_image(image: np.ndarray) -> np.ndarray:
@@ -138,12 +142,7 @@ def foreground(tissue: np.ndarray) -> np.ndarray:
     img = ndi.gaussian_filter(
         np.asarray(tissue, dtype=np.float32), max(1.0, max(tissue.shape) / 256)
     )
-    h, w = img.shape
-    b = max(1, min(h, w) // 20)
-    border = np.concatenate(
-        [img[:b].ravel(), img[-b:].ravel(), img[:, :b].ravel(), img[:, -b:].ravel()]
-    )
-    background = float(np.median(border))
+    background = float(np.median(_border(img)))
     top = float(np.percentile(img, 99))
     return img > background + 0.2 * (top - background)
 
@@ -329,13 +328,8 @@ def prealign(
             f"unknown pre-alignment {mode!r}; choose one of {', '.join(PREALIGN_MODES)}"
         )
     s = settings or PrealignSettings()
-    sf = np.asarray(fixed_spacing if fixed_spacing is not None else (1.0, 1.0), dtype=np.float64)
-    sm = np.asarray(moving_spacing if moving_spacing is not None else (1.0, 1.0), dtype=np.float64)
-    for name, sp in (("fixed_spacing", sf), ("moving_spacing", sm)):
-        if sp.shape != (2,) or not np.all(np.isfinite(sp)) or not np.all(sp > 0):
-            raise ValueError(
-                f"{name} must be two positive finite numbers (row, col), got {sp.tolist()}"
-            )
+    sf = pixel_spacing(fixed_spacing, "fixed_spacing")
+    sm = pixel_spacing(moving_spacing, "moving_spacing")
     unmoved = unmoved_matrix(sf, sm)
     if mode == "none":
         return unmoved
@@ -407,11 +401,22 @@ def _search(fixed, moving, mode, sf, sm, s: PrealignSettings, callback):
     return m.double().numpy(), o.double().numpy(), levels
 
 
+def pixel_spacing(value, name: str) -> np.ndarray:
+    """A physical pixel size (row, col) as float64, default ``(1, 1)``; ``ValueError``
+    unless two positive finite numbers."""
+    sp = np.asarray(value if value is not None else (1.0, 1.0), dtype=np.float64)
+    if sp.shape != (2,) or not np.all(np.isfinite(sp)) or not np.all(sp > 0):
+        raise ValueError(
+            f"{name} must be two positive finite numbers (row, col), got {sp.tolist()}"
+        )
+    return sp
+
+
 def unmoved_matrix(fixed_spacing=None, moving_spacing=None) -> np.ndarray:
     """The pixel map (3, 3) of no motion: each fixed pixel to the moving pixel at the same
     physical position (origins at pixel 0)."""
-    sf = np.asarray(fixed_spacing if fixed_spacing is not None else (1.0, 1.0), dtype=np.float64)
-    sm = np.asarray(moving_spacing if moving_spacing is not None else (1.0, 1.0), dtype=np.float64)
+    sf = pixel_spacing(fixed_spacing, "fixed_spacing")
+    sm = pixel_spacing(moving_spacing, "moving_spacing")
     return np.diag([sf[0] / sm[0], sf[1] / sm[1], 1.0])
 
 

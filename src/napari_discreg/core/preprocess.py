@@ -85,21 +85,16 @@ def check_tensor_pair(
         raise ValueError(f"initial field must be {(b, 2, h, w)}, got {tuple(initial.shape)}")
 
 
-def check_pair(fixed, moving, *, min_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a fixed/moving pair: both 2D, same shape, big enough."""
-    f = as_image(fixed, "fixed")
-    m = as_image(moving, "moving")
-    if f.shape != m.shape:
+def check_image(image, name: str, *, min_size: int) -> np.ndarray:
+    """Validate one 2D image of a pair (:func:`as_image`) and that it holds the label
+    range: fixed and moving are checked one by one, since their sizes may differ."""
+    out = as_image(image, name)
+    if min(out.shape) < min_size:
         raise ValueError(
-            f"fixed {f.shape} and moving {m.shape} must have the same shape; resample or crop "
-            "one onto the other's grid first"
-        )
-    if min(f.shape) < min_size:
-        raise ValueError(
-            f"images of {f.shape[0]} x {f.shape[1]} pixels are smaller than the model's label "
+            f"{name}: {out.shape[0]} x {out.shape[1]} pixels is smaller than the model's label "
             f"range needs ({min_size} px per side); use larger images or upsample them"
         )
-    return f, m
+    return out
 
 
 def check_stack(array, name: str) -> np.ndarray:

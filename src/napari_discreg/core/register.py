@@ -30,10 +30,11 @@ from .prealign import (
     prealign_steps,
     tissue_image,
     to_gray,
+    unmoved_matrix,
 )
 from .prealign import prealign as find_prealignment
 from .predict import predict_field
-from .preprocess import as_image, min_image_size, network_input, pad_to_multiple
+from .preprocess import check_image, min_image_size, network_input, pad_to_multiple
 from .refine import no_worse_than_identity, refine_field, refine_step_count
 from .warp import affine_positions, jacobian_determinant, pixel_grid, sample, warp
 
@@ -463,8 +464,8 @@ def register(
         )
     cfg = model.config
     min_size = min_image_size(cfg.num_labels, cfg.capture_range, cfg.stride)
-    f = _checked(fixed, "fixed", min_size)
-    m = _checked(moving, "moving", min_size)
+    f = check_image(to_gray(fixed), "fixed", min_size=min_size)
+    m = check_image(to_gray(moving), "moving", min_size=min_size)
     h, w = f.shape
     check_memory(
         register_estimate(cfg, method, (h, w)),
@@ -579,38 +580,30 @@ def register(
     )
 
 
-def _checked(image, name: str, min_size: int) -> np.ndarray:
-    """One user image as a float32 grayscale array (luminance of RGB), big enough."""
-    out = as_image(to_gray(image), name)
-    if min(out.shape) < min_size:
-        raise ValueError(
-            f"{name}: {out.shape[0]} x {out.shape[1]} pixels is smaller than the model's label "
-            f"range needs ({min_size} px per side); use larger images or upsample them"
-        )
-    return out
-
-
 QUALITY_SCALES = (1, 2, 4)
 """Downsampling factors over which :func:`mind_distance` averages: at full resolution two
 stains' textures differ more than a few pixels of misalignment do (the lung pair, 33 px
 apart before registration: 0.95 x the distance after it at full resolution alone)."""
 
 
-def mind_distance(fixed: np.ndarray, moving: np.ndarray, positions: torch.Tensor) -> float:
-    """MIND-SSC distance between ``fixed`` and ``moving`` sampled at ``positions``
-    (1, 2, H, W), over the fixed grid: the mean over :data:`QUALITY_SCALES` (levels under
-    16 px a side are skipped)."""
-    ft = network_input(fixed, 1, positions.device)
+def _mind_pyramid(image: torch.Tensor) -> list[torch.Tensor]:
+    """MIND-SSC descriptors of a normalised (1, 1, H, W) image at :data:`QUALITY_SCALES`
+    (levels under 16 px a side are skipped)."""
+    return [
+        mind_ssc(_downsample(image, f))
+        for f in QUALITY_SCALES
+        if f == 1 or min(image.shape[-2:]) / f >= 16
+    ]
+
+
+def mind_distance(fixed: list[torch.Tensor], moving: np.ndarray, positions: torch.Tensor) -> float:
+    """MIND-SSC distance between the fixed image (its :func:`_mind_pyramid`) and
+    ``moving`` sampled at ``positions`` (1, 2, H, W): the mean over the scales."""
     mt = torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32))[None, None]
     warped = sample(mt.to(positions.device), positions)
     wt = network_input(warped[0, 0].cpu().numpy(), 1, positions.device)
-    out = []
-    for f in QUALITY_SCALES:
-        if f > 1 and min(ft.shape[-2:]) / f < 16:
-            continue
-        a, b = _downsample(ft, f), _downsample(wt, f)
-        out.append(float(((mind_ssc(a) - mind_ssc(b)) ** 2).mean()))
-    return float(np.mean(out))
+    pairs = zip(fixed, _mind_pyramid(wt), strict=True)
+    return float(np.mean([float(((a - b) ** 2).mean()) for a, b in pairs]))
 
 
 QUALITY_NO_GAIN = 0.97
@@ -628,15 +621,13 @@ def quality_report(
 ) -> dict:
     """Label-free quality figures of a registration (see :class:`RegistrationResult`)."""
     h, w = fixed.shape
-    sf = np.asarray(fixed_spacing if fixed_spacing is not None else (1.0, 1.0), dtype=np.float64)
-    sm = np.asarray(moving_spacing if moving_spacing is not None else (1.0, 1.0), dtype=np.float64)
-    unmoved = affine_positions(
-        np.diag([sf[0] / sm[0], sf[1] / sm[1], 1.0]), h, w, device=positions.device
-    )
-    start = affine_positions(matrix, h, w, device=positions.device)
-    before = mind_distance(fixed, moving, unmoved)
-    aligned = mind_distance(fixed, moving, start)
-    after = mind_distance(fixed, moving, positions)
+    dev = positions.device
+    unmoved = affine_positions(unmoved_matrix(fixed_spacing, moving_spacing), h, w, device=dev)
+    start = affine_positions(matrix, h, w, device=dev)
+    desc = _mind_pyramid(network_input(fixed, 1, dev))  # the fixed side once, for all three
+    before = mind_distance(desc, moving, unmoved)
+    aligned = mind_distance(desc, moving, start)
+    after = mind_distance(desc, moving, positions)
     jac = jacobian_determinant(dense[0])
     return {
         "mind_before": before,
