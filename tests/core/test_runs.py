@@ -50,6 +50,7 @@ ADAPT_KEYS = {
     "source",
     "evaluation",
     "evaluation_before",
+    "selection",
     "base_model",
     "resumed_from",
     "interrupted",

@@ -224,7 +224,13 @@ def test_folder_targets_with_holdout_show_the_evaluation(
     assert "Held-out evaluation (2 pairs)" in status and "before ->" in status
     meta = result.metadata["adaptation"]
     assert meta["pairing"] == "paired" and meta["folder_config"]["val_fraction"] == 0.34
-    assert widget.keep() and state_for(viewer).model is widget.adapted_model
+    # the weights were judged on target pairs held out of the adaptation, and it says so
+    assert "held-out target pair(s), not adapted on" in status and result.held_out
+    if result.unchanged:  # nothing scored better there: nothing to keep
+        assert "nothing to keep" in status and not widget.keep()
+        assert state_for(viewer).model is not widget.adapted_model
+    else:
+        assert widget.keep() and state_for(viewer).model is widget.adapted_model
 
 
 def test_an_empty_or_missing_folder_is_an_error_and_starts_nothing(

@@ -313,7 +313,7 @@ def evaluation_text(evaluation: dict | None) -> str:
 
 def unchanged(result) -> bool:
     """True when a run kept its starting weights (no later iteration scored better)."""
-    return result is not None and result.best_iteration == result.start_step == 0
+    return result is not None and result.unchanged
 
 
 def result_text(result) -> str:
@@ -341,6 +341,7 @@ def result_text(result) -> str:
         ]
     if result.diverged:
         text.append(f"The run diverged: {result.diverged}.")
+    text.append(result.selection_text())
     text.append(evaluation_text(result.evaluation))
     state = result.state_path
     if state is not None and state.is_file():

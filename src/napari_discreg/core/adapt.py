@@ -61,6 +61,24 @@ class AdaptState:
     torch_rng_state: torch.Tensor | None = None
 
 
+def holdout_split(
+    n: int, holdout: float, seed: int, max_selection: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of the target pairs to adapt on and of those that judge the weights.
+
+    A seeded permutation of the ``n`` pairs; with ``holdout > 0`` and two pairs or more,
+    its first ``round(holdout * n)`` pairs (at least 1, at most ``n - 1`` and
+    ``max_selection``) are held out: the keep-best criterion is computed on them and no
+    batch is drawn from them. With ``holdout == 0`` (or a single pair) every pair is
+    adapted on and the first ``max_selection`` of the permutation also select.
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    if holdout > 0 and n >= 2:
+        k = min(max(1, round(holdout * n)), n - 1, max_selection)
+        return np.sort(order[k:]), order[:k]
+    return np.arange(n), order[:max_selection]
+
+
 class _Stopped(Exception):
     """Raised inside :func:`adapt_steps` when ``should_stop()`` says so."""
 
@@ -122,7 +140,8 @@ def adapt_steps(
     -----
     Every ``config.select_every`` iterations (and at the start and the end) the
     unsupervised criterion of :func:`selection_criterion` is computed on up to
-    ``selection_pairs`` target pairs; when the generator finishes, is closed, or
+    ``selection_pairs`` target pairs, held out from adaptation by ``config.holdout``
+    (:func:`holdout_split`); when the generator finishes, is closed, or
     fails, the model holds the weights with the best criterion seen (with
     ``config.keep_best``, the default), so running more steps never returns a model
     that scores worse on the criterion than the one passed in. A non-finite loss
@@ -174,10 +193,11 @@ def adapt_steps(
         state.optimizers = adaptation_optimizers(model, cfg.lr)
     opt_g, opt_f = state.optimizers["generator"], state.optimizers["heads"]
     heads = [p for group in opt_f.param_groups for p in group["params"]]
-    sel = torch.from_numpy(
-        np.random.default_rng(cfg.seed).permutation(tf.shape[0])[:selection_pairs]
-    )
+    adapt_on, held = holdout_split(tf.shape[0], cfg.holdout, cfg.seed, selection_pairs)
+    sel = torch.from_numpy(held)
     sel_f, sel_m, sel_mask = tf[sel], tm[sel], tmask[sel]
+    keep_idx = torch.from_numpy(adapt_on)
+    tf, tm, tmask = tf[keep_idx], tm[keep_idx], tmask[keep_idx]
 
     best_state: dict[str, torch.Tensor]
     first_score: float | None = None

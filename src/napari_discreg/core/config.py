@@ -361,7 +361,10 @@ class AdaptConfig(Config):
     ``select_every`` iterations; without it, on the last iteration's weights.
     ``criterion`` names that score (MIND-SSC similarity or NMI of fixed vs warped);
     ``source_augmentation`` draws the source batches with contrast augmentation, as
-    the shipped model was trained (:class:`TrainConfig`).
+    the shipped model was trained (:class:`TrainConfig`). ``holdout`` is the share of the
+    target pairs set aside for that criterion and never adapted on (at least one pair
+    when there are two or more; 0: select on the pairs adapted on), so the weights are
+    judged on pairs the run did not fit (:func:`~napari_discreg.core.adapt.holdout_split`).
     """
 
     # the short default: 8 pairs of 192 x 192 adapt in about 30 s on 2 CPU cores
@@ -380,8 +383,11 @@ class AdaptConfig(Config):
     criterion: str = "mind"
     source_augmentation: bool = True
     seed: int = 0
+    holdout: float = 0.25
 
     def _check(self) -> None:
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.criterion not in SELECTION_CRITERIA:
             raise ValueError(
                 f"unknown selection criterion {self.criterion!r}; expected one of {SELECTION_CRITERIA}"

@@ -64,23 +64,48 @@ def selection_scores(
         for i in range(fixed.shape[0]):
             f, m, mask = fixed[i : i + 1], moving[i : i + 1], masks[i : i + 1]
             dense, _, probs = predict_field(model, f, m)
-            warped = warp(m, dense)
-            if "mind" in scores:
-                diff = (mind_ssc(f) - mind_ssc(warped)).pow(2).mean(1, keepdim=True)
-                scores["mind"].append(-float((diff * mask).sum() / mask.sum().clamp_min(1.0)))
-            if "nmi" in scores:
-                fg = mask[0, 0].cpu().numpy() > 0
-                scores["nmi"].append(
-                    normalised_mutual_information(
-                        f[0, 0].cpu().numpy(), warped[0, 0].cpu().numpy(), mask=fg
-                    )
-                )
+            _image_scores(scores, f, warp(m, dense), mask)
             if "agreement" in scores:
                 cp_fg = F.max_pool2d(mask, stride)[0, 0] > 0
                 d = projected_emd(probs[0, 0][cp_fg], probs[1, 0][cp_fg], reduction="none")
                 scores["agreement"].append(-float(d.mean()) if d.numel() else 0.0)
     model.train(was_training)
     return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def _image_scores(
+    scores: dict[str, list[float]], f: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor
+) -> None:
+    """Append the image scores (``"mind"``, ``"nmi"``) of one fixed/warped pair."""
+    if "mind" in scores:
+        diff = (mind_ssc(f) - mind_ssc(warped)).pow(2).mean(1, keepdim=True)
+        scores["mind"].append(-float((diff * mask).sum() / mask.sum().clamp_min(1.0)))
+    if "nmi" in scores:
+        fg = mask[0, 0].cpu().numpy() > 0
+        scores["nmi"].append(
+            normalised_mutual_information(
+                f[0, 0].cpu().numpy(), warped[0, 0].cpu().numpy(), mask=fg
+            )
+        )
+
+
+@torch.no_grad()
+def identity_criterion(
+    fixed: torch.Tensor, moving: torch.Tensor, masks: torch.Tensor, kind: str = "mind"
+) -> float | None:
+    """The selection score of no registration (moving as it is) on the same pairs, to
+    compare a model's :func:`selection_criterion` with; ``None`` for ``"agreement"``,
+    which only a model has."""
+    if kind not in SELECTION_CRITERIA:
+        raise ValueError(
+            f"unknown selection criterion {kind!r}; expected one of {SELECTION_CRITERIA}"
+        )
+    if kind == "agreement":
+        return None
+    scores: dict[str, list[float]] = {kind: []}
+    for i in range(fixed.shape[0]):
+        _image_scores(scores, fixed[i : i + 1], moving[i : i + 1], masks[i : i + 1])
+    return float(np.mean(scores[kind]))
 
 
 def selection_criterion(

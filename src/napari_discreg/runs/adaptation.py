@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 import napari_discreg
 
 from .. import __version__
-from ..core.adapt import AdaptState
+from ..core.adapt import AdaptState, holdout_split
 from ..core.checkpoint import checkpoint_info, read_checkpoint
 from ..core.config import AdaptConfig, TrainConfig
 from ..core.dataset import PairBatches, PairMaker, PairSet, evaluate_pairs
@@ -35,6 +36,7 @@ from ..core.distributed import (
 )
 from ..core.memory import ENV_LIMIT, adaptation_estimate, check_memory
 from ..core.model import DiscreteRegistrationNet
+from ..core.predict import identity_criterion, prepare_target
 from ..core.state import load_adaptation_state, save_adaptation_state
 from ..core.train import StepRecord, source_batches
 from .base import (
@@ -167,6 +169,12 @@ class AdaptationResult:
     interrupted run); ``state_path`` is the state file the run keeps (``None`` without
     ``checkpoint_every`` or ``resume``) and ``state_saved`` whether it was written at
     the end (it is not when the run failed inside an iteration).
+
+    The criteria (``initial_criterion`` at the start, ``best_criterion`` of the kept
+    weights) are scored on ``selection_pairs`` target pairs; ``held_out`` says they were
+    set aside and never adapted on (``AdaptConfig.holdout``), and ``identity_criterion``
+    is the score of no registration on the same pairs. The kept weights never score
+    below the start there: a run that finds nothing better keeps the starting weights.
     """
 
     model: DiscreteRegistrationNet
@@ -186,6 +194,42 @@ class AdaptationResult:
     weight_difference: float | None
     runtime_s: float
     state_error: str | None = None
+    selection_pairs: int = 0
+    held_out: bool = False
+    identity_criterion: float | None = None
+
+    @property
+    def unchanged(self) -> bool:
+        """True when the run kept its starting weights (no iteration scored better)."""
+        return self.best_iteration == self.start_step == 0
+
+    def selection_text(self) -> str:
+        """How the kept weights were judged, in one or two sentences: on which pairs, the
+        criterion at the start, of the kept weights and of no registration."""
+        init, best = self.initial_criterion, self.best_criterion
+        if init is None or best is None or not self.selection_pairs:
+            return ""
+        criterion = self.metadata.get("adaptation", {}).get("selection_criterion", "mind")
+        where = (
+            f"{self.selection_pairs} held-out target pair(s), not adapted on"
+            if self.held_out
+            else f"{self.selection_pairs} of the target pairs adapted on (too few to hold any out)"
+        )
+        kept = "start" if self.unchanged else f"iteration {self.best_iteration}"
+        text = (
+            f"Judged on {where}, by the {criterion} criterion (higher is better): start "
+            f"{init:.4f}, kept ({kept}) {best:.4f}"
+        )
+        ident = self.identity_criterion
+        if ident is None:
+            return text + "."
+        text += f", no registration {ident:.4f}."
+        if best < ident:
+            text += (
+                " The kept weights still score below no registration on these pairs: "
+                "Register may fall back to the unregistered image."
+            )
+        return text
 
 
 # ----------------------------------------------------------- settings and resume
@@ -417,6 +461,7 @@ def run_adaptation(spec: AdaptationSpec) -> Run[AdaptationProgress, AdaptationRe
             evaluate_pairs(model, eval_pairs) if ctx.is_main and eval_pairs is not None else None
         )
     start_step = state.step
+    selection = _selection_summary(fixed, moving, model, cfg) if ctx.is_main else {}
 
     source_desc = "MNI template, T1/T2-like/PD-like mono-modal pairs"
     source = None
@@ -484,6 +529,7 @@ def run_adaptation(spec: AdaptationSpec) -> Run[AdaptationProgress, AdaptationRe
             "folder": folder,
         },
         state_path=state_path,
+        selection=selection,
     )
     return Run(body, start_step=start_step, total=cfg.steps, spec=spec, context=ctx)
 
@@ -502,6 +548,7 @@ def _adapt(
     before: dict | None,
     info: dict[str, Any],
     state_path: Path | None,
+    selection: dict[str, Any],
 ) -> Generator[AdaptationProgress, None, AdaptationResult]:
     cfg, folder, every = spec.config, info["folder"], spec.checkpoint_every
     start_step = state.step
@@ -551,6 +598,7 @@ def _adapt(
                 "source": info["source"],
                 "evaluation": evaluation,
                 "evaluation_before": before,
+                "selection": selection,
                 "base_model": info["base_model"],
                 "resumed_from": str(spec.resume) if spec.resume else None,
                 "interrupted": interrupted,
@@ -658,4 +706,24 @@ def _adapt(
         weight_difference=sync,
         runtime_s=elapsed,
         state_error=state_error,
+        selection_pairs=int(selection.get("pairs", 0)),
+        held_out=bool(selection.get("held_out", False)),
+        identity_criterion=selection.get("identity"),
     )
+
+
+def _selection_summary(
+    fixed: np.ndarray, moving: np.ndarray, model: DiscreteRegistrationNet, cfg: AdaptConfig
+) -> dict[str, Any]:
+    """Which target pairs judge the weights (as :func:`~napari_discreg.core.adapt.adapt_steps`
+    splits them) and the criterion of no registration on them."""
+    n = int(np.shape(fixed)[0])
+    adapt_on, held = holdout_split(n, cfg.holdout, cfg.seed)
+    f, m, mask = prepare_target(fixed[held], moving[held], model.config.stride, torch.device("cpu"))
+    return {
+        "pairs": len(held),
+        "adapted_on": len(adapt_on),
+        "held_out": len(adapt_on) < n,
+        "criterion": cfg.criterion,
+        "identity": identity_criterion(f, m, mask, cfg.criterion),
+    }
