@@ -28,10 +28,11 @@ def _image(h: int, w: int) -> np.ndarray:
     return (np.sin(rr / 5.0) * np.cos(cc / 7.0) + 0.02 * rr).astype(np.float32)
 
 
-def _sitk_warp(moving: np.ndarray, field_image, spacing_rc) -> np.ndarray:
+def _sitk_warp(moving: np.ndarray, field_image, spacing_rc, origin_rc=(0.0, 0.0)) -> np.ndarray:
     """Resample ``moving`` with SimpleITK's DisplacementFieldTransform (linear)."""
     img = sitk.GetImageFromArray(moving.astype(np.float64))
     img.SetSpacing((float(spacing_rc[1]), float(spacing_rc[0])))
+    img.SetOrigin((float(origin_rc[1]), float(origin_rc[0])))
     disp = sitk.Cast(field_image, sitk.sitkVectorFloat64)
     tx = sitk.DisplacementFieldTransform(disp)
     out = sitk.Resample(img, img, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat64)
@@ -39,25 +40,27 @@ def _sitk_warp(moving: np.ndarray, field_image, spacing_rc) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["field.mha", "field.nii.gz", "field.nii"])
-@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.5, 2.0)])
-def test_itk_field_round_trip_through_simpleitk(tmp_path, name, spacing):
-    """SimpleITK reads the file as a vector image with the pixel grid it should have, and
-    its DisplacementFieldTransform warps the moving image like ``warp_numpy`` (away from
-    the border, where the two pad differently)."""
+@pytest.mark.parametrize(("spacing", "origin"), [((1.0, 1.0), None), ((0.5, 2.0), (5.0, -3.25))])
+def test_itk_field_round_trip_through_simpleitk(tmp_path, name, spacing, origin):
+    """SimpleITK reads the file as a vector image with the pixel grid it should have
+    (spacing and origin: napari's scale and translate), and its
+    DisplacementFieldTransform warps the moving image like ``warp_numpy`` (away from the
+    border, where the two pad differently)."""
     h, w = 40, 48
     field, moving = _smooth_field(h, w), _image(h, w)
-    path = write_field(tmp_path / name, field, spacing=spacing)
+    path = write_field(tmp_path / name, field, spacing=spacing, origin=origin)
     image = sitk.ReadImage(str(path))
     assert image.GetSize() == (w, h)
     assert image.GetNumberOfComponentsPerPixel() == 2
     np.testing.assert_allclose(image.GetSpacing(), (spacing[1], spacing[0]))
-    np.testing.assert_allclose(image.GetOrigin(), (0.0, 0.0), atol=1e-9)
+    origin_rc = origin or (0.0, 0.0)
+    np.testing.assert_allclose(image.GetOrigin(), (origin_rc[1], origin_rc[0]), atol=1e-9)
     np.testing.assert_allclose(image.GetDirection(), (1.0, 0.0, 0.0, 1.0), atol=1e-9)
     vectors = sitk.GetArrayFromImage(image)  # (H, W, 2), ITK (x, y), physical units
     np.testing.assert_allclose(vectors[..., 0], field[1] * spacing[1], atol=1e-5)
     np.testing.assert_allclose(vectors[..., 1], field[0] * spacing[0], atol=1e-5)
     ours = warp_numpy(moving, field, order=1)
-    theirs = _sitk_warp(moving, image, spacing)
+    theirs = _sitk_warp(moving, image, spacing, origin_rc)
     inner = (slice(4, -4), slice(4, -4))
     np.testing.assert_allclose(theirs[inner], ours[inner], atol=1e-4)
     # and napari-discreg reads its own file back in pixels
@@ -76,10 +79,13 @@ def test_a_field_simpleitk_wrote_reads_back_in_pixels(tmp_path):
 
 def test_a_field_stack_is_a_3d_itk_field_over_the_volume(tmp_path):
     stack = np.stack([_smooth_field(20, 22, seed=k) for k in range(3)])
-    path = save_field(tmp_path / "stack.nii.gz", stack, spacing=(3.0, 0.5, 0.5))
+    path = save_field(
+        tmp_path / "stack.nii.gz", stack, spacing=(3.0, 0.5, 0.5), origin=(9.0, 1.0, 2.0)
+    )
     image = sitk.ReadImage(str(path))
     assert image.GetSize() == (22, 20, 3) and image.GetNumberOfComponentsPerPixel() == 3
     np.testing.assert_allclose(image.GetSpacing(), (0.5, 0.5, 3.0))
+    np.testing.assert_allclose(image.GetOrigin(), (2.0, 1.0, 9.0), atol=1e-9)
     vec = sitk.GetArrayFromImage(image)
     np.testing.assert_allclose(vec[..., 2], 0.0)
     np.testing.assert_allclose(vec[1, ..., 0], stack[1, 1] * 0.5, atol=1e-5)

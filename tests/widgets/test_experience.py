@@ -247,12 +247,12 @@ def test_the_three_panels_fit_a_1366_by_768_screen(make_napari_viewer, qtbot):
         assert not scroll.isAncestorOf(button)
 
 
-def test_saved_itk_field_carries_the_layer_spacing(
+def test_saved_itk_field_carries_the_layer_spacing_and_origin(
     viewer, tiny_model_path, small_pair, wait_job, tmp_path
 ):
     sitk = pytest.importorskip("SimpleITK")
-    viewer.add_image(small_pair.fixed, name="fixed", scale=(0.5, 2.0))
-    viewer.add_image(small_pair.moving, name="moving", scale=(0.5, 2.0))
+    viewer.add_image(small_pair.fixed, name="fixed", scale=(0.5, 2.0), translate=(10.0, -4.0))
+    viewer.add_image(small_pair.moving, name="moving", scale=(0.5, 2.0), translate=(10.0, -4.0))
     widget = RegisterWidget(viewer)
     assert widget.load_checkpoint(tiny_model_path)
     wait_job(widget.run())
@@ -260,6 +260,7 @@ def test_saved_itk_field_carries_the_layer_spacing(
     out = widget.save_field(tmp_path / "field.nii.gz")
     image = sitk.ReadImage(str(out))
     np.testing.assert_allclose(image.GetSpacing(), (2.0, 0.5))
+    np.testing.assert_allclose(image.GetOrigin(), (-4.0, 10.0))  # the fixed layer's translate
     vec = sitk.GetArrayFromImage(image)
     np.testing.assert_allclose(vec[..., 0], field[1] * 2.0, atol=1e-5)  # x: columns, in mm
     np.testing.assert_allclose(vec[..., 1], field[0] * 0.5, atol=1e-5)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._field_io import FIELD_KEY, ORIGIN_KEY, SPACING_KEY
 from ..core.geometry import in_plane_axes
 from ..core.io import save_field
 from ..core.warp import warp_numpy
@@ -25,13 +26,41 @@ def save_run_field(path: str | os.PathLike, run: RegistrationRun | None) -> Path
     """Write the field of ``run``: one slice ``(2, H, W)``, several ``(N, 2, H, W)``.
 
     ITK files (``.mha``, ``.nii.gz``) are in physical units: the fixed layer's scale is
-    the pixel spacing (and, for several slices, the slice spacing).
+    the pixel spacing (and, for several slices, the slice spacing) and its translate
+    the origin.
     """
     if run is None:
         raise ValueError("register first: there is no field to save")
+    meta = field_metadata(run)
+    return save_field(path, meta[FIELD_KEY], spacing=meta[SPACING_KEY], origin=meta[ORIGIN_KEY])
+
+
+def field_metadata(run: RegistrationRun) -> dict:
+    """The dense field of ``run`` (one slice ``(2, H, W)``, several ``(N, 2, H, W)``) with
+    its spacing and origin, as the displacement layer's metadata carries them (what
+    *File > Save Selected Layer* writes, :mod:`napari_discreg._field_io`)."""
     keys = slice_order(run.fields)
-    arr = run.fields[keys[0]] if len(keys) == 1 else np.stack([run.fields[k] for k in keys])
-    return save_field(path, arr, spacing=field_spacing(run, stack=len(keys) > 1))
+    stack = len(keys) > 1
+    arr = np.stack([run.fields[k] for k in keys]) if stack else run.fields[keys[0]]
+    return {
+        FIELD_KEY: arr,
+        SPACING_KEY: field_spacing(run, stack=stack),
+        ORIGIN_KEY: field_origin(run, first=keys[0] if stack else None),
+    }
+
+
+def field_origin(run: RegistrationRun, *, first: int | None = None) -> tuple[float, ...] | None:
+    """The fixed layer's ``translate`` (the first pixel's world position) in the field's
+    axis order; for a stack whose first slice is ``first``, that slice's position along
+    the slice axis. ``None`` if unknown."""
+    translate = tuple(float(v) for v in run.fixed_translate)
+    if not translate:
+        return None
+    plane = [translate[a] for a in in_plane_axes(len(translate), run.axis)]
+    if first is not None and run.axis is not None:
+        scale = tuple(float(v) for v in run.fixed_scale) or (1.0,) * len(translate)
+        return (translate[run.axis] + first * scale[run.axis], *plane)
+    return tuple(plane)
 
 
 def field_spacing(run: RegistrationRun, *, stack: bool) -> tuple[float, ...] | None:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 from napari.layers import Image, Labels, Points
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -38,10 +38,10 @@ from ..core.io import load_field
 from ..core.register import method_summary
 from ..runs.registration import RegistrationSpec, run_registration
 from . import _notify
-from ._field_files import run_from_field, save_run_field
+from ._field_files import field_metadata, run_from_field, save_run_field
 from ._io import FIELD_FILTER, IMAGE_FILTER, layer_name_for, read_image_file
 from ._landmarks import format_tre, matching_landmarks, tre_summary
-from ._layers import check_image_pair
+from ._layers import check_image_pair, warm_up_layer_types
 from ._model_choice import ModelBox
 from ._pickers import LayerCombo, preferring
 from ._qt import OUTPUT_WORDS, row, scrolled_layout, select_data, tabbed_panel
@@ -292,6 +292,8 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         self.points_frame_combo.setEnabled(True)
         self.volume_box.update_for_layer()
         tabbed_panel(self)
+        # once the panel is shown: the first Register's layers then add without first costs
+        QTimer.singleShot(0, warm_up_layer_types)
 
     # ------------------------------------------------------------------ inputs
     def viewer_slice(self) -> int | None:
@@ -636,9 +638,13 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
                 grid_spacing=float(self.grid_spacing_spin.value()),
             )
         shown = {role for role, check in self.show_checks.items() if check.isChecked()}
+        layers: dict = {}
         yield from show_outputs_steps(
-            self.viewer, run, run.outputs, mode=self.review_mode(), shown=shown
+            self.viewer, run, run.outputs, mode=self.review_mode(), shown=shown, layers=layers
         )
+        arrows = layers.get(DISPLACEMENT)
+        if arrows is not None:  # the dense field, for File > Save Selected Layer
+            arrows.metadata = {**arrows.metadata, **field_metadata(run)}
         self.state.set_run(run)
         self._hide_moving_under_review()
 

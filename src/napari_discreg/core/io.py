@@ -649,7 +649,9 @@ def _check_field(field: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(field, dtype=np.float32)
 
 
-def _field_writer(field: np.ndarray, ext: str, spacing) -> Callable[[Path], None] | None:
+def _field_writer(
+    field: np.ndarray, ext: str, spacing, origin=None
+) -> Callable[[Path], None] | None:
     """How a field file of extension ``ext`` is written (``None``: plain ``.npy``).
 
     TIFF fields carry :data:`~napari_discreg.core.itk_field.CONVENTION` as JSON in their
@@ -657,11 +659,13 @@ def _field_writer(field: np.ndarray, ext: str, spacing) -> Callable[[Path], None
     holds the bare array (its format has no room for metadata).
     """
     if ext in ITK_FIELD_EXTENSIONS:
-        return lambda tmp: write_itk_field(tmp, field, spacing, ext=ext)
+        return lambda tmp: write_itk_field(tmp, field, spacing, ext=ext, origin=origin)
     if ext in (".tif", ".tiff"):
         meta = {**CONVENTION, "shape": list(field.shape)}
         if spacing is not None:
             meta["spacing"] = [float(v) for v in spacing]
+        if origin is not None:
+            meta["origin"] = [float(v) for v in origin]
 
         def write_tiff(tmp: Path) -> None:
             import tifffile
@@ -678,19 +682,20 @@ def _field_writer(field: np.ndarray, ext: str, spacing) -> Callable[[Path], None
     return None
 
 
-def write_field(path: str | os.PathLike, displacement, *, spacing=None) -> Path:
+def write_field(path: str | os.PathLike, displacement, *, spacing=None, origin=None) -> Path:
     """Write a ``(2, H, W)`` displacement field (pixels, row/col), float32.
 
     ``.npy`` and TIFF hold the array itself (TIFF with the convention and units as
     JSON in its description); ``.mha``, ``.nii`` and ``.nii.gz`` an ITK displacement
     field in physical units (``spacing``: the pixel size in (row, col) order, default
-    1), which SimpleITK, transformix and ANTs read (:mod:`~napari_discreg.core.itk_field`).
+    1; ``origin``: the first pixel's position in the same order, default 0), which
+    SimpleITK, transformix and ANTs read (:mod:`~napari_discreg.core.itk_field`).
     Atomic like :func:`write_image`. Raises :class:`ValueError` for another shape or
     extension.
     """
     p = Path(path)
     field = _check_field(np.asarray(displacement), str(p))
-    writer = _field_writer(field, _extension(p), spacing)
+    writer = _field_writer(field, _extension(p), spacing, origin)
     return _atomic_write(p, field, FIELD_EXTENSIONS, "a displacement field", writer=writer)
 
 
@@ -744,12 +749,12 @@ def read_field(path: str | os.PathLike) -> np.ndarray:
     return _check_field(_read_field_file(p), str(p))
 
 
-def save_field(path: str | os.PathLike, field, *, spacing=None) -> Path:
+def save_field(path: str | os.PathLike, field, *, spacing=None, origin=None) -> Path:
     """Write one field ``(2, H, W)`` or a stack ``(N, 2, H, W)`` (float32) atomically.
 
     A stack holds the field of slice ``n`` of a volume at index ``n`` (as an ITK file:
     a 3D field with zero z components over the whole volume, ``spacing`` then in
-    (slice, row, col) order); one field is written by :func:`write_field` (the format
+    (slice, row, col) order, like ``origin``); one field is written by :func:`write_field` (the format
     the command line reads and writes).
     Raises :class:`ValueError` for another shape or an extension not in
     :data:`FIELD_EXTENSIONS`, :class:`OSError` when the file cannot be written.
@@ -761,8 +766,8 @@ def save_field(path: str | os.PathLike, field, *, spacing=None) -> Path:
             f"a displacement field has shape (2, H, W) or (N, 2, H, W), got {arr.shape}"
         )
     if arr.ndim == 3:
-        return write_field(p, arr, spacing=spacing)
-    writer = _field_writer(arr, _extension(p), spacing)
+        return write_field(p, arr, spacing=spacing, origin=origin)
+    writer = _field_writer(arr, _extension(p), spacing, origin)
     return _atomic_write(p, arr, FIELD_EXTENSIONS, "a displacement field", writer=writer)
 
 

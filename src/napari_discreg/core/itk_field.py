@@ -14,8 +14,9 @@ column axis, y = the row axis). The two are the same backward map, so the conver
     d[..., 0] = u[1] * spacing_col      (x)
     d[..., 1] = u[0] * spacing_row      (y)
 
-on an image with origin 0 and identity direction whose pixel ``(r, c)`` is at
-``(c * spacing_col, r * spacing_row)``. A stack of 2D fields ``(N, 2, H, W)`` (one per
+on an image with identity direction whose pixel ``(r, c)`` is at
+``(origin_col + c * spacing_col, origin_row + r * spacing_row)`` (origin 0 unless given;
+napari's ``translate`` of the fixed layer). A stack of 2D fields ``(N, 2, H, W)`` (one per
 slice of a volume) is written as a 3D field ``(N, H, W, 3)`` with zero z components, so
 it applies to the whole volume.
 
@@ -106,23 +107,35 @@ def from_itk_vectors(vectors: np.ndarray, spacing_xyz) -> np.ndarray:
     )
 
 
-def write_itk_field(path: str | os.PathLike, field, spacing=None, *, ext: str) -> None:
+def _origin(origin, ndim: int) -> np.ndarray:
+    """The physical position of pixel 0 in ITK order (x, y[, z]) from array order."""
+    if origin is None:
+        return np.zeros(ndim)
+    o = np.asarray(origin, dtype=float).ravel()
+    if o.size != ndim or not np.isfinite(o).all():
+        raise ValueError(f"origin must be {ndim} finite numbers (array axis order), got {origin!r}")
+    return o[::-1].copy()
+
+
+def write_itk_field(path: str | os.PathLike, field, spacing=None, *, ext: str, origin=None) -> None:
     """Write ``field`` (pixels, (row, col)) to ``path`` as an ITK displacement field.
 
     ``ext`` chooses the format (``path`` may be a temporary name): ``.mha`` or
     ``.nii``/``.nii.gz``. ``spacing`` is the pixel size in array order (row, col), or
-    (slice, row, col) for a stack; default 1.
+    (slice, row, col) for a stack; default 1. ``origin`` is the physical position of
+    the first pixel in the same order (napari's ``translate``); default 0.
     """
     vec, sp = to_itk_vectors(field, spacing)
+    org = _origin(origin, vec.ndim - 1)
     if ext == ".mha":
-        _write_mha(Path(path), vec, sp)
+        _write_mha(Path(path), vec, sp, org)
     elif ext in (".nii", ".nii.gz"):
-        _write_nifti(Path(path), vec, sp, compressed=ext == ".nii.gz")
+        _write_nifti(Path(path), vec, sp, org, compressed=ext == ".nii.gz")
     else:
         raise ValueError(f"ITK fields are written as {', '.join(ITK_FIELD_EXTENSIONS)}, not {ext}")
 
 
-def _write_mha(path: Path, vec: np.ndarray, spacing: np.ndarray) -> None:
+def _write_mha(path: Path, vec: np.ndarray, spacing: np.ndarray, origin: np.ndarray) -> None:
     ndim = vec.ndim - 1
     size = vec.shape[:-1][::-1]  # ITK order (x, y[, z])
     eye = " ".join("1" if i == j else "0" for i in range(ndim) for j in range(ndim))
@@ -134,7 +147,7 @@ def _write_mha(path: Path, vec: np.ndarray, spacing: np.ndarray) -> None:
             "BinaryDataByteOrderMSB = False",
             "CompressedData = False",
             f"TransformMatrix = {eye}",
-            f"Offset = {' '.join(['0'] * ndim)}",
+            f"Offset = {' '.join(repr(float(v)) for v in origin)}",
             f"CenterOfRotation = {' '.join(['0'] * ndim)}",
             f"ElementSpacing = {' '.join(repr(float(v)) for v in spacing)}",
             f"DimSize = {' '.join(str(int(v)) for v in size)}",
@@ -150,7 +163,9 @@ def _write_mha(path: Path, vec: np.ndarray, spacing: np.ndarray) -> None:
         fh.write(np.ascontiguousarray(vec, dtype="<f4").tobytes())
 
 
-def _write_nifti(path: Path, vec: np.ndarray, spacing: np.ndarray, *, compressed: bool) -> None:
+def _write_nifti(
+    path: Path, vec: np.ndarray, spacing: np.ndarray, origin: np.ndarray, *, compressed: bool
+) -> None:
     import nibabel as nib
 
     # ITK's NIfTI layout: voxel axes (x, y, z, t, components), x fastest
@@ -161,6 +176,9 @@ def _write_nifti(path: Path, vec: np.ndarray, spacing: np.ndarray, *, compressed
         data = np.transpose(vec, (2, 1, 0, 3))[:, :, :, None, :]
         sx, sy, sz = (float(v) for v in spacing)
     affine = np.diag([-sx, -sy, sz, 1.0])  # ITK's identity direction, LPS -> RAS
+    ox, oy = float(origin[0]), float(origin[1])
+    oz = float(origin[2]) if origin.size > 2 else 0.0
+    affine[:3, 3] = (-ox, -oy, oz)
     img = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), affine)
     hdr = img.header
     hdr.set_intent("vector", (), name="displacement")
@@ -180,6 +198,47 @@ def read_itk_field(path: str | os.PathLike, ext: str) -> np.ndarray:
     else:
         vec, spacing = _read_nifti(p)
     return from_itk_vectors(vec, spacing)
+
+
+def itk_field_geometry(
+    path: str | os.PathLike, ext: str
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The pixel spacing and origin (the first pixel's position) an ITK field file
+    declares, in array order ((row, col) or (slice, row, col)), from its header alone."""
+    p = Path(path)
+    if ext == ".mha":
+        fields, _ = _mha_header(p)
+        try:
+            ndim = int(fields["NDims"])
+            spacing = [float(v) for v in fields.get("ElementSpacing", "").split()] or [1.0] * ndim
+            origin = [float(v) for v in fields.get("Offset", "").split()] or [0.0] * ndim
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{p}: malformed MetaImage header ({exc})") from exc
+        if len(spacing) != ndim or len(origin) != ndim:
+            raise ValueError(f"{p}: ElementSpacing and Offset must have NDims = {ndim} values")
+        return tuple(spacing[::-1]), tuple(origin[::-1])
+    import nibabel as nib
+
+    img: Any = nib.load(str(p))
+    shape = img.header.get_data_shape()
+    ndim = 3 if len(shape) == 5 and shape[4] == 3 else 2
+    zooms = [float(v) for v in img.header.get_zooms()[:ndim]]
+    a = img.affine
+    origin = [-float(a[0, 3]), -float(a[1, 3]), float(a[2, 3])][:ndim]  # RAS -> ITK's LPS
+    return tuple(zooms[::-1]), tuple(origin[::-1])
+
+
+def is_itk_field(path: str | os.PathLike, ext: str) -> bool:
+    """True when ``path`` declares an ITK displacement field in its header: a 2D image of
+    2-vectors or a 3D image of 3-vectors (``.mha``), a 5D NIfTI vector image (``.nii``,
+    ``.nii.gz``). Never raises: an unreadable file is not a field."""
+    try:
+        shape = itk_field_shape(path, ext)
+    except Exception:  # noqa: BLE001 - any unreadable header: not ours to read
+        return False
+    if ext == ".mha":
+        return len(shape) in (3, 4) and shape[-1] == len(shape) - 1
+    return len(shape) == 5 and shape[3] == 1 and shape[4] in (2, 3)
 
 
 def itk_field_shape(path: str | os.PathLike, ext: str) -> tuple[int, ...]:
