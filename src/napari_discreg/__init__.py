@@ -25,8 +25,8 @@ except PackageNotFoundError:  # pragma: no cover - a source tree that is not ins
 # (napari's plugin discovery, the CLI's --help) does not import torch
 _LAZY: dict[str, tuple[str, str]] = {
     "BSplineConfig": (".core.config", "BSplineConfig"),
-    "DEFAULT_METHOD": (".core.register", "DEFAULT_METHOD"),
-    "METHODS": (".core.register", "METHODS"),
+    "DEFAULT_METHOD": (".core.methods", "DEFAULT_METHOD"),
+    "METHODS": (".core.methods", "METHODS"),
     "RefineConfig": (".core.config", "RefineConfig"),
     "RegistrationResult": (".core.register", "RegistrationResult"),
     "StepRecord": (".core.train", "StepRecord"),
@@ -57,7 +57,8 @@ if TYPE_CHECKING:  # pragma: no cover - what static tools see
     from .core.checkpoint import load_model
     from .core.checkpoint import save_checkpoint as save_model
     from .core.config import BSplineConfig, RefineConfig
-    from .core.register import DEFAULT_METHOD, METHODS, RegistrationResult, register
+    from .core.methods import DEFAULT_METHOD, METHODS
+    from .core.register import RegistrationResult, register
     from .core.train import StepRecord
 
 

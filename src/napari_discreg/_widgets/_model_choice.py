@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
 
 from ..core.checkpoint import load_model, shipped_model_path
 from ..core.config import SHIPPED_MODELS, RefineConfig
-from ..core.register import DEFAULT_METHOD, METHODS
+from ..core.methods import DEFAULT_METHOD, METHODS
 from . import _notify
 from ._io import CHECKPOINT_FILTER, layer_name_for
 from ._qt import row, select_data
@@ -74,18 +74,19 @@ class ModelBox(QGroupBox):
 
         # the same methods, default first, as register() and the command line
         self.method_combo = QComboBox()
-        for name, description in METHODS.items():
+        for name, method in METHODS.items():
             label = f"{name} (default)" if name == DEFAULT_METHOD else name
             self.method_combo.addItem(label, name)
             self.method_combo.setItemData(
-                self.method_combo.count() - 1, description, Qt.ItemDataRole.ToolTipRole
+                self.method_combo.count() - 1, method.description, Qt.ItemDataRole.ToolTipRole
             )
         self.method_combo.setCurrentIndex(list(METHODS).index(DEFAULT_METHOD))
         self.method_combo.setToolTip(
-            "How the field is made. bspline (default): B-spline Gauss-Newton over MIND-SSC "
-            "descriptors, the most accurate and on CPU the fastest (docs/benchmarks.md); "
-            "network: the network's field alone. The inspector shows the network's "
-            "histograms whatever the method."
+            "How the field is made after the pre-alignment. network (default): the "
+            "network's field, coarse to fine, the most accurate on real stain pairs "
+            "(docs/benchmarks.md, 'Real landmarks'); bspline: B-spline Gauss-Newton over "
+            "MIND-SSC descriptors; none: the pre-alignment alone. The inspector shows the "
+            "network's histograms whatever the method."
         )
         self.adam_steps_spin = QSpinBox()
         self.adam_steps_spin.setRange(1, 2000)
@@ -133,12 +134,12 @@ class ModelBox(QGroupBox):
 
     def refine_settings(self) -> RefineConfig | None:
         """Settings for ``register(refine=...)``: the Adam steps of network+adam, else None."""
-        if self.method() == "network+adam":
+        if METHODS[self.method()].settings_type is RefineConfig:
             return RefineConfig(steps=self.adam_steps_spin.value())
         return None
 
     def _method_changed(self) -> None:
-        self.adam_steps_spin.setEnabled(self.method() == "network+adam")
+        self.adam_steps_spin.setEnabled(METHODS[self.method()].settings_type is RefineConfig)
 
     # ------------------------------------------------------------------ model
     def _source_changed(self) -> None:

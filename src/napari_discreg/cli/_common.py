@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import save_model
 from ..core import io
-from ..core.config import SHIPPED_MODELS, FolderConfig
+from ..core.config import FOREGROUND_THRESHOLD, SHIPPED_MODELS, FolderConfig
 from ..core.data import normalise_intensity
 from ..core.distributed import (
     TIMEOUT_ENV,
@@ -30,6 +30,7 @@ from ..core.distributed import (
     collective_failure,
     shutdown,
 )
+from ..core.methods import method_named
 from ..runs.base import jsonable as _jsonable
 from ..runs.base import make_dirs as _make_dirs
 from ..runs.base import remove_empty as _remove_empty
@@ -356,8 +357,9 @@ def save_run_model(model, out: Path, extra: dict, *, interrupted: bool, ctx) -> 
 
 
 def _foreground(image: np.ndarray) -> np.ndarray | None:
-    """Foreground of an image (normalised intensity > 0.05), None when (nearly) empty."""
-    mask = normalise_intensity(image) > 0.05
+    """Foreground of an image (normalised intensity > FOREGROUND_THRESHOLD), None when
+    (nearly) empty."""
+    mask = normalise_intensity(image) > FOREGROUND_THRESHOLD
     return mask if mask.sum() >= 16 else None
 
 
@@ -468,3 +470,9 @@ def _evaluation_text(evaluation: dict | None) -> str:
         f"{ident['label_accuracy']:.1%} -> {mod['label_accuracy']:.1%}, EPE "
         f"{ident['epe']:.3f} -> {mod['epe']:.3f} px, folding {mod['folding']:.3%}"
     )
+
+
+def check_refine_flag(method: str | None, steps: int | None) -> None:
+    """``--refine STEPS`` (Adam steps per level) only with a method that takes them."""
+    if steps is not None and method is not None and method_named(method).optimiser != "adam":
+        raise ValueError(f"--refine STEPS applies to --method network+adam, not {method}")

@@ -13,6 +13,7 @@ from ..core.config import DataConfig
 from ..core.data import TISSUES, load_template, make_pair, normalise_intensity
 from ..core.evaluate import control_point_accuracy
 from ..core.geometry import fixed_to_moving
+from ..core.methods import DEFAULT_METHOD, METHODS, resolve_method
 from ..core.metrics import (
     dice,
     end_point_error,
@@ -20,7 +21,7 @@ from ..core.metrics import (
     normalised_mutual_information,
 )
 from ..core.model import resolve_device
-from ..core.register import DEFAULT_METHOD, METHODS, method_summary, resolve_method
+from ..core.register import method_summary
 from ..core.warp import warp_numpy
 from ..runs.base import load_base_model
 from ..runs.registration import RegistrationSpec, register_pair
@@ -34,6 +35,7 @@ from ._common import (
     _write_json,
     _write_text,
     add_memory_option,
+    check_refine_flag,
 )
 
 
@@ -329,9 +331,9 @@ def _run_demo(args) -> int:
     template = load_template(args.size)
     pair = make_pair(template, index, "t1", "t2", np.random.default_rng(args.seed), dcfg)
 
-    if args.refine is not None and args.method in ("bspline", "network+bspline", "network"):
-        raise ValueError(f"--refine STEPS applies to --method network+adam, not {args.method}")
-    method, settings = resolve_method(args.method, args.refine)
+    check_refine_flag(args.method, args.refine)
+    chosen, settings = resolve_method(args.method, args.refine)
+    method = chosen.name
     runs = {}
     for name in dict.fromkeys([method, "network"]):
         how = settings if name == method else None

@@ -9,6 +9,7 @@ import numpy as np
 from ..core import io
 from ..core.config import RefineConfig
 from ..core.itk_field import itk_affine_text
+from ..core.methods import DEFAULT_METHOD, METHODS
 from ..core.metrics import normalised_mutual_information
 from ..core.model import resolve_device
 from ..core.prealign import (
@@ -18,7 +19,7 @@ from ..core.prealign import (
     resample,
     unmoved_matrix,
 )
-from ..core.register import DEFAULT_METHOD, METHODS, method_summary
+from ..core.register import method_summary
 from ..runs.base import load_base_model
 from ..runs.registration import RegistrationSpec, register_pair
 from ._common import (
@@ -32,6 +33,7 @@ from ._common import (
     _write_json,
     _write_text,
     add_memory_option,
+    check_refine_flag,
     refuse_overwriting_inputs,
 )
 
@@ -68,7 +70,7 @@ def _add_register(sub) -> None:
         choices=list(METHODS),
         default=None,
         help=f"how the field is made (default {DEFAULT_METHOD}: "
-        + "; ".join(f"{k}: {v}" for k, v in METHODS.items())
+        + "; ".join(f"{k}: {m.description}" for k, m in METHODS.items())
         + ")",
     )
     p.add_argument(
@@ -123,8 +125,7 @@ def _run_register(args) -> int:
     device = resolve_device(args.device)
     model, model_desc = load_base_model(args.model, device)
 
-    if args.refine is not None and args.method in ("bspline", "network+bspline", "network"):
-        raise ValueError(f"--refine STEPS applies to --method network+adam, not {args.method}")
+    check_refine_flag(args.method, args.refine)
     start = time.perf_counter()
     result = register_pair(
         RegistrationSpec(

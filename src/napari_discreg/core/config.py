@@ -416,6 +416,11 @@ class AdaptConfig(Config):
             raise ValueError("discrepancy_weight and source_weight_c must be >= 0")
 
 
+FOREGROUND_THRESHOLD = 0.05
+"""A pixel of a normalised image (robust percentiles to [0, 1]) is foreground above this:
+the tissue the network's losses, the selection criterion and the quality figures count."""
+
+
 @dataclass(frozen=True)
 class FolderConfig(Config):
     """How the user's own image files become training slices (:mod:`.core.dataset`).
@@ -444,7 +449,7 @@ class FolderConfig(Config):
     """
 
     axis: int | None = None
-    foreground_threshold: float = 0.05
+    foreground_threshold: float = FOREGROUND_THRESHOLD
     min_foreground: float = 0.25
     margin: float = 0.05
     val_fraction: float = 0.1

@@ -43,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ENV_PREFIX, ModelConfig, limit_setting
+from .methods import Method, method_named
 
 ENV_LIMIT = ENV_PREFIX + "MAX_MEMORY_GB"
 """Environment variable: the most memory (GB, 1e9 bytes) one job may need by the estimate."""
@@ -104,17 +105,16 @@ def network_bytes(config: ModelConfig, shape: tuple[int, int], batch: int = 1) -
     return int(pixels * _INFER_PER_PIXEL + cpl * _INFER_PER_CP_LABEL + sampled * _INFER_PER_SAMPLED)
 
 
-def register_estimate(config: ModelConfig, method: str, shape: tuple[int, int]) -> MemoryEstimate:
+def register_estimate(
+    config: ModelConfig, method: Method | str, shape: tuple[int, int]
+) -> MemoryEstimate:
     """What ``register(method=method)`` of one pair of ``shape`` needs at its peak."""
+    m = method_named(method) if isinstance(method, str) else method
     h, w = (int(n) for n in shape)
-    spline = h * w * _BSPLINE_PER_PIXEL
-    if method in ("bspline", "none"):
-        total = spline
-    elif method == "network":
-        total = network_bytes(config, shape)
-    else:
-        total = network_bytes(config, shape) + spline
-    return MemoryEstimate(total, f"registering {h} x {w} px with method {method!r}")
+    total = h * w * _BSPLINE_PER_PIXEL if (m.optimiser or not m.network) else 0
+    if m.network:
+        total += network_bytes(config, shape)
+    return MemoryEstimate(total, f"registering {h} x {w} px with method {m.name!r}")
 
 
 def training_bytes(config: ModelConfig, shape: tuple[int, int], batch: int) -> int:

@@ -6,13 +6,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SELECTION_CRITERIA
+from .config import FOREGROUND_THRESHOLD, SELECTION_CRITERIA
 from .discrepancy import projected_emd
 from .labels import expected_displacement
 from .metrics import normalised_mutual_information
+from .mind import mind_ssc
 from .model import DiscreteRegistrationNet, probabilities
 from .preprocess import check_stack, network_input
-from .refine import mind_ssc
 from .warp import upsample_field, warp
 
 # ----------------------------------------------------------------------- prediction
@@ -128,5 +128,5 @@ def prepare_target(fixed, moving, stride: int, device: torch.device) -> tuple[to
         raise ValueError(f"fixed {f.shape} and moving {m.shape} stacks must have the same shape")
     ft = network_input(f, stride, device)
     mt = network_input(m, stride, device)
-    mask = ((ft > 0.05) | (mt > 0.05)).float()
+    mask = ((ft > FOREGROUND_THRESHOLD) | (mt > FOREGROUND_THRESHOLD)).float()
     return ft, mt, mask

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bspline import bspline_refine, level_schedule
+from .bspline import bspline_refine
 from .checkpoint import load_model
-from .config import BSplineConfig, RefineConfig
+from .config import FOREGROUND_THRESHOLD, BSplineConfig, RefineConfig
 from .discrepancy import projected_emd
-from .geometry import control_point_index, control_point_position
+from .geometry import control_grid_shape, control_point_index, control_point_position
 from .labels import argmax_label
 from .memory import ENV_LIMIT, check_memory, register_estimate
+from .methods import DEFAULT_METHOD, method_named, resolve_method
 from .mind import mind_ssc
 from .model import DiscreteRegistrationNet, mode_independent, resolve_device
 from .prealign import (
@@ -35,27 +36,10 @@ from .prealign import (
 from .prealign import prealign as find_prealignment
 from .predict import predict_field
 from .preprocess import check_image, min_image_size, network_input, pad_to_multiple
-from .refine import no_worse_than_identity, refine_field, refine_step_count
+from .refine import no_worse_than_identity, refine_field
 from .warp import affine_positions, jacobian_determinant, pixel_grid, sample, warp
 
 _DEFAULT_MODELS: dict[str, DiscreteRegistrationNet] = {}
-
-METHODS: dict[str, str] = {
-    "network": "the network's field, coarse to fine (the default: most accurate on real pairs)",
-    "bspline": "B-spline Gauss-Newton on MIND-SSC",
-    "network+bspline": "the network's field, refined by B-spline Gauss-Newton",
-    "network+adam": "the network's field, refined by Adam on a dense grid",
-    "none": "no deformable stage: the pre-alignment alone",
-}
-"""Every deformable method (run after the pre-alignment) by name, with a one-line
-description."""
-
-DEFAULT_METHOD = "network"
-"""What ``register()``, ``napari-discreg register`` and the Register widget run after the
-pre-alignment unless told otherwise: chosen on the real stain pairs with human landmarks
-(``benchmarks/landmarks.py``, "Real pairs" in docs/benchmarks.md), where the network was
-more accurate than the B-spline method and than elastix and ANTs, and invents no motion
-on unmoved pairs."""
 
 
 class NetworkOutputs:
@@ -70,13 +54,6 @@ class NetworkOutputs:
         self._inputs = (model, fixed, moving)
         self._values: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
-
-    @classmethod
-    def from_arrays(cls, probabilities, discrepancy, labels) -> NetworkOutputs:
-        """Outputs already computed (e.g. a result rebuilt from saved arrays)."""
-        out = cls(None, None, None)
-        out._values = (np.asarray(probabilities), np.asarray(discrepancy), np.asarray(labels))
-        return out
 
     def set(self, probs: torch.Tensor) -> None:
         self._values = _summarise(probs)
@@ -200,7 +177,9 @@ def capture_range_check(
     padded pair suggest motion beyond the capture range, else ``None``."""
     mean = probs.mean(0)[0].float()  # (h, w, K, K)
     h, w, k, _ = mean.shape
-    fg = torch.nn.functional.max_pool2d(((fixed > 0.05) | (moving > 0.05)).float(), stride)
+    fg = torch.nn.functional.max_pool2d(
+        ((fixed > FOREGROUND_THRESHOLD) | (moving > FOREGROUND_THRESHOLD)).float(), stride
+    )
     fg = fg[0, 0, :h, :w] > 0
     if not bool(fg.any()):
         return None
@@ -323,7 +302,7 @@ class RegistrationResult:
 
     def control_point(self, row: float, col: float) -> tuple[int, int]:
         """Index ``(i, j)`` of the control point whose block holds pixel ``(row, col)``."""
-        h, w = control_grid(self.displacement.shape[-2:], self.stride)
+        h, w = control_grid_shape(self.displacement.shape[-2:], self.stride)
         return control_point_index(row, col, self.stride, (h, w))
 
     def control_point_position(self, i: int, j: int) -> tuple[float, float]:
@@ -334,19 +313,10 @@ class RegistrationResult:
 def method_summary(result: RegistrationResult) -> str:
     """A short phrase for messages: how ``result``'s field was made."""
     pre = "" if result.prealign == "none" else f"{result.prealign} pre-alignment, then "
-    if result.method == "none":
+    method = method_named(result.method)
+    if not method.network and method.optimiser is None:
         return f"the {result.prealign} pre-alignment alone" if pre else "no registration"
-    if result.method == "network":
-        return f"{pre}the network (coarse to fine)"
-    kind = "Adam steps per level" if result.method == "network+adam" else "Gauss-Newton steps"
-    start = "the network, then " if result.method.startswith("network+") else ""
-    name = "Adam" if result.method == "network+adam" else "B-spline Gauss-Newton"
-    return f"{pre}{start}{name} ({result.refine_steps} {kind})"
-
-
-def control_grid(shape: tuple[int, int], stride: int) -> tuple[int, int]:
-    """Control grid ``(h, w)`` of the network for an image of ``shape`` (padded up)."""
-    return -(-int(shape[0]) // stride), -(-int(shape[1]) // stride)
+    return pre + method.summary(result.refine_steps)
 
 
 def default_model(device=None) -> DiscreteRegistrationNet:
@@ -447,7 +417,7 @@ def register(
         than the label range needs, that would need more memory than allowed, and for
         an unknown method, pre-alignment or settings that do not fit it.
     """
-    method, settings = resolve_method(method, refine)
+    chosen, settings = resolve_method(method, refine)
     if prealign not in PREALIGN_MODES:
         raise ValueError(
             f"unknown pre-alignment {prealign!r}; choose one of {', '.join(PREALIGN_MODES)}"
@@ -468,20 +438,15 @@ def register(
     m = check_image(to_gray(moving), "moving", min_size=min_size)
     h, w = f.shape
     check_memory(
-        register_estimate(cfg, method, (h, w)),
+        register_estimate(cfg, chosen, (h, w)),
         limit_gb=max_memory_gb,
         hint="downsample or crop the images (or raise the limit with max_memory_gb or "
         f"{ENV_LIMIT})",
     )
     # optimiser steps the progress counts: pre-alignment, Gauss-Newton or Adam steps
-    if isinstance(settings, BSplineConfig):
-        planned = _bspline_steps(settings, (h, w))
-    elif isinstance(settings, RefineConfig):
-        planned = refine_step_count(settings, (h, w))
-    else:
-        planned = 0
+    planned = chosen.planned_steps(settings, (h, w))
     pre_steps = 0 if prealign == "none" else prealign_steps(PrealignSettings())
-    total = pre_steps + (0 if method in ("bspline", "none") else 1) + planned
+    total = pre_steps + int(chosen.network) + planned
     done = 0
 
     def tick() -> None:
@@ -518,16 +483,8 @@ def register(
     steps = 0
     # judged and optimised on the image itself, not its padding
     fi, mi = ft[..., :h, :w], mt[..., :h, :w]
-    if method == "none":
-        dense = fi.new_zeros(1, 2, h, w)
-    elif method == "bspline":
-        assert isinstance(settings, BSplineConfig)
-        descriptors: list = []
-        dense = bspline_refine(fi, mi, None, settings, descriptors=descriptors, callback=callback)
-        steps = planned
-        if guard:
-            dense, fallback = _guard(fi, mi, dense, descriptors, settings)
-    else:
+    dense = fi.new_zeros(1, 2, h, w)
+    if chosen.network:
         dense, last_f, last_m, probs = network_coarse_to_fine(model, fi, mi)
         capture = capture_range_check(probs, last_f, last_m, model.offsets, cfg.stride)
         if capture is not None:
@@ -536,14 +493,18 @@ def register(
         tick()
         if guard:
             dense, fallback = _guard(fi, mi, dense, [], None)
-        if method == "network+bspline":
-            assert isinstance(settings, BSplineConfig)
-            dense = bspline_refine(fi, mi, dense, settings, callback=callback)
-            steps = planned
-        elif method == "network+adam":
-            assert isinstance(settings, RefineConfig)
-            dense = refine_field(fi, mi, dense, settings, callback=callback)
-            steps = settings.steps
+    if isinstance(settings, BSplineConfig):
+        descriptors: list = []
+        start_field = dense if chosen.network else None
+        dense = bspline_refine(
+            fi, mi, start_field, settings, descriptors=descriptors, callback=callback
+        )
+        steps = planned
+        if guard and not chosen.network:
+            dense, fallback = _guard(fi, mi, dense, descriptors, settings)
+    elif isinstance(settings, RefineConfig):
+        dense = refine_field(fi, mi, dense, settings, callback=callback)
+        steps = settings.steps
     with torch.no_grad():
         # x -> A (x + d(x)): the affine's linear part carries the deformable field
         linear = torch.as_tensor(matrix[:2, :2], dtype=dense.dtype, device=dev)
@@ -568,7 +529,7 @@ def register(
         warped=warped.cpu().numpy().astype(np.float32),
         offsets=model.offsets.cpu().numpy().astype(np.float32),
         stride=cfg.stride,
-        method=method,
+        method=chosen.name,
         refine_steps=steps,
         identity_fallback=fallback,
         capture_warning=capture,
@@ -662,51 +623,6 @@ def result_warnings(quality: dict, capture: str | None) -> list[str]:
     if capture is not None:
         notes.append(capture)
     return notes
-
-
-def resolve_method(
-    method: str | None, refine: bool | int | RefineConfig | BSplineConfig | None
-) -> tuple[str, BSplineConfig | RefineConfig | None]:
-    """The method name and its settings from :func:`register`'s ``method`` and ``refine``."""
-    if isinstance(refine, int) and not isinstance(refine, bool) and refine < 0:
-        raise ValueError(f"refine must be >= 0 steps, got {refine}")
-    if refine is not None and not isinstance(refine, (bool, int, RefineConfig, BSplineConfig)):
-        raise TypeError(
-            "refine must be a BSplineConfig, a RefineConfig, an int or a bool, got "
-            f"{type(refine).__name__}"
-        )
-    if method is None:  # the forms of earlier releases
-        if refine is None:
-            method = DEFAULT_METHOD
-        elif isinstance(refine, BSplineConfig):
-            method = "bspline"
-        elif refine is False or refine == 0:
-            method = "network"
-        else:
-            method = "network+adam"
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method in ("bspline", "network+bspline"):
-        if refine is None or refine is True:
-            return method, BSplineConfig()
-        if isinstance(refine, BSplineConfig):
-            return method, refine
-        raise ValueError(f"method {method!r} takes a BSplineConfig as refine, got {refine!r}")
-    if method == "network+adam":
-        if refine is None or refine is True:
-            return method, RefineConfig()
-        if isinstance(refine, RefineConfig):
-            return method, refine
-        if isinstance(refine, int) and refine > 0:
-            return method, RefineConfig(steps=refine)
-        raise ValueError(f"method 'network+adam' takes a RefineConfig or steps > 0, got {refine!r}")
-    if refine not in (None, False, 0):
-        raise ValueError(f"method {method!r} takes no refinement settings, got {refine!r}")
-    return method, None
-
-
-def _bspline_steps(config: BSplineConfig, shape: tuple[int, int]) -> int:
-    return int(sum(n for _, n in level_schedule(shape, config)))
 
 
 def _guard(fixed, moving, dense, descriptors, config):
