@@ -150,11 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     def ada_running() -> bool:
         return ada.is_running
 
+    run_register("network", "Register (default: affine + network, histograms)")
     run_register("bspline", "Register (bspline + histograms)")
     run_register(
         "network+adam", "Register with refinement (network+adam, 40 steps)", adam_steps_spin=40
     )
-    reg.model_box.set_method("bspline")
+    reg.model_box.set_method("network")
     rows.append(
         (
             "Register, Stop after 50 ms",

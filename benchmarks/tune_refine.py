@@ -22,10 +22,10 @@ import torch
 
 from napari_discreg.core import data
 from napari_discreg.core.benchmark import update_section
-from napari_discreg.core.config import DataConfig
+from napari_discreg.core.config import DataConfig, RefineConfig
 from napari_discreg.core.metrics import end_point_error
 from napari_discreg.core.preprocess import network_input
-from napari_discreg.core.refine import RefineConfig, refine_field
+from napari_discreg.core.refine import refine_field
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

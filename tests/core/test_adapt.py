@@ -290,3 +290,25 @@ def test_should_stop_before_any_iteration_keeps_the_start(tiny_model, target):
     records = run(tiny_model, target, steps=10, should_stop=lambda: True)
     assert [r.iteration for r in records] == [0]
     assert _same(before, tiny_model.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["swd", "pemd16+"])
+def test_swd_projections_reach_every_discrepancy_with_an_swd_term(
+    tiny_model, target, kind, monkeypatch
+):
+    """``AdaptConfig.swd_projections`` was ignored for pEMD (16+), whose SWD term then kept
+    its default 128 projections."""
+    import napari_discreg.core.adapt as adapt_module
+
+    seen: list[dict] = []
+    original = adapt_module.discrepancy_fn
+
+    def spy(which, **kwargs):
+        seen.append(kwargs)
+        return original(which, **kwargs)
+
+    monkeypatch.setattr(adapt_module, "discrepancy_fn", spy)
+    fixed, moving = target
+    cfg = AdaptConfig(steps=1, batch_size=2, select_every=1, swd_projections=8)
+    nd.adapt(tiny_model, fixed, moving, discrepancy=kind, config=cfg, device="cpu")
+    assert seen and all(k.get("num_projections") == 8 for k in seen)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from napari_discreg.core.geometry import (
     control_grid_shape,
@@ -52,16 +53,14 @@ def test_control_point_positions_cover_the_image():
 
 def test_registration_result_uses_the_same_control_points():
     k = 5
+    network = NetworkOutputs(None, None, None)
+    network.set(torch.full((2, 1, 10, 12, k, k), 1.0 / k**2))  # both heads uniform
     result = RegistrationResult(
         displacement=np.zeros((2, 40, 48), np.float32),
         warped=np.zeros((40, 48), np.float32),
         offsets=np.linspace(-2, 2, k, dtype=np.float32),
         stride=4,
-        _network=NetworkOutputs.from_arrays(
-            np.zeros((2, 10, 12, k, k), np.float32),
-            np.zeros((10, 12), np.float32),
-            np.zeros((10, 12), np.int64),
-        ),
+        _network=network,
     )
     assert result.discrepancy.shape == (10, 12)
     assert result.control_point_position(3, 7) == control_point_position(3, 7, 4)

@@ -10,8 +10,9 @@ import napari_discreg as nd
 from napari_discreg.core import data
 from napari_discreg.core.config import DataConfig, RefineConfig
 from napari_discreg.core.metrics import end_point_error
+from napari_discreg.core.mind import mind_ssc
 from napari_discreg.core.preprocess import network_input
-from napari_discreg.core.refine import mind_ssc, refine_field
+from napari_discreg.core.refine import refine_field
 
 
 def _tensor(image):

@@ -80,7 +80,7 @@ def test_adapt_progress_stop_keep_reregister_revert_save(
     # Keep: the Register widget now registers with the adapted model
     assert widget.keep()
     assert state_for(viewer).model is adapted
-    assert register_widget.model_label.text().startswith("adapted")
+    assert register_widget.model_box.model_label.text().startswith("adapted")
     wait_job(widget.reregister())
     run = state_for(viewer).run
     assert run.model_name.startswith("adapted")
@@ -99,7 +99,7 @@ def test_adapt_progress_stop_keep_reregister_revert_save(
     after = current.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert register_widget.model_label.text() == "tiny"
+    assert register_widget.model_box.model_label.text() == "tiny"
     assert not [n for n in notes if n[0] == "error"]
 
 

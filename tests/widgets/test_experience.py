@@ -174,7 +174,7 @@ def test_register_progress_moves_in_steps_and_stop_answers(
 ):
     widget = _pair_widget(viewer, small_pair, tiny_model_path)
     widget.model_box.set_method("network+adam")
-    widget.adam_steps_spin.setValue(200)
+    widget.model_box.adam_steps_spin.setValue(200)
     values: list[int] = []
     widget.progress.valueChanged.connect(values.append)
     wait_job(widget.run())
@@ -183,7 +183,7 @@ def test_register_progress_moves_in_steps_and_stop_answers(
     assert len(between) > 5  # per optimiser step, not 0 -> 100 %
     assert values == sorted(values)
     # Stop during the refinement: the job ends without waiting for the other steps
-    widget.adam_steps_spin.setValue(5000)
+    widget.model_box.adam_steps_spin.setValue(5000)
     job = widget.run()
     qtbot.waitUntil(
         lambda: 0 < widget.progress.value() < widget.progress.maximum() // 2, timeout=30_000

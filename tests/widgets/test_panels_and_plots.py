@@ -316,7 +316,7 @@ def test_the_status_line_never_keeps_an_earlier_run_after_an_error(viewer, small
 
 def test_adam_steps_have_a_row_of_their_own(viewer):
     widget = RegisterWidget(viewer)
-    spin = widget.adam_steps_spin
+    spin = widget.model_box.adam_steps_spin
     assert spin.suffix() == ""  # the words are the row's label: nothing to clip
     assert widget.model_box.layout().labelForField(spin).text() == "Adam steps"
 

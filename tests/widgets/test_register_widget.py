@@ -102,7 +102,7 @@ def test_register_api_cli_and_widget_run_one_pipeline(viewer, wait_job, tmp_path
     viewer.add_image(pair.moving, name="moving")
     widget = RegisterWidget(viewer)
     assert widget.model_box.method() == napari_discreg.DEFAULT_METHOD
-    assert not widget.adam_steps_spin.isEnabled()
+    assert not widget.model_box.adam_steps_spin.isEnabled()
     wait_job(widget.run())
     gui = state_for(viewer).run.fields[None]
     api = napari_discreg.register(pair.fixed, pair.moving).displacement
@@ -135,14 +135,16 @@ def test_the_method_choice_reaches_register(viewer, wait_job, small_pair):
     viewer.add_image(small_pair.fixed, name="fixed")
     viewer.add_image(small_pair.moving, name="moving")
     widget = RegisterWidget(viewer)
-    widget.method_combo.setCurrentIndex(widget.method_combo.findData("network+adam"))
-    assert widget.adam_steps_spin.isEnabled()
-    widget.adam_steps_spin.setValue(7)
+    widget.model_box.method_combo.setCurrentIndex(
+        widget.model_box.method_combo.findData("network+adam")
+    )
+    assert widget.model_box.adam_steps_spin.isEnabled()
+    widget.model_box.adam_steps_spin.setValue(7)
     wait_job(widget.run())
     result = state_for(viewer).run.results[None]
     assert result.method == "network+adam" and result.refine_steps == 7
     assert "Adam (7 Adam steps per level)" in widget.status_label.text()
-    widget.method_combo.setCurrentIndex(widget.method_combo.findData("network"))
+    widget.model_box.method_combo.setCurrentIndex(widget.model_box.method_combo.findData("network"))
     wait_job(widget.run())
     assert state_for(viewer).run.results[None].method == "network"
 
@@ -242,7 +244,7 @@ def test_register_slice_and_every_slice_of_a_stack(
     widget.load_checkpoint(tiny_model_path)
     assert widget.volume_box.isEnabled()
     viewer.dims.set_current_step(0, 1)
-    assert widget.slice_spin.value() == 1  # follows the slice the viewer shows
+    assert widget.volume_box.slice_spin.value() == 1  # follows the slice the viewer shows
     wait_job(widget.run())
     warped = _out(viewer, "warped")
     assert warped.data.shape == (1, 64, 64)
@@ -250,7 +252,7 @@ def test_register_slice_and_every_slice_of_a_stack(
     expected = register(fixed3[1], moving3[1], model=load_model(tiny_model_path, "cpu"))
     np.testing.assert_allclose(warped.data[0], expected.warped, atol=1e-5)
     assert np.all(_out(viewer, "displacement").data[:, 0, 0] == 1)  # arrows on slice 1
-    widget.every_slice_check.setChecked(True)
+    widget.volume_box.every_slice_check.setChecked(True)
     wait_job(widget.run())
     assert _out(viewer, "warped").data.shape == (3, 64, 64)
     assert _out(viewer, "discrepancy").data.shape[0] == 3
@@ -330,18 +332,21 @@ def test_model_choice_offers_the_shipped_models_by_name(viewer):
 
     widget = RegisterWidget(viewer)
     state = state_for(viewer)
-    names = [widget.model_combo.itemData(i) for i in range(widget.model_combo.count())]
+    names = [
+        widget.model_box.model_combo.itemData(i)
+        for i in range(widget.model_box.model_combo.count())
+    ]
     assert names[0] == "default" and names[-1] is None  # then a checkpoint file
     assert "mono" in names
     assert all(shipped_model_path(n).is_file() for n in names if n is not None)
-    widget.model_combo.setCurrentIndex(names.index("mono"))
+    widget.model_box.model_combo.setCurrentIndex(names.index("mono"))
     assert state.model is not None and state.model_name == "shipped mono"
-    assert widget.model_label.text() == "shipped mono"
+    assert widget.model_box.model_label.text() == "shipped mono"
     expected = load_model("mono", device="cpu")
     for k, v in expected.state_dict().items():
         np.testing.assert_array_equal(v.numpy(), state.model.state_dict()[k].cpu().numpy())
-    widget.model_combo.setCurrentIndex(0)  # back to the default shipped model
-    assert state.model is None and widget.model_combo.currentData() == "default"
+    widget.model_box.model_combo.setCurrentIndex(0)  # back to the default shipped model
+    assert state.model is None and widget.model_box.model_combo.currentData() == "default"
 
 
 def test_device_choice_lives_in_the_shared_state(viewer):
@@ -350,12 +355,14 @@ def test_device_choice_lives_in_the_shared_state(viewer):
     assert state.device is None and widget.device() is None  # "auto"
     seen = []
     state.device_changed.connect(seen.append)
-    widget.device_combo.setCurrentText("cpu")
+    widget.model_box.device_combo.setCurrentText("cpu")
     assert state.device == "cpu" and widget.device() == "cpu" and seen == ["cpu"]
     state.device = "auto"  # set elsewhere: the combo follows
-    assert state.device is None and widget.device_combo.currentText() == "auto"
+    assert state.device is None and widget.model_box.device_combo.currentText() == "auto"
     state.device = "cpu"
-    assert RegisterWidget(viewer).device_combo.currentText() == "cpu"  # a new widget shows it
+    assert (
+        RegisterWidget(viewer).model_box.device_combo.currentText() == "cpu"
+    )  # a new widget shows it
 
 
 def test_a_field_worse_than_no_motion_is_reported_and_not_applied(
@@ -370,7 +377,7 @@ def test_a_field_worse_than_no_motion_is_reported_and_not_applied(
             last.bias[0] = 50.0  # every control point: the corner displacement
     _pair_viewer(viewer, small_pair)
     widget = RegisterWidget(viewer)
-    widget.method_combo.setCurrentIndex(widget.method_combo.findData("network"))
+    widget.model_box.method_combo.setCurrentIndex(widget.model_box.method_combo.findData("network"))
     widget.set_prealign("none")  # the guard's fallback is then the zero field
     wait_job(widget.run(model=tiny_model, model_name="biased model"))
     result = state_for(viewer).run.results[None]

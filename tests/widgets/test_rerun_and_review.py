@@ -60,13 +60,13 @@ def test_rerun_of_one_slice_after_every_slice_with_arrows_3d(
         np.concatenate([moving, moving[:1]]),
         tiny_model_path,
     )
-    widget.every_slice_check.setChecked(True)
+    widget.volume_box.every_slice_check.setChecked(True)
     widget.show_checks["displacement"].setChecked(True)
     widget.show_checks["deformation grid"].setChecked(True)
     wait_job(widget.run())
     qtbot.wait(20)
     n_all = len(_layer(viewer, "displacement").data)
-    widget.every_slice_check.setChecked(False)
+    widget.volume_box.every_slice_check.setChecked(False)
     viewer.dims.set_current_step(0, 1)
     wait_job(widget.run())
     qtbot.wait(20)

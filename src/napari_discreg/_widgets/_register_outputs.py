@@ -50,7 +50,7 @@ from ..core.geometry import (
 )
 from ..core.warp import jacobian_determinant, warp_numpy
 from . import _notify
-from ._layers import META_KEY, is_output, upsert_layer  # noqa: F401 - is_output re-exported
+from ._layers import META_KEY, upsert_layer
 from ._state import RegistrationRun
 
 WARPED_SUFFIX = " warped"

@@ -303,8 +303,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.result = None
         self.records = []
         self.worker_iteration = 0
-        kind = spec.discrepancy
-        self.plot.reset(DISPLAY_NAMES.get(Discrepancy(kind), kind))
+        self.plot.reset(DISPLAY_NAMES.get(spec.kind, spec.kind.value))
         self.progress.setRange(0, spec.config.steps)
         self.progress.setValue(0)
         note = self._resume_note if resume is not None else "preparing the targets and the model…"

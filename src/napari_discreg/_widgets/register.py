@@ -160,20 +160,9 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
 
         # 3D stacks
         self.volume_box = SliceBox(napari_viewer, self.fixed_combo.layer)
-        self.axis_spin = self.volume_box.axis_spin
-        self.slice_spin = self.volume_box.slice_spin
-        self.follow_check = self.volume_box.follow_check
-        self.every_slice_check = self.volume_box.every_slice_check
 
         # model, device, method
         self.model_box = ModelBox(self.state)
-        self.model_combo = self.model_box.model_combo
-        self.checkpoint_edit = self.model_box.checkpoint_edit
-        self.browse_checkpoint_button = self.model_box.browse_checkpoint_button
-        self.model_label = self.model_box.model_label
-        self.device_combo = self.model_box.device_combo
-        self.method_combo = self.model_box.method_combo
-        self.adam_steps_spin = self.model_box.adam_steps_spin
 
         # display options: the review view and the field's layers (hidden until asked for)
         out_box = QGroupBox("Display")

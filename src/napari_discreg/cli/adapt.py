@@ -204,7 +204,7 @@ def _run_adapt(args) -> int:
 
 def _adapt(spec: AdaptationSpec, out: Path, ctx: DistContext) -> int:
     run = run_adaptation(spec)
-    start_step, discrepancy = run.start_step, run.spec.discrepancy
+    start_step, discrepancy = run.start_step, run.spec.kind.value
     bar = _progress(
         run.total, f"adapt ({discrepancy})", initial=start_step, disable=not ctx.is_main
     )

@@ -179,7 +179,7 @@ def adapt_steps(
             augment=cfg.source_augmentation,
         )
     options: dict = {}
-    if kind is Discrepancy.SWD:
+    if kind in (Discrepancy.SWD, Discrepancy.PEMD16_SWD):
         options = {"num_projections": cfg.swd_projections}
     elif kind is Discrepancy.PEMD:
         options = {"diagonals": cfg.pemd_diagonals}

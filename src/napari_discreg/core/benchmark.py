@@ -31,12 +31,11 @@ from . import data as data_mod
 from . import peers as peers_mod
 from .adapt import adapt_steps
 from .checkpoint import load_model
-from .config import AdaptConfig, DataConfig, TrainConfig
+from .config import AdaptConfig, DataConfig, RefineConfig, TrainConfig
 from .discrepancy import DISPLAY_NAMES
 from .evaluate import METRICS, evaluate_model, identity_metrics, pair_metrics, summarise
 from .io import replace_atomically
 from .model import DiscreteRegistrationNet, clone_model
-from .refine import RefineConfig
 from .train import StepRecord, train_steps
 
 ROW_NAMES = {kind.value: name for kind, name in DISPLAY_NAMES.items()}

@@ -7,25 +7,24 @@ The leading dimensions may be anything: ``(N, K, K)``, ``(B, h, w, K, K)`` or ju
 ``(K, K)`` for a single control point. All functions work for any floating dtype and
 device and are differentiable with respect to both inputs.
 
-Five discrepancies are provided, each as a plain function and a thin
-:class:`torch.nn.Module` wrapper (in the style of kornia's losses):
+Five discrepancies are provided, each as a plain function:
 
-* :func:`l1` / :class:`L1Discrepancy`: the mean absolute difference of the bins, as in
+* :func:`l1`: the mean absolute difference of the bins, as in
   Maximum Classifier Discrepancy (Saito et al., CVPR 2018). Labels are unordered
   classes: one bin off costs as much as five bins off.
-* :func:`sliced_wasserstein` / :class:`SlicedWasserstein`: the sliced Wasserstein
+* :func:`sliced_wasserstein`: the sliced Wasserstein
   discrepancy of Lee et al. (CVPR 2019). The ``N`` histograms of each head are a point
   cloud in ``R^(K^2)``; both clouds are projected onto random unit directions and the
   sorted projections compared. Also blind to the geometry of the label grid.
-* :func:`projected_emd` / :class:`ProjectedEMD`: the projected Earth Mover's
+* :func:`projected_emd`: the projected Earth Mover's
   discrepancy of Heinrich & Hansen (MIDL 2020). Each 2D histogram is projected onto 1D
   axes (row and column marginals, optionally the two diagonals) and the 1D
   Wasserstein-1 distance between the heads is computed per projection from cumulative
   sums. A head that is one bin off costs one fifth of a head that is five bins off.
-* :func:`projected_emd_angles` / :class:`ProjectedEMDAngles`: the same on ``angles``
+* :func:`projected_emd_angles`: the same on ``angles``
   (default 16) directions spread over ``[0, 180)`` degrees, each projection a linearly
   splatted histogram on a unit-spaced grid (:func:`angle_projections`).
-* :func:`projected_emd_swd` / :class:`ProjectedEMDSWD`: the paper's best "p-EMD (16+)",
+* :func:`projected_emd_swd`: the paper's best "p-EMD (16+)",
   the 16-direction p-EMD plus the sliced Wasserstein term.
 
 :class:`Discrepancy` names them, and :func:`discrepancy_fn` turns a name into a
@@ -40,16 +39,11 @@ import inspect
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = [
     "DISPLAY_NAMES",
     "Discrepancy",
-    "L1Discrepancy",
-    "ProjectedEMD",
-    "ProjectedEMDAngles",
-    "ProjectedEMDSWD",
-    "SlicedWasserstein",
     "angle_projections",
     "discrepancy_fn",
     "emd_1d",
@@ -644,11 +638,9 @@ class Discrepancy(str, enum.Enum):
     def parse(cls, name: str | Discrepancy) -> Discrepancy:
         """Member for a member, a value or an alias, case-insensitively.
 
-        Accepted: ``"l1"``, ``"mcd"``; ``"swd"``, ``"sliced_wasserstein"``; ``"pemd"``,
-        ``"projected_emd"``, ``"emd"``; ``"pemd16"``, ``"pemd_16"``, ``"p_emd_16"``;
-        ``"pemd16+"``, ``"pemd_16+"``, ``"p_emd_16+"``, ``"pemd16_swd"``, ``"p-EMD (16+)"``
-        (``-`` and spaces count as ``_``), and the member names ``"L1"``, ``"SWD"``,
-        ``"PEMD"``, ``"PEMD16"``, ``"PEMD16_SWD"``.
+        Accepted: the values ``"l1"``, ``"swd"``, ``"pemd"``, ``"pemd16"`` and ``"pemd16+"``,
+        ``"sliced_wasserstein"``, ``"projected_emd"`` and the paper's label ``"p-EMD (16+)"``
+        (``-`` and spaces count as ``_``).
 
         Raises
         ------
@@ -666,27 +658,10 @@ class Discrepancy(str, enum.Enum):
 
 
 _ALIASES: dict[str, str] = {
-    "l1": "l1",
-    "mcd": "l1",
-    "swd": "swd",
+    **{d.value: d.value for d in Discrepancy},
     "sliced_wasserstein": "swd",
-    "pemd": "pemd",
     "projected_emd": "pemd",
-    "emd": "pemd",
-    "pemd16": "pemd16",
-    "pemd_16": "pemd16",
-    "p_emd16": "pemd16",
-    "p_emd_16": "pemd16",
-    "projected_emd_16": "pemd16",
-    "pemd16+": "pemd16+",
-    "pemd_16+": "pemd16+",
-    "p_emd16+": "pemd16+",
-    "p_emd_16+": "pemd16+",
-    "p_emd_(16+)": "pemd16+",
-    "pemd_(16+)": "pemd16+",
-    "pemd16_swd": "pemd16+",
-    "pemd_16_swd": "pemd16+",
-    "p_emd_16_swd": "pemd16+",
+    "p_emd_(16+)": "pemd16+",  # the paper's table label, "p-EMD (16+)"
 }
 
 #: short display names (table rows, plot labels), in the order the GUI offers them
@@ -733,7 +708,7 @@ def discrepancy_fn(kind: str | Discrepancy, **kwargs) -> Callable[[Tensor, Tenso
 
     Examples
     --------
-    >>> d = discrepancy_fn("emd", diagonals=True)
+    >>> d = discrepancy_fn("pemd", diagonals=True)
     >>> p = torch.full((4, 5, 5), 1 / 25)
     >>> d(p, p)
     tensor(0.)
@@ -741,163 +716,3 @@ def discrepancy_fn(kind: str | Discrepancy, **kwargs) -> Callable[[Tensor, Tenso
     fn = _FUNCTIONS[Discrepancy.parse(kind)]
     inspect.signature(fn).bind(None, None, **kwargs)  # TypeError on unknown keywords
     return functools.partial(fn, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------
-# nn.Module wrappers
-# ----------------------------------------------------------------------------------------
-
-
-class L1Discrepancy(nn.Module):
-    """Module form of :func:`l1`.
-
-    Parameters
-    ----------
-    reduction : {"mean", "sum", "none"}, default "mean"
-    """
-
-    def __init__(self, reduction: str = "mean") -> None:
-        super().__init__()
-        _check_reduction(reduction)
-        self.reduction = reduction
-
-    def forward(self, p1: Tensor, p2: Tensor) -> Tensor:
-        return l1(p1, p2, reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
-
-
-class SlicedWasserstein(nn.Module):
-    """Module form of :func:`sliced_wasserstein`.
-
-    Parameters
-    ----------
-    num_projections : int, default 128
-        Number of random directions.
-    seed : int, default 0
-        Seed of the directions.
-    resample : bool, default False
-        False: every call uses the same directions (those of ``seed``), so the module is
-        a fixed function. True: the module owns a CPU generator seeded with ``seed`` and
-        draws fresh directions at every call, as in Lee et al.; the sequence is still
-        reproducible.
-    """
-
-    def __init__(
-        self, num_projections: int = 128, seed: int = 0, *, resample: bool = False
-    ) -> None:
-        super().__init__()
-        if int(num_projections) < 1:
-            raise ValueError(f"num_projections must be a positive integer, got {num_projections}.")
-        self.num_projections = int(num_projections)
-        self.seed = int(seed)
-        self.resample = bool(resample)
-        self._generator: torch.Generator | None = None
-        if self.resample:
-            self._generator = torch.Generator(device="cpu")
-            self._generator.manual_seed(self.seed)
-
-    def forward(self, p1: Tensor, p2: Tensor) -> Tensor:
-        if self._generator is not None:
-            return sliced_wasserstein(
-                p1, p2, num_projections=self.num_projections, generator=self._generator
-            )
-        return sliced_wasserstein(p1, p2, num_projections=self.num_projections, seed=self.seed)
-
-    def extra_repr(self) -> str:
-        return f"num_projections={self.num_projections}, seed={self.seed}, resample={self.resample}"
-
-
-class ProjectedEMD(nn.Module):
-    """Module form of :func:`projected_emd`.
-
-    Parameters
-    ----------
-    diagonals : bool, default False
-        Add the two diagonal projections to the two marginals.
-    reduction : {"mean", "sum", "none"}, default "mean"
-    """
-
-    def __init__(self, diagonals: bool = False, reduction: str = "mean") -> None:
-        super().__init__()
-        _check_reduction(reduction)
-        self.diagonals = bool(diagonals)
-        self.reduction = reduction
-
-    def forward(self, p1: Tensor, p2: Tensor) -> Tensor:
-        return projected_emd(p1, p2, diagonals=self.diagonals, reduction=self.reduction)
-
-    def extra_repr(self) -> str:
-        return f"diagonals={self.diagonals}, reduction={self.reduction!r}"
-
-
-class ProjectedEMDAngles(nn.Module):
-    """Module form of :func:`projected_emd_angles`.
-
-    Parameters
-    ----------
-    angles : int, default 16
-        Number of projection directions.
-    max_angle : float, default 180
-        The directions are spread over ``[0, max_angle)`` degrees.
-    reduction : {"mean", "sum", "none"}, default "mean"
-    """
-
-    def __init__(self, angles: int = 16, max_angle: float = 180.0, reduction: str = "mean") -> None:
-        super().__init__()
-        _check_reduction(reduction)
-        _angles_deg(angles, max_angle)  # ValueError now, not at the first call
-        self.angles = int(angles)
-        self.max_angle = float(max_angle)
-        self.reduction = reduction
-
-    def forward(self, p1: Tensor, p2: Tensor) -> Tensor:
-        return projected_emd_angles(
-            p1, p2, angles=self.angles, max_angle=self.max_angle, reduction=self.reduction
-        )
-
-    def extra_repr(self) -> str:
-        return f"angles={self.angles}, max_angle={self.max_angle}, reduction={self.reduction!r}"
-
-
-class ProjectedEMDSWD(nn.Module):
-    """Module form of :func:`projected_emd_swd` (the paper's "p-EMD (16+)").
-
-    Parameters
-    ----------
-    angles : int, default 16
-    max_angle : float, default 180
-        Directions of the p-EMD term.
-    num_projections : int, default 128
-        Number of random directions of the SWD term.
-    seed : int, default 0
-        Seed of the SWD directions.
-    resample : bool, default False
-        As for :class:`SlicedWasserstein`: False uses the directions of ``seed`` at every
-        call; True draws fresh (reproducible) SWD directions at every call.
-    swd_weight : float, default 1.0
-        Weight of the SWD term.
-    """
-
-    def __init__(
-        self,
-        angles: int = 16,
-        max_angle: float = 180.0,
-        num_projections: int = 128,
-        seed: int = 0,
-        *,
-        resample: bool = False,
-        swd_weight: float = 1.0,
-    ) -> None:
-        super().__init__()
-        _angles_deg(angles, max_angle)
-        self.pemd = ProjectedEMDAngles(angles, max_angle)
-        self.swd = SlicedWasserstein(num_projections, seed, resample=resample)
-        self.swd_weight = float(swd_weight)
-
-    def forward(self, p1: Tensor, p2: Tensor) -> Tensor:
-        return self.pemd(p1, p2) + self.swd_weight * self.swd(p1, p2)
-
-    def extra_repr(self) -> str:
-        return f"swd_weight={self.swd_weight}"

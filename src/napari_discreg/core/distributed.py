@@ -56,7 +56,6 @@ __all__ = [
     "launched_by_torchrun",
     "max_weight_difference",
     "shutdown",
-    "unwrap",
 ]
 
 
@@ -246,11 +245,6 @@ def max_weight_difference(module: nn.Module, ctx: DistContext) -> float:
         diff = (flat - ref).abs().max().reshape(1)
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return float(diff.item())
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or ``module`` itself)."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 class _SourceLoss(nn.Module):

@@ -28,7 +28,7 @@ from .mind import mind_ssc
 from .preprocess import check_tensor_pair, pad_to_multiple
 from .warp import control_point_field, upsample_field, warp
 
-__all__ = ["RefineConfig", "mind_ssc", "no_worse_than_identity", "refine_field"]
+__all__ = ["no_worse_than_identity", "refine_field", "refine_step_count"]
 
 
 def no_worse_than_identity(

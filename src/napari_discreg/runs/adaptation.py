@@ -98,8 +98,9 @@ class AdaptationSpec(RunOptions):
         shipped model. Ignored when resuming (the state holds the model).
     source : paths or None
         Labelled source images (one contrast); ``None``: the MNI template.
-    discrepancy : str
-        A :class:`~napari_discreg.core.discrepancy.Discrepancy` name.
+    discrepancy : Discrepancy or str
+        A :class:`~napari_discreg.core.discrepancy.Discrepancy` or a name it parses,
+        parsed here, once (``ValueError`` for an unknown name).
     config, data_config, folder_config
         Adaptation, synthetic-pair and folder settings (``folder_config.target_pairs``
         pairs are made from folder targets).
@@ -128,10 +129,18 @@ class AdaptationSpec(RunOptions):
 
     targets: Targets | None = None
     model: ModelSource = None
-    discrepancy: str = "pemd"
+    discrepancy: Discrepancy | str = Discrepancy.PEMD
     config: AdaptConfig = field(default_factory=AdaptConfig)
     steps: int | None = None
     should_stop: Callable[[], bool] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "discrepancy", Discrepancy.parse(self.discrepancy))
+
+    @property
+    def kind(self) -> Discrepancy:
+        """The discrepancy, as parsed."""
+        return Discrepancy.parse(self.discrepancy)  # a member already: returned as it is
 
 
 @dataclass(frozen=True)
@@ -284,7 +293,7 @@ def run_settings(spec: AdaptationSpec) -> dict[str, Any]:
         "unpaired": opts.unpaired,
         "target_pairs": fc.target_pairs,
         "demo_target": opts.demo_target,
-        "discrepancy": Discrepancy.parse(spec.discrepancy).value,
+        "discrepancy": spec.kind.value,
         "lr": spec.config.lr,
         "batch_size": spec.config.batch_size,
         "seed": spec.config.seed,
@@ -565,7 +574,7 @@ def _adapt(
         model,
         fixed,
         moving,
-        discrepancy=spec.discrepancy,
+        discrepancy=spec.kind,
         config=cfg,
         data_config=spec.data_config,
         source=source,
@@ -580,7 +589,7 @@ def _adapt(
     def record_extra(elapsed: float, evaluation: dict | None = None) -> dict[str, Any]:
         return {
             "adaptation": {
-                "discrepancy": spec.discrepancy,
+                "discrepancy": spec.kind.value,
                 "steps": cfg.steps,
                 "completed_steps": completed,
                 "best_iteration": best_iter,
