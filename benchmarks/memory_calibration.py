@@ -65,7 +65,7 @@ def one(job: str, n: int, k: int, q: float, s: int) -> dict:
             model,
             np.stack([f, f]),
             np.stack([m, m]),
-            config=AdaptConfig(steps=1, batch_size=2, select_every=1),
+            config=AdaptConfig.mcd(steps=1, batch_size=2, select_every=1),
             data_config=DataConfig(size=n),
         )
     else:

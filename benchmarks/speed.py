@@ -125,7 +125,7 @@ def profile_adaptation(model_path, fixed, moving, device, iterations: int = 3) -
     from torch.profiler import ProfilerActivity, profile
 
     m = nd.load_model(model_path, device=device)
-    cfg = AdaptConfig(select_every=10_000)  # the criterion's own cost is not profiled here
+    cfg = AdaptConfig.mcd(select_every=10_000)  # the criterion's own cost is not profiled here
     gen = nd.adapt_steps(m, fixed, moving, steps=iterations + 1, config=cfg, device=device)
     next(gen), next(gen)  # initial record and one warm-up iteration
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -210,7 +210,8 @@ def markdown(rows: list[dict], args, machine: str, adapt: dict, profile: str) ->
         lines += [
             "",
             f"Adaptation: {adapt['steps']} MCD iterations (pEMD, default settings: batch "
-            f"{AdaptConfig().batch_size}, {AdaptConfig().generator_updates} generator updates, 8 "
+            f"{AdaptConfig.mcd().batch_size}, {AdaptConfig.mcd().generator_updates} generator "
+            "updates, 8 "
             f"target pairs of {adapt['target_size']}²) took {adapt['seconds']:.1f} s, "
             f"{per:.2f} s per iteration.",
             "",
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sitk-pairs", type=int, default=4)
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 192, 256])
     ap.add_argument("--contrasts", nargs="+", default=["t2", "pd"])
-    ap.add_argument("--adapt-steps", type=int, default=AdaptConfig.steps)
+    ap.add_argument("--adapt-steps", type=int, default=AdaptConfig.mcd().steps)
     ap.add_argument("--model", default=None, help="checkpoint to time (default: shipped model)")
     ap.add_argument("--no-peers", action="store_true", help="skip elastix and SimpleITK")
     ap.add_argument("--out-dir", type=Path, default=DOCS)
@@ -277,7 +278,7 @@ def main(argv=None) -> int:
             moving,
             discrepancy="pemd",
             steps=args.adapt_steps,
-            config=AdaptConfig(),
+            config=AdaptConfig.mcd(),
             device=device,
         )
         adapt = {

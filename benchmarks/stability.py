@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         "generator_updates": args.generator_updates,
     }
     acfg = replace(
-        AdaptConfig(),
+        AdaptConfig.mcd(),
         select_every=args.eval_every,
         keep_best=False,
         seed=args.seed,

@@ -35,7 +35,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 SHORT = {"steps": 40, "batch_size": 2, "generator_updates": 1, "select_every": 5}
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "AdaptConfig() (the default)": ("pemd", {}),
+    "AdaptConfig.mcd() (MCD's default)": ("pemd", {}),
     "b4 n2 x100 lr 2e-4 (old default)": (
         "pemd",
         {"steps": 100, "batch_size": 4, "generator_updates": 2, "select_every": 10, "lr": 2e-4},
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         runs: dict = {}
         for name in args.variants:
             kind, fields = VARIANTS[name]
-            acfg = replace(AdaptConfig(), **fields)
+            acfg = replace(AdaptConfig.mcd(), **fields)
             runs[name] = timed_adaptation(model, af, am, kind, acfg, val)
             runs[name].update(discrepancy=kind, config=acfg.to_dict())
             k = runs[name]["kept"]

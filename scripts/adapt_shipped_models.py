@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     dcfg = DataConfig()
     template = data.load_template(dcfg.size)
     acfg = replace(
-        AdaptConfig(),
+        AdaptConfig.mcd(),
         steps=args.steps,
         batch_size=args.batch_size,
         generator_updates=args.generator_updates,

@@ -43,7 +43,7 @@ from napari_discreg.core.train import train_steps
 TINY = ModelConfig(num_labels=5, capture_range=2.0, features=4, head_channels=8)
 DATA = DataConfig(size=48, max_displacement=2.0)
 TRAIN = TrainConfig(steps=20, batch_size=2, lr=1e-2, seed=0)
-ADAPT = AdaptConfig(steps=3, batch_size=2, lr=1e-3, generator_updates=2, keep_best=False)
+ADAPT = AdaptConfig.mcd(steps=3, batch_size=2, lr=1e-3, generator_updates=2, keep_best=False)
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

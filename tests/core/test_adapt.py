@@ -14,7 +14,7 @@ from napari_discreg.core.train import train_steps
 RNG = np.random.default_rng(12345)
 
 CFG = DataConfig(size=64)
-FAST = AdaptConfig(batch_size=2, select_every=2, generator_updates=2, lr=1e-3)
+FAST = AdaptConfig.mcd(batch_size=2, select_every=2, generator_updates=2, lr=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_step_c_lowers_target_discrepancy_and_changes_g_only_in_the_adapted_copy
 ):
     frozen = clone_model(tiny_model)
     before = _state(tiny_model)
-    cfg = AdaptConfig(
+    cfg = AdaptConfig.mcd(
         batch_size=2,
         select_every=4,
         generator_updates=4,
@@ -69,7 +69,7 @@ def test_step_c_lowers_target_discrepancy_and_changes_g_only_in_the_adapted_copy
 
 def test_deterministic_for_a_fixed_seed(tiny_model, target):
     a, b = clone_model(tiny_model), clone_model(tiny_model)
-    cfg = AdaptConfig(batch_size=2, select_every=2, generator_updates=1, keep_best=False)
+    cfg = AdaptConfig.mcd(batch_size=2, select_every=2, generator_updates=1, keep_best=False)
     ra = run(a, target, discrepancy="swd", steps=2, seed=3, config=cfg)
     rb = run(b, target, discrepancy="swd", steps=2, seed=3, config=cfg)
     assert [r.losses for r in ra] == [r.losses for r in rb]
@@ -85,7 +85,7 @@ def test_keep_best_never_ends_worse_on_the_criterion(tiny_model, target):
 
 
 def test_closing_the_generator_stops_after_a_complete_iteration(tiny_model, target):
-    cfg = AdaptConfig(batch_size=2, select_every=100, generator_updates=1, keep_best=False)
+    cfg = AdaptConfig.mcd(batch_size=2, select_every=100, generator_updates=1, keep_best=False)
     gen = nd.adapt_steps(tiny_model, *target, steps=50, config=cfg, data_config=CFG, device="cpu")
     seen = [next(gen).iteration for _ in range(3)]
     gen.close()
@@ -146,7 +146,9 @@ def test_resume_from_a_saved_state_is_bit_identical_to_an_uninterrupted_run(
     from napari_discreg.core.adapt import AdaptState
     from napari_discreg.core.state import load_adaptation_state, save_adaptation_state
 
-    cfg = AdaptConfig(batch_size=2, select_every=2, generator_updates=2, lr=1e-3, keep_best=True)
+    cfg = AdaptConfig.mcd(
+        batch_size=2, select_every=2, generator_updates=2, lr=1e-3, keep_best=True
+    )
     whole = clone_model(tiny_model)
     ref = run(whole, target, discrepancy="swd", steps=5, config=cfg)
 
@@ -254,7 +256,7 @@ def test_should_stop_inside_an_iteration_undoes_it_and_scores_the_last_complete_
     """A stop asked for in the middle of iteration 3 (after its step A) ends the run
     within that pass: the model goes back to iteration 2's weights, which are scored by
     the keep-best criterion (keep_best=False: they are what the run keeps)."""
-    cfg = AdaptConfig(batch_size=2, select_every=100, generator_updates=1, keep_best=False)
+    cfg = AdaptConfig.mcd(batch_size=2, select_every=100, generator_updates=1, keep_best=False)
     state = AdaptState()
     calls = {"n": 0}
     completed: list[int] = []
@@ -309,6 +311,6 @@ def test_swd_projections_reach_every_discrepancy_with_an_swd_term(
 
     monkeypatch.setattr(adapt_module, "discrepancy_fn", spy)
     fixed, moving = target
-    cfg = AdaptConfig(steps=1, batch_size=2, select_every=1, swd_projections=8)
+    cfg = AdaptConfig.mcd(steps=1, batch_size=2, select_every=1, swd_projections=8)
     nd.adapt(tiny_model, fixed, moving, discrepancy=kind, config=cfg, device="cpu")
     assert seen and all(k.get("num_projections") == 8 for k in seen)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from napari_discreg.core import data
-from napari_discreg.core.adapt import adapt_steps, holdout_split
+from napari_discreg.core.adapt import AdaptState, adapt_steps, holdout_split
 from napari_discreg.core.checkpoint import load_model
 from napari_discreg.core.config import AdaptConfig, DataConfig
 from napari_discreg.core.predict import identity_criterion, prepare_target, selection_criterion
@@ -51,9 +51,17 @@ def _template_pairs(n: int, contrast: str = "t2") -> tuple[np.ndarray, np.ndarra
     return np.stack([p.fixed for p in pairs]), np.stack([p.moving for p in pairs])
 
 
-def test_no_batch_is_drawn_from_the_held_out_pairs(tiny_model):
+def test_self_training_learns_only_the_pairs_it_adapts_on(tiny_model):
     fixed, moving = _template_pairs(8)
-    cfg = AdaptConfig(steps=4, batch_size=2, select_every=2)
+    state = AdaptState()
+    cfg = AdaptConfig(steps=2, select_every=1, pseudo_levels=1)
+    list(adapt_steps(tiny_model, fixed, moving, config=cfg, device="cpu", state=state))
+    assert state.pseudo_targets is not None and state.pseudo_targets.shape[0] == 6
+
+
+def test_no_mcd_batch_is_drawn_from_the_held_out_pairs(tiny_model):
+    fixed, moving = _template_pairs(8)
+    cfg = AdaptConfig.mcd(steps=4, batch_size=2, select_every=2)
     tf, _, _ = prepare_target(fixed, moving, tiny_model.config.stride, torch.device("cpu"))
     _, held = holdout_split(8, cfg.holdout, cfg.seed)
     seen: list[torch.Tensor] = []

@@ -22,7 +22,7 @@ from napari_discreg import load_model
 from napari_discreg.cli import main
 from napari_discreg.core import io
 from napari_discreg.core.checkpoint import checkpoint_info
-from napari_discreg.core.config import DataConfig, RefineConfig
+from napari_discreg.core.config import AdaptConfig, DataConfig, RefineConfig
 from napari_discreg.core.data import load_template, make_pair
 from napari_discreg.core.register import DEFAULT_METHOD
 from napari_discreg.core.train import StepRecord
@@ -249,10 +249,12 @@ def test_train_bad_settings(tmp_path, capsys):
 def test_adapt_demo_target(tmp_path, tiny_model, capsys):
     out = tmp_path / "adapted.safetensors"
     argv = ["adapt", "-o", out, "--model", tiny_model, "--demo-target", 2, "--steps", 2]
-    assert run(*argv, "--size", SIZE, "--batch-size", 2, "--discrepancy", "pemd") == 0
+    mcd = ["--method", "mcd", "--discrepancy", "pemd"]
+    assert run(*argv, "--size", SIZE, "--batch-size", 2, *mcd) == 0
     load_model(out, "cpu")
     meta = checkpoint_info(out)["adaptation"]
     assert meta["discrepancy"] == "pemd" and meta["steps"] == 2 and meta["completed_steps"] == 2
+    assert meta["config"]["method"] == "mcd" and meta["config"]["lr"] == AdaptConfig.mcd().lr
     assert meta["best_iteration"] in (0, 1, 2)
     assert meta["best_criterion"] >= meta["initial_criterion"]
     assert meta["selection_criterion"] == "mind"  # AdaptConfig.criterion

@@ -1,4 +1,5 @@
-"""The adaptation widget's live plot: source cross-entropy, target discrepancy, criterion."""
+"""The adaptation widget's live plot: the run's loss (self-training's pseudo-label
+cross-entropy, or MCD's source cross-entropy and target discrepancy) and the criterion."""
 
 from __future__ import annotations
 
@@ -17,37 +18,49 @@ class AdaptationPlot(FigureWidget):
         self.criterion: list[tuple[int, float]] = []
         self.best_iteration: int | None = None
         self.discrepancy_name = "pEMD"
+        self.method = "self-training"
         super().__init__(
             napari_viewer,
             figsize=(5.0, 4.0),
             toolbar=False,
             min_height=220,
             caption=(
-                "Top: the source cross-entropy (labelled pairs, should stay low) and the "
-                "heads' discrepancy on the target pairs (should fall). Bottom: the "
-                "unsupervised keep-best criterion (higher is better); the star is the "
-                "iteration whose weights the run keeps."
+                "Top: self-training's cross-entropy against the refined fields' "
+                "pseudo-labels (should fall); for MCD the source cross-entropy (should stay "
+                "low) and the heads' discrepancy on the target pairs (should fall). Bottom: "
+                "the keep-best criterion on the held-out target pairs (higher is better); "
+                "the star is the iteration whose weights the run keeps."
             ),
             parent=parent,
         )
 
-    def reset(self, discrepancy_name: str) -> None:
-        """Empty the plot for a new run (the artists stay: a rebuild costs 0.1-0.3 s)."""
+    def reset(self, discrepancy_name: str, method: str = "mcd") -> None:
+        """Empty the plot for a new run of ``method`` (the artists stay: a rebuild costs
+        0.1-0.3 s)."""
         self.iterations, self.source_ce, self.discrepancy, self.criterion = [], [], [], []
         self.best_iteration = None
         self.discrepancy_name = discrepancy_name
+        self.method = method
         if getattr(self, "_axes", None) is None:
             self.refresh()
             return
-        name = f"target {discrepancy_name}"
-        self._disc_line.set_label(name)
-        self._axes[1].set_ylabel(name, color=self.theme.series[1], fontsize=8)
+        self._label_series()
         self.update_data()
+
+    def _label_series(self) -> None:
+        mcd = getattr(self, "method", "mcd") == "mcd"
+        loss = "source cross-entropy" if mcd else "pseudo-label cross-entropy"
+        self._source_line.set_label("source CE" if mcd else "pseudo-label CE")
+        self._axes[0].set_ylabel(loss, color=self.theme.series[0], fontsize=8)
+        name = f"target {self.discrepancy_name}" if mcd else ""
+        self._disc_line.set_label(name or "_none")
+        self._axes[1].set_ylabel(name, color=self.theme.series[1], fontsize=8)
 
     def add(self, record) -> None:
         if record.iteration > 0 and record.losses:
             self.iterations.append(record.iteration)
-            self.source_ce.append(float(record.losses.get("source_ce", np.nan)))
+            loss = record.losses.get("source_ce", record.losses.get("pseudo_label_ce", np.nan))
+            self.source_ce.append(float(loss))
             self.discrepancy.append(
                 float(record.discrepancy) if record.discrepancy is not None else np.nan
             )
@@ -76,6 +89,7 @@ class AdaptationPlot(FigureWidget):
         for ax in (ax1, ax2, ax3):
             ax.tick_params(labelsize=7)
         self._axes = (ax1, ax2, ax3)
+        self._label_series()
         self._set_data()
 
     def _set_data(self) -> None:

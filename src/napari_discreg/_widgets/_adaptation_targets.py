@@ -291,7 +291,13 @@ def saved_configs(
     config: AdaptConfig, data_config: DataConfig, saved: dict[str, Any]
 ) -> tuple[AdaptConfig, DataConfig, str]:
     """(config, data_config, discrepancy) with the settings of a saved run, exactly."""
-    config = replace(config, lr=saved["lr"], batch_size=saved["batch_size"], seed=saved["seed"])
+    config = replace(
+        config,
+        method=saved.get("method", "mcd"),  # runs saved before self-training were MCD
+        lr=saved["lr"],
+        batch_size=saved["batch_size"],
+        seed=saved["seed"],
+    )
     return config, replace(data_config, size=saved["size"]), saved["discrepancy"]
 
 

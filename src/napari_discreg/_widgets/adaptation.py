@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
 # ``save_model`` is looked up in the package's public API when used
 import napari_discreg
 
-from ..core.config import AdaptConfig, DataConfig, FolderConfig
+from ..core.config import ADAPT_METHODS, AdaptConfig, DataConfig, FolderConfig
 from ..core.discrepancy import DISPLAY_NAMES, Discrepancy
 from ..runs import AdaptationSpec, resolve_adaptation, run_adaptation
 from . import _notify
@@ -68,6 +68,12 @@ _LABELS = {
     Discrepancy.SWD: "SWD (sliced Wasserstein)",
     Discrepancy.L1: "L1 (MCD)",
 }
+METHOD_LABELS = {
+    "self-training": "self-training (default)",
+    "mcd": "MCD (the paper's)",
+}
+assert set(METHOD_LABELS) == set(ADAPT_METHODS)
+
 # every member of Discrepancy, the default (pEMD) first
 DISCREPANCIES = {
     kind.value: _LABELS.get(kind, DISPLAY_NAMES.get(kind, kind.value))
@@ -117,6 +123,14 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             self.layer_box.fixed_combo,
             self.layer_box.moving_combo,
         )
+        self.method_combo = QComboBox()
+        for key, text in METHOD_LABELS.items():
+            self.method_combo.addItem(text, key)
+        self.method_combo.setToolTip(
+            "Self-training (default): the heads learn the model's own fields refined by "
+            "MIND-SSC instance optimisation; the most accurate after a short run "
+            "(docs/benchmarks.md). MCD: the paper's maximum classifier discrepancy."
+        )
         self.discrepancy_combo = QComboBox()
         for key, text in DISCREPANCIES.items():
             self.discrepancy_combo.addItem(text, key)
@@ -132,7 +146,10 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             "How the two heads' disagreement on the target pairs is measured (pEMD: the "
             "paper's projected Earth Mover's discrepancy)"
         )
-        self.steps_spin.setToolTip("Adaptation iterations (each: steps A, B and C of MCD)")
+        self.steps_spin.setToolTip(
+            "Adaptation iterations (self-training: one Adam step of the heads; MCD: its "
+            "steps A, B and C)"
+        )
         self.lr_spin.setToolTip("Adam learning rate of the adaptation")
 
         self.source_combo = target_source_combo()
@@ -141,6 +158,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.state_box = StateBox()
         settings = QGroupBox("Settings")
         sform = QFormLayout(settings)
+        sform.addRow("Method", self.method_combo)
         sform.addRow("Discrepancy", self.discrepancy_combo)
         sform.addRow("Steps", self.steps_spin)
         sform.addRow("Learning rate", self.lr_spin)
@@ -183,6 +201,8 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         footer.addLayout(row(self.save_button, self.reregister_button))
 
         self.source_combo.currentIndexChanged.connect(lambda *_: self._show_source())
+        self.method_combo.currentIndexChanged.connect(lambda *_: self._method_changed())
+        self.discrepancy_combo.setEnabled(self.method() == "mcd")
         self.start_button.clicked.connect(lambda *_: self.start())
         self.state_box.resume_button.clicked.connect(lambda *_: self._resume_dialog())
         self.stop_button.clicked.connect(lambda *_: self.stop())
@@ -193,6 +213,20 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         tabbed_panel(self)
 
     # ------------------------------------------------------------------ inputs
+    def method(self) -> str:
+        """The adaptation method: ``"self-training"`` (default) or ``"mcd"``."""
+        return str(self.method_combo.currentData())
+
+    def set_method(self, key: str) -> None:
+        select_data(self.method_combo, key, "adaptation method", METHOD_LABELS)
+
+    def _method_changed(self) -> None:
+        """The method's own defaults in Steps and Learning rate; the discrepancy is MCD's."""
+        defaults = AdaptConfig.for_method(self.method())
+        self.steps_spin.setValue(defaults.steps)
+        self.lr_spin.setValue(defaults.lr)
+        self.discrepancy_combo.setEnabled(self.method() == "mcd")
+
     def discrepancy(self) -> str:
         return self.discrepancy_combo.currentData()
 
@@ -232,7 +266,9 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         else:
             targets = self.layer_box.targets()
         steps = int(self.steps_spin.value())
-        config = replace(self.adapt_config, steps=steps, lr=float(self.lr_spin.value()))
+        config = replace(
+            self.adapt_config, method=self.method(), steps=steps, lr=float(self.lr_spin.value())
+        )
         data_config, discrepancy = self.data_config, self.discrepancy()
         if saved is not None:  # exactly the saved values (the spin boxes round them)
             config, data_config, discrepancy = saved_configs(config, data_config, saved)
@@ -266,6 +302,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             return None
         try:
             saved, done = saved_run(path)
+            self.set_method(saved.get("method", "mcd"))
             self.set_discrepancy(saved["discrepancy"])
         except _notify.USER_ERRORS as exc:
             self._refuse(_notify.describe(exc))
@@ -303,7 +340,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.result = None
         self.records = []
         self.worker_iteration = 0
-        self.plot.reset(DISPLAY_NAMES.get(spec.kind, spec.kind.value))
+        self.plot.reset(DISPLAY_NAMES.get(spec.kind, spec.kind.value), spec.config.method)
         self.progress.setRange(0, spec.config.steps)
         self.progress.setValue(0)
         note = self._resume_note if resume is not None else "preparing the targets and the model…"
@@ -372,8 +409,10 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             self.progress.setRange(0, record.total)
         self.progress.setValue(record.iteration)
         parts = [f"iteration {record.iteration}/{record.total}"]
-        if record.losses:
-            parts.append(f"source CE {record.losses.get('source_ce', float('nan')):.3f}")
+        if "source_ce" in record.losses:
+            parts.append(f"source CE {record.losses['source_ce']:.3f}")
+        if "pseudo_label_ce" in record.losses:
+            parts.append(f"pseudo-label CE {record.losses['pseudo_label_ce']:.3f}")
         if record.discrepancy is not None:
             parts.append(f"target discrepancy {record.discrepancy:.4f}")
         parts.append(f"best iteration {record.best_iteration}")

@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.config import AdaptConfig, DataConfig, FolderConfig
+from ..core.config import ADAPT_METHODS, AdaptConfig, DataConfig, FolderConfig
 from ..core.discrepancy import Discrepancy
 from ..core.distributed import DistContext, init_distributed
 from ..runs import AdaptationSpec, TargetOptions, resolve_adaptation, run_adaptation
@@ -37,10 +37,11 @@ def _add_adapt(sub) -> None:
     a, d, f = AdaptConfig(), DataConfig(), FolderConfig()
     p = sub.add_parser(
         "adapt",
-        help="adapt a model to a new contrast pair without labels (MCD)",
+        help="adapt a model to a new contrast pair without labels",
         description=(
-            "Unsupervised domain adaptation by maximum classifier discrepancy on "
-            "unlabelled target pairs. Target pairs come from one of: --target DIR, a "
+            "Unsupervised domain adaptation on unlabelled target pairs: self-training on "
+            "the model's own refined fields (default) or the paper's maximum classifier "
+            "discrepancy (--method mcd). Target pairs come from one of: --target DIR, a "
             "folder (or files) of a second contrast, whose slices are the moving images "
             "against fixed slices of --source (or of --target when --target-moving DIR "
             "gives the second contrast), with a synthetic deformation between them; "
@@ -100,19 +101,32 @@ def _add_adapt(sub) -> None:
         "--demo-target", type=_positive_int, metavar="N", help="use N built-in T1 vs T2-like pairs"
     )
     p.add_argument(
+        "--method",
+        choices=ADAPT_METHODS,
+        default=a.method,
+        help=f"how to learn without labels (default {a.method}: the heads learn the "
+        "model's own fields refined by MIND-SSC instance optimisation; mcd: the paper's "
+        "maximum classifier discrepancy, with --discrepancy)",
+    )
+    p.add_argument(
         "--discrepancy",
         choices=[kind.value for kind in Discrepancy],
         default="pemd",
-        help="default pemd; pemd16+ is the paper's p-EMD (16+)",
+        help="MCD's discrepancy (default pemd; pemd16+ is the paper's p-EMD (16+))",
     )
     p.add_argument(
         "--steps",
         type=int,
-        help=f"MCD iterations in all (default {a.steps}; with --resume: the saved run's, or "
-        "more to extend it)",
+        help=f"iterations in all (default {a.steps} for self-training, "
+        f"{AdaptConfig.mcd().steps} for mcd; with --resume: the saved run's, or more to "
+        "extend it)",
     )
     p.add_argument(
-        "--lr", type=_positive_float, default=a.lr, help=f"learning rate (default {a.lr:g})"
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help=f"learning rate (default {a.lr:g} for self-training, {AdaptConfig.mcd().lr:g} "
+        "for mcd)",
     )
     p.add_argument(
         "--batch-size",
@@ -166,7 +180,12 @@ def _adapt_spec(args, out: Path) -> AdaptationSpec:
         model=args.model,
         source=args.source,
         discrepancy=args.discrepancy,
-        config=AdaptConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed),
+        config=AdaptConfig.for_method(
+            args.method,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            **({} if args.lr is None else {"lr": args.lr}),
+        ),
         data_config=DataConfig(size=args.size),
         folder_config=FolderConfig(
             axis=args.axis,
@@ -204,7 +223,8 @@ def _run_adapt(args) -> int:
 
 def _adapt(spec: AdaptationSpec, out: Path, ctx: DistContext) -> int:
     run = run_adaptation(spec)
-    start_step, discrepancy = run.start_step, run.spec.kind.value
+    start_step, method = run.start_step, run.spec.config.method
+    discrepancy = run.spec.kind.value if method == "mcd" else method
     bar = _progress(
         run.total, f"adapt ({discrepancy})", initial=start_step, disable=not ctx.is_main
     )
@@ -213,7 +233,12 @@ def _adapt(spec: AdaptationSpec, out: Path, ctx: DistContext) -> int:
             if progress.iteration == start_step:
                 continue
             bar.update(1)
-            postfix = {"disc": f"{progress.discrepancy:.4f}"}
+            losses = progress.record.losses
+            postfix = (
+                {"disc": f"{progress.discrepancy:.4f}"}
+                if progress.discrepancy is not None
+                else {"ce": f"{losses.get('pseudo_label_ce', float('nan')):.4f}"}
+            )
             if progress.criterion is not None:
                 postfix["crit"] = f"{progress.criterion:.4f}"
             postfix["best"] = str(progress.best_iteration)

@@ -14,6 +14,7 @@ from .config import AdaptConfig, DataConfig, TrainConfig
 from .discrepancy import Discrepancy, discrepancy_fn
 from .model import DiscreteRegistrationNet, probabilities, resolve_device
 from .predict import prepare_target, selection_criterion
+from .self_train import SelfTraining
 from .train import Batch, StepRecord, source_batches, source_cross_entropy
 
 # ----------------------------------------------------------------------- adaptation
@@ -59,6 +60,8 @@ class AdaptState:
     weights: dict[str, torch.Tensor] | None = None
     rng_state: dict | None = None
     torch_rng_state: torch.Tensor | None = None
+    #: self-training's pseudo-labels (made once at the start; a resumed run reuses them)
+    pseudo_targets: torch.Tensor | None = None
 
 
 def holdout_split(
@@ -100,7 +103,13 @@ def adapt_steps(
     state: AdaptState | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Generator[StepRecord, None, None]:
-    """Adapt ``model`` to unlabelled target pairs by maximum classifier discrepancy.
+    """Adapt ``model`` to unlabelled target pairs, by ``config.method``.
+
+    ``"self-training"`` (the default, :mod:`~napari_discreg.core.self_train`): the heads
+    learn the model's own fields refined by MIND-SSC instance optimisation, made once at
+    the start; one Adam step per iteration. ``"mcd"``: maximum classifier discrepancy
+    (Saito et al. 2018) with ``discrepancy`` between the heads, as in the paper; one
+    iteration is its steps A, B and C.
 
     Parameters
     ----------
@@ -109,12 +118,13 @@ def adapt_steps(
     fixed, moving : array_like, shape (N, H, W)
         Unlabelled target pairs (e.g. T1 fixed vs T2 moving). Their ground truth,
         if any, is never used.
-    discrepancy : {"l1", "swd", "pemd"}
-        Discrepancy between the heads' histograms (docs/method.md, "Discrepancies").
+    discrepancy : {"l1", "swd", "pemd", "pemd16", "pemd16+"}
+        MCD's discrepancy between the heads' histograms (docs/method.md,
+        "Discrepancies"); self-training does not use it.
     steps, seed, lr : optional
         Override the corresponding fields of ``config``.
     source : iterator of batches, optional
-        Labelled source batches; default: built-in mono-modal template pairs.
+        Labelled source batches of MCD; default: built-in mono-modal template pairs.
     state : AdaptState, optional
         Kept up to date as the run goes (to save it and resume later); one with
         ``step > 0`` continues that run up to ``steps`` iterations in all: same
@@ -157,8 +167,7 @@ def adapt_steps(
     kind = Discrepancy.parse(discrepancy)
     dev = resolve_device(device)
     model.to(dev)
-    mcfg = model.config
-    tf, tm, tmask = prepare_target(fixed, moving, mcfg.stride, dev)
+    tf, tm, tmask = prepare_target(fixed, moving, model.config.stride, dev)
     state = state if state is not None else AdaptState()
     start = state.step
     rng = np.random.default_rng(cfg.seed)
@@ -169,35 +178,35 @@ def adapt_steps(
     elif start:  # no saved streams: fresh ones for the resumed part
         rng = np.random.default_rng([cfg.seed, start])
         gen = torch.Generator().manual_seed(cfg.seed + 7919 * start)
-    if source is None:
-        source = source_batches(
-            data_config or DataConfig(),
-            cfg.batch_size,
-            TrainConfig.source_contrasts,
-            rng,
-            dev,
-            augment=cfg.source_augmentation,
-        )
-    options: dict = {}
-    if kind in (Discrepancy.SWD, Discrepancy.PEMD16_SWD):
-        options = {"num_projections": cfg.swd_projections}
-    elif kind is Discrepancy.PEMD:
-        options = {"diagonals": cfg.pemd_diagonals}
-    dfun: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = discrepancy_fn(kind, **options)
-
     if start < 0 or start > cfg.steps:
         raise ValueError(f"cannot continue a run after step {start} of {cfg.steps}")
     if start and (state.best_weights is None or state.best_score is None):
         raise ValueError("a state with step > 0 needs its best weights and best score")
-    if not state.optimizers:
-        state.optimizers = adaptation_optimizers(model, cfg.lr)
-    opt_g, opt_f = state.optimizers["generator"], state.optimizers["heads"]
-    heads = [p for group in opt_f.param_groups for p in group["params"]]
+
     adapt_on, held = holdout_split(tf.shape[0], cfg.holdout, cfg.seed, selection_pairs)
     sel = torch.from_numpy(held)
     sel_f, sel_m, sel_mask = tf[sel], tm[sel], tmask[sel]
     keep_idx = torch.from_numpy(adapt_on)
     tf, tm, tmask = tf[keep_idx], tm[keep_idx], tmask[keep_idx]
+
+    if cfg.method == "self-training":
+        trainer = SelfTraining(model, tf, tm, tmask, cfg, rng, targets=state.pseudo_targets)
+        state.pseudo_targets = trainer.pair_targets
+        iteration: Callable[..., tuple[dict[str, float], float | None]] = _self_training_step(
+            trainer, state
+        )
+        frozen: SelfTraining | None = trainer
+    else:
+        iteration = _mcd_iteration(
+            model, cfg, kind, (tf, tm, tmask), state, rng, gen, source, data_config, dev
+        )
+        frozen = None
+    if not state.optimizers:
+        state.optimizers = (
+            trainer.optimizers(cfg.lr)
+            if frozen is not None
+            else adaptation_optimizers(model, cfg.lr)
+        )
 
     best_state: dict[str, torch.Tensor]
     first_score: float | None = None
@@ -220,6 +229,101 @@ def adapt_steps(
     state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
     yield StepRecord(start, cfg.steps, {}, None, first_score, best_iter)
 
+    def consider_last() -> None:
+        """The weights of the last complete iteration, scored as a keep-best candidate."""
+        if state.step > start and state.step != best_iter:
+            score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
+            if score > best_score or not cfg.keep_best:
+                keep(state.step, score, _snapshot(model))
+
+    def check_stop() -> None:
+        """Between the passes of an iteration: a stop asked for ends it there."""
+        if should_stop is not None and should_stop():
+            raise _Stopped
+
+    busy = False
+    undo: tuple = ()
+    try:
+        model.train()
+        if frozen is not None:
+            frozen.freeze(True)
+        for it in range(start + 1, cfg.steps + 1):
+            if should_stop is not None:
+                check_stop()
+                # to undo an iteration stopped half-way (weights and Adam moments)
+                undo = (
+                    _snapshot(model),
+                    {k: copy.deepcopy(o.state_dict()) for k, o in state.optimizers.items()},
+                )
+            busy = True
+            values, record_discrepancy = iteration(check_stop)
+            if not all(np.isfinite(v) for k, v in values.items() if k != "source_accuracy"):
+                raise FloatingPointError(
+                    f"adaptation diverged at iteration {it} (non-finite loss); the best weights "
+                    f"(iteration {best_iter}) were restored: lower the learning rate"
+                )
+            score = None
+            if it % cfg.select_every == 0 or it == cfg.steps:
+                score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
+                if score > best_score or not cfg.keep_best:
+                    keep(it, score, _snapshot(model))
+            state.step = it
+            state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
+            busy = False
+            yield StepRecord(it, cfg.steps, values, record_discrepancy, score, best_iter)
+    except _Stopped:
+        if busy:  # undo the iteration in progress: back to the last complete one
+            weights, moments = undo
+            model.load_state_dict(weights)
+            for k, o in state.optimizers.items():
+                o.load_state_dict(moments[k])
+            busy = False
+        consider_last()
+    except GeneratorExit:
+        # stopped by the consumer after a complete iteration: consider it as a candidate
+        consider_last()
+        raise
+    finally:
+        if frozen is not None:
+            frozen.freeze(False)
+        # the weights (and optimiser moments) of the last complete iteration, to resume
+        # from: after an exception inside an iteration they are half-updated, so then
+        # the state keeps no current weights (resume from an earlier saved state can)
+        state.weights = None if busy else _snapshot(model)
+        model.load_state_dict(best_state)
+        model.eval()
+
+
+def _self_training_step(trainer: SelfTraining, state: AdaptState):
+    """One self-training iteration: an Adam step of the heads on the pseudo-labels."""
+
+    def run(check_stop: Callable[[], None]) -> tuple[dict[str, float], None]:
+        return trainer.step(state.optimizers["heads"]), None  # one pass: nothing to check
+
+    return run
+
+
+def _mcd_iteration(model, cfg, kind, target, state, rng, gen, source, data_config, dev):
+    """One MCD iteration (steps A, B and C of Saito et al.) as a function, with its source
+    batches and discrepancy; it returns the losses and step C's target discrepancy."""
+    mcfg = model.config
+    tf, tm, tmask = target
+    if source is None:
+        source = source_batches(
+            data_config or DataConfig(),
+            cfg.batch_size,
+            TrainConfig.source_contrasts,
+            rng,
+            dev,
+            augment=cfg.source_augmentation,
+        )
+    options: dict = {}
+    if kind in (Discrepancy.SWD, Discrepancy.PEMD16_SWD):
+        options = {"num_projections": cfg.swd_projections}
+    elif kind is Discrepancy.PEMD:
+        options = {"diagonals": cfg.pemd_diagonals}
+    dfun: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = discrepancy_fn(kind, **options)
+
     def target_batch():
         idx = torch.from_numpy(rng.integers(0, tf.shape[0], size=cfg.batch_size))
         return tf[idx], tm[idx], tmask[idx]
@@ -239,113 +343,61 @@ def adapt_steps(
         fg = F.max_pool2d(mask, mcfg.stride)[:, 0] > 0
         return d(p1[fg], p2[fg])  # (N, K, K) histograms of foreground control points
 
-    def consider_last() -> None:
-        """The weights of the last complete iteration, scored as a keep-best candidate."""
-        if state.step > start and state.step != best_iter:
-            score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
-            if score > best_score or not cfg.keep_best:
-                keep(state.step, score, _snapshot(model))
-
-    busy = False
-    undo: tuple = ()
-    try:
-        model.train()
-        for it in range(start + 1, cfg.steps + 1):
-            if should_stop is not None:
-                if should_stop():
-                    raise _Stopped
-                # to undo an iteration stopped half-way (weights and Adam moments)
-                undo = (
-                    _snapshot(model),
-                    copy.deepcopy(opt_g.state_dict()),
-                    copy.deepcopy(opt_f.state_dict()),
-                )
-            busy = True
-            src = next(source)
-            t_fixed, t_moving, t_mask = target_batch()
-            dcur = iteration_discrepancy()
-            # A: G, F1, F2 on the source cross-entropy
-            loss_a, logs = source_cross_entropy(model, src)
-            opt_g.zero_grad(set_to_none=True)
-            opt_f.zero_grad(set_to_none=True)
-            loss_a.backward()
-            opt_g.step()
-            opt_f.step()
-            if should_stop is not None and should_stop():
-                raise _Stopped
-            # B: G frozen; heads keep the source right and disagree on the target
-            with torch.no_grad():
-                cost_s = model.cost_volume(src["fixed"], src["moving"])
-                cost_t = model.cost_volume(t_fixed, t_moving)
-            ce_b, _ = source_cross_entropy(model, src, cost=cost_s)
-            d_b = target_discrepancy(cost_t, t_mask, dcur)
-            loss_b = ce_b - cfg.discrepancy_weight * d_b
-            opt_f.zero_grad(set_to_none=True)
-            loss_b.backward()
-            opt_f.step()
-            if should_stop is not None and should_stop():
-                raise _Stopped
-            # C: heads frozen; G makes them agree on the target (n updates)
+    def run(check_stop: Callable[[], None]) -> tuple[dict[str, float], float]:
+        opt_g, opt_f = state.optimizers["generator"], state.optimizers["heads"]
+        heads = [p for group in opt_f.param_groups for p in group["params"]]
+        src = next(source)
+        t_fixed, t_moving, t_mask = target_batch()
+        dcur = iteration_discrepancy()
+        # A: G, F1, F2 on the source cross-entropy
+        loss_a, logs = source_cross_entropy(model, src)
+        opt_g.zero_grad(set_to_none=True)
+        opt_f.zero_grad(set_to_none=True)
+        loss_a.backward()
+        opt_g.step()
+        opt_f.step()
+        check_stop()
+        # B: G frozen; heads keep the source right and disagree on the target
+        with torch.no_grad():
+            cost_s = model.cost_volume(src["fixed"], src["moving"])
+            cost_t = model.cost_volume(t_fixed, t_moving)
+        ce_b, _ = source_cross_entropy(model, src, cost=cost_s)
+        d_b = target_discrepancy(cost_t, t_mask, dcur)
+        loss_b = ce_b - cfg.discrepancy_weight * d_b
+        opt_f.zero_grad(set_to_none=True)
+        loss_b.backward()
+        opt_f.step()
+        check_stop()
+        # C: heads frozen; G makes them agree on the target (n updates)
+        for p in heads:
+            p.requires_grad_(False)
+        try:
+            d_c_first = float("nan")
+            for n_update in range(cfg.generator_updates):
+                d_c = target_discrepancy(model.cost_volume(t_fixed, t_moving), t_mask, dcur)
+                if n_update == 0:
+                    d_c_first = float(d_c.detach())
+                loss_c = cfg.discrepancy_weight * d_c
+                if cfg.source_weight_c > 0:
+                    ce_c, _ = source_cross_entropy(model, src)
+                    loss_c = loss_c + cfg.source_weight_c * ce_c
+                opt_g.zero_grad(set_to_none=True)
+                loss_c.backward()
+                opt_g.step()
+                check_stop()
+        finally:
             for p in heads:
-                p.requires_grad_(False)
-            try:
-                d_c_first = float("nan")
-                for n_update in range(cfg.generator_updates):
-                    d_c = target_discrepancy(model.cost_volume(t_fixed, t_moving), t_mask, dcur)
-                    if n_update == 0:
-                        d_c_first = float(d_c.detach())
-                    loss_c = cfg.discrepancy_weight * d_c
-                    if cfg.source_weight_c > 0:
-                        ce_c, _ = source_cross_entropy(model, src)
-                        loss_c = loss_c + cfg.source_weight_c * ce_c
-                    opt_g.zero_grad(set_to_none=True)
-                    loss_c.backward()
-                    opt_g.step()
-                    if should_stop is not None and should_stop():
-                        raise _Stopped
-            finally:
-                for p in heads:
-                    p.requires_grad_(True)
-            values = {
-                "source_ce": float(loss_a.detach()),
-                "source_accuracy": logs["accuracy"],
-                "discrepancy_b": float(d_b.detach()),
-                "discrepancy_c_first": d_c_first,
-                "discrepancy_c": float(d_c.detach()),
-            }
-            if not all(np.isfinite(v) for k, v in values.items() if k != "source_accuracy"):
-                raise FloatingPointError(
-                    f"adaptation diverged at iteration {it} (non-finite loss); the best weights "
-                    f"(iteration {best_iter}) were restored: lower the learning rate"
-                )
-            score = None
-            if it % cfg.select_every == 0 or it == cfg.steps:
-                score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
-                if score > best_score or not cfg.keep_best:
-                    keep(it, score, _snapshot(model))
-            state.step = it
-            state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
-            busy = False
-            yield StepRecord(it, cfg.steps, values, float(d_c.detach()), score, best_iter)
-    except _Stopped:
-        if busy:  # undo the iteration in progress: back to the last complete one
-            weights, moments_g, moments_f = undo
-            model.load_state_dict(weights)
-            opt_g.load_state_dict(moments_g)
-            opt_f.load_state_dict(moments_f)
-            busy = False
-        consider_last()
-    except GeneratorExit:
-        # stopped by the consumer after a complete iteration: consider it as a candidate
-        consider_last()
-        raise
-    finally:
-        # the weights (and optimiser moments) of the last complete iteration, to resume
-        # from: after an exception inside an iteration they are half-updated, so then
-        # the state keeps no current weights (resume from an earlier saved state)
-        state.weights = None if busy else _snapshot(model)
-        model.load_state_dict(best_state)
-        model.eval()
+                p.requires_grad_(True)
+        values = {
+            "source_ce": float(loss_a.detach()),
+            "source_accuracy": logs["accuracy"],
+            "discrepancy_b": float(d_b.detach()),
+            "discrepancy_c_first": d_c_first,
+            "discrepancy_c": float(d_c.detach()),
+        }
+        return values, float(d_c.detach())
+
+    return run
 
 
 def adapt(model: DiscreteRegistrationNet, fixed, moving, **kwargs) -> DiscreteRegistrationNet:

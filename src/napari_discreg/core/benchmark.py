@@ -48,7 +48,7 @@ class BenchmarkSettings:
     n_test: int = 100
     n_adapt: int = 64
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = AdaptConfig.steps  # one source for the default: config.py
+    steps: int = AdaptConfig.mcd().steps  # the discrepancies are compared by MCD
     discrepancies: tuple[str, ...] = ("l1", "swd", "pemd")
     moving_contrast: str = "t2"
     peers: tuple[str, ...] = ("elastix", "simpleitk")
@@ -57,7 +57,7 @@ class BenchmarkSettings:
     refine: RefineConfig | None = field(default_factory=RefineConfig)
     refine_rows: tuple[str, ...] = ("pemd",)
     model_path: str | None = None
-    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig.mcd)
     data: DataConfig = field(default_factory=DataConfig)
 
     @classmethod
@@ -68,7 +68,7 @@ class BenchmarkSettings:
             seeds=(0,),
             steps=2,
             peer_options={"elastix": {"iterations": 20}, "simpleitk": {"iterations": 10}},
-            adapt=AdaptConfig(batch_size=2, select_every=1),
+            adapt=AdaptConfig.mcd(batch_size=2, select_every=1),
             refine=RefineConfig(steps=2),
         )
 

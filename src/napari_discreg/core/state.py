@@ -22,8 +22,9 @@ from .checkpoint import (
     _write,
     read_checkpoint,
 )
-from .config import MAX_COUNT, parse_json
+from .config import MAX_COUNT, AdaptConfig, parse_json
 from .model import DiscreteRegistrationNet, resolve_device
+from .self_train import trainable_parameters
 
 # ------------------------------------------------------------------ training states
 
@@ -246,6 +247,7 @@ def load_training_state(
 
 BEST = "best/"
 TORCH_RNG = "torch_rng"
+PSEUDO_TARGETS = "pseudo_targets"
 
 
 def save_adaptation_state(
@@ -281,6 +283,8 @@ def save_adaptation_state(
     run = {BEST + k: v for k, v in (state.best_weights or {}).items()}
     if state.torch_rng_state is not None:
         run[TORCH_RNG] = state.torch_rng_state
+    if state.pseudo_targets is not None:
+        run[PSEUDO_TARGETS] = state.pseudo_targets
     return save_training_state(
         path, model, state.optimizers, state.step, extra, tensors=run, weights=weights
     )
@@ -304,7 +308,13 @@ def load_adaptation_state(path: str | os.PathLike, lr: float, device=None):
             "`napari-discreg adapt --checkpoint-every N` writes"
         )
     model = DiscreteRegistrationNet(config).to(resolve_device(device))
-    optimizers = adaptation_optimizers(model, lr)
+    recorded = extra.get("adaptation", {}).get("config")
+    method = AdaptConfig.from_dict(recorded).method if isinstance(recorded, dict) else "mcd"
+    optimizers: dict[str, torch.optim.Optimizer]
+    if method == "self-training":
+        optimizers = {"heads": torch.optim.Adam(trainable_parameters(model), lr=lr)}
+    else:
+        optimizers = adaptation_optimizers(model, lr)
     loaded = load_training_state(p, model, optimizers)
     best = {k[len(BEST) :]: v for k, v in loaded.tensors.items() if k.startswith(BEST)}
     if set(best) != set(model.state_dict()):
@@ -318,7 +328,10 @@ def load_adaptation_state(path: str | os.PathLike, lr: float, device=None):
             optimizers=optimizers,
             rng_state=info.get("rng_state"),
             torch_rng_state=loaded.tensors.get(TORCH_RNG),
+            pseudo_targets=loaded.tensors.get(PSEUDO_TARGETS),
         )
+        if method == "self-training" and state.pseudo_targets is None:
+            raise ValueError("the self-training run's pseudo-labels are missing")
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{p}: the adaptation state is corrupt ({exc})") from exc
     return model, state, extra

@@ -252,6 +252,7 @@ RUN_KEYS = (
     "unpaired",
     "target_pairs",
     "demo_target",
+    "method",
     "discrepancy",
     "lr",
     "batch_size",
@@ -293,6 +294,7 @@ def run_settings(spec: AdaptationSpec) -> dict[str, Any]:
         "unpaired": opts.unpaired,
         "target_pairs": fc.target_pairs,
         "demo_target": opts.demo_target,
+        "method": spec.config.method,
         "discrepancy": spec.kind.value,
         "lr": spec.config.lr,
         "batch_size": spec.config.batch_size,
@@ -336,6 +338,7 @@ def _saved_settings(
             "file that `napari-discreg adapt --checkpoint-every N` writes"
         )
     defaults = run_settings(AdaptationSpec())
+    saved = {"method": "mcd", **saved}  # a run saved before self-training existed was MCD
     given_abs = _absolute(given)
     settings = {}
     for key in RUN_KEYS:
@@ -391,6 +394,7 @@ def resolve_adaptation(spec: AdaptationSpec) -> AdaptationSpec:
         discrepancy=s["discrepancy"],
         config=replace(
             base,
+            method=s["method"],
             steps=steps,
             lr=s["lr"],
             batch_size=s["batch_size"],

@@ -1,0 +1,147 @@
+"""Self-training on the pipeline's own refined fields: adaptation without labels that pays off.
+
+After Bigalke, Hansen and Heinrich's cyclical self-training (MICCAI 2023): the model
+predicts a field for each unlabelled target pair, instance optimisation refines it under
+MIND-SSC (:func:`~napari_discreg.core.refine.refine_field`, a contrast-invariant
+similarity the network does not see), and the refined field, read at the control points
+as soft labels over the K x K displacement classes, is what the heads learn. The feature
+extractor G and the first layer of each head stay fixed, so the target cost volumes are
+computed once and each step costs two small head passes; the mirrored pairs (both images
+flipped left to right, the column displacement negated) double the pairs.
+
+``benchmarks/adaptation_recipes.py`` measured this against MCD and its variants on the
+template's held-out T1 vs T2-like and PD-like pairs (docs/benchmarks.md, "Adaptation that
+pays off").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import AdaptConfig, RefineConfig
+from .labels import soft_labels
+from .model import DiscreteRegistrationNet
+from .predict import predict_field
+from .refine import refine_field
+from .train import control_point_weights
+from .warp import control_point_field
+
+
+def trainable_parameters(model: DiscreteRegistrationNet) -> list[torch.nn.Parameter]:
+    """The parameters self-training adapts: both heads without their first layer (their
+    1 x 1 bottleneck, or the 3 x 3 convolution of heads without one)."""
+    chosen = []
+    for head in (model.F1, model.F2):
+        first = {id(p) for p in head.net[0].parameters()}
+        chosen += [p for p in head.parameters() if id(p) not in first]
+    return chosen
+
+
+def pseudo_refine_config(config: AdaptConfig) -> RefineConfig:
+    """The instance optimisation that turns the model's field into pseudo-labels."""
+    return RefineConfig(levels=config.pseudo_levels, smoothness=config.pseudo_smoothness)
+
+
+@torch.no_grad()
+def pseudo_labels(
+    model: DiscreteRegistrationNet,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    config: AdaptConfig,
+) -> torch.Tensor:
+    """Soft labels ``(N, h, w, K * K)`` from the refined fields of padded pairs."""
+    mc = model.config
+    was_training = model.training
+    model.eval()
+    targets = []
+    for i in range(fixed.shape[0]):
+        f, m = fixed[i : i + 1], moving[i : i + 1]
+        start, _, _ = predict_field(model, f, m)
+        with torch.enable_grad():
+            refined = refine_field(f, m, start, pseudo_refine_config(config))
+        cp = control_point_field(refined, mc.stride)
+        targets.append(soft_labels(cp, mc.num_labels, mc.capture_range).flatten(-2))
+    model.train(was_training)
+    return torch.cat(targets)
+
+
+def mirrored_labels(targets: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """The soft labels of the left-right mirrored pairs: control points mirrored, and the
+    column displacement negated (the label grid's column axis reversed)."""
+    k = num_labels
+    grid = targets.reshape(*targets.shape[:-1], k, k)
+    return grid.flip(2).flip(-1).reshape(targets.shape)
+
+
+class SelfTraining:
+    """One run's self-training: the pseudo-labels and cost volumes of its target pairs,
+    made once (``targets``: the pseudo-labels of a run being resumed), and one Adam step
+    on the heads per :meth:`step`."""
+
+    def __init__(
+        self,
+        model: DiscreteRegistrationNet,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        mask: torch.Tensor,
+        config: AdaptConfig,
+        rng: np.random.Generator,
+        targets: torch.Tensor | None = None,
+    ) -> None:
+        self.model, self.config, self.rng = model, config, rng
+        mc = model.config
+        if targets is None:
+            targets = pseudo_labels(model, fixed, moving, config)
+        #: the pseudo-labels of the pairs (not mirrored): what a resumed run needs
+        self.pair_targets = targets
+        weights = control_point_weights(mask, mc.stride)
+        with torch.no_grad():
+            costs = torch.cat(
+                [
+                    model.cost_volume(fixed[i : i + 2], moving[i : i + 2])
+                    for i in range(0, len(fixed), 2)
+                ]
+            )
+        if config.flip:
+            targets = torch.cat([targets, mirrored_labels(targets, mc.num_labels)])
+            costs = torch.cat([costs, self._mirrored_costs(fixed, moving)])
+            weights = torch.cat([weights, weights.flip(-1)])
+        self.targets, self.costs, self.weights = targets, costs, weights
+        self.parameters = trainable_parameters(model)
+
+    def _mirrored_costs(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    model.cost_volume(fixed[i : i + 2].flip(-1), moving[i : i + 2].flip(-1))
+                    for i in range(0, len(fixed), 2)
+                ]
+            )
+
+    def optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
+        return {"heads": torch.optim.Adam(self.parameters, lr=lr)}
+
+    def freeze(self, frozen: bool) -> None:
+        """Only :func:`trainable_parameters` take gradients while ``frozen`` is True."""
+        ids = {id(p) for p in self.parameters}
+        for p in self.model.parameters():
+            p.requires_grad_(not frozen or id(p) in ids)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One Adam step on a batch of pairs: soft cross-entropy of both heads."""
+        n = self.costs.shape[0]
+        size = min(self.config.batch_size, n)
+        idx = torch.from_numpy(self.rng.choice(n, size=size, replace=False))
+        logits = self.model.heads(self.costs[idx])
+        target, weight = self.targets[idx], self.weights[idx]
+        loss = logits[0].new_zeros(())
+        for head in logits:
+            per_point = -(target * F.log_softmax(head.flatten(-2), dim=-1)).sum(-1)
+            loss = loss + (per_point * weight).sum() / weight.sum().clamp_min(1e-6)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"pseudo_label_ce": float(loss.detach())}
