@@ -291,3 +291,30 @@ def test_resuming_a_file_without_a_run_is_an_error(viewer, tiny_model_path, note
     assert widget.resume(tiny_model_path) is None  # a model, not a state
     assert notes[-1][0] == "error" and "holds no adaptation run" in notes[-1][1]
     assert widget.job is None
+
+
+def test_one_click_adapts_the_network_to_the_registered_pair(
+    viewer, tiny_model, tiny_model_path, small_pair, wait_job, notes, fast
+):
+    """Issue 25 item 2: the pair in view, as the network saw it after the pre-alignment."""
+    state_for(viewer).set_model(tiny_model, "tiny")
+    widget = AdaptationWidget(viewer)
+    widget.adapt_config, widget.data_config = fast["adapt_config"], fast["data_config"]
+    widget.steps_spin.setValue(3)
+    # nothing registered yet: a clear refusal, nothing starts
+    assert widget.adapt_to_registered_pair() is None
+    assert "register a pair first" in widget.status_label.text()
+
+    viewer.add_image(small_pair.fixed, name="fixed")
+    viewer.add_image(small_pair.moving, name="moving")
+    register_widget = RegisterWidget(viewer)
+    wait_job(register_widget.run())
+    wait_job(widget.adapt_to_registered_pair())
+    assert widget.target_source() == "registered"
+    result = widget.result
+    assert result is not None and result.completed_steps == 3
+    target = result.metadata["adaptation"]["target"]
+    assert "tiles of the registered pair 'fixed' (fixed) / 'moving'" in target
+    assert widget.status_label.text().startswith("finished after 3 of 3 iterations")
+    errors = [text for level, text in notes if level == "error"]
+    assert len(errors) == 1 and errors[0].startswith("register a pair first"), errors

@@ -40,7 +40,11 @@ from ._pickers import LayerCombo, preferring
 from ._qt import OUTPUT_WORDS, row
 
 #: where target pairs come from: key -> label of the "Target source" choice
-TARGET_SOURCES = {"layers": "Image layers", "folders": "Folders (fixed / moving contrast)"}
+TARGET_SOURCES = {
+    "layers": "Image layers",
+    "registered": "The registered pair (Register widget)",
+    "folders": "Folders (fixed / moving contrast)",
+}
 #: what the state file dialogs show
 STATE_FILTER = "Adaptation states (*.state.safetensors);;All files (*)"
 
@@ -67,7 +71,9 @@ def target_source_combo() -> QComboBox:
     for key, text in TARGET_SOURCES.items():
         combo.addItem(text, key)
     combo.setToolTip(
-        "Image layers: the pairs as they are; folders: pairs made with a synthetic "
+        "Image layers: the pairs as they are; the registered pair: the pair the Register "
+        "widget registered last, after its pre-alignment, in overlapping 192 px tiles (the "
+        "network stage adapted to your own images); folders: pairs made with a synthetic "
         "deformation from a fixed- and a moving-contrast folder"
     )
     return combo
@@ -127,6 +133,38 @@ class LayerTargetsBox(QGroupBox):
         f, m = (f[None], m[None]) if f.ndim == 2 else (f, m)
         desc = f"{f.shape[0]} pairs of the layers '{fixed.name}' (fixed) / '{moving.name}'"
         return ArrayTargets(f, m, description=desc)
+
+
+def registered_targets(run) -> ArrayTargets:
+    """Target pairs from the Register widget's last run: for each registered slice, the
+    fixed image and the moving image resampled by that slice's pre-alignment, in
+    overlapping tiles (:func:`~napari_discreg.core.self_train.registered_pair_tiles`):
+    what the network saw. ``ValueError`` when there is no registered pair."""
+    from ..core.self_train import registered_pair_tiles
+
+    results = getattr(run, "results", None)
+    if run is None or not results:
+        raise ValueError(
+            "register a pair first (Register widget): this target source adapts the network "
+            "to the pair you registered"
+        )
+    fixed, moving = run.layer("fixed"), run.layer("moving")
+    if fixed is None or moving is None:
+        raise ValueError("the registered layers no longer exist; register the pair again")
+    tiles_f, tiles_m = [], []
+    for index, result in results.items():
+        f, m = np.asarray(fixed.data), np.asarray(moving.data)
+        if index is not None:
+            f, m = np.take(f, index, axis=run.axis), np.take(m, index, axis=run.axis)
+        tf, tm = registered_pair_tiles(f, m, result.affine)
+        tiles_f.append(tf)
+        tiles_m.append(tm)
+    f_all, m_all = np.concatenate(tiles_f), np.concatenate(tiles_m)
+    desc = (
+        f"{f_all.shape[0]} tiles of the registered pair '{fixed.name}' (fixed) / "
+        f"'{moving.name}' (moving, pre-aligned)"
+    )
+    return ArrayTargets(f_all, m_all, description=desc)
 
 
 class FolderTargetsBox(QGroupBox):

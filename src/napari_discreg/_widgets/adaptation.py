@@ -49,6 +49,7 @@ from ._adaptation_targets import (
     LayerTargetsBox,
     StateBox,
     array_run,
+    registered_targets,
     result_text,
     saved_configs,
     saved_run,
@@ -165,6 +166,12 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
 
         self.start_button = QPushButton("Start")
         self.start_button.setToolTip("Adapt a copy of the current model (in the background)")
+        self.this_pair_button = QPushButton("Adapt to the registered pair")
+        self.this_pair_button.setToolTip(
+            "One click: adapt a copy of the current model to the pair the Register widget "
+            "registered last (after its pre-alignment, in overlapping tiles; no labels), "
+            "then Re-register to compare"
+        )
         job_controls(self)
         self.job_title = "the adaptation"
         self.stop_button.setToolTip(
@@ -195,6 +202,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         layout.addWidget(self.plot, 1)
         # the run's controls and what to do with its result are always reachable
         footer.addLayout(row(self.start_button, self.stop_button))
+        footer.addWidget(self.this_pair_button)
         footer.addWidget(self.progress)
         footer.addWidget(self.status_label)
         footer.addLayout(row(self.keep_button, self.revert_button))
@@ -204,6 +212,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.method_combo.currentIndexChanged.connect(lambda *_: self._method_changed())
         self.discrepancy_combo.setEnabled(self.method() == "mcd")
         self.start_button.clicked.connect(lambda *_: self.start())
+        self.this_pair_button.clicked.connect(lambda *_: self.adapt_to_registered_pair())
         self.state_box.resume_button.clicked.connect(lambda *_: self._resume_dialog())
         self.stop_button.clicked.connect(lambda *_: self.stop())
         self.keep_button.clicked.connect(lambda *_: self.keep())
@@ -234,7 +243,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         select_data(self.discrepancy_combo, key, "discrepancy", DISCREPANCIES)
 
     def target_source(self) -> str:
-        """Where the target pairs come from: ``"layers"`` or ``"folders"``."""
+        """Where the target pairs come from: ``"layers"``, ``"registered"`` or ``"folders"``."""
         return self.source_combo.currentData()
 
     def set_target_source(self, key: str) -> None:
@@ -245,9 +254,9 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self._show_source()
 
     def _show_source(self) -> None:
-        folders = self.target_source() == "folders"
-        self.layer_box.setVisible(not folders)
-        self.folder_box.setVisible(folders)
+        source = self.target_source()
+        self.layer_box.setVisible(source == "layers")
+        self.folder_box.setVisible(source == "folders")
 
     # ------------------------------------------------------------------ run
     @property
@@ -263,6 +272,8 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         elif self.target_source() == "folders":
             targets = self.folder_box.targets()
             folder_config = self.folder_box.folder_config(folder_config)
+        elif self.target_source() == "registered":
+            targets = registered_targets(self.state.run)
         else:
             targets = self.layer_box.targets()
         steps = int(self.steps_spin.value())
@@ -291,6 +302,12 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
 
     def start(self) -> Job | None:
         """Adapt a copy of the current model in a background thread (returns the job)."""
+        return self._start()
+
+    def adapt_to_registered_pair(self) -> Job | None:
+        """One click: adapt to the pair the Register widget registered last (its tiles
+        after the pre-alignment), with the form's method and settings."""
+        self.set_target_source("registered")
         return self._start()
 
     def resume(self, path) -> Job | None:
@@ -435,6 +452,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
 
     def _set_running(self, running: bool) -> None:
         self.start_button.setEnabled(not running)
+        self.this_pair_button.setEnabled(not running)
         self.stop_button.setEnabled(running)
         done = not running and self.adapted_model is not None
         for b in (self.keep_button, self.save_button, self.reregister_button):

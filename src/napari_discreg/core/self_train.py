@@ -145,3 +145,38 @@ class SelfTraining:
         loss.backward()
         optimizer.step()
         return {"pseudo_label_ce": float(loss.detach())}
+
+
+def registered_pair_tiles(
+    fixed, moving, matrix, *, size: int = 192, overlap: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Target pairs for adapting the network stage on one real pair: the fixed image and
+    the moving image resampled by the pre-alignment ``matrix`` (fixed pixel -> moving
+    pixel, :attr:`~napari_discreg.core.register.RegistrationResult.affine`), both as
+    dark-background gray images, cut into ``size`` x ``size`` tiles overlapping by
+    ``overlap`` (an image smaller than a tile is one tile, padded). Returns two stacks
+    ``(N, size, size)``: what the network sees after the pre-alignment."""
+    from .prealign import resample, tissue_image, to_gray
+
+    f = tissue_image(to_gray(fixed))
+    m = resample(tissue_image(to_gray(moving)), matrix, f.shape)
+    h, w = f.shape
+    step = max(1, round(size * (1.0 - overlap)))
+
+    def starts(n: int) -> list[int]:
+        if n <= size:
+            return [0]
+        last = n - size
+        return sorted({*range(0, last, step), last})
+
+    tiles_f, tiles_m = [], []
+    for r in starts(h):
+        for c in starts(w):
+            tf = np.zeros((size, size), np.float32)
+            tm = np.zeros((size, size), np.float32)
+            pf, pm = f[r : r + size, c : c + size], m[r : r + size, c : c + size]
+            tf[: pf.shape[0], : pf.shape[1]] = pf
+            tm[: pm.shape[0], : pm.shape[1]] = pm
+            tiles_f.append(tf)
+            tiles_m.append(tm)
+    return np.stack(tiles_f), np.stack(tiles_m)
