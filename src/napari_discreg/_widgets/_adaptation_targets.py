@@ -385,6 +385,7 @@ def result_text(result) -> str:
         ]
     if result.diverged:
         text.append(f"The run diverged: {result.diverged}.")
+    text.append(result.note())
     text.append(result.selection_text())
     text.append(evaluation_text(result.evaluation))
     state = result.state_path

@@ -290,8 +290,9 @@ def _adapt(spec: AdaptationSpec, out: Path, ctx: DistContext) -> int:
         f"{result.runtime_s:.1f} s ({completed} of {total} in all); best iteration {best_iter} "
         f"({crit}); saved {out}"
     )
-    if result.selection_text():
-        _say(f"  {result.selection_text()}")
+    for line in (result.note(), result.selection_text()):
+        if line:
+            _say(f"  {line}")
     if result.state_error is not None:
         raise OSError(
             f"the model was saved to {out} but the adaptation state was not: {result.state_error}"

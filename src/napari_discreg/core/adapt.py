@@ -62,6 +62,9 @@ class AdaptState:
     torch_rng_state: torch.Tensor | None = None
     #: self-training's pseudo-labels (made once at the start; a resumed run reuses them)
     pseudo_targets: torch.Tensor | None = None
+    #: self-training: the refined fields' MIND-SSC gain over the model's (below
+    #: ``AdaptConfig.min_pseudo_gain`` the run learns nothing and keeps the start)
+    pseudo_gain: float | None = None
 
 
 def holdout_split(
@@ -192,6 +195,8 @@ def adapt_steps(
     if cfg.method == "self-training":
         trainer = SelfTraining(model, tf, tm, tmask, cfg, rng, targets=state.pseudo_targets)
         state.pseudo_targets = trainer.pair_targets
+        if trainer.gain is not None:
+            state.pseudo_gain = trainer.gain
         iteration: Callable[..., tuple[dict[str, float], float | None]] = _self_training_step(
             trainer, state
         )
@@ -241,13 +246,20 @@ def adapt_steps(
         if should_stop is not None and should_stop():
             raise _Stopped
 
+    # self-training with nothing to learn (the refined fields barely better than the
+    # model's own): no iteration runs, the model is returned as it came
+    last = (
+        start
+        if state.pseudo_gain is not None and state.pseudo_gain < cfg.min_pseudo_gain
+        else cfg.steps
+    )
     busy = False
     undo: tuple = ()
     try:
         model.train()
         if frozen is not None:
             frozen.freeze(True)
-        for it in range(start + 1, cfg.steps + 1):
+        for it in range(start + 1, last + 1):
             if should_stop is not None:
                 check_stop()
                 # to undo an iteration stopped half-way (weights and Adam moments)

@@ -370,6 +370,11 @@ class AdaptConfig(Config):
     target pairs set aside for that criterion and never adapted on (at least one pair
     when there are two or more; 0: select on the pairs adapted on), so the weights are
     judged on pairs the run did not fit (:func:`~napari_discreg.core.adapt.holdout_split`).
+    Self-training (``method="self-training"``) learns the model's fields refined by
+    MIND-SSC instance optimisation (``pseudo_levels``, ``pseudo_smoothness``; ``flip``
+    adds the mirrored pairs); when the refined fields match the pairs less than
+    ``min_pseudo_gain`` better than the model's own, there is nothing to learn and the
+    run keeps the model as it is (:func:`~napari_discreg.core.self_train.pseudo_labels`).
     """
 
     # the default: self-training on the refined fields, 8 pairs of 192 x 192 in under
@@ -394,6 +399,7 @@ class AdaptConfig(Config):
     pseudo_levels: int = 3
     pseudo_smoothness: float = 0.1
     flip: bool = True
+    min_pseudo_gain: float = 0.25
 
     @classmethod
     def mcd(cls, **overrides) -> AdaptConfig:
@@ -422,6 +428,8 @@ class AdaptConfig(Config):
             )
         if self.pseudo_levels < 1 or self.pseudo_levels > 6 or not self.pseudo_smoothness >= 0:
             raise ValueError("pseudo_levels must be in 1..6 and pseudo_smoothness >= 0")
+        if not 0.0 <= self.min_pseudo_gain < 1.0:
+            raise ValueError(f"min_pseudo_gain must be in [0, 1), got {self.min_pseudo_gain}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.criterion not in SELECTION_CRITERIA:

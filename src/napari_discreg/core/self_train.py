@@ -22,11 +22,12 @@ import torch.nn.functional as F
 
 from .config import AdaptConfig, RefineConfig
 from .labels import soft_labels
+from .mind import mind_ssc
 from .model import DiscreteRegistrationNet
 from .predict import predict_field
 from .refine import refine_field
 from .train import control_point_weights
-from .warp import control_point_field
+from .warp import control_point_field, warp
 
 
 def trainable_parameters(model: DiscreteRegistrationNet) -> list[torch.nn.Parameter]:
@@ -44,27 +45,46 @@ def pseudo_refine_config(config: AdaptConfig) -> RefineConfig:
     return RefineConfig(levels=config.pseudo_levels, smoothness=config.pseudo_smoothness)
 
 
+def _mind_distance(f: torch.Tensor, m: torch.Tensor, field: torch.Tensor, mask) -> float:
+    d = (mind_ssc(f) - mind_ssc(warp(m, field))).pow(2).mean(1, keepdim=True)
+    return float((d * mask).sum() / mask.sum().clamp_min(1.0))
+
+
 @torch.no_grad()
 def pseudo_labels(
     model: DiscreteRegistrationNet,
     fixed: torch.Tensor,
     moving: torch.Tensor,
     config: AdaptConfig,
-) -> torch.Tensor:
-    """Soft labels ``(N, h, w, K * K)`` from the refined fields of padded pairs."""
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Soft labels ``(N, h, w, K * K)`` from the refined fields of padded pairs, and the
+    refinement's gain: ``1 - d(refined) / d(model)`` with ``d`` the MIND-SSC distance of
+    fixed and warped moving over the foreground (``mask``), averaged over the pairs. A
+    small gain says the model's fields already match the images about as well as
+    instance optimisation can make them: there is little to learn, and the refined
+    fields may be further from the truth than the model. Measured: the shipped
+    ``default`` model 0.04-0.07 on 192 px T2/PD-like pairs and on the real stain pairs'
+    tiles, 0.16 on 64 px pairs; the ``mono`` model 0.41-0.60 at 192 px, where
+    self-training takes it from 4.06 to 0.78 px (``AdaptConfig.min_pseudo_gain`` 0.25
+    lies between)."""
     mc = model.config
     was_training = model.training
     model.eval()
-    targets = []
+    targets, before, after = [], [], []
     for i in range(fixed.shape[0]):
         f, m = fixed[i : i + 1], moving[i : i + 1]
+        k = torch.ones_like(f) if mask is None else mask[i : i + 1]
         start, _, _ = predict_field(model, f, m)
         with torch.enable_grad():
-            refined = refine_field(f, m, start, pseudo_refine_config(config))
+            refined = refine_field(f, m, start, pseudo_refine_config(config)).detach()
+        before.append(_mind_distance(f, m, start, k))
+        after.append(_mind_distance(f, m, refined, k))
         cp = control_point_field(refined, mc.stride)
         targets.append(soft_labels(cp, mc.num_labels, mc.capture_range).flatten(-2))
     model.train(was_training)
-    return torch.cat(targets)
+    gain = 1.0 - float(np.mean(after)) / max(float(np.mean(before)), 1e-12)
+    return torch.cat(targets), gain
 
 
 def mirrored_labels(targets: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -92,8 +112,10 @@ class SelfTraining:
     ) -> None:
         self.model, self.config, self.rng = model, config, rng
         mc = model.config
+        #: the refinement's MIND-SSC gain over the model's fields (None when resumed)
+        self.gain: float | None = None
         if targets is None:
-            targets = pseudo_labels(model, fixed, moving, config)
+            targets, self.gain = pseudo_labels(model, fixed, moving, config, mask)
         #: the pseudo-labels of the pairs (not mirrored): what a resumed run needs
         self.pair_targets = targets
         weights = control_point_weights(mask, mc.stride)

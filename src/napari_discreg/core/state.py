@@ -278,6 +278,7 @@ def save_adaptation_state(
             "best_iteration": state.best_iteration,
             "best_score": state.best_score,
             "rng_state": state.rng_state,
+            "pseudo_gain": state.pseudo_gain,
         },
     }
     run = {BEST + k: v for k, v in (state.best_weights or {}).items()}
@@ -329,6 +330,7 @@ def load_adaptation_state(path: str | os.PathLike, lr: float, device=None):
             rng_state=info.get("rng_state"),
             torch_rng_state=loaded.tensors.get(TORCH_RNG),
             pseudo_targets=loaded.tensors.get(PSEUDO_TARGETS),
+            pseudo_gain=None if info.get("pseudo_gain") is None else float(info["pseudo_gain"]),
         )
         if method == "self-training" and state.pseudo_targets is None:
             raise ValueError("the self-training run's pseudo-labels are missing")

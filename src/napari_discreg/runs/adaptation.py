@@ -206,6 +206,24 @@ class AdaptationResult:
     selection_pairs: int = 0
     held_out: bool = False
     identity_criterion: float | None = None
+    pseudo_gain: float | None = None
+    min_pseudo_gain: float = 0.0
+
+    @property
+    def nothing_to_learn(self) -> bool:
+        """Self-training found its refined fields barely better than the model's own."""
+        return self.pseudo_gain is not None and self.pseudo_gain < self.min_pseudo_gain
+
+    def note(self) -> str:
+        """Why a self-training run learned nothing (empty otherwise)."""
+        if not self.nothing_to_learn:
+            return ""
+        return (
+            f"Nothing to learn: on these pairs the refined fields match the images only "
+            f"{100 * (self.pseudo_gain or 0.0):.0f} % better (MIND-SSC) than the model's own "
+            f"(self-training needs {100 * self.min_pseudo_gain:.0f} %): the model already "
+            "does what instance optimisation would teach it, so it is kept as it is."
+        )
 
     @property
     def unchanged(self) -> bool:
@@ -722,6 +740,8 @@ def _adapt(
         selection_pairs=int(selection.get("pairs", 0)),
         held_out=bool(selection.get("held_out", False)),
         identity_criterion=selection.get("identity"),
+        pseudo_gain=state.pseudo_gain,
+        min_pseudo_gain=cfg.min_pseudo_gain,
     )
 
 
