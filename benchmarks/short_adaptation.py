@@ -38,7 +38,6 @@ VARIANTS: dict[str, tuple[str, str, str, dict]] = {
     "mono model, default (self-training)": ("mono", "self-training", "pemd", {}),
     "mono model, MCD pEMD (the paper's)": ("mono", "mcd", "pemd", {}),
     "mono model, MCD pEMD 16+": ("mono", "mcd", "pemd16+", {}),
-    "mono model, MCD SWD": ("mono", "mcd", "swd", {}),
     "default model, default (self-training)": ("default", "self-training", "pemd", {}),
     "default model, MCD pEMD": ("default", "mcd", "pemd", {}),
 }
@@ -140,7 +139,8 @@ def _markdown(results, meta, argv, stem: str) -> str:
         f"{mc['generator_updates']}. Both keep the best weights by the MIND-SSC criterion on "
         f"a quarter of the target pairs held out (every {st['select_every']} and "
         f"{mc['select_every']} iterations). {meta['size']} x {meta['size']} px, "
-        f"{meta['n_adapt']} unlabelled target pairs to adapt on (training slices), {meta['n_test']} "
+        f"{meta['n_adapt']} unlabelled target pairs (training slices; a quarter of them held "
+        f"out for the criterion, the rest adapted on), {meta['n_test']} "
         f"held-out test pairs per contrast (seed 123). CPU: {meta['machine']}. Seconds: wall time of "
         "`adapt_steps` from the call to its last record, selection criterion included. Network only "
         '(no refinement). "kept": the weights the keep-best rule returns; "best raw": the best '
