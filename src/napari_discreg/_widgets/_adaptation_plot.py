@@ -55,6 +55,7 @@ class AdaptationPlot(FigureWidget):
         name = f"target {self.discrepancy_name}" if mcd else ""
         self._disc_line.set_label(name or "_none")
         self._axes[1].set_ylabel(name, color=self.theme.series[1], fontsize=8)
+        self._axes[1].set_visible(mcd)  # self-training has no discrepancy to show
 
     def add(self, record) -> None:
         if record.iteration > 0 and record.losses:
