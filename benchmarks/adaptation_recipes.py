@@ -47,10 +47,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _protocol import adaptation_pairs
 
 from napari_discreg.core import data
 from napari_discreg.core.adapt import adapt_steps
-from napari_discreg.core.benchmark import adaptation_pairs
 from napari_discreg.core.checkpoint import load_model
 from napari_discreg.core.config import AdaptConfig, DataConfig, RefineConfig, TrainConfig
 from napari_discreg.core.discrepancy import discrepancy_fn

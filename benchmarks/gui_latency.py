@@ -113,11 +113,11 @@ def main(argv: list[str] | None = None) -> None:
         args.repeats, args.adapt_steps = 1, 2
 
     import numpy as np
+    from _protocol import update_section
     from qtpy.QtWidgets import QApplication
 
     from napari_discreg._app import make_viewer
     from napari_discreg._widgets import AdaptationWidget, RegisterWidget
-    from napari_discreg.core.benchmark import update_section
 
     viewer = make_viewer(show=True)
     app = QApplication.instance()

@@ -81,13 +81,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _protocol import update_section
 from scipy import ndimage as ndi
 from skimage.color import rgb2gray
 from threadpoolctl import threadpool_limits
 
 import napari_discreg as nd
 from napari_discreg.core import data
-from napari_discreg.core.benchmark import update_section
 from napari_discreg.core.config import DataConfig
 
 HERE = Path(__file__).resolve().parent

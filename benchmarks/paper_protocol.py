@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _protocol import update_section
 from torch import nn
 
 from napari_discreg.core import data
-from napari_discreg.core.benchmark import update_section
 from napari_discreg.core.config import DataConfig
 from napari_discreg.core.discrepancy import Discrepancy, discrepancy_fn
 

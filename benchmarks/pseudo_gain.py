@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 import torch
+from _protocol import adaptation_pairs, update_section
 
 import napari_discreg as nd
 from napari_discreg.core import data
-from napari_discreg.core.benchmark import adaptation_pairs, update_section
 from napari_discreg.core.config import AdaptConfig, DataConfig
 from napari_discreg.core.predict import prepare_target
 from napari_discreg.core.self_train import pseudo_labels, registered_pair_tiles

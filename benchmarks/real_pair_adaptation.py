@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 import torch
+from _protocol import update_section
 
 import napari_discreg as nd
-from napari_discreg.core.benchmark import update_section
 from napari_discreg.core.config import AdaptConfig
 from napari_discreg.core.model import clone_model
 from napari_discreg.core.self_train import registered_pair_tiles

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _protocol import update_section
 
 import napari_discreg as nd
 from napari_discreg.core import data, peers
-from napari_discreg.core.benchmark import update_section
 from napari_discreg.core.config import AdaptConfig, BSplineConfig, DataConfig
 from napari_discreg.core.metrics import end_point_error
 from napari_discreg.core.warp import jacobian_determinant

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _protocol import adaptation_pairs, update_section
 
 import napari_discreg as nd
 from napari_discreg.core import data
-from napari_discreg.core.benchmark import adaptation_pairs, update_section
 from napari_discreg.core.config import SELECTION_CRITERIA, AdaptConfig, DataConfig
 from napari_discreg.core.evaluate import evaluate_model, summarise
 from napari_discreg.core.predict import prepare_target, selection_scores

@@ -23,13 +23,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from _protocol import update_section
 from skimage import color
 from skimage import data as skdata
 
 import napari_discreg as nd
 from napari_discreg._sample_data import multimodal_pair
 from napari_discreg.core import data
-from napari_discreg.core.benchmark import update_section
 from napari_discreg.core.checkpoint import shipped_model_path
 from napari_discreg.core.config import SHIPPED_MODELS, DataConfig
 from napari_discreg.core.metrics import end_point_error

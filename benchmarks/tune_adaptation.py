@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _protocol import adaptation_pairs, timed_adaptation, update_section
 
 from napari_discreg.core import data
-from napari_discreg.core.benchmark import adaptation_pairs, timed_adaptation, update_section
 from napari_discreg.core.checkpoint import load_model
 from napari_discreg.core.config import AdaptConfig, DataConfig
 from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise

@@ -19,11 +19,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import _peers as peers
 import numpy as np
 import torch
+from _protocol import update_section
 
-from napari_discreg.core import peers
-from napari_discreg.core.benchmark import update_section
 from napari_discreg.core.bspline import bspline_refine
 from napari_discreg.core.config import BSplineConfig
 from napari_discreg.core.metrics import end_point_error

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _protocol import update_section
 
 from napari_discreg.core import data
-from napari_discreg.core.benchmark import update_section
 from napari_discreg.core.config import DataConfig, RefineConfig
 from napari_discreg.core.metrics import end_point_error
 from napari_discreg.core.preprocess import network_input

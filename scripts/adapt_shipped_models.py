@@ -29,7 +29,10 @@ from tqdm import tqdm
 
 from napari_discreg.core import data
 from napari_discreg.core.adapt import adapt_steps
-from napari_discreg.core.benchmark import adaptation_pairs, update_section
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _protocol import adaptation_pairs, update_section
+
 from napari_discreg.core.checkpoint import load_model, save_checkpoint, shipped_model_path
 from napari_discreg.core.config import SHIPPED_MODELS, AdaptConfig, DataConfig
 from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise

@@ -23,7 +23,10 @@ import torch
 from tqdm import tqdm
 
 from napari_discreg.core import data
-from napari_discreg.core.benchmark import update_section
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _protocol import update_section
+
 from napari_discreg.core.checkpoint import DEFAULT_WEIGHTS, save_checkpoint
 from napari_discreg.core.config import DataConfig, ModelConfig, TrainConfig
 from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise

@@ -56,9 +56,9 @@ def test_short_adaptation_quick(script, tmp_path):
     short = script("short_adaptation")
     assert short.main(["--quick", "--contrasts", "t2", "--out-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "short_adaptation.json").read_text())
-    run = result["results"]["t2"]["runs"]["default (pEMD)"]
+    run = result["results"]["t2"]["runs"]["mono model, default (self-training)"]
     assert run["seconds"] > 0 and run["curve"][0]["iteration"] == 0
-    before = result["results"]["t2"]["rows"]["default model, before adaptation"]
+    before = result["results"]["t2"]["rows"]["mono model, before adaptation"]
     # the keep-best rule never returns weights the criterion scores worse than the start;
     # with the start kept, the kept weights evaluate exactly like the model before
     if run["kept_iteration"] == 0:

@@ -696,7 +696,8 @@ def test_pemd16_factory():
 
 
 def test_every_member_has_a_display_name_and_a_function():
-    from napari_discreg.core.benchmark import ROW_NAMES
+    from _protocol import ROW_NAMES
+
     from napari_discreg.core.discrepancy import DISPLAY_NAMES
 
     assert set(DISPLAY_NAMES) == set(Discrepancy)

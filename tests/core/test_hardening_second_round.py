@@ -84,7 +84,7 @@ def test_a_truncated_results_file_loses_no_results(tmp_path, capsys):
     warning naming it; the new results are written (atomically) all the same."""
     import json
 
-    from napari_discreg.cli.benchmark import read_results
+    from adaptation import read_results
 
     path = tmp_path / "benchmarks.json"
     path.write_text('{"adaptation": {"rows": [1, ')

@@ -47,7 +47,7 @@ def record(widget: str, case: str, outcome: str) -> None:
 def write_table():
     yield
     if os.environ.get("DISCREG_WRITE_DOCS"):
-        from napari_discreg.core.benchmark import update_section
+        from _protocol import update_section
 
         path = Path(__file__).resolve().parents[2] / "docs" / "robustness.md"
         lines = [

@@ -61,20 +61,13 @@ __all__ = ["main", "build_parser"]
 
 
 # Sub-commands, in the order ``--help`` lists them. Each adder gets the sub-parsers
-# object, adds its parser and sets ``func`` (args -> exit status). The lead adds
-# ``benchmark`` here.
-def _add_benchmark(sub) -> None:
-    from .benchmark import add_parser
-
-    add_parser(sub)
-
-
+# object, adds its parser and sets ``func`` (args -> exit status). The benchmarks are
+# scripts in benchmarks/, not part of the product.
 _SUBCOMMANDS: list[Callable[[Any], None]] = [
     _add_register,
     _add_train,
     _add_adapt,
     _add_demo,
-    _add_benchmark,
 ]
 
 

@@ -1,5 +1,5 @@
 """The adaptation benchmark (docs/benchmarks.md, "Adaptation"): one function, used by
-``benchmarks/adaptation.py`` and ``napari-discreg benchmark``.
+``benchmarks/adaptation.py``.
 
 Protocol
 --------
@@ -24,19 +24,25 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _peers as peers_mod
 import numpy as np
 import torch
 
-from . import data as data_mod
-from . import peers as peers_mod
-from .adapt import adapt_steps
-from .checkpoint import load_model
-from .config import AdaptConfig, DataConfig, RefineConfig, TrainConfig
-from .discrepancy import DISPLAY_NAMES
-from .evaluate import METRICS, evaluate_model, identity_metrics, pair_metrics, summarise
-from .io import replace_atomically
-from .model import DiscreteRegistrationNet, clone_model
-from .train import StepRecord, train_steps
+from napari_discreg.core import data as data_mod
+from napari_discreg.core.adapt import adapt_steps
+from napari_discreg.core.checkpoint import load_model
+from napari_discreg.core.config import AdaptConfig, DataConfig, RefineConfig, TrainConfig
+from napari_discreg.core.discrepancy import DISPLAY_NAMES
+from napari_discreg.core.evaluate import (
+    METRICS,
+    evaluate_model,
+    identity_metrics,
+    pair_metrics,
+    summarise,
+)
+from napari_discreg.core.io import replace_atomically
+from napari_discreg.core.model import DiscreteRegistrationNet, clone_model
+from napari_discreg.core.train import StepRecord, train_steps
 
 ROW_NAMES = {kind.value: name for kind, name in DISPLAY_NAMES.items()}
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from napari_discreg.cli import main
-from napari_discreg.core.benchmark import BenchmarkSettings, format_table, update_section
+from _protocol import BenchmarkSettings, format_table, update_section
+from adaptation import main
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +14,7 @@ def quick_run(tmp_path_factory):
     pytest.importorskip("itk")
     pytest.importorskip("SimpleITK")
     out = tmp_path_factory.mktemp("bench")
-    assert main(["benchmark", "--quick", "--out-dir", str(out)]) == 0
+    assert main(["--quick", "--out-dir", str(out)]) == 0
     return out
 
 
@@ -43,7 +42,7 @@ def test_quick_benchmark_writes_every_row(quick_run):
     assert blob["settings"]["refine_config"]["steps"] == quick.refine.steps
     text = (quick_run / "benchmarks.md").read_text()
     assert "<!-- adaptation:start -->" in text and "| MCD-pEMD + refine | 1 |" in text
-    assert "napari-discreg benchmark --quick" in text
+    assert "python benchmarks/adaptation.py --quick" in text
     assert (quick_run / "images" / "benchmark_adaptation.png").stat().st_size > 0
 
 
