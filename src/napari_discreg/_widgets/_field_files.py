@@ -17,7 +17,7 @@ from .._field_io import FIELD_KEY, ORIGIN_KEY, SPACING_KEY
 from ..core.geometry import in_plane_axes
 from ..core.io import save_field
 from ..core.warp import warp_numpy
-from ._register_outputs import gray_image, slice_order, warp_to_grid
+from ._register_outputs import gray_image, placement, slice_order, warp_to_grid
 from ._slices import Request
 from ._state import RegistrationRun
 
@@ -45,21 +45,20 @@ def field_metadata(run: RegistrationRun) -> dict:
     return {
         FIELD_KEY: arr,
         SPACING_KEY: field_spacing(run, stack=stack),
-        ORIGIN_KEY: field_origin(run, first=keys[0] if stack else None),
+        ORIGIN_KEY: field_origin(run, stack=stack),
     }
 
 
-def field_origin(run: RegistrationRun, *, first: int | None = None) -> tuple[float, ...] | None:
-    """The fixed layer's ``translate`` (the first pixel's world position) in the field's
-    axis order; for a stack whose first slice is ``first``, that slice's position along
-    the slice axis. ``None`` if unknown."""
-    translate = tuple(float(v) for v in run.fixed_translate)
-    if not translate:
+def field_origin(run: RegistrationRun, *, stack: bool) -> tuple[float, ...] | None:
+    """The world position of the field's first pixel in its axis order: where the output
+    layers are placed (:func:`placement`; for a stack, the first registered slice along
+    the slice axis). ``None`` if unknown."""
+    if not run.fixed_translate:
         return None
-    plane = [translate[a] for a in in_plane_axes(len(translate), run.axis)]
-    if first is not None and run.axis is not None:
-        scale = tuple(float(v) for v in run.fixed_scale) or (1.0,) * len(translate)
-        return (translate[run.axis] + first * scale[run.axis], *plane)
+    _, translate = placement(run)
+    plane = [float(translate[a]) for a in in_plane_axes(len(translate), run.axis)]
+    if stack and run.axis is not None:
+        return (float(translate[run.axis]), *plane)
     return tuple(plane)
 
 

@@ -73,13 +73,19 @@ def selection_scores(
     return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
+def foreground_mind_distance(f: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean squared difference of the MIND-SSC descriptors of ``f`` and ``warped`` over
+    ``mask`` (the ``"mind"`` criterion is minus this)."""
+    diff = (mind_ssc(f) - mind_ssc(warped)).pow(2).mean(1, keepdim=True)
+    return float((diff * mask).sum() / mask.sum().clamp_min(1.0))
+
+
 def _image_scores(
     scores: dict[str, list[float]], f: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor
 ) -> None:
     """Append the image scores (``"mind"``, ``"nmi"``) of one fixed/warped pair."""
     if "mind" in scores:
-        diff = (mind_ssc(f) - mind_ssc(warped)).pow(2).mean(1, keepdim=True)
-        scores["mind"].append(-float((diff * mask).sum() / mask.sum().clamp_min(1.0)))
+        scores["mind"].append(-foreground_mind_distance(f, warped, mask))
     if "nmi" in scores:
         fg = mask[0, 0].cpu().numpy() > 0
         scores["nmi"].append(

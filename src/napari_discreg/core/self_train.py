@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from .config import AdaptConfig, RefineConfig
 from .labels import soft_labels
-from .mind import mind_ssc
 from .model import DiscreteRegistrationNet
-from .predict import predict_field
+from .predict import foreground_mind_distance, predict_field
 from .refine import refine_field
 from .train import control_point_weights
 from .warp import control_point_field, warp
@@ -43,11 +42,6 @@ def trainable_parameters(model: DiscreteRegistrationNet) -> list[torch.nn.Parame
 def pseudo_refine_config(config: AdaptConfig) -> RefineConfig:
     """The instance optimisation that turns the model's field into pseudo-labels."""
     return RefineConfig(levels=config.pseudo_levels, smoothness=config.pseudo_smoothness)
-
-
-def _mind_distance(f: torch.Tensor, m: torch.Tensor, field: torch.Tensor, mask) -> float:
-    d = (mind_ssc(f) - mind_ssc(warp(m, field))).pow(2).mean(1, keepdim=True)
-    return float((d * mask).sum() / mask.sum().clamp_min(1.0))
 
 
 @torch.no_grad()
@@ -78,8 +72,8 @@ def pseudo_labels(
         start, _, _ = predict_field(model, f, m)
         with torch.enable_grad():
             refined = refine_field(f, m, start, pseudo_refine_config(config)).detach()
-        before.append(_mind_distance(f, m, start, k))
-        after.append(_mind_distance(f, m, refined, k))
+        before.append(foreground_mind_distance(f, warp(m, start), k))
+        after.append(foreground_mind_distance(f, warp(m, refined), k))
         cp = control_point_field(refined, mc.stride)
         targets.append(soft_labels(cp, mc.num_labels, mc.capture_range).flatten(-2))
     model.train(was_training)
@@ -119,29 +113,24 @@ class SelfTraining:
         #: the pseudo-labels of the pairs (not mirrored): what a resumed run needs
         self.pair_targets = targets
         weights = control_point_weights(mask, mc.stride)
-        with torch.no_grad():
-            costs = torch.cat(
-                [
-                    model.cost_volume(fixed[i : i + 2], moving[i : i + 2])
-                    for i in range(0, len(fixed), 2)
-                ]
-            )
+        costs = self._costs(fixed, moving)
         if config.flip:
             targets = torch.cat([targets, mirrored_labels(targets, mc.num_labels)])
-            costs = torch.cat([costs, self._mirrored_costs(fixed, moving)])
+            costs = torch.cat([costs, self._costs(fixed.flip(-1), moving.flip(-1))])
             weights = torch.cat([weights, weights.flip(-1)])
         self.targets, self.costs, self.weights = targets, costs, weights
         self.parameters = trainable_parameters(model)
 
-    def _mirrored_costs(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        with torch.no_grad():
-            return torch.cat(
-                [
-                    model.cost_volume(fixed[i : i + 2].flip(-1), moving[i : i + 2].flip(-1))
-                    for i in range(0, len(fixed), 2)
-                ]
-            )
+    @torch.no_grad()
+    def _costs(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """The (fixed) feature extractor's cost volumes of the pairs, two at a time."""
+        step = 2
+        return torch.cat(
+            [
+                self.model.cost_volume(fixed[i : i + step], moving[i : i + step])
+                for i in range(0, len(fixed), step)
+            ]
+        )
 
     def optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
         return {"heads": torch.optim.Adam(self.parameters, lr=lr)}
