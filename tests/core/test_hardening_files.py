@@ -221,7 +221,8 @@ def test_real_full_disk_on_a_small_tmpfs(tmp_path, tiny_model):
 import threading  # noqa: E402
 
 import napari_discreg.core.train as train_mod  # noqa: E402
-from napari_discreg.cli import _common, main  # noqa: E402
+from napari_discreg.cli import main  # noqa: E402
+from napari_discreg.core import transaction  # noqa: E402
 from napari_discreg.core.checkpoint import checkpoint_info  # noqa: E402
 from napari_discreg.core.train import StepRecord  # noqa: E402
 
@@ -354,10 +355,10 @@ def test_two_runs_into_one_folder_never_mix_their_outputs(tmp_path, monkeypatch)
             a_paused.set()
             release.wait(5)
 
-    monkeypatch.setattr(_common.os, "replace", slow_replace)
+    monkeypatch.setattr(transaction.os, "replace", slow_replace)
 
     def write(tag: str) -> None:
-        with _common.Outputs(folder) as outputs:
+        with transaction.OutputSet(folder) as outputs:
             for n in names:
                 outputs.path(n).write_text(tag)
 

@@ -176,7 +176,7 @@ def embed_vectors(vectors: np.ndarray, axis: int | None, index: int | None) -> n
 
 
 @dataclass
-class Outputs:
+class OutputLayers:
     """Every array the output layers of a run show (made by :func:`prepare_outputs`)."""
 
     warped: np.ndarray
@@ -266,7 +266,7 @@ def foreground_vectors(vectors: np.ndarray, fixed: np.ndarray, warped: np.ndarra
 
 def prepare_outputs(
     run: RegistrationRun, fixed_slices: dict, *, vector_step: int, grid_spacing: float
-) -> Outputs:
+) -> OutputLayers:
     """Compute what the output layers of ``run`` show (pure NumPy: run it in a worker).
 
     ``fixed_slices`` maps each slice index of ``run`` to the fixed image of that slice.
@@ -286,7 +286,7 @@ def prepare_outputs(
             review[mode][index] = image
     ndim = 2 if run.axis is None else 3
     colour = getattr(run, "warped_colour", None)
-    out = Outputs(
+    out = OutputLayers(
         warped=stack_slices(run, colour if colour else run.warped),
         review={mode: stack_slices(run, images) for mode, images in review.items()},
         vectors=np.concatenate(vectors) if vectors else np.zeros((0, 2, ndim)),
@@ -306,7 +306,7 @@ def prepare_outputs(
 def show_outputs_steps(
     viewer,
     run: RegistrationRun,
-    outputs: Outputs,
+    outputs: OutputLayers,
     *,
     mode: str = DEFAULT_REVIEW,
     shown=(),
@@ -428,7 +428,7 @@ def show_outputs_steps(
         viewer.layers.remove(name)  # a loaded field has no histograms
 
 
-def set_review_mode(viewer, run: RegistrationRun, outputs: Outputs, mode: str) -> None:
+def set_review_mode(viewer, run: RegistrationRun, outputs: OutputLayers, mode: str) -> None:
     """Switch the review view of ``run``'s outputs to ``mode`` (a key of REVIEW_MODES)."""
     views = review_properties(run, outputs, mode)
     for role, view in zip((WARPED, REVIEW), views, strict=True):
@@ -438,7 +438,7 @@ def set_review_mode(viewer, run: RegistrationRun, outputs: Outputs, mode: str) -
                 setattr(layer, key, value)
 
 
-def review_properties(run: RegistrationRun, outputs: Outputs, mode: str) -> tuple[dict, dict]:
+def review_properties(run: RegistrationRun, outputs: OutputLayers, mode: str) -> tuple[dict, dict]:
     """The properties of the warped and the review layer in review ``mode`` (a key of
     REVIEW_MODES): what both the first show and a switch of mode set."""
     if mode not in REVIEW_MODES:

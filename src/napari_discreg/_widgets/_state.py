@@ -53,7 +53,7 @@ class RegistrationRun:
         The layers' names when registered (the outputs are named after them).
     fixed_scale, fixed_translate : tuple
         The fixed layer's placement when registered (the outputs take it).
-    outputs : Outputs or None
+    outputs : OutputLayers or None
         What the output layers show (:func:`._register_outputs.prepare_outputs`).
     warped_colour : dict
         Slice index -> the RGB(A) moving image warped onto the fixed grid (empty for a

@@ -17,11 +17,17 @@ Conventions
   ``napari-discreg: error: <message>`` to stderr and exit with status 2, without a
   traceback (``--traceback`` shows it, for bug reports).
 * Outputs are all-or-nothing: where they will go is checked before any computing,
-  every file is written to a temporary name in the output folder and the names are
-  swapped in only once everything has been written. A failed or interrupted run
-  leaves nothing behind (not even the output folder, if it created it).
+  every file is written to a temporary name in the output folder, and the set of
+  ``register`` or ``demo`` is swapped in as one transaction
+  (:class:`~napari_discreg.core.transaction.OutputSet`): the folder holds the complete
+  previous set or the complete new one, never a mix, whatever fails, signals or kills
+  the run. A failed or interrupted run leaves nothing behind (not even the output
+  folder, if it created it).
 * Ctrl-C during ``train`` or ``adapt`` stops after the current iteration and saves
-  what there is (and says so); the exit status is then 130.
+  what there is (and says so); the exit status is then 130. SIGTERM is handled like
+  Ctrl-C. The message says what was written.
+* A console that cannot be written (a full disk behind ``>``, a closed pipe) never
+  changes what a run writes or its exit status.
 * ``train`` and ``adapt`` run unchanged under ``torchrun --nproc-per-node N`` (data
   parallel, :mod:`napari_discreg.core.distributed`): rank 0 prints, shows progress
   and writes the files; see docs/scaling.md. A rank that hangs longer than
@@ -37,19 +43,24 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch.distributed
 
 from .. import __version__
 from ..core.distributed import DistributedError
+from ..core.transaction import recording_commits
 from ._common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
     PROG,
+    _complain,
     memory_option,
 )
 from .adapt import _add_adapt
@@ -91,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's :class:`KeyboardInterrupt` so that a run stops the
+    same way: temporaries deleted, the partial model saved, the state kept."""
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` (main thread only: Python
+    delivers signals there; elsewhere nothing changes)."""
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 a failed run, 2 user error or
     full disk, 130 Ctrl-C)."""
@@ -104,18 +138,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
     args.command_line = shlex.join([PROG, *argv])
+    with _sigterm_as_interrupt(), recording_commits() as written:
+        return _run(args, written)
+
+
+def _run(args, written) -> int:
     try:
         with memory_option(args):
             return int(args.func(args))
     except (ValueError, OSError) as exc:
         if args.traceback:
             raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _complain(f"{PROG}: error: {exc}")
         return EXIT_USER_ERROR
     except DistributedError as exc:
         if args.traceback:
             raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _complain(f"{PROG}: error: {exc}")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # a group whose peer hangs cannot be torn down: gloo's threads stay blocked
             # and the interpreter's exit ends in std::terminate (SIGABRT); leave now
@@ -123,8 +162,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(EXIT_FAILURE)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        done = (
+            f"the outputs were written to {', '.join(map(str, dict.fromkeys(written)))}"
+            if written
+            else "nothing was written"
+        )
+        _complain(f"{PROG}: {what}; {done}")
         return EXIT_INTERRUPTED
 
 

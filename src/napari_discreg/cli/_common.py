@@ -1,8 +1,11 @@
-"""What the sub-commands share: exit codes, argument types, all-or-nothing outputs,
-saved models, progress bars and the options for the user's own image folders.
+"""What the sub-commands share: exit codes, argument types, the checks that outputs
+never replace inputs, saved models, progress bars and the options for the user's own
+image folders.
 
-Loading a model (:func:`napari_discreg.runs.base.load_base_model`), ``jsonable`` and
-``make_dirs`` live in :mod:`napari_discreg.runs.base`; the helpers here use the last two."""
+Files written together (:class:`~napari_discreg.core.transaction.OutputSet`) and the
+writability checks live in :mod:`napari_discreg.core.transaction`; loading a model
+(:func:`napari_discreg.runs.base.load_base_model`) and ``jsonable`` in
+:mod:`napari_discreg.runs.base`."""
 
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,9 +33,13 @@ from ..core.distributed import (
     shutdown,
 )
 from ..core.methods import method_named
+from ..core.transaction import (
+    check_writable_file,
+    make_dirs,
+    remove_empty,
+    write_text,
+)
 from ..runs.base import jsonable as _jsonable
-from ..runs.base import make_dirs as _make_dirs
-from ..runs.base import remove_empty as _remove_empty
 
 SHIPPED_NAMES = ", ".join(SHIPPED_MODELS)
 """The shipped models ``--model`` accepts by name (for help texts)."""
@@ -81,12 +87,51 @@ def memory_option(args):
             os.environ[ENV_LIMIT] = before
 
 
+def _print(message: str, stream) -> None:
+    """Print, ignoring a console that cannot be written (``>/dev/full``, a closed pipe):
+    what a run writes and its exit status never depend on the console."""
+    try:
+        print(message, file=stream, flush=True)
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        pass
+
+
 def _say(message: str = "") -> None:
-    print(message, flush=True)
+    _print(message, sys.stdout)
 
 
 def _warn(message: str) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    _print(f"{PROG}: warning: {message}", sys.stderr)
+
+
+def _complain(message: str) -> None:
+    """An error line on stderr (ignored where stderr cannot be written)."""
+    _print(message, sys.stderr)
+
+
+class _Console:
+    """A stream for progress bars that drops what cannot be written."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self._stream.isatty())
+        except (OSError, ValueError, AttributeError):
+            return False
 
 
 def _device_arg(value: str) -> str:
@@ -118,56 +163,8 @@ _positive_float = _number(
 _fraction = _number(float, lambda x: 0.0 <= x < 1.0, "in [0, 1)", "a number")
 
 
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
-
-
-def _existing_ancestor(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def check_writable_dir(folder: str | os.PathLike) -> Path:
-    """Raise :class:`OSError` unless ``folder`` exists and is writable or can be created.
-
-    Creates nothing: run it before any long computation.
-    """
-    folder = Path(folder)
-    if folder.exists():
-        if not folder.is_dir():
-            raise OSError(f"the output folder {folder} exists and is not a folder")
-        probe = folder
-    else:
-        probe = _existing_ancestor(folder)
-        if not probe.is_dir():
-            raise OSError(
-                f"cannot create the output folder {folder}: {probe} is a file, not a folder"
-            )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OSError(f"cannot write to {probe}: permission denied")
-    return folder
-
-
-def check_writable_file(path: str | os.PathLike) -> Path:
-    """Raise :class:`OSError` unless the file ``path`` could be (over)written."""
-    path = Path(path)
-    if path.is_dir():
-        raise OSError(
-            f"{path} is a folder; give a file name for the output (e.g. model.safetensors)"
-        )
-    check_writable_dir(path.parent)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise OSError(f"cannot overwrite {path}: permission denied")
-    return path
+    write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -226,112 +223,14 @@ def partial_model_path(out: Path) -> Path:
     return out.with_name(stem + ".partial" + MODEL_SUFFIX)
 
 
-@contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock on ``folder`` between processes (``flock`` on the folder itself;
-    on Windows a byte lock on a ``.napari-discreg.lock`` file in it). Released when the
-    block ends or the process dies."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        fcntl = None  # type: ignore[assignment]
-    if fcntl is not None:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-        return
-    import msvcrt  # pragma: no cover
-
-    fd = os.open(folder / ".napari-discreg.lock", os.O_RDWR | os.O_CREAT)  # pragma: no cover
-    try:  # pragma: no cover
-        while True:
-            try:
-                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]
-                break
-            except OSError:
-                continue
-        yield
-    finally:  # pragma: no cover
-        os.close(fd)
-
-
-class Outputs:
-    """Files written together or not at all.
-
-    ``Outputs(folder)`` checks at once that ``folder`` can be written (creating
-    nothing). Inside ``with outputs:`` the folder is created, :meth:`path` hands out
-    a unique temporary name in it for each output, and on a clean exit all temporary
-    files are renamed onto their names, under an exclusive lock on the folder, so
-    that two runs writing into one folder at once leave the complete set of one of
-    them, never a mix; on an exception (or Ctrl-C) they are deleted, and so is any
-    folder the block created.
-    """
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = check_writable_dir(folder)
-        self._staged: list[tuple[Path, Path]] = []
-        self._created: list[Path] = []
-
-    def __enter__(self) -> Outputs:
-        self._created = _make_dirs(self.folder)
-        return self
-
-    def path(self, name: str) -> Path:
-        """Where to write output ``name`` (a temporary file until the block ends)."""
-        final = self.folder / name
-        tmp = io.temporary_sibling(final)
-        self._staged.append((tmp, final))
-        return tmp
-
-    def final(self, name: str) -> Path:
-        return self.folder / name
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                with folder_lock(self.folder):
-                    for tmp, final in self._staged:
-                        os.replace(tmp, final)
-                io.sync_folder(self.folder)
-            except OSError as err:
-                self._discard()
-                raise OSError(f"cannot write the outputs in {self.folder} ({err})") from err
-            return
-        self._discard()  # and the exception propagates, naming the final file
-        if isinstance(exc, OSError):
-            renamed = self._final_names(exc.strerror or str(exc))
-            if renamed != (exc.strerror or str(exc)):
-                raise OSError(exc.errno, renamed) from exc
-
-    def _final_names(self, text: str) -> str:
-        """``text`` with each temporary name replaced by the output it stood for."""
-        for tmp, final in self._staged:
-            if str(tmp) in text:
-                text = text.replace(str(tmp), str(final))
-                if not final.exists():
-                    text = text.replace("the previous file is unchanged", "nothing was written")
-        return text
-
-    def _discard(self) -> None:
-        for tmp, _ in self._staged:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-        _remove_empty(self._created)
-
-
 def _save_model(model, path: Path, extra: dict) -> None:
     """Save a checkpoint atomically, creating its folder; nothing is left on failure
     (the previous file at ``path`` is kept)."""
-    created = _make_dirs(path.parent)
+    created = make_dirs(path.parent)
     try:
         save_model(model, path, extra=_jsonable(extra))
     except BaseException:
-        _remove_empty(created)
+        remove_empty(created)
         raise
 
 
@@ -370,7 +269,7 @@ def _progress(total: int, desc: str, *, initial: int = 0, disable: bool = False)
         initial=initial,
         unit="it",
         dynamic_ncols=True,
-        file=sys.stderr,
+        file=_Console(sys.stderr),
         disable=disable,
     )
 

@@ -4,7 +4,6 @@ this module parses the options, shows the progress and saves the model."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -268,7 +267,7 @@ def _adapt(spec: AdaptationSpec, out: Path, ctx: DistContext) -> int:
     if result.state_error is not None and (diverged or interrupted):
         _warn(f"the adaptation state was not saved: {result.state_error}")
     if diverged:
-        print(f"{PROG}: warning: {diverged}", file=sys.stderr)
+        _warn(diverged)
         _say(f"saved the best weights (iteration {best_iter}) to {saved}{kept}")
         return 1
     if interrupted:

@@ -22,18 +22,17 @@ from ..core.metrics import (
 )
 from ..core.model import resolve_device
 from ..core.register import method_summary
+from ..core.transaction import OutputSet, write_text
 from ..core.warp import warp_numpy
 from ..runs.base import load_base_model
 from ..runs.registration import RegistrationSpec, register_pair
 from ._common import (
     SHIPPED_NAMES,
-    Outputs,
     _device_arg,
     _non_negative_int,
     _positive_int,
     _say,
     _write_json,
-    _write_text,
     add_memory_option,
     check_refine_flag,
 )
@@ -323,7 +322,9 @@ def real_pair_metrics(model, device) -> dict[str, Any]:
 
 def _run_demo(args) -> int:
 
-    outputs = Outputs(args.outdir)
+    outputs = OutputSet(args.outdir)
+    for name in ("report.png", "report.json", "report.md"):
+        outputs.final(name)  # a folder in the way is an error now, not after the run
     dcfg = DataConfig(size=args.size)
     index = args.slice_index if args.slice_index is not None else sum(dcfg.test_slices) // 2
     device = resolve_device(args.device)
@@ -378,7 +379,7 @@ def _run_demo(args) -> int:
     with outputs:
         fig.savefig(outputs.path("report.png"), dpi=100, format="png")
         _write_json(outputs.path("report.json"), report)
-        _write_text(outputs.path("report.md"), demo_markdown(report))
+        write_text(outputs.path("report.md"), demo_markdown(report))
 
     epe, d = metrics["epe_px"], metrics["dice"]
     how = method_summary(result)

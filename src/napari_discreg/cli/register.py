@@ -20,18 +20,17 @@ from ..core.prealign import (
     unmoved_matrix,
 )
 from ..core.register import method_summary
+from ..core.transaction import OutputSet, write_text
 from ..runs.base import load_base_model
 from ..runs.registration import RegistrationSpec, register_pair
 from ._common import (
     SHIPPED_NAMES,
-    Outputs,
     _device_arg,
     _foreground,
     _non_negative_int,
     _positive_float,
     _say,
     _write_json,
-    _write_text,
     add_memory_option,
     check_refine_flag,
     refuse_overwriting_inputs,
@@ -106,7 +105,7 @@ def _add_register(sub) -> None:
 
 def _run_register(args) -> int:
 
-    outputs = Outputs(args.outdir)
+    outputs = OutputSet(args.outdir)
     names = {
         "warped": "warped.tif",
         "displacement": "displacement.npy",
@@ -188,7 +187,7 @@ def _run_register(args) -> int:
     with outputs:
         io.write_image(outputs.path(names["warped"]), result.warped)
         io.write_field(outputs.path(names["displacement"]), result.displacement)
-        _write_text(
+        write_text(
             outputs.path(names["affine"]),
             itk_affine_text(
                 result.affine, fixed_spacing=fixed_spacing, moving_spacing=moving_spacing

@@ -18,6 +18,7 @@ from ..core.config import DataConfig, FolderConfig
 from ..core.dataset import SliceDataset
 from ..core.distributed import DistContext
 from ..core.model import DiscreteRegistrationNet, clone_model, resolve_device
+from ..core.transaction import make_dirs, remove_empty  # noqa: F401 (the runs use them)
 
 PathLike = str | os.PathLike
 Say = Callable[[str], None]
@@ -227,27 +228,3 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def make_dirs(folder: Path) -> list[Path]:
-    """``mkdir -p folder``; returns the folders it created, deepest first."""
-    created = []
-    p = folder.absolute()
-    while not p.exists() and p != p.parent:
-        created.append(p)
-        p = p.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        remove_empty(created)
-        raise OSError(f"cannot create the output folder {folder} ({exc.strerror or exc})") from exc
-    return created
-
-
-def remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (deepest first) while they are empty."""
-    for d in folders:
-        try:
-            d.rmdir()
-        except OSError:
-            break
