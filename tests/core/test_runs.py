@@ -242,3 +242,17 @@ def test_training_run(tmp_path, tiny_config):
     assert closed.interrupted and closed.completed_steps == 1
     resumed = run_training(TrainingSpec(resume=result.state_path, device="cpu"))
     assert resumed.start_step == 1 and [r.iteration for r in resumed] == [2, 3]
+
+
+def test_run_messages_name_settings_and_the_cli_names_its_flags(capsys):
+    """The runs are shared by the widget, the API and the command line: their messages
+    name spec fields; only the command line turns them into its flags."""
+    from napari_discreg.cli import main
+    from napari_discreg.runs.base import SettingError
+    from napari_discreg.runs.targets import TargetOptions, check_target_options
+
+    with pytest.raises(SettingError) as err:
+        check_target_options(TargetOptions(demo_target=2, target_fixed="f.tif"), None)
+    assert "--" not in str(err.value) and "demo_target" in str(err.value)
+    assert main(["adapt", "-o", "m.safetensors", "--demo-target", "2", "--target-fixed", "x"]) == 2
+    assert "give either --demo-target or --target-fixed/--target-moving" in capsys.readouterr().err

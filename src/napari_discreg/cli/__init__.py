@@ -55,6 +55,7 @@ import torch.distributed
 from .. import __version__
 from ..core.distributed import DistributedError
 from ..core.transaction import recording_commits
+from ..runs.base import SettingError
 from ._common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -100,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     for add in _SUBCOMMANDS:
         add(sub)
     return parser
+
+
+def _flag(field: str) -> str:
+    """The option of a spec field: ``target_fixed`` -> ``--target-fixed``."""
+    return "--" + field.replace("_", "-")
 
 
 class Terminated(KeyboardInterrupt):
@@ -149,7 +155,8 @@ def _run(args, written) -> int:
     except (ValueError, OSError) as exc:
         if args.traceback:
             raise
-        _complain(f"{PROG}: error: {exc}")
+        text = exc.naming(_flag) if isinstance(exc, SettingError) else str(exc)
+        _complain(f"{PROG}: error: {text}")
         return EXIT_USER_ERROR
     except DistributedError as exc:
         if args.traceback:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,21 @@ def state_file(checkpoint_every: int | None, state_path, resume) -> Path | None:
     return Path(chosen)
 
 
+class SettingError(ValueError):
+    """A :class:`ValueError` about a run's settings, which names each setting by its
+    spec field in braces (``"{target_fixed}"``). ``str()`` shows the field names (the
+    Python API's words); a front end puts in its own with :meth:`naming` (the command
+    line its flags, ``--target-fixed``), so that no message of the runs names a flag."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        super().__init__(self.naming(lambda field: field))
+
+    def naming(self, name: Callable[[str], str]) -> str:
+        """The message with each ``{field}`` replaced by ``name(field)``."""
+        return re.sub(r"\{([a-z_]+)\}", lambda m: name(m.group(1)), self.template)
+
+
 def load_base_model(source: ModelSource, device) -> tuple[DiscreteRegistrationNet, str]:
     """(model, description) of a checkpoint file, a shipped model's name, ``None`` (the
     default shipped model) or an in-memory model (copied, so the original stays as it
@@ -166,10 +182,9 @@ def load_base_model(source: ModelSource, device) -> tuple[DiscreteRegistrationNe
     file = checkpoint_path(source)
     if file != Path(source or ""):  # a shipped model
         if not file.is_file():
-            raise ValueError(
+            raise SettingError(
                 f"the pretrained model shipped with napari-discreg is missing ({file}); "
-                "train one with `napari-discreg train -o model.safetensors` and pass it with "
-                "--model"
+                "train one (napari-discreg train -o model.safetensors) and pass it as {model}"
             )
         return load_model(file, device), f"{file} (shipped)"
     assert source is not None  # None names the default shipped model

@@ -25,7 +25,7 @@ from ..core.dataset import (
     split_holdout,
 )
 from ..core.distributed import DistContext
-from .base import Messages, PathLike, report_bad
+from .base import Messages, PathLike, SettingError, report_bad
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,25 +104,25 @@ def check_target_options(options: TargetOptions, source) -> None:
     """Refuse a combination of target options that names no targets, or two kinds."""
     t = options
     if t.demo_target is not None and (t.target_fixed or t.target_moving or t.target):
-        raise ValueError(
-            "give either --demo-target or --target-fixed/--target-moving (or --target), not both"
+        raise SettingError(
+            "give either {demo_target} or {target_fixed}/{target_moving} (or {target}), not both"
         )
     if t.target and t.target_fixed:
-        raise ValueError(
-            "give either --target (folders: pairs made with a synthetic deformation) or "
-            "--target-fixed/--target-moving (ready-made pairs), not both"
+        raise SettingError(
+            "give either {target} (folders: pairs made with a synthetic deformation) or "
+            "{target_fixed}/{target_moving} (ready-made pairs), not both"
         )
     if t.target:
         if not (t.target_moving or source):
-            raise ValueError(
-                "--target holds the moving contrast; give the fixed contrast with --source "
-                "(or give --target FIXED --target-moving MOVING)"
+            raise SettingError(
+                "{target} holds the moving contrast; give the fixed contrast with {source} "
+                "(or give {target} FIXED {target_moving} MOVING)"
             )
         return
     if t.demo_target is None and not (t.target_fixed and t.target_moving):
-        raise ValueError(
-            "give --target-fixed and --target-moving (or --demo-target N, or --target with "
-            "--source)"
+        raise SettingError(
+            "give {target_fixed} and {target_moving} (or {demo_target} N, or {target} with "
+            "{source})"
         )
 
 
@@ -152,8 +152,8 @@ def read_targets(path: PathLike, *, axis: int | None = None) -> tuple[np.ndarray
 
 def _check_pairs(fixed: np.ndarray, moving: np.ndarray) -> None:
     if fixed.shape[0] != moving.shape[0]:
-        raise ValueError(
-            f"--target-fixed has {fixed.shape[0]} images but --target-moving has "
+        raise SettingError(
+            f"{{target_fixed}} has {fixed.shape[0]} images but {{target_moving}} has "
             f"{moving.shape[0]}; pairs are matched in order, so the counts must be equal"
         )
     if fixed.shape != moving.shape:
