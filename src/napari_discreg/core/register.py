@@ -23,7 +23,7 @@ from .labels import argmax_label
 from .memory import ENV_LIMIT, check_memory, register_estimate
 from .methods import DEFAULT_METHOD, method_named, resolve_method
 from .mind import mind_ssc
-from .model import DiscreteRegistrationNet, mode_independent, resolve_device
+from .model import DiscreteRegistrationNet, clone_model, mode_independent, resolve_device
 from .prealign import (
     DEFAULT_PREALIGN,
     PREALIGN_MODES,
@@ -47,7 +47,7 @@ class NetworkOutputs:
 
     The ``"bspline"`` and ``"none"`` methods do not need the network for the field; its histograms,
     head discrepancy and labels (the inspector's view) are computed when first read, on
-    the thread that reads them.
+    the thread that reads them, with the weights the model had at registration (a copy).
     """
 
     def __init__(self, model, fixed, moving) -> None:
@@ -477,7 +477,9 @@ def register(
 
     ft = network_input(f_tissue, cfg.stride, dev)
     mt = network_input(aligned, cfg.stride, dev)
-    outputs = NetworkOutputs(model, ft, mt)
+    # without the network in the field its histograms are computed when first read: from
+    # a copy of today's weights, not from whatever an adaptation has made of them by then
+    outputs = NetworkOutputs(model if chosen.network else clone_model(model), ft, mt)
     fallback = False
     capture = None
     steps = 0
