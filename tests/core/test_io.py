@@ -267,3 +267,21 @@ def test_field_shape_checked(tmp_path):
     (tmp_path / "junk.tif").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.tif: cannot be read"):
         io.read_field(tmp_path / "junk.tif")
+
+
+def test_a_multi_channel_tiff_is_not_read_as_a_volume(tmp_path):
+    """Before: a 128 x 160 x 24 channel-last TIFF was read as one 160 x 24 'slice' (a
+    row across the channels), and registered with exit 0."""
+    tifffile = pytest.importorskip("tifffile")
+    a = np.random.default_rng(0).random((128, 160, 24)).astype(np.float32)
+    path = tmp_path / "channels.tif"
+    tifffile.imwrite(path, a, photometric="minisblack", planarconfig="contig")  # axes YXS
+    with pytest.raises(ValueError, match=r"128 x 160 image with 24 channels .*index=K"):
+        io.read_image(path)
+    np.testing.assert_array_equal(io.read_image(path, index=3), a[..., 3])
+    with pytest.raises(ValueError, match="not a stack of slices"):
+        io.read_stack(path)
+    assert io.read_stack(path, axis=2).shape == (24, 128, 160)
+    plain = tmp_path / "stack.tif"
+    io.write_image(plain, a)  # our own stacks: pages, slices along axis 0
+    assert io.read_image(plain).shape == (160, 24)

@@ -381,13 +381,16 @@ def _npy_header(p: Path) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), dtype
 
 
-def _load(p: Path, fmt: str, limit: int | None = None) -> np.ndarray:
-    """The file's array with colour converted to gray and singleton axes dropped.
+def _load(p: Path, fmt: str, limit: int | None = None) -> tuple[np.ndarray, int | None]:
+    """The file's array with colour converted to gray and singleton axes dropped, and the
+    axis of its channels where the file declares one that is not colour (a TIFF's
+    samples or ImageJ channels: ``YXS`` with 24 samples), else None.
 
     The shape and dtype in the file's header are checked against the voxel limit
     (:func:`max_voxels`) before anything is decoded.
     """
     limit = max_voxels(limit)
+    axes = ""
     try:
         if fmt == "png":
             import imageio.v3 as iio
@@ -430,7 +433,11 @@ def _load(p: Path, fmt: str, limit: int | None = None) -> np.ndarray:
             f"{p}: cannot be read as {_FORMAT_NAMES[fmt]} ({type(exc).__name__}: {exc})"
         ) from exc
     _check_numeric(arr, p)
+    if len(axes) != arr.ndim:  # colour converted: the axes no longer say what is where
+        axes = ""
     if arr.ndim > 2:
+        if axes:
+            axes = "".join(a for a, n in zip(axes, arr.shape, strict=True) if n != 1)
         arr = arr.reshape([s for s in arr.shape if s != 1] or [1, 1])
         if arr.ndim < 2:  # e.g. (1, 1, W): keep it 2D
             arr = arr.reshape(1, -1)
@@ -440,7 +447,16 @@ def _load(p: Path, fmt: str, limit: int | None = None) -> np.ndarray:
             f"{p}: holds an array of shape {arr.shape}; napari-discreg reads 2D images and "
             f"3D stacks/volumes{hint}"
         )
-    return arr
+    channel = next((i for i, a in enumerate(axes) if a in "SC"), None) if arr.ndim == 3 else None
+    return arr, channel
+
+
+def _channels_message(p: Path, shape: tuple[int, ...], channel: int) -> str:
+    h, w = (n for i, n in enumerate(shape) if i != channel)
+    return (
+        f"{p}: a {h} x {w} image with {shape[channel]} channels (axis {channel}); "
+        "registration reads one channel"
+    )
 
 
 def _check_axis(p: Path, shape: tuple[int, ...], axis: int) -> int:
@@ -467,10 +483,11 @@ def read_image(
         The file; its format comes from the extension (see the module docstring).
     axis : int, optional
         For 3D files: the axis to slice along. Default 0 for TIFF and ``.npy``
-        stacks, 2 for NIfTI volumes.
+        stacks, 2 for NIfTI volumes; for a TIFF whose axes declare channels other
+        than colour (``YXS`` with 24 samples, ImageJ ``CYX``) the channel axis.
     index : int, optional
         For 3D files: which slice along ``axis`` (0-based). Default: the middle one,
-        ``n // 2``.
+        ``n // 2``; for a multi-channel TIFF it must be given (which channel).
     max_voxels : int, optional
         Refuse a file whose header declares more voxels than this, before reading
         its data (default :data:`DEFAULT_MAX_VOXELS`, or ``$NAPARI_DISCREG_MAX_VOXELS``).
@@ -488,8 +505,15 @@ def read_image(
         ``max_voxels``, or ``axis``/``index`` out of range. The message names the file.
     """
     p, fmt = _check_readable(path)
-    arr = _load(p, fmt, max_voxels)
+    arr, channel = _load(p, fmt, max_voxels)
     if arr.ndim == 3:
+        if axis is None and channel is not None:  # a multi-channel image, not a volume
+            if index is None:
+                raise ValueError(
+                    f"{_channels_message(p, arr.shape, channel)}: choose it with the slice "
+                    f"index (index=K, --index K; 0 to {arr.shape[channel] - 1})"
+                )
+            axis = channel
         ax = _check_axis(p, arr.shape, _DEFAULT_AXIS[fmt] if axis is None else int(axis))
         n = arr.shape[ax]
         i = n // 2 if index is None else int(index)
@@ -512,10 +536,15 @@ def read_stack(
     :class:`ValueError` like :func:`read_image`.
     """
     p, fmt = _check_readable(path)
-    arr = _load(p, fmt, max_voxels)
+    arr, channel = _load(p, fmt, max_voxels)
     if arr.ndim == 2:
         arr = arr[None]
     else:
+        if axis is None and channel is not None:
+            raise ValueError(
+                f"{_channels_message(p, arr.shape, channel)}, not a stack of slices; to use "
+                f"its channels as slices give their axis (axis={channel}, --axis {channel})"
+            )
         ax = _check_axis(p, arr.shape, _DEFAULT_AXIS[fmt] if axis is None else int(axis))
         arr = np.moveaxis(arr, ax, 0)
     return np.ascontiguousarray(arr, dtype=np.float32)
