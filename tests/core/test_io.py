@@ -285,3 +285,13 @@ def test_a_multi_channel_tiff_is_not_read_as_a_volume(tmp_path):
     plain = tmp_path / "stack.tif"
     io.write_image(plain, a)  # our own stacks: pages, slices along axis 0
     assert io.read_image(plain).shape == (160, 24)
+
+
+def test_a_gif_named_png_is_refused_by_name(tmp_path):
+    """Before: a GIF saved as .png was read as a 50 x 3 'image' (frames x width x RGB)."""
+    from PIL import Image
+
+    a = (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8)
+    Image.fromarray(a).save(tmp_path / "g.png", format="GIF")
+    with pytest.raises(ValueError, match="is a GIF image, not the PNG or JPEG its name says"):
+        io.read_image(tmp_path / "g.png")

@@ -67,6 +67,11 @@ BAD_PAIRS = {
     ),
     "NaN pixel": (np.where(IMG > 0.99, np.nan, IMG), IMG, "NaN"),
     "inf pixel": (IMG, np.where(IMG > 0.99, np.inf, IMG), "NaN or infinite"),
+    "finite float64 beyond float32 (1e300)": (
+        IMG.astype(np.float64) * 1e300,
+        IMG,
+        "beyond the float32 range",
+    ),
     "constant image": (np.full((48, 48), 3.0), IMG, "constant"),
     "all-zero image": (IMG, np.zeros((48, 48)), "constant"),
     "tiny 8x8 (< label range)": (IMG[:8, :8], IMG[:8, :8], "smaller than the model's label range"),

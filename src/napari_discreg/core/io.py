@@ -397,6 +397,11 @@ def _load(p: Path, fmt: str, limit: int | None = None) -> tuple[np.ndarray, int 
             from PIL import Image
 
             with Image.open(p) as im:  # reads the header only
+                if im.format not in ("PNG", "JPEG", "MPO"):  # MPO: a camera's JPEG
+                    raise ValueError(
+                        f"{p}: the file is a {im.format} image, not the PNG or JPEG its name "
+                        "says; convert it to PNG or TIFF"
+                    )
                 _check_size(p, (im.height, im.width), np.uint8, limit, False)
             # pillow only: imageio would otherwise try every plugin it knows on a bad file
             arr = np.asarray(iio.imread(p, plugin="pillow"))

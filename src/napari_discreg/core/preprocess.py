@@ -57,8 +57,15 @@ def as_image(array, name: str = "image") -> np.ndarray:
             "in one piece; downsample it (e.g. skimage.transform.rescale) or crop the region "
             "of interest"
         )
-    out = np.array(arr, dtype=np.float32, order="C", copy=True)
+    with np.errstate(over="ignore"):
+        out = np.array(arr, dtype=np.float32, order="C", copy=True)
     if not np.isfinite(out).all():
+        if np.isfinite(arr).all():  # finite, but beyond float32 (e.g. float64 1e300)
+            peak = float(np.abs(np.asarray(arr, dtype=np.float64)).max())
+            raise ValueError(
+                f"{name}: values up to {peak:.3g} are beyond the float32 range registration "
+                "computes in (3.4e38); rescale the image first (e.g. image / abs(image).max())"
+            )
         raise ValueError(
             f"{name}: contains NaN or infinite values; replace them first (e.g. numpy.nan_to_num)"
         )
