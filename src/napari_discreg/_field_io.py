@@ -3,7 +3,8 @@
 Dragging a field file into napari (an ITK displacement field ``.mha``/``.nii``/``.nii.gz``,
 as napari-discreg, SimpleITK, elastix or ANTs write them, or a napari-discreg TIFF field)
 opens two layers on the field's own grid (its spacing as ``scale``, its origin as
-``translate``): the displacement magnitude in pixels and arrows from ``x`` to ``x + u(x)``.
+``translate``, an ITK direction other than the identity as ``rotate``): the displacement
+magnitude in pixels and arrows from ``x`` to ``x + u(x)``.
 Other files with those extensions (plain images and volumes) are left to other readers.
 
 *File > Save Selected Layer(s)* on such an arrows layer, or on the Register widget's
@@ -75,18 +76,21 @@ def get_field_reader(path: str | list[str]):
     return read_field_layers
 
 
-def _geometry(path: str, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _geometry(path: str, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...], Any]:
+    """Spacing, origin and direction (``None``: identity) of a field file's grid, in
+    array order: napari's ``scale``, ``translate`` and ``rotate``."""
     ext = _extension(path)
     if ext in _ITK:
-        from .core.itk_field import itk_field_geometry
+        from .core.itk_field import itk_geometry
 
-        return itk_field_geometry(path, ext)
+        g = itk_geometry(path, ext)
+        return g.spacing, g.origin, None if g.axis_aligned else np.asarray(g.direction)
     meta = _tiff_meta(path) or {}
     spacing = tuple(float(v) for v in meta.get("spacing") or (1.0,) * ndim)
     origin = tuple(float(v) for v in meta.get("origin") or (0.0,) * ndim)
     if len(spacing) != ndim or len(origin) != ndim:
-        return (1.0,) * ndim, (0.0,) * ndim
-    return spacing, origin
+        return (1.0,) * ndim, (0.0,) * ndim, None
+    return spacing, origin, None
 
 
 def field_arrows(field: np.ndarray, step: int) -> np.ndarray:
@@ -116,7 +120,7 @@ def read_field_layers(path: str | list[str]) -> list[tuple]:
     p = os.fspath(path[0] if isinstance(path, list) else path)
     field = load_field(p)
     ndim = field.ndim - 1
-    spacing, origin = _geometry(p, ndim)
+    spacing, origin, direction = _geometry(p, ndim)
     stem = Path(p).name
     for suffix in (".nii.gz", *_ITK, *_TIFF):
         if stem.lower().endswith(suffix):
@@ -125,7 +129,9 @@ def read_field_layers(path: str | list[str]) -> list[tuple]:
     step = max(1, round(max(field.shape[-2:]) / ARROWS_PER_SIDE))
     magnitude = np.hypot(field[..., 0, :, :], field[..., 1, :, :]).astype(np.float32)
     meta = {FIELD_KEY: field, SPACING_KEY: spacing, ORIGIN_KEY: origin, "source": p}
-    placed = {"scale": spacing, "translate": origin}
+    placed: dict[str, Any] = {"scale": spacing, "translate": origin}
+    if direction is not None:  # an ITK direction other than the identity: flips, rotations
+        placed["rotate"] = direction
     top = float(magnitude.max()) if magnitude.size else 0.0
     return [
         (

@@ -414,3 +414,47 @@ def test_cli_files_under_stress(tmp_path, capsys, monkeypatch):
         "disk full while writing register's outputs",
         f"exit 2, nothing written: `{err.splitlines()[-1]}`",
     )
+
+
+def test_field_files_read_as_itk_reads_them(tmp_path):
+    """ITK displacement-field files (issue 26 item 4): load_field gives the step SimpleITK
+    reads at one pixel, in pixels of the field's grid, or refuses what SimpleITK refuses."""
+    pytest.importorskip("SimpleITK")
+    from test_itk_field_geometry import FIELD_CASES, PIXEL, itk_step, make_case
+
+    from napari_discreg.core.io import load_field, read_field, save_field
+
+    for name in FIELD_CASES:
+        path = make_case(tmp_path, name)
+        theirs = itk_step(path)
+        if isinstance(theirs, str):
+            with pytest.raises(ValueError, match="spacing|ElementSpacing|direction") as err:
+                load_field(path)
+            record("load_field", name, f"ValueError (SimpleITK refuses it too): {err.value}")
+            continue
+        ours = load_field(path)[:, PIXEL[0], PIXEL[1]]
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+        step = ", ".join(f"{v:+g}" for v in ours)
+        record("load_field", name, f"handled: (row, col) step ({step}) px, as SimpleITK reads it")
+
+    empty = tmp_path / "empty.mha"
+    empty.write_bytes(
+        b"ObjectType = Image\nNDims = 2\nDimSize = 0 3\nElementNumberOfChannels = 2\n"
+        b"ElementType = MET_FLOAT\nElementDataFile = LOCAL\n"
+    )
+    with pytest.raises(ValueError, match="DimSize") as err:
+        load_field(empty)
+    record("load_field", ".mha, DimSize 0", f"ValueError: {err.value}")
+
+    inf = np.zeros((2, 4, 5), np.float32)
+    inf[0, 1, 1] = np.inf
+    np.save(tmp_path / "inf.npy", inf)
+    with pytest.raises(ValueError, match="NaN or infinite") as err:
+        read_field(tmp_path / "inf.npy")
+    record("read_field", "`.npy` field with an infinite value", f"ValueError: {err.value}")
+
+    nan = np.where(inf == np.inf, np.nan, inf)
+    with pytest.raises(ValueError, match="NaN or infinite") as err:
+        save_field(tmp_path / "nan.mha", nan)
+    assert not (tmp_path / "nan.mha").exists()
+    record("save_field", "field with a NaN value", f"ValueError, nothing written: {err.value}")

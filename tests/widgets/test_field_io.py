@@ -81,3 +81,30 @@ def test_vectors_without_a_field_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="holds no displacement field"):
         write_field_layer(str(tmp_path / "x.mha"), np.zeros((1, 2, 2)), {"metadata": {}})
     assert not (tmp_path / "x.mha").exists()
+
+
+@pytest.mark.parametrize(
+    "direction", [(-1.0, 0.0, 0.0, 1.0), (0.0, -1.0, 1.0, 0.0), (0.8, -0.6, 0.6, 0.8)]
+)
+def test_a_field_with_an_itk_direction_opens_where_itk_places_it(tmp_path, direction):
+    """Flipped, rotated and oblique ITK grids: the layers get the direction as
+    ``rotate`` (with spacing as ``scale``, origin as ``translate``), so every pixel lies
+    at the world point SimpleITK gives it (napari's axes are ITK's reversed)."""
+    sitk = pytest.importorskip("SimpleITK")
+    from napari_discreg._field_io import read_field_layers
+
+    vec = np.zeros((6, 7, 2), np.float32)
+    vec[..., 0], vec[..., 1] = 1.0, 2.0
+    img = sitk.GetImageFromArray(vec, isVector=True)
+    img.SetDirection(direction)
+    img.SetSpacing((0.5, 2.0))
+    img.SetOrigin((3.0, -4.0))
+    path = tmp_path / "f.mha"
+    sitk.WriteImage(img, str(path))
+    (magnitude, kwargs, _), (arrows, arrow_kwargs, _) = read_field_layers(str(path))
+    layer = Image(magnitude, **{k: kwargs[k] for k in ("scale", "translate", "rotate")})
+    vectors = Vectors(arrows, **{k: arrow_kwargs[k] for k in ("scale", "translate", "rotate")})
+    for r, c in [(0, 0), (2, 3), (5, 6)]:
+        expected = img.TransformIndexToPhysicalPoint((c, r))[::-1]
+        np.testing.assert_allclose(layer.data_to_world((r, c)), expected, atol=1e-9)
+        np.testing.assert_allclose(vectors.data_to_world((r, c)), expected, atol=1e-9)

@@ -680,7 +680,19 @@ def _check_field(field: np.ndarray, name: str) -> np.ndarray:
         )
     if not (np.issubdtype(field.dtype, np.number) or field.dtype == bool) or np.iscomplexobj(field):
         raise ValueError(f"{name}: a displacement field must be real-valued, got {field.dtype}")
-    return np.ascontiguousarray(field, dtype=np.float32)
+    return _check_finite(np.ascontiguousarray(field, dtype=np.float32), name)
+
+
+def _check_finite(field: np.ndarray, name: str) -> np.ndarray:
+    """``field`` itself; ValueError when it holds NaN or infinite values (refused when
+    written, so that nothing is saved that :func:`load_field` would then refuse)."""
+    if not np.isfinite(field).all():
+        bad = int(field.size - np.count_nonzero(np.isfinite(field)))
+        raise ValueError(
+            f"{name}: the displacement field contains NaN or infinite values ({bad} of "
+            f"{field.size})"
+        )
+    return field
 
 
 def _field_writer(
@@ -724,8 +736,8 @@ def write_field(path: str | os.PathLike, displacement, *, spacing=None, origin=N
     field in physical units (``spacing``: the pixel size in (row, col) order, default
     1; ``origin``: the first pixel's position in the same order, default 0), which
     SimpleITK, transformix and ANTs read (:mod:`~napari_discreg.core.itk_field`).
-    Atomic like :func:`write_image`. Raises :class:`ValueError` for another shape or
-    extension.
+    Atomic like :func:`write_image`. Raises :class:`ValueError` for another shape,
+    NaN or infinite values or another extension.
     """
     p = Path(path)
     field = _check_field(np.asarray(displacement), str(p))
@@ -773,11 +785,16 @@ def _read_field_file(p: Path) -> np.ndarray:
 def read_field(path: str | os.PathLike) -> np.ndarray:
     """Read a displacement field written by :func:`write_field`: ``(2, H, W)`` float32.
 
+    An ITK field (``.mha``, ``.nii``, ``.nii.gz``) comes back in pixels of its own grid,
+    its spacing and direction honoured as ITK reads them
+    (:func:`~napari_discreg.core.itk_field.itk_geometry` says where that grid lies).
+
     Raises
     ------
     ValueError
-        Missing or corrupt file, an extension other than ``.npy``/``.tif``/``.tiff``,
-        or an array that is not ``(2, H, W)``.
+        Missing or corrupt file, an extension not in :data:`FIELD_EXTENSIONS`, an array
+        that is not ``(2, H, W)``, NaN or infinite values, or an ITK grid that ITK
+        refuses too (a zero, NaN or infinite spacing, a singular direction).
     """
     p = Path(path)
     return _check_field(_read_field_file(p), str(p))
@@ -790,8 +807,9 @@ def save_field(path: str | os.PathLike, field, *, spacing=None, origin=None) -> 
     a 3D field with zero z components over the whole volume, ``spacing`` then in
     (slice, row, col) order, like ``origin``); one field is written by :func:`write_field` (the format
     the command line reads and writes).
-    Raises :class:`ValueError` for another shape or an extension not in
-    :data:`FIELD_EXTENSIONS`, :class:`OSError` when the file cannot be written.
+    Raises :class:`ValueError` for another shape, NaN or infinite values or an
+    extension not in :data:`FIELD_EXTENSIONS`, :class:`OSError` when the file cannot be
+    written.
     """
     p = Path(path)
     arr = np.ascontiguousarray(field, dtype=np.float32)
@@ -801,6 +819,7 @@ def save_field(path: str | os.PathLike, field, *, spacing=None, origin=None) -> 
         )
     if arr.ndim == 3:
         return write_field(p, arr, spacing=spacing, origin=origin)
+    _check_finite(arr, str(p))
     writer = _field_writer(arr, _extension(p), spacing, origin)
     return _atomic_write(p, arr, FIELD_EXTENSIONS, "a displacement field", writer=writer)
 
