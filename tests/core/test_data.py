@@ -98,7 +98,7 @@ def test_no_network_needed(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     volumes = data._read_volumes.__wrapped__()  # bypass the cache: read the files again
     assert volumes["t1"].shape == (197, 233, 189)
-    small = load_template.__wrapped__(16)
+    small = data._build_template(16)
     assert small.t1.shape == (189, 16, 16)
 
 

@@ -115,3 +115,31 @@ def test_lazy_probabilities_use_the_weights_of_registration_time(tiny_model, met
             p.add_(torch.randn_like(p))
     reference = register(fixed, moving, model=before, method=method, prealign="none")
     np.testing.assert_array_equal(result.probabilities, reference.probabilities)
+
+
+def test_template_commands_take_the_memory_limit(tmp_path, capsys):
+    """Before: ``demo --size 2048 --max-memory-gb 1`` reached 3.5 GB, then an
+    _ArrayMemoryError traceback; ``adapt --demo-target 300000`` was never refused."""
+    from napari_discreg.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--size", "2048", "--max-memory-gb", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "building the 2048 px template would need about 47.6 GB" in err, err
+    assert not out.exists()
+    model = str(tmp_path / "m.safetensors")
+    argv = ["adapt", "-o", model, "--demo-target", "300000", "--size", "64"]
+    assert main([*argv, "--max-memory-gb", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "and 300000 pairs from it would need about" in err and "fewer built-in pairs" in err
+
+
+def test_the_template_cache_is_bounded(monkeypatch):
+    from napari_discreg.core import data
+
+    monkeypatch.setattr(data, "_TEMPLATES", type(data._TEMPLATES)())
+    monkeypatch.setattr(data, "TEMPLATE_CACHE_BYTES", 1)
+    a = data.load_template(16)
+    assert data.load_template(16) is a  # reused
+    data.load_template(24)
+    assert list(data._TEMPLATES) == [24]  # over the budget: only the newest is kept

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,6 +48,7 @@ import torch
 from scipy import ndimage as ndi
 
 from .config import DataConfig
+from .memory import MemoryEstimate, check_memory
 from .warp import warp, warp_numpy
 
 __all__ = [
@@ -188,8 +191,66 @@ def _to_slices(volume: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(volume[::-1, ::-1, :].transpose(2, 1, 0))
 
 
-@functools.lru_cache(maxsize=4)
-def load_template(size: int = 128) -> Template:
+TEMPLATE_SLICES = 189
+"""Axial slices of the template volume (every size has all of them)."""
+TEMPLATE_BYTES_PER_PIXEL = 60
+"""Peak bytes per pixel of every slice while :func:`load_template` builds a size (the
+finished template keeps 21 of them): measured 90 / 60 / 54 at 128 / 256 / 512 px (peak
+resident growth in a fresh process, the raw volumes already read; 278 / 749 / 2681 MB)."""
+PAIR_BYTES_PER_PIXEL = 32
+"""Bytes per pixel that one built-in pair keeps (images, field, labels and mask; 22
+measured) plus its share of stacked fixed and moving images (8)."""
+TEMPLATE_CACHE_BYTES = 1_000_000_000
+"""The built templates kept for reuse hold at most this many bytes (the newest is always
+kept): 128 and 192 px together take 0.2 GB, one 1024 px template 4.2 GB."""
+
+
+def template_estimate(size: int, pairs: int = 0) -> MemoryEstimate:
+    """What :func:`load_template` of ``size`` px (and ``pairs`` built-in pairs made from
+    it) needs at its peak."""
+    size, pairs = int(size), int(pairs)
+    pixels = size * size
+    total = (
+        TEMPLATE_SLICES * pixels * TEMPLATE_BYTES_PER_PIXEL + pairs * pixels * PAIR_BYTES_PER_PIXEL
+    )
+    what = f"building the {size} px template" + (f" and {pairs} pairs from it" if pairs else "")
+    return MemoryEstimate(total, what)
+
+
+_TEMPLATES: OrderedDict[int, Template] = OrderedDict()
+_TEMPLATES_LOCK = threading.Lock()
+
+
+def load_template(size: int = 128, *, max_memory_gb: float | None = None) -> Template:
+    """The template at ``size`` px (see :func:`_build_template`), from the cache when it
+    was built before; a new size is refused before it is built when it would need more
+    memory than ``max_memory_gb`` (default ``$NAPARI_DISCREG_MAX_MEMORY_GB``, else 8;
+    never more than is available: :func:`~napari_discreg.core.memory.check_memory`)."""
+    size = int(size)
+    with _TEMPLATES_LOCK:
+        if size in _TEMPLATES:
+            _TEMPLATES.move_to_end(size)
+            return _TEMPLATES[size]
+    if size >= 8:
+        check_memory(
+            template_estimate(size),
+            limit_gb=max_memory_gb,
+            hint="use a smaller size (the built-in pairs are made at that size)",
+        )
+    template = _build_template(size)
+    with _TEMPLATES_LOCK:
+        _TEMPLATES[size] = template
+        total = sum(_template_bytes(t) for t in _TEMPLATES.values())
+        while len(_TEMPLATES) > 1 and total > TEMPLATE_CACHE_BYTES:
+            total -= _template_bytes(_TEMPLATES.popitem(last=False)[1])
+    return template
+
+
+def _template_bytes(t: Template) -> int:
+    return sum(a.nbytes for a in (t.t1, t.gm, t.wm, t.csf, t.mask, t.labels))
+
+
+def _build_template(size: int = 128) -> Template:
     """Load the MNI ICBM152 2009a template shipped by nilearn as axial ``size x size`` slices.
 
     The volumes are read from the nilearn package data (no network access). Each

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core import io
 from ..core.config import DataConfig, FolderConfig
-from ..core.data import fixed_test_pairs, load_template
+from ..core.data import fixed_test_pairs, load_template, template_estimate
 from ..core.dataset import (
     PairMaker,
     SliceDataset,
@@ -25,6 +25,7 @@ from ..core.dataset import (
     split_holdout,
 )
 from ..core.distributed import DistContext
+from ..core.memory import check_memory
 from .base import Messages, PathLike, SettingError, report_bad
 
 
@@ -273,6 +274,10 @@ def load_targets(
         return fixed, moving, t.description or f"{fixed.shape[0]} pairs given as arrays", {}
     t = t.options()
     if t.demo_target is not None:
+        check_memory(
+            template_estimate(size, t.demo_target),
+            hint="use fewer built-in pairs or a smaller size",
+        )
         pairs = fixed_test_pairs(
             load_template(size),
             data_config,
