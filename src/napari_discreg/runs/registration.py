@@ -28,6 +28,7 @@ from ..core.distributed import DistContext
 from ..core.model import DiscreteRegistrationNet
 from ..core.prealign import DEFAULT_PREALIGN
 from ..core.register import RegistrationResult, method_summary, register
+from ..core.threads import threads_for_load, use_threads_for_load
 from ..core.warp import jacobian_determinant
 from .base import Run
 
@@ -55,6 +56,11 @@ class RegistrationSpec:
     histograms : bool
         Compute each slice's network histograms in the run (the widget's inspector
         reads them; a GUI must not compute them on its own thread).
+    threads : str or int, optional
+        torch's thread count for the run, set in the thread that runs it: ``"auto"``
+        (the cores other work leaves free now), ``"torch"`` or a number; default
+        ``$NAPARI_DISCREG_THREADS``, else ``"auto"``
+        (:func:`~napari_discreg.core.threads.use_threads_for_load`).
     on_step : callable, optional
         ``on_step(slice_number, done, total)`` after every optimiser step of a slice
         (``slice_number`` counts from 0).
@@ -73,6 +79,7 @@ class RegistrationSpec:
     device: Any = None
     max_memory_gb: float | None = None
     histograms: bool = False
+    threads: str | int | None = None
     on_step: Callable[[int, int, int], None] | None = field(default=None, compare=False)
 
     def slices(self) -> list[SliceIndex]:
@@ -164,6 +171,7 @@ Record = SliceRegistered
 
 def _body(spec: RegistrationSpec, slices: list[SliceIndex]) -> Generator[Record, None, StackResult]:
     results: dict[SliceIndex, RegistrationResult] = {}
+    use_threads_for_load(spec.threads)
     try:
         for number, index in enumerate(slices):
             fixed, moving = spec.pair(index)
@@ -199,6 +207,7 @@ def run_registration(spec: RegistrationSpec) -> Run[Record, StackResult]:
     :class:`SliceRegistered` per slice that returns a :class:`StackResult`. Invalid slices
     raise ``ValueError`` here, before anything runs."""
     slices = spec.slices()
+    threads_for_load(spec.threads)  # a bad setting is refused here, before anything runs
     return Run(
         _body(spec, slices),
         start_step=0,
