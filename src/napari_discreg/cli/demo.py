@@ -290,7 +290,7 @@ def demo_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def real_pair_metrics(model, device) -> dict[str, Any]:
+def real_pair_metrics(model, device, max_memory_gb: float | None = None) -> dict[str, Any]:
     """The shipped histology sample (HE fixed, proSPC moving, RGB of different sizes, 78
     landmarks placed by people) registered by the default pipeline: the median landmark
     error before and after, in moving pixels."""
@@ -303,7 +303,9 @@ def real_pair_metrics(model, device) -> dict[str, Any]:
     _, pf = read_landmarks(SAMPLES / f"{HISTOLOGY_FIXED}.csv")
     _, pm = read_landmarks(SAMPLES / f"{HISTOLOGY_MOVING}.csv")
     start = time.perf_counter()
-    res = register_pair(RegistrationSpec(fixed, moving, model=model, device=device))
+    res = register_pair(
+        RegistrationSpec(fixed, moving, model=model, device=device, max_memory_gb=max_memory_gb)
+    )
     seconds = time.perf_counter() - start
     before = np.linalg.norm(pf - pm, axis=1)
     after = np.linalg.norm(fixed_to_moving(pf, res.displacement) - pm, axis=1)
@@ -329,7 +331,7 @@ def _run_demo(args) -> int:
     index = args.slice_index if args.slice_index is not None else sum(dcfg.test_slices) // 2
     device = resolve_device(args.device)
     model, model_desc = load_base_model(args.model, device)
-    template = load_template(args.size)
+    template = load_template(args.size, max_memory_gb=args.max_memory_gb)
     pair = make_pair(template, index, "t1", "t2", np.random.default_rng(args.seed), dcfg)
 
     check_refine_flag(args.method, args.refine)
@@ -339,7 +341,13 @@ def _run_demo(args) -> int:
     for name in dict.fromkeys([method, "network"]):
         how = settings if name == method else None
         spec = RegistrationSpec(
-            pair.fixed, pair.moving, model=model, device=device, method=name, refine=how
+            pair.fixed,
+            pair.moving,
+            model=model,
+            device=device,
+            method=name,
+            refine=how,
+            max_memory_gb=args.max_memory_gb,
         )
         register_pair(spec)
         start = time.perf_counter()  # timed after a warm-up call
@@ -359,7 +367,7 @@ def _run_demo(args) -> int:
             "label_accuracy": net_metrics["label_accuracy"],
             "runtime_s": net_time,
         }
-    real = real_pair_metrics(model, device) if args.real_pair else None
+    real = real_pair_metrics(model, device, args.max_memory_gb) if args.real_pair else None
     report = {
         "real_pair": real,
         "pair": {

@@ -137,6 +137,7 @@ def _run_register(args) -> int:
             prealign=args.prealign,
             fixed_spacing=fixed_spacing,
             moving_spacing=moving_spacing,
+            max_memory_gb=args.max_memory_gb,
         )
     )
     runtime = time.perf_counter() - start
