@@ -91,12 +91,49 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         #: the unregistered moving layer the review view hides (shown again when off)
         self.hidden_moving = HiddenMoving()
 
+        images = self._images_box()
+        landmarks_box = self._landmarks_box()
+        self.volume_box = SliceBox(napari_viewer, self.fixed_combo.layer)  # 3D stacks
+        self.model_box = ModelBox(self.state)  # model, device, method
+        out_box = self._display_box()
+        self.register_button = QPushButton("Register")
+        self.register_button.setToolTip(
+            "Register the moving image onto the fixed one (in the background)"
+        )
+        job_controls(self)
+        self.stop_button.setToolTip("Stop the registration (within one optimiser step)")
+        self.job_title = "the registration"
+
+        apply_box = self._apply_box()
+        field_box = self._field_box()
+
+        layout, footer = scrolled_layout(self)
+        for w in (images, landmarks_box, self.volume_box, self.model_box, out_box):
+            layout.addWidget(w)
+        layout.addWidget(apply_box)
+        layout.addWidget(field_box)
+        layout.addStretch(1)
+        # Register / Stop and the progress stay reachable however short the panel is
+        footer.addLayout(row(self.register_button, self.stop_button))
+        footer.addWidget(self.progress)
+        footer.addWidget(self.status_label)
+
+        self._connect()
+        self.points_frame_combo.setEnabled(True)
+        self.volume_box.update_for_layer()
+        tabbed_panel(self)
+        # once the panel is shown: the first Register's layers then add without first costs
+        QTimer.singleShot(0, warm_up_layer_types)
+
+    # ------------------------------------------------------------------ parts
+    def _images_box(self) -> QGroupBox:
+        """Fixed and moving image pickers and the pre-alignment mode."""
         avoid = OUTPUT_WORDS + ("target",)
         self.fixed_combo = LayerCombo(
-            napari_viewer, (Image,), prefer=preferring("fixed", avoid=avoid)
+            self.viewer, (Image,), prefer=preferring("fixed", avoid=avoid)
         )
         self.moving_combo = LayerCombo(
-            napari_viewer,
+            self.viewer,
             (Image,),
             prefer=preferring(
                 "moving", avoid=avoid, exclude=lambda layer: layer is self.fixed_combo.layer()
@@ -123,23 +160,27 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             "stained sections), rigid (rotation and shift only) or none (the images are "
             "aligned already, only local motion is left)"
         )
+        self.fixed_combo.setToolTip("The image the moving one is aligned to")
+        self.moving_combo.setToolTip("The image that is deformed (a different layer)")
         images = QGroupBox("Images")
         form = QFormLayout(images)
         form.addRow("Fixed", row(self.fixed_combo, self.open_fixed_button))
         form.addRow("Moving", row(self.moving_combo, self.open_moving_button))
         form.addRow("Pre-align", self.prealign_combo)
+        return images
 
-        # landmarks: optional Points layers of the fixed and the moving image (TRE)
+    def _landmarks_box(self) -> QGroupBox:
+        """Optional Points layers of the fixed and the moving image (TRE)."""
         landmarks_box = QGroupBox("Landmarks (optional)")
         lform = QFormLayout(landmarks_box)
         self.fixed_landmarks_combo = LayerCombo(
-            napari_viewer,
+            self.viewer,
             (Points,),
             allow_none=True,
             prefer=lambda layers: matching_landmarks(self._layer_name(self.fixed_combo), layers),
         )
         self.moving_landmarks_combo = LayerCombo(
-            napari_viewer,
+            self.viewer,
             (Points,),
             allow_none=True,
             prefer=lambda layers: matching_landmarks(self._layer_name(self.moving_combo), layers),
@@ -157,14 +198,10 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         lform.addRow("Moving landmarks", self.moving_landmarks_combo)
         self._landmarks_images: tuple = (None, None)
         self._sync_landmarks()
+        return landmarks_box
 
-        # 3D stacks
-        self.volume_box = SliceBox(napari_viewer, self.fixed_combo.layer)
-
-        # model, device, method
-        self.model_box = ModelBox(self.state)
-
-        # display options: the review view and the field's layers (hidden until asked for)
+    def _display_box(self) -> QGroupBox:
+        """The review view and the field's layers (hidden until asked for)."""
         out_box = QGroupBox("Display")
         oform = QFormLayout(out_box)
         self.review_combo = QComboBox()
@@ -208,20 +245,14 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         oform.addRow("Show", row(*self.show_checks.values()))
         oform.addRow("Vectors: every", self.vector_step_spin)
         oform.addRow("Grid spacing", self.grid_spacing_spin)
+        return out_box
 
-        self.register_button = QPushButton("Register")
-        self.register_button.setToolTip(
-            "Register the moving image onto the fixed one (in the background)"
-        )
-        job_controls(self)
-        self.stop_button.setToolTip("Stop the registration (within one optimiser step)")
-        self.job_title = "the registration"
-
-        # apply the field to other layers
+    def _apply_box(self) -> QGroupBox:
+        """Apply the last field to a Labels or Points layer."""
         apply_box = QGroupBox("Apply the field to another layer")
         aform = QFormLayout(apply_box)
         self.apply_combo = LayerCombo(
-            napari_viewer,
+            self.viewer,
             (Labels, Points),
             prefer=preferring("moving", avoid=OUTPUT_WORDS),
         )
@@ -235,7 +266,10 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         aform.addRow("Layer", self.apply_combo)
         aform.addRow("Points", self.points_frame_combo)
         aform.addRow("", self.apply_button)
+        return apply_box
 
+    def _field_box(self) -> QGroupBox:
+        """Save the last field, or warp with a saved one."""
         field_box = QGroupBox("Displacement field")
         self.save_field_button = QPushButton("Save field…")
         self.load_field_button = QPushButton("Load field…")
@@ -244,24 +278,13 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
             "field (.mha/.nii.gz) for ITK, elastix's transformix and ANTs"
         )
         self.load_field_button.setToolTip("Warp the chosen moving image with a saved field")
-        self.fixed_combo.setToolTip("The image the moving one is aligned to")
-        self.moving_combo.setToolTip("The image that is deformed (a different layer)")
         field_row = QHBoxLayout(field_box)
         field_row.addWidget(self.save_field_button)
         field_row.addWidget(self.load_field_button)
+        return field_box
 
-        layout, footer = scrolled_layout(self)
-        for w in (images, landmarks_box, self.volume_box, self.model_box, out_box):
-            layout.addWidget(w)
-        layout.addWidget(apply_box)
-        layout.addWidget(field_box)
-        layout.addStretch(1)
-        # Register / Stop and the progress stay reachable however short the panel is
-        footer.addLayout(row(self.register_button, self.stop_button))
-        footer.addWidget(self.progress)
-        footer.addWidget(self.status_label)
-
-        # signals (lambdas: Qt's ``checked`` arguments never reach the methods)
+    def _connect(self) -> None:
+        """Wire the controls (lambdas: Qt's ``checked`` arguments never reach the methods)."""
         self.fixed_combo.currentIndexChanged.connect(lambda *_: self.volume_box.update_for_layer())
         for combo in (self.fixed_combo, self.moving_combo):
             combo.currentIndexChanged.connect(lambda *_: self._pair_changed())
@@ -278,11 +301,6 @@ class RegisterWidget(WorkerWidgetMixin, QWidget):
         self.review_combo.currentIndexChanged.connect(lambda *_: self._review_changed())
         for role, check in self.show_checks.items():
             check.toggled.connect(lambda shown, role=role: self._detail_toggled(role, shown))
-        self.points_frame_combo.setEnabled(True)
-        self.volume_box.update_for_layer()
-        tabbed_panel(self)
-        # once the panel is shown: the first Register's layers then add without first costs
-        QTimer.singleShot(0, warm_up_layer_types)
 
     # ------------------------------------------------------------------ inputs
     def viewer_slice(self) -> int | None:
