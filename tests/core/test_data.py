@@ -19,11 +19,11 @@ from napari_discreg.core.data import (
     fixed_test_pairs,
     load_template,
     make_pair,
-    normalise_intensity,
     random_field,
     sample_batch,
     synthesize_contrast,
 )
+from napari_discreg.core.preprocess import normalise_intensity
 from napari_discreg.core.warp import jacobian_determinant, warp_numpy
 
 SIZE = 64

@@ -39,7 +39,6 @@ from napari.layers import Image, Labels, Points
 from scipy.ndimage import gaussian_filter, map_coordinates
 from skimage.color import rgb2gray
 
-from ..core.data import normalise_intensity
 from ..core.geometry import (
     deformation_grid,
     displacement_vectors,
@@ -48,6 +47,7 @@ from ..core.geometry import (
     insert_axis,
     moving_to_fixed,
 )
+from ..core.preprocess import normalise_intensity
 from ..core.warp import jacobian_determinant, warp_numpy
 from . import _notify
 from ._layers import META_KEY, upsert_layer

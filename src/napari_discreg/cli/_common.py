@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from .. import save_model
 from ..core import io
 from ..core.config import FOREGROUND_THRESHOLD, SHIPPED_MODELS, FolderConfig
-from ..core.data import normalise_intensity
 from ..core.distributed import (
     TIMEOUT_ENV,
     DistContext,
@@ -33,6 +32,7 @@ from ..core.distributed import (
     shutdown,
 )
 from ..core.methods import method_named
+from ..core.preprocess import normalise_intensity
 from ..core.transaction import (
     check_writable_file,
     make_dirs,

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from .. import __version__
 from ..core.config import DataConfig
-from ..core.data import TISSUES, load_template, make_pair, normalise_intensity
+from ..core.data import TISSUES, load_template, make_pair
 from ..core.evaluate import control_point_accuracy
 from ..core.geometry import fixed_to_moving
 from ..core.methods import DEFAULT_METHOD, METHODS, resolve_method
@@ -21,6 +21,7 @@ from ..core.metrics import (
     normalised_mutual_information,
 )
 from ..core.model import resolve_device
+from ..core.preprocess import normalise_intensity
 from ..core.register import method_summary
 from ..core.transaction import OutputSet, write_text
 from ..core.warp import warp_numpy

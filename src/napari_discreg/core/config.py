@@ -476,7 +476,7 @@ class FolderConfig(Config):
         (0 for TIFF/``.npy`` stacks, 2 for NIfTI volumes). 2D images ignore it.
     foreground_threshold : float
         A pixel is foreground where the file's normalised intensity (robust
-        percentiles over the whole file, :func:`.data.normalise_intensity`) is above it.
+        percentiles over the whole file, :func:`.preprocess.normalise_intensity`) is above it.
     min_foreground : float
         A slice is kept when its foreground area is at least this fraction of the
         largest foreground area of any slice of the same file (and >= 64 pixels).

@@ -49,6 +49,7 @@ from scipy import ndimage as ndi
 
 from .config import DataConfig
 from .memory import MemoryEstimate, check_memory
+from .preprocess import normalise_intensity
 from .warp import warp, warp_numpy
 
 __all__ = [
@@ -323,69 +324,6 @@ def _build_template(size: int = 128) -> Template:
 
 
 # --------------------------------------------------------------------------- intensities
-
-
-def normalise_intensity(
-    image: np.ndarray,
-    *,
-    low: float = 1.0,
-    high: float = 99.0,
-    mask: np.ndarray | None = None,
-) -> np.ndarray:
-    """Robust percentile normalisation of an image to [0, 1] (float32).
-
-    The upper bound is the ``high`` percentile of the foreground. The lower bound
-    is the ``low`` percentile of the foreground, or the median of the background
-    if that is lower, so that a dark background stays darker than every tissue
-    (a skull-stripped image keeps its zero background at 0). The result is
-    ``clip((image - lower) / (upper - lower), 0, 1)``. This is the one intensity
-    normaliser of napari-discreg.
-
-    Parameters
-    ----------
-    image : numpy.ndarray
-        Image of any shape. Non-finite values are ignored and map to 0.
-    low, high : float, optional
-        Percentiles (0-100) that map to 0 and 1.
-    mask : numpy.ndarray, optional
-        Foreground mask (non-zero = foreground), same shape as ``image``. Without
-        it the foreground is every pixel above ``min + 1% of (max - min)``.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 array of the same shape, values in [0, 1]. A constant image (or
-        one without finite values) maps to zeros.
-    """
-    img = np.asarray(image, dtype=np.float32)
-    if not 0.0 <= low < high <= 100.0:
-        raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
-    finite = np.isfinite(img)
-    if not finite.any():
-        return np.zeros(img.shape, dtype=np.float32)
-    values = img[finite]
-    vmin, vmax = float(values.min()), float(values.max())
-    if not vmax > vmin:
-        return np.zeros(img.shape, dtype=np.float32)
-    if mask is not None:
-        mask = np.asarray(mask)
-        if mask.shape != img.shape:
-            raise ValueError(f"mask shape {mask.shape} differs from image shape {img.shape}")
-        fg = (mask != 0) & finite
-    else:
-        fg = finite & (img > vmin + 0.01 * (vmax - vmin))
-    bg = finite & ~fg
-    if fg.sum() < 2:
-        fg = finite
-    fg_values = img[fg]
-    lower, upper = np.percentile(fg_values, [low, high])
-    if bg.any():
-        lower = min(float(lower), float(np.median(img[bg])))
-    if not upper - lower > 1e-6 * max(abs(upper), abs(lower), 1e-12):
-        lower, upper = vmin, vmax  # e.g. a binary image: fall back to min-max
-    out = (img - np.float32(lower)) / np.float32(upper - lower)
-    out = np.where(finite, out, 0.0)
-    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 @functools.lru_cache(maxsize=8)

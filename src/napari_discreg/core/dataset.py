@@ -9,7 +9,7 @@ NIfTI, in voxel-array order: the NIfTI affine and the voxel size are not used, s
 slice along an axis whose planes have square pixels). Then, per file:
 
 1. intensities are normalised over the whole file with
-   :func:`~napari_discreg.core.data.normalise_intensity` (robust percentiles), so all
+   :func:`~napari_discreg.core.preprocess.normalise_intensity` (robust percentiles), so all
    slices of a volume share one scale;
 2. the foreground is where the normalised intensity exceeds
    ``FolderConfig.foreground_threshold`` or half the file's Otsu threshold, whichever
@@ -80,8 +80,9 @@ from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from . import io
 from .config import DataConfig, FolderConfig
-from .data import Pair, _bias_field, deform_pair, normalise_intensity
+from .data import Pair, _bias_field, deform_pair
 from .evaluate import evaluate_model, identity_metrics, summarise
+from .preprocess import normalise_intensity
 from .warp import warp_numpy
 
 __all__ = [
