@@ -9,7 +9,8 @@ import pytest
 import napari_discreg
 import napari_discreg.runs.registration as registration_run
 from napari_discreg._widgets import RegisterWidget, state_for
-from napari_discreg._widgets._register_outputs import output_name, warp_to_grid
+from napari_discreg._widgets._register_outputs import output_name
+from napari_discreg.core.review import warp_to_grid
 
 
 @pytest.fixture

@@ -16,8 +16,9 @@ import numpy as np
 from .._field_io import FIELD_KEY, ORIGIN_KEY, SPACING_KEY
 from ..core.geometry import in_plane_axes
 from ..core.io import save_field
+from ..core.review import gray_image, warp_to_grid
 from ..core.warp import warp_numpy
-from ._register_outputs import gray_image, placement, slice_order, warp_to_grid
+from ._register_outputs import placement, slice_order
 from ._slices import Request
 from ._state import RegistrationRun
 

@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
 from ..core.geometry import in_plane_axes
 from ..core.io import load_field
 from ..core.register import method_summary
+from ..core.review import gray_image, warp_to_grid
 from ..runs.registration import RegistrationSpec, run_registration
 from . import _notify
 from ._field_files import field_metadata, run_from_field, save_run_field
@@ -57,13 +58,11 @@ from ._register_outputs import (
     REVIEW_MODES,
     HiddenMoving,
     apply_field,
-    gray_image,
     name_prefix,
     prepare_outputs,
     set_detail_visible,
     set_review_mode,
     show_outputs_steps,
-    warp_to_grid,
 )
 from ._slices import Request, SliceBox
 from ._state import RegistrationRun, state_for, unwrap_viewer

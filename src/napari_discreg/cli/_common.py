@@ -18,12 +18,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from .. import save_model
 from ..core import io
-from ..core.config import FOREGROUND_THRESHOLD, SHIPPED_MODELS, FolderConfig
+from ..core.config import SHIPPED_MODELS, FolderConfig
 from ..core.distributed import (
     TIMEOUT_ENV,
     DistContext,
@@ -32,7 +31,6 @@ from ..core.distributed import (
     shutdown,
 )
 from ..core.methods import method_named
-from ..core.preprocess import normalise_intensity
 from ..core.transaction import (
     check_writable_file,
     make_dirs,
@@ -253,13 +251,6 @@ def save_run_model(model, out: Path, extra: dict, *, interrupted: bool, ctx) -> 
     if error is not None:
         raise error
     return dest
-
-
-def _foreground(image: np.ndarray) -> np.ndarray | None:
-    """Foreground of an image (normalised intensity > FOREGROUND_THRESHOLD), None when
-    (nearly) empty."""
-    mask = normalise_intensity(image) > FOREGROUND_THRESHOLD
-    return mask if mask.sum() >= 16 else None
 
 
 def _progress(total: int, desc: str, *, initial: int = 0, disable: bool = False):

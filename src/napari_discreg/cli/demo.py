@@ -21,8 +21,8 @@ from ..core.metrics import (
     normalised_mutual_information,
 )
 from ..core.model import resolve_device
-from ..core.preprocess import normalise_intensity
 from ..core.register import method_summary
+from ..core.review import review_images
 from ..core.transaction import OutputSet, write_text
 from ..core.warp import warp_numpy
 from ..runs.base import load_base_model
@@ -128,15 +128,6 @@ def demo_metrics(pair, result, runtime: float) -> dict[str, Any]:
     }
 
 
-def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
-
-    rr, cc = np.indices(a.shape)
-    tile = max(1, min(a.shape) // tiles)
-    return np.where(
-        (rr // tile + cc // tile) % 2 == 0, normalise_intensity(a), normalise_intensity(b)
-    )
-
-
 def demo_figure(pair, result, metrics: dict[str, Any]):
     """The report figure (a :class:`matplotlib.figure.Figure`, Agg canvas, no pyplot)."""
 
@@ -183,12 +174,12 @@ def demo_figure(pair, result, metrics: dict[str, Any]):
         )
     show(
         axes[1, 0],
-        _checkerboard(pair.fixed, pair.moving),
+        review_images(pair.fixed, pair.moving)["checkerboard"],
         f"checkerboard before (NMI {nmi['before']:.3f})",
     )
     show(
         axes[1, 1],
-        _checkerboard(pair.fixed, result.warped),
+        review_images(pair.fixed, result.warped)["checkerboard"],
         f"checkerboard after (NMI {nmi['after']:.3f})",
     )
     err = np.sqrt(((result.displacement - pair.displacement) ** 2).sum(0)) * (pair.mask > 0)

@@ -20,13 +20,13 @@ from ..core.prealign import (
     unmoved_matrix,
 )
 from ..core.register import method_summary
+from ..core.review import tissue_region
 from ..core.transaction import OutputSet, write_text
 from ..runs.base import load_base_model
 from ..runs.registration import RegistrationSpec, register_pair
 from ._common import (
     SHIPPED_NAMES,
     _device_arg,
-    _foreground,
     _non_negative_int,
     _positive_float,
     _say,
@@ -146,7 +146,7 @@ def _run_register(args) -> int:
     histograms_s = time.perf_counter() - start
 
     magnitude = np.sqrt((result.displacement.astype(np.float64) ** 2).sum(0))
-    mask = _foreground(fixed)
+    mask = tissue_region(fixed)
     before = resample(moving, unmoved_matrix(fixed_spacing, moving_spacing), fixed.shape)
     nmi_before = normalised_mutual_information(fixed, before, mask=mask)
     nmi_after = normalised_mutual_information(fixed, result.warped, mask=mask)
