@@ -124,6 +124,49 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             self.layer_box.fixed_combo,
             self.layer_box.moving_combo,
         )
+        self.source_combo = target_source_combo()
+        self.folder_box = FolderTargetsBox()
+        self.folder_box.setVisible(False)
+        settings = self._settings_box()  # created in the order they are laid out
+        self.state_box = StateBox()
+
+        self.start_button = QPushButton("Start")
+        self.start_button.setToolTip("Adapt a copy of the current model (in the background)")
+        self.this_pair_button = QPushButton("Adapt to the registered pair")
+        self.this_pair_button.setToolTip(
+            "One click: adapt a copy of the current model to the pair the Register widget "
+            "registered last (after its pre-alignment, in overlapping tiles; no labels), "
+            "then Re-register to compare"
+        )
+        job_controls(self)
+        self.job_title = "the adaptation"
+        self.stop_button.setToolTip(
+            "Stop within one pass: the best weights so far (by the keep-best criterion) are kept"
+        )
+        self.plot = AdaptationPlot(napari_viewer)
+        self._result_buttons()
+
+        layout, footer = scrolled_layout(self)
+        layout.addLayout(row(QLabel("Target source"), self.source_combo))
+        layout.addWidget(self.layer_box)
+        layout.addWidget(self.folder_box)
+        layout.addWidget(settings)
+        layout.addWidget(self.state_box)
+        layout.addWidget(self.plot, 1)
+        # the run's controls and what to do with its result are always reachable
+        footer.addLayout(row(self.start_button, self.stop_button))
+        footer.addWidget(self.this_pair_button)
+        footer.addWidget(self.progress)
+        footer.addWidget(self.status_label)
+        footer.addLayout(row(self.keep_button, self.revert_button))
+        footer.addLayout(row(self.save_button, self.reregister_button))
+
+        self._connect()
+        tabbed_panel(self)
+
+    # ------------------------------------------------------------------ parts
+    def _settings_box(self) -> QGroupBox:
+        """Method, discrepancy, steps and learning rate."""
         self.method_combo = QComboBox()
         for key, text in METHOD_LABELS.items():
             self.method_combo.addItem(text, key)
@@ -153,31 +196,17 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         )
         self.lr_spin.setToolTip("Adam learning rate of the adaptation")
 
-        self.source_combo = target_source_combo()
-        self.folder_box = FolderTargetsBox()
-        self.folder_box.setVisible(False)
-        self.state_box = StateBox()
         settings = QGroupBox("Settings")
         sform = QFormLayout(settings)
         sform.addRow("Method", self.method_combo)
         sform.addRow("Discrepancy", self.discrepancy_combo)
         sform.addRow("Steps", self.steps_spin)
         sform.addRow("Learning rate", self.lr_spin)
+        return settings
 
-        self.start_button = QPushButton("Start")
-        self.start_button.setToolTip("Adapt a copy of the current model (in the background)")
-        self.this_pair_button = QPushButton("Adapt to the registered pair")
-        self.this_pair_button.setToolTip(
-            "One click: adapt a copy of the current model to the pair the Register widget "
-            "registered last (after its pre-alignment, in overlapping tiles; no labels), "
-            "then Re-register to compare"
-        )
-        job_controls(self)
-        self.job_title = "the adaptation"
-        self.stop_button.setToolTip(
-            "Stop within one pass: the best weights so far (by the keep-best criterion) are kept"
-        )
-        self.plot = AdaptationPlot(napari_viewer)
+    def _result_buttons(self) -> None:
+        """What to do with a run's result: keep, revert, save, re-register (enabled
+        once there is one)."""
         self.keep_button = QPushButton("Keep")
         self.keep_button.setToolTip("Use the adapted model for registration from now on")
         self.revert_button = QPushButton("Revert")
@@ -193,21 +222,8 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         for b in (self.keep_button, self.revert_button, self.save_button, self.reregister_button):
             b.setEnabled(False)
 
-        layout, footer = scrolled_layout(self)
-        layout.addLayout(row(QLabel("Target source"), self.source_combo))
-        layout.addWidget(self.layer_box)
-        layout.addWidget(self.folder_box)
-        layout.addWidget(settings)
-        layout.addWidget(self.state_box)
-        layout.addWidget(self.plot, 1)
-        # the run's controls and what to do with its result are always reachable
-        footer.addLayout(row(self.start_button, self.stop_button))
-        footer.addWidget(self.this_pair_button)
-        footer.addWidget(self.progress)
-        footer.addWidget(self.status_label)
-        footer.addLayout(row(self.keep_button, self.revert_button))
-        footer.addLayout(row(self.save_button, self.reregister_button))
-
+    def _connect(self) -> None:
+        """Wire the controls (lambdas: Qt's ``checked`` arguments never reach the methods)."""
         self.source_combo.currentIndexChanged.connect(lambda *_: self._show_source())
         self.method_combo.currentIndexChanged.connect(lambda *_: self._method_changed())
         self.discrepancy_combo.setEnabled(self.method() == "mcd")
@@ -219,7 +235,6 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
         self.revert_button.clicked.connect(lambda *_: self.revert())
         self.save_button.clicked.connect(lambda *_: self._save_dialog())
         self.reregister_button.clicked.connect(lambda *_: self.reregister())
-        tabbed_panel(self)
 
     # ------------------------------------------------------------------ inputs
     def method(self) -> str:
