@@ -458,3 +458,113 @@ def test_field_files_read_as_itk_reads_them(tmp_path):
         save_field(tmp_path / "nan.mha", nan)
     assert not (tmp_path / "nan.mha").exists()
     record("save_field", "field with a NaN value", f"ValueError, nothing written: {err.value}")
+
+
+def test_corrupt_adaptation_states(tmp_path, tiny_model):
+    """Issue 26 items 8, 15, 16: damaged `--resume` states and two runs on one model."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from napari_discreg.core import data
+    from napari_discreg.core.adapt import AdaptState
+    from napari_discreg.core.config import AdaptConfig, DataConfig
+    from napari_discreg.core.state import load_adaptation_state, save_adaptation_state
+
+    dcfg = DataConfig(size=32)
+    pairs = data.fixed_test_pairs(
+        data.load_template(32), dcfg, n=3, fixed_contrast="t1", moving_contrast="t2", seed=0
+    )
+    f, m = np.stack([p.fixed for p in pairs]), np.stack([p.moving for p in pairs])
+    cfg = AdaptConfig.mcd(batch_size=2, select_every=2, generator_updates=1)
+    state = AdaptState()
+    steps = nd.adapt_steps(tiny_model, f, m, steps=2, config=cfg, data_config=dcfg, state=state)
+    next(steps)
+    with pytest.raises(RuntimeError, match="already being adapted") as err:
+        next(nd.adapt_steps(tiny_model, f, m, steps=2, config=cfg, data_config=dcfg))
+    record(
+        "adapt_steps",
+        "a second generator on a model another one still adapts",
+        f"RuntimeError: {err.value}",
+    )
+    for _ in steps:
+        pass
+    good = save_adaptation_state(
+        tmp_path / "good.safetensors", tiny_model, state, {}, running=False
+    )
+    with safe_open(str(good), framework="pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - not a dict
+    adam = "__optimizer__/generator/0/"
+    cases = {
+        "`best_score` NaN": ("adaptation_state", "best_score", float("nan")),
+        "`best_iteration` 1e30": ("adaptation_state", "best_iteration", 1e30),
+        "`step` Infinity": ("adaptation_state", "step", float("inf")),
+        "`step` 1, the training state's 2": ("adaptation_state", "step", 1),
+        '`"adaptation": []`': ("adaptation", None, []),
+        "`rng_state` {}": ("adaptation_state", "rng_state", {}),
+        "betas [2, 3]": ("betas", None, [2, 3]),
+        '`lr` "abc"': ("lr", None, "abc"),
+        "negative Adam step": (adam + "step", None, lambda t: -t),
+        "Adam `exp_avg` of the wrong shape": (adam + "exp_avg", None, lambda t: t.flatten()[:3]),
+        "`torch_rng` of 5 bytes": ("__state__/torch_rng", None, lambda t: t[:5]),
+    }
+    for case, (where, key, value) in cases.items():
+        training, extra = json.loads(meta["training_state"]), json.loads(meta["extra"])
+        values = dict(tensors)
+        if where in values:
+            values[where] = value(values[where])
+        elif where in ("betas", "lr"):
+            training["optimizers"]["generator"]["param_groups"][0][where] = value
+        elif key is None:
+            extra[where] = value
+        else:
+            extra[where][key] = value
+        bad = tmp_path / "bad.safetensors"
+        save_file(
+            values,
+            str(bad),
+            metadata={**meta, "training_state": json.dumps(training), "extra": json.dumps(extra)},
+        )
+        with pytest.raises(ValueError, match="the adaptation state is corrupt") as err:
+            load_adaptation_state(bad, cfg.lr, device="cpu")
+        record(
+            "load_adaptation_state / adapt --resume",
+            f"state file with {case}",
+            f"ValueError (the CLI: exit 2, one line): {err.value}",
+        )
+
+
+def test_memory_model_rows():
+    """Issue 26 items 9 and 11: a very wide image registers cheaply by the B-spline method
+    (its band spans the short side), and a fine custom B-spline grid is estimated and
+    refused before anything is allocated."""
+    from scipy.ndimage import gaussian_filter
+
+    from napari_discreg.core.config import BSplineConfig
+
+    rng = np.random.default_rng(3)
+    wide = gaussian_filter(rng.random((16, 4096)), 3).astype(np.float32)
+    t0 = time.perf_counter()
+    result = nd.register(
+        wide, np.roll(wide, 2, axis=1), method="bspline", prealign="none", max_memory_gb=0.5
+    )
+    seconds = time.perf_counter() - t0
+    shift = float(np.median(result.displacement[1]))
+    assert abs(shift - 2.0) < 0.2 and seconds < 20
+    record(
+        "register",
+        "16 x 4096 px, method='bspline', max_memory_gb=0.5",
+        f"registered (median column shift {shift:.2f} px of 2)",
+    )
+    square = rng.random((512, 512)).astype(np.float32)
+    with pytest.raises(ValueError, match="GB of memory") as err:
+        nd.register(
+            square, square, method="bspline", refine=BSplineConfig(spacing=2), max_memory_gb=0.5
+        )
+    record(
+        "register",
+        "512 x 512 px, refine=BSplineConfig(spacing=2), max_memory_gb=0.5",
+        f"ValueError before allocating: {err.value}",
+    )

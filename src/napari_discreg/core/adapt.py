@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
+import sys
+import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
@@ -42,8 +45,8 @@ class AdaptState:
     Pass an empty ``AdaptState()`` as ``state=`` to follow a run: :func:`adapt_steps`
     keeps it up to date at every yielded record (completed ``step``, the best
     weights by the criterion so far, the optimisers). Between two records the model
-    holds the current weights; once the generator has ended (finished, closed or
-    failed) it holds the best ones and ``weights`` the current ones of the last
+    holds the current weights; once the generator has ended (finished, closed,
+    dropped or failed) it holds the best ones and ``weights`` the current ones of the last
     complete iteration (``None`` if it failed inside an iteration: the weights and
     optimisers are then half-updated and not worth resuming). ``rng_state`` and
     ``torch_rng_state`` are the random streams (batches, SWD directions) after the
@@ -85,8 +88,33 @@ def holdout_split(
     return np.arange(n), order[:max_selection]
 
 
-class _Stopped(Exception):
+class StopAdaptation(Exception):
+    """Throw into an :func:`adapt_steps` generator at a record to end it as a
+    ``should_stop`` does: the last complete iteration is scored as a keep-best candidate
+    and the generator returns (``steps.throw(StopAdaptation())`` raises
+    ``StopIteration``). Unlike ``close()``, which scores nothing (it may come from a
+    finaliser), this is explicit work: what an interactive Stop or a Ctrl-C wants."""
+
+
+class _Stopped(StopAdaptation):
     """Raised inside :func:`adapt_steps` when ``should_stop()`` says so."""
+
+
+#: the models an :func:`adapt_steps` generator is adapting now (model -> its token)
+_ADAPTING: weakref.WeakKeyDictionary[torch.nn.Module, object] = weakref.WeakKeyDictionary()
+
+
+def _claim(model: torch.nn.Module, token: object) -> None:
+    """Mark ``model`` as adapted by the generator of ``token``; refuse a second one."""
+    if model in _ADAPTING:
+        gc.collect()  # an abandoned generator in a reference cycle lets go of it here
+    if model in _ADAPTING:
+        raise RuntimeError(
+            "this model is already being adapted by another adapt_steps generator that has "
+            "not ended: run that one to the end or close() it first (two adaptations of one "
+            "model would interleave their updates), or adapt a copy (clone_model)"
+        )
+    _ADAPTING[model] = token
 
 
 def adapt_steps(
@@ -146,21 +174,84 @@ def adapt_steps(
     ------
     StepRecord
         A first record at the starting iteration (0, or ``state.step``) with the
-        initial criterion, then one per MCD iteration (steps A, B and C). Closing the
-        generator stops adaptation after a complete iteration.
+        initial criterion, then one per iteration. Between two records the model
+        holds the current weights, in training mode.
+
+    Raises
+    ------
+    RuntimeError
+        Another ``adapt_steps`` generator that has not ended holds ``model`` (when
+        this one starts): one model takes one adaptation at a time.
 
     Notes
     -----
     Every ``config.select_every`` iterations (and at the start and the end) the
     unsupervised criterion of :func:`selection_criterion` is computed on up to
     ``selection_pairs`` target pairs, held out from adaptation by ``config.holdout``
-    (:func:`holdout_split`); when the generator finishes, is closed, or
-    fails, the model holds the weights with the best criterion seen (with
-    ``config.keep_best``, the default), so running more steps never returns a model
-    that scores worse on the criterion than the one passed in. A non-finite loss
-    stops adaptation with a ``FloatingPointError`` after the best (or, without
-    ``keep_best``, the last evaluated) weights are restored.
+    (:func:`holdout_split`); when the generator ends, the model holds the weights with
+    the best criterion seen (with ``config.keep_best``, the default; without it, the
+    last scored ones), in eval mode, so running more steps never returns a model that
+    scores worse on the criterion than the one passed in. A non-finite loss stops
+    adaptation with a ``FloatingPointError`` after those weights are restored.
+
+    **Ending early: the best weights are what** ``close()`` **gives.** Closing the
+    generator at a record stops adaptation after that complete iteration: the model
+    gets the best weights among those already scored (the start, every
+    ``select_every`` iterations, and after a ``should_stop`` the last complete
+    iteration; closing scores nothing itself), in eval mode, and ``state.weights``
+    the current ones (to resume from). To have the last complete iteration scored as
+    well, end it with ``steps.throw(StopAdaptation())`` instead (as ``should_stop``). Dropping the generator (``del``, garbage
+    collection, or ``break`` out of ``for record in adapt_steps(...)``, which drops
+    it) closes it, with the same result; nothing is computed at interpreter exit. A
+    generator left by ``break`` but still referenced has *not* ended: the model keeps
+    the current weights in training mode, and no other generator may adapt it, until
+    it is closed or dropped (``with contextlib.closing(adapt_steps(...)) as steps:``
+    closes it on leaving the block).
     """
+    token = object()
+    registry = _ADAPTING  # a local: module globals may be cleared at interpreter exit
+    _claim(model, token)
+    try:
+        yield from _adapt_steps(
+            model,
+            fixed,
+            moving,
+            discrepancy=discrepancy,
+            steps=steps,
+            seed=seed,
+            lr=lr,
+            config=config,
+            data_config=data_config,
+            source=source,
+            device=device,
+            selection_pairs=selection_pairs,
+            state=state,
+            should_stop=should_stop,
+        )
+    finally:
+        if registry.get(model) is token:
+            del registry[model]
+
+
+def _adapt_steps(
+    model: DiscreteRegistrationNet,
+    fixed,
+    moving,
+    *,
+    discrepancy: str | Discrepancy,
+    steps: int | None,
+    seed: int | None,
+    lr: float | None,
+    config: AdaptConfig | None,
+    data_config: DataConfig | None,
+    source: Iterator[Batch] | None,
+    device,
+    selection_pairs: int,
+    state: AdaptState | None,
+    should_stop: Callable[[], bool] | None,
+) -> Generator[StepRecord, None, None]:
+    """The body of :func:`adapt_steps` (which holds the model for it)."""
+    finalizing = sys.is_finalizing  # a local: module globals may be gone at exit
     cfg = config or AdaptConfig()
     overrides = {k: v for k, v in (("steps", steps), ("seed", seed), ("lr", lr)) if v is not None}
     if overrides:
@@ -176,8 +267,13 @@ def adapt_steps(
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if start and state.rng_state is not None and state.torch_rng_state is not None:
-        rng.bit_generator.state = state.rng_state  # continue the same streams
-        gen.set_state(state.torch_rng_state)
+        try:  # continue the same streams
+            rng.bit_generator.state = state.rng_state
+            gen.set_state(state.torch_rng_state)
+        except (TypeError, ValueError, KeyError, OverflowError, RuntimeError) as exc:
+            raise ValueError(
+                f"the adaptation state is corrupt (its random streams: {exc})"
+            ) from exc
     elif start:  # no saved streams: fresh ones for the resumed part
         rng = np.random.default_rng([cfg.seed, start])
         gen = torch.Generator().manual_seed(cfg.seed + 7919 * start)
@@ -185,6 +281,13 @@ def adapt_steps(
         raise ValueError(f"cannot continue a run after step {start} of {cfg.steps}")
     if start and (state.best_weights is None or state.best_score is None):
         raise ValueError("a state with step > 0 needs its best weights and best score")
+    if start and not (
+        np.isfinite(float(state.best_score or 0.0)) and 0 <= state.best_iteration <= start
+    ):
+        raise ValueError(
+            f"the adaptation state is corrupt (best score {state.best_score!r} at iteration "
+            f"{state.best_iteration!r} of {start}: keep-best could never improve on it)"
+        )
 
     adapt_on, held = holdout_split(tf.shape[0], cfg.holdout, cfg.seed, selection_pairs)
     sel = torch.from_numpy(held)
@@ -192,6 +295,13 @@ def adapt_steps(
     keep_idx = torch.from_numpy(adapt_on)
     tf, tm, tmask = tf[keep_idx], tm[keep_idx], tmask[keep_idx]
 
+    targets, stride = state.pseudo_targets, model.config.stride
+    grid = (tf.shape[0], tf.shape[-2] // stride, tf.shape[-1] // stride)
+    if cfg.method == "self-training" and targets is not None and targets.shape[:3] != grid:
+        raise ValueError(
+            f"the adaptation state is corrupt or its target pairs changed: pseudo-labels of "
+            f"shape {tuple(targets.shape[:3])}, the run's pairs need {grid}"
+        )
     if cfg.method == "self-training":
         trainer = SelfTraining(model, tf, tm, tmask, cfg, rng, targets=state.pseudo_targets)
         state.pseudo_targets = trainer.pair_targets
@@ -232,7 +342,6 @@ def adapt_steps(
 
     keep(best_iter, best_score, best_state)
     state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
-    yield StepRecord(start, cfg.steps, {}, None, first_score, best_iter)
 
     def consider_last() -> None:
         """The weights of the last complete iteration, scored as a keep-best candidate."""
@@ -256,6 +365,7 @@ def adapt_steps(
     busy = False
     undo: tuple = ()
     try:
+        yield StepRecord(start, cfg.steps, {}, None, first_score, best_iter)
         model.train()
         if frozen is not None:
             frozen.freeze(True)
@@ -283,27 +393,30 @@ def adapt_steps(
             state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
             busy = False
             yield StepRecord(it, cfg.steps, values, record_discrepancy, score, best_iter)
-    except _Stopped:
+    except StopAdaptation:  # should_stop() said so, or thrown in at a record
         if busy:  # undo the iteration in progress: back to the last complete one
             weights, moments = undo
             model.load_state_dict(weights)
             for k, o in state.optimizers.items():
                 o.load_state_dict(moments[k])
             busy = False
-        consider_last()
-    except GeneratorExit:
-        # stopped by the consumer after a complete iteration: consider it as a candidate
-        consider_last()
-        raise
+        if not finalizing():
+            consider_last()
     finally:
-        if frozen is not None:
-            frozen.freeze(False)
-        # the weights (and optimiser moments) of the last complete iteration, to resume
-        # from: after an exception inside an iteration they are half-updated, so then
-        # the state keeps no current weights (resume from an earlier saved state can)
-        state.weights = None if busy else _snapshot(model)
-        model.load_state_dict(best_state)
-        model.eval()
+        # Ended, however: finished, stopped, failed, or closed at a record (close(), or
+        # del / garbage collection of the generator, which close it). Nothing is scored
+        # here, since a close may come from a finaliser: the kept weights are the best of
+        # those already scored, whichever way the run ended. At interpreter exit nothing
+        # can use the model any more, and torch work then may abort the process: skipped.
+        if not finalizing():
+            if frozen is not None:
+                frozen.freeze(False)
+            # the weights (and optimiser moments) of the last complete iteration, to
+            # resume from: after an exception inside an iteration they are half-updated,
+            # so then the state keeps no current weights (an earlier saved state can)
+            state.weights = None if busy else _snapshot(model)
+            model.load_state_dict(best_state)
+            model.eval()
 
 
 def _self_training_step(trainer: SelfTraining, state: AdaptState):

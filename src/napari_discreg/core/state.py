@@ -4,11 +4,13 @@ random streams, in a safetensors file beside the model checkpoint format."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -52,6 +54,65 @@ class TrainingState:
     extra: dict[str, Any]
     optimizers: list[str]
     tensors: dict[str, torch.Tensor]
+
+
+def _number(value: Any, what: str) -> float:
+    """``value`` as a finite float (a bool, a string or NaN raise ``ValueError``)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} is {value!r}, not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is {value!r}, not a finite number")
+    return float(value)
+
+
+def _count(value: Any, what: str, high: float = MAX_COUNT) -> int:
+    """``value`` as a whole number in ``[0, high]``, else ``ValueError``."""
+    x = _number(value, what)
+    if not x.is_integer() or not 0 <= x <= high:
+        raise ValueError(f"{what} is {value!r}, not a whole number in [0, {high:g}]")
+    return int(x)
+
+
+_ADAM_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+
+
+def check_optimizer(opt: torch.optim.Optimizer) -> None:
+    """``ValueError`` unless ``opt``'s settings and (Adam) moments are sane: finite,
+    non-negative hyper-parameters, betas in [0, 1), whole non-negative step counts and
+    finite moments of the shape of their parameter (what a loaded state may not have)."""
+    for i, group in enumerate(opt.param_groups):
+        where = f"param group {i}"
+        for key in ("lr", "eps", "weight_decay"):
+            if key in group and _number(group[key], f"{where} {key}") < 0:
+                raise ValueError(f"{where} {key} is {group[key]!r}, below 0")
+        if "betas" in group:
+            betas = group["betas"]
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise ValueError(f"{where} betas are {betas!r}, not two numbers")
+            if not all(0.0 <= _number(b, f"{where} beta") < 1.0 for b in betas):
+                raise ValueError(f"{where} betas are {betas!r}, not in [0, 1)")
+        for key in _ADAM_FLAGS:
+            if key in group and not isinstance(group[key], bool):
+                raise ValueError(f"{where} {key} is {group[key]!r}, not true or false")
+        for key in ("foreach", "fused"):
+            if group.get(key) is not None and not isinstance(group[key], bool):
+                raise ValueError(f"{where} {key} is {group[key]!r}, not true, false or null")
+    for param, entries in opt.state.items():
+        for key, value in entries.items():
+            if key == "step":
+                _count(value, "an Adam step count", float(2**53))
+            elif key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else value
+                    raise ValueError(
+                        f"an Adam {key} has shape {shape}, not its parameter's {tuple(param.shape)}"
+                    )
+                if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"an Adam {key} is not finite")
+                if key != "exp_avg" and bool((value < 0).any()):
+                    raise ValueError(f"an Adam {key} is negative")
 
 
 def _json_value(value: Any, where: str) -> Any:
@@ -189,10 +250,10 @@ def load_training_state(
         )
     try:
         info = parse_json(raw, f"{p}: the training state")
-        step, layout = int(info["step"]), dict(info["optimizers"])
-        if not 0 <= step <= MAX_COUNT:
-            raise ValueError(f"step {step} is out of range")
-    except (KeyError, TypeError, ValueError) as exc:
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        step, layout = _count(info["step"], "step"), dict(info["optimizers"])
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"{p}: the training state is corrupt ({exc})") from exc
     built = _build_model(config, tensors, p)
     if model is None:
@@ -209,30 +270,43 @@ def load_training_state(
             raise ValueError(
                 f"{p} has no state for optimiser {name!r} (it has {', '.join(layout) or 'none'})"
             )
-        entry = layout[name]
         prefix = f"{OPTIMIZER_PREFIX}{name}/"
-        state: dict[int, dict[str, Any]] = {}
-        for idx in entry["state_indices"]:
-            values: dict[str, Any] = dict(entry["scalars"].get(idx, {}))
-            head = f"{prefix}{idx}/"
-            values.update({k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)})
-            state[int(idx)] = values
-        groups = []
-        for i, group in enumerate(entry["param_groups"]):
-            g: dict[str, Any] = {}
-            for key, value in group.items():
-                if isinstance(value, dict) and value.get("__tensor__"):
-                    g[key] = tensors[f"{prefix}group{i}/{key}"]
-                elif isinstance(value, list) and key != "params":
-                    g[key] = tuple(value)
-                else:
-                    g[key] = value
-            groups.append(g)
+        try:
+            entry = layout[name]
+            if entry.get("type", type(opt).__name__) != type(opt).__name__:
+                raise ValueError(f"it is {entry['type']!r}, not {type(opt).__name__}")
+            state: dict[int, dict[str, Any]] = {}
+            for idx in entry["state_indices"]:
+                values: dict[str, Any] = dict(entry["scalars"].get(idx, {}))
+                head = f"{prefix}{idx}/"
+                values.update({k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)})
+                state[int(idx)] = values
+            groups = []
+            for i, group in enumerate(entry["param_groups"]):
+                g: dict[str, Any] = {}
+                for key, value in group.items():
+                    if isinstance(value, dict) and value.get("__tensor__"):
+                        g[key] = tensors[f"{prefix}group{i}/{key}"]
+                    elif isinstance(value, list) and key != "params":
+                        g[key] = tuple(value)
+                    else:
+                        g[key] = value
+                groups.append(g)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise ValueError(
+                f"{p}: the training state is corrupt (optimiser {name!r}: {exc!r})"
+            ) from exc
         try:
             opt.load_state_dict({"state": state, "param_groups": groups})
-        except (ValueError, KeyError, RuntimeError) as exc:
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise ValueError(
                 f"{p}: the saved state of optimiser {name!r} does not fit the one given ({exc})"
+            ) from exc
+        try:
+            check_optimizer(opt)
+        except ValueError as exc:
+            raise ValueError(
+                f"{p}: the training state is corrupt (optimiser {name!r}: {exc})"
             ) from exc
         restored.append(name)
     run_tensors = {
@@ -291,23 +365,80 @@ def save_adaptation_state(
     )
 
 
-def load_adaptation_state(path: str | os.PathLike, lr: float, device=None):
-    """(model with the current weights, AdaptState, extra) from :func:`save_adaptation_state`.
+def _corrupt(path: Path, why: object) -> ValueError:
+    return ValueError(f"{path}: the adaptation state is corrupt ({why})")
+
+
+def adaptation_record(path: str | os.PathLike, extra: dict[str, Any]) -> dict[str, Any]:
+    """The ``"adaptation_state"`` of a state's ``extra`` metadata, checked: whole step
+    and best iteration with ``0 <= best_iteration <= step``, a finite best score and
+    pseudo-label gain, random streams numpy can continue, and well-formed records of
+    the run (``"adaptation"``, ``"adaptation_run"``).
 
     Raises
     ------
     ValueError
-        Not an adaptation state (e.g. a model or a source-training state) or a corrupt one.
+        ``extra`` holds no adaptation run ("holds no adaptation run to resume"), or a
+        damaged one ("the adaptation state is corrupt (...)", one line).
     """
-
     p = Path(path)
-    config, _, extra = read_checkpoint(p)
     info = extra.get("adaptation_state")
     if not isinstance(info, dict):
         raise ValueError(
             f"{p} holds no adaptation run to resume; give the *.state.safetensors file that "
             "`napari-discreg adapt --checkpoint-every N` writes"
         )
+    try:
+        step = _count(info["step"], "step")
+        best = _count(info["best_iteration"], "best_iteration", step)
+        _number(info["best_score"], "best_score")
+        if info.get("pseudo_gain") is not None:
+            _number(info["pseudo_gain"], "pseudo_gain")
+        rng_state = info.get("rng_state")
+        if rng_state is not None:
+            try:
+                np.random.default_rng().bit_generator.state = rng_state
+            except (TypeError, ValueError, KeyError, OverflowError) as exc:
+                raise ValueError(f"rng_state is not a numpy PCG64 state ({exc})") from exc
+        for key in ("adaptation", "adaptation_run"):
+            if not isinstance(extra.get(key, {}), dict):
+                raise ValueError(f"{key!r} is {type(extra[key]).__name__}, not a JSON object")
+        record = extra.get("adaptation", {})
+        if record.get("initial_criterion") is not None:
+            _number(record["initial_criterion"], "the run's initial_criterion")
+        if not isinstance(record.get("evaluation_before") or {}, dict):
+            raise ValueError("the run's evaluation_before is not a JSON object")
+        if record.get("config") is not None:
+            AdaptConfig.from_dict(record["config"])
+        for key, value in (("completed_steps", step), ("best_iteration", best)):
+            if record.get(key) is not None and record[key] != value:
+                raise ValueError(f"the run's {key} {record[key]!r} is not the state's {value}")
+        run_steps = extra.get("adaptation_run", {}).get("steps")
+        if run_steps is not None and _count(run_steps, "the run's steps") < step:
+            raise ValueError(f"the run's steps {run_steps!r} are fewer than its step {step}")
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise _corrupt(p, exc if not isinstance(exc, KeyError) else f"{exc} is missing") from exc
+    return info
+
+
+def load_adaptation_state(path: str | os.PathLike, lr: float, device=None):
+    """(model with the current weights, AdaptState, extra) from :func:`save_adaptation_state`.
+
+    Everything the run would use is checked first (:func:`adaptation_record`, the
+    training state's step and optimisers with :func:`check_optimizer`, the best weights,
+    the random streams, the pseudo-labels), so a damaged file fails here, in one line,
+    rather than in the resumed run or, worse, by running on the damaged values.
+
+    Raises
+    ------
+    ValueError
+        Not an adaptation state (e.g. a model or a source-training state), or a corrupt
+        one ("the adaptation state is corrupt (...)").
+    """
+
+    p = Path(path)
+    config, _, extra = read_checkpoint(p)
+    info = adaptation_record(p, extra)
     model = DiscreteRegistrationNet(config).to(resolve_device(device))
     recorded = extra.get("adaptation", {}).get("config")
     method = AdaptConfig.from_dict(recorded).method if isinstance(recorded, dict) else "mcd"
@@ -316,11 +447,39 @@ def load_adaptation_state(path: str | os.PathLike, lr: float, device=None):
         optimizers = {"heads": torch.optim.Adam(trainable_parameters(model), lr=lr)}
     else:
         optimizers = adaptation_optimizers(model, lr)
-    loaded = load_training_state(p, model, optimizers)
-    best = {k[len(BEST) :]: v for k, v in loaded.tensors.items() if k.startswith(BEST)}
-    if set(best) != set(model.state_dict()):
-        raise ValueError(f"{p}: the best weights of the adaptation state are missing or corrupt")
     try:
+        loaded = load_training_state(p, model, optimizers)
+    except ValueError as exc:
+        raise _corrupt(p, exc) from exc
+    expected = model.state_dict()
+    best = {k[len(BEST) :]: v for k, v in loaded.tensors.items() if k.startswith(BEST)}
+    try:
+        if loaded.step != int(info["step"]):
+            raise ValueError(f"its step {info['step']} is not the training state's {loaded.step}")
+        if set(best) != set(expected):
+            raise ValueError("the best weights are missing or incomplete")
+        for k, v in best.items():
+            if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
+                raise ValueError(f"the best weight {k} has shape {tuple(v.shape)}, {v.dtype}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"the best weight {k} is not finite")
+        torch_rng = loaded.tensors.get(TORCH_RNG)
+        if (torch_rng is None) != (info.get("rng_state") is None):
+            raise ValueError("one of the two random streams (numpy, torch) is missing")
+        if torch_rng is not None:
+            try:
+                torch.Generator().set_state(torch_rng)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise ValueError(f"torch_rng is not a torch generator state ({exc})") from exc
+        targets = loaded.tensors.get(PSEUDO_TARGETS)
+        if method == "self-training" and targets is None:
+            raise ValueError("the self-training run's pseudo-labels are missing")
+        if targets is not None:
+            k2 = config.num_labels**2
+            if targets.ndim != 4 or targets.shape[-1] != k2 or not targets.is_floating_point():
+                raise ValueError(f"the pseudo-labels have shape {tuple(targets.shape)}")
+            if not bool(torch.isfinite(targets).all()) or bool((targets < 0).any()):
+                raise ValueError("the pseudo-labels are not finite non-negative numbers")
         state = AdaptState(
             step=int(info["step"]),
             best_iteration=int(info["best_iteration"]),
@@ -328,12 +487,10 @@ def load_adaptation_state(path: str | os.PathLike, lr: float, device=None):
             best_weights={k: v.to(next(model.parameters()).device) for k, v in best.items()},
             optimizers=optimizers,
             rng_state=info.get("rng_state"),
-            torch_rng_state=loaded.tensors.get(TORCH_RNG),
-            pseudo_targets=loaded.tensors.get(PSEUDO_TARGETS),
+            torch_rng_state=torch_rng,
+            pseudo_targets=targets,
             pseudo_gain=None if info.get("pseudo_gain") is None else float(info["pseudo_gain"]),
         )
-        if method == "self-training" and state.pseudo_targets is None:
-            raise ValueError("the self-training run's pseudo-labels are missing")
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{p}: the adaptation state is corrupt ({exc})") from exc
+        raise _corrupt(p, exc) from exc
     return model, state, extra

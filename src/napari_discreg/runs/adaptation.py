@@ -23,7 +23,7 @@ import torch
 import napari_discreg
 
 from .. import __version__
-from ..core.adapt import AdaptState, holdout_split
+from ..core.adapt import AdaptState, StopAdaptation, holdout_split
 from ..core.checkpoint import checkpoint_info, read_checkpoint
 from ..core.config import AdaptConfig, TrainConfig
 from ..core.dataset import PairBatches, PairMaker, PairSet, evaluate_pairs
@@ -37,7 +37,7 @@ from ..core.distributed import (
 from ..core.memory import ENV_LIMIT, adaptation_estimate, check_memory
 from ..core.model import DiscreteRegistrationNet
 from ..core.predict import identity_criterion, prepare_target
-from ..core.state import load_adaptation_state, save_adaptation_state
+from ..core.state import adaptation_record, load_adaptation_state, save_adaptation_state
 from ..core.train import StepRecord, source_batches
 from .base import (
     Messages,
@@ -350,6 +350,8 @@ def _saved_settings(
     assert spec.resume is not None
     _, _, extra = read_checkpoint(spec.resume)
     saved = extra.get("adaptation_run")
+    if saved is not None and "adaptation_state" in extra:
+        info = adaptation_record(spec.resume, extra)  # a damaged state: "corrupt", one line
     if not isinstance(saved, dict) or "adaptation_state" not in extra:
         raise ValueError(
             f"{spec.resume}: holds no adaptation run to resume; give the *.state.safetensors "
@@ -372,7 +374,7 @@ def _saved_settings(
             )
         settings[key] = value
     steps = int(saved.get("steps", 0)) if spec.steps is None else spec.steps
-    done = int(extra["adaptation_state"].get("step", 0))
+    done = int(info["step"])
     if steps < done:
         raise ValueError(
             f"{spec.resume} is at iteration {done}; --steps must be at least that (it counts "
@@ -394,6 +396,24 @@ def resolve_adaptation(spec: AdaptationSpec) -> AdaptationSpec:
     if spec.resume:
         settings, steps, saved_config = _saved_settings(spec, settings)
         base = saved_config or spec.config
+        try:
+            return _resolved(spec, settings, steps, base)
+        except (TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, ValueError) and not isinstance(exc, _SettingError):
+                raise  # e.g. a target folder that is gone: said as it is
+            raise ValueError(
+                f"{spec.resume}: the adaptation state is corrupt (its settings: {exc})"
+            ) from exc
+    return _resolved(spec, settings, steps, base)
+
+
+class _SettingError(ValueError):
+    """A saved setting that does not make a config (raised by :func:`_resolved`)."""
+
+
+def _resolved(
+    spec: AdaptationSpec, settings: dict[str, Any], steps: int | None, base: AdaptConfig
+) -> AdaptationSpec:
     if steps is not None and steps < 0:
         raise ValueError(f"--steps must be >= 0, got {steps}")
     steps = base.steps if steps is None else steps
@@ -404,29 +424,35 @@ def resolve_adaptation(spec: AdaptationSpec) -> AdaptationSpec:
         targets = TargetOptions(**{k: settings[k] for k in _TARGET_KEYS})
         check_target_options(targets, settings["source"])
     s = settings
-    return replace(
-        spec,
-        targets=targets,
-        model=spec.model if isinstance(spec.model, DiscreteRegistrationNet) else s["model"],
-        source=s["source"],
-        discrepancy=s["discrepancy"],
-        config=replace(
+    try:
+        config = replace(
             base,
             method=s["method"],
             steps=steps,
             lr=s["lr"],
             batch_size=s["batch_size"],
             seed=s["seed"],
-        ),
-        data_config=replace(spec.data_config, size=s["size"]),
-        folder_config=replace(
+        )
+        data_config = replace(spec.data_config, size=s["size"])
+        folder_config = replace(
             spec.folder_config,
             axis=s["axis"],
             min_foreground=s["min_foreground"],
             val_fraction=s["val_fraction"],
             eval_pairs=s["eval_pairs"],
             target_pairs=s["target_pairs"],
-        ),
+        )
+    except (TypeError, ValueError) as exc:
+        raise _SettingError(str(exc)) from exc
+    return replace(
+        spec,
+        targets=targets,
+        model=spec.model if isinstance(spec.model, DiscreteRegistrationNet) else s["model"],
+        source=s["source"],
+        discrepancy=s["discrepancy"],
+        config=config,
+        data_config=data_config,
+        folder_config=folder_config,
         steps=steps,
         skip_bad=s["skip_bad"],
         allow_mixed_shapes=s["allow_mixed_shapes"],
@@ -692,7 +718,12 @@ def _adapt(
                 )
     except (KeyboardInterrupt, GeneratorExit):
         interrupted = True
-        steps.close()  # restores the best weights seen
+        try:  # a stop asked for: the last complete iteration is a candidate too
+            steps.throw(StopAdaptation())
+        except (StopIteration, StopAdaptation):
+            pass  # ended: the best weights are restored
+        finally:
+            steps.close()
     except FloatingPointError as exc:
         diverged = str(exc)  # the generator has restored the best weights
     if spec.should_stop is not None and spec.should_stop():
