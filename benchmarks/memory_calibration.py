@@ -3,7 +3,8 @@ estimate of ``napari_discreg.core.memory``, each case in a fresh process.
 
 Peak = ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the job minus the resident size
 (``/proc/self/statm``) just before it, after a 64 px warm-up (``tracemalloc`` does not see
-torch's allocations). Linux only. Prints one line per case:
+torch's allocations). Linux only. Square and very wide or tall images, and B-spline
+spacings down to 2 px (the band of the normal equations). Prints one line per case:
 
     OMP_NUM_THREADS=1 python benchmarks/memory_calibration.py [--quick]
 """
@@ -17,19 +18,33 @@ import subprocess
 import sys
 import time
 
-CASES = [  # (job, size px, K, capture range, stride)
-    ("bspline", 256, 15, 7.0, 4),
-    ("bspline", 512, 15, 7.0, 4),
-    ("bspline", 1024, 15, 7.0, 4),
-    ("network", 256, 15, 7.0, 4),
-    ("network", 512, 15, 7.0, 4),
-    ("network", 1024, 15, 7.0, 4),
-    ("network", 256, 15, 7.0, 2),
-    ("network", 512, 15, 7.0, 2),
-    ("network", 256, 31, 7.0, 4),
-    ("network+bspline", 512, 15, 7.0, 4),
-    ("adapt", 256, 15, 7.0, 4),
-    ("adapt", 384, 15, 7.0, 4),
+CASES = [  # (job, (rows, cols), K, capture range, stride, B-spline spacing)
+    ("bspline", (256, 256), 15, 7.0, 4, 12.0),
+    ("bspline", (512, 512), 15, 7.0, 4, 12.0),
+    ("bspline", (1024, 1024), 15, 7.0, 4, 12.0),
+    # extreme aspect ratios: the band spans the shorter side
+    ("bspline", (64, 4096), 15, 7.0, 4, 12.0),
+    ("bspline", (4096, 64), 15, 7.0, 4, 12.0),
+    ("bspline", (128, 2048), 15, 7.0, 4, 12.0),
+    ("bspline", (2048, 128), 15, 7.0, 4, 12.0),
+    ("bspline", (16, 16384), 15, 7.0, 4, 12.0),
+    # finer grids: the band grows with the control points times the shorter side's
+    ("bspline", (256, 256), 15, 7.0, 4, 4.0),
+    ("bspline", (512, 512), 15, 7.0, 4, 4.0),
+    ("bspline", (256, 256), 15, 7.0, 4, 2.0),
+    ("bspline", (128, 2048), 15, 7.0, 4, 2.0),
+    ("network", (256, 256), 15, 7.0, 4, 12.0),
+    ("network", (512, 512), 15, 7.0, 4, 12.0),
+    ("network", (1024, 1024), 15, 7.0, 4, 12.0),
+    ("network", (64, 4096), 15, 7.0, 4, 12.0),
+    ("network", (4096, 64), 15, 7.0, 4, 12.0),
+    ("network", (256, 256), 15, 7.0, 2, 12.0),
+    ("network", (512, 512), 15, 7.0, 2, 12.0),
+    ("network", (256, 256), 31, 7.0, 4, 12.0),
+    ("network+bspline", (512, 512), 15, 7.0, 4, 12.0),
+    ("network+bspline", (128, 2048), 15, 7.0, 4, 12.0),
+    ("adapt", (256, 256), 15, 7.0, 4, 12.0),
+    ("adapt", (384, 384), 15, 7.0, 4, 12.0),
 ]
 
 
@@ -38,14 +53,14 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def one(job: str, n: int, k: int, q: float, s: int) -> dict:
+def one(job: str, shape: list[int], k: int, q: float, s: int, spacing: float) -> dict:
     import numpy as np
     import torch
     from scipy.ndimage import gaussian_filter
 
     import napari_discreg as nd
     from napari_discreg.core import data, memory
-    from napari_discreg.core.config import AdaptConfig, DataConfig, ModelConfig
+    from napari_discreg.core.config import AdaptConfig, BSplineConfig, DataConfig, ModelConfig
     from napari_discreg.core.model import DiscreteRegistrationNet
 
     torch.set_num_threads(1)
@@ -53,9 +68,11 @@ def one(job: str, n: int, k: int, q: float, s: int) -> dict:
     model = nd.load_model(device="cpu") if cfg == ModelConfig() else DiscreteRegistrationNet(cfg)
     model.eval()
     rng = np.random.default_rng(0)
-    f = gaussian_filter(rng.random((n, n)), 3).astype(np.float32)
+    h, w = shape
+    n = max(h, w)
+    f = gaussian_filter(rng.random((h, w)), 3).astype(np.float32)
     m = np.roll(f, 2, axis=1)
-    small = f[:64, :64].copy()
+    small = gaussian_filter(rng.random((64, 64)), 3).astype(np.float32)
     nd.register(small, np.roll(small, 1, 1), model=model, method="network")
     if job == "adapt":
         data.load_template(n)
@@ -69,15 +86,17 @@ def one(job: str, n: int, k: int, q: float, s: int) -> dict:
             data_config=DataConfig(size=n),
         )
     else:
-        est = memory.register_estimate(cfg, job, (n, n))
+        settings = BSplineConfig(spacing=spacing) if "bspline" in job else None
+        est = memory.register_estimate(cfg, job, (h, w), settings)
         before, t0 = _rss(), time.perf_counter()
-        nd.register(f, m, model=model, method=job, max_memory_gb=1000)
+        nd.register(f, m, model=model, method=job, refine=settings, max_memory_gb=1000)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "job": job,
-        "px": n,
+        "shape": f"{h}x{w}",
         "K": k,
         "stride": s,
+        "spacing": spacing,
         "measured_MB": round((peak - before) / 1e6),
         "estimate_MB": round(est.bytes / 1e6),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -86,10 +105,10 @@ def one(job: str, n: int, k: int, q: float, s: int) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--one":
-        job, n, k, q, s = json.loads(sys.argv[2])
-        print(json.dumps(one(job, n, k, q, s)))
+        print(json.dumps(one(*json.loads(sys.argv[2]))))
         return
-    cases = [c for c in CASES if c[1] <= 512] if "--quick" in sys.argv else CASES
+    quick = "--quick" in sys.argv
+    cases = [c for c in CASES if c[1][0] * c[1][1] <= 512 * 512] if quick else CASES
     for case in cases:
         out = subprocess.run(
             [sys.executable, __file__, "--one", json.dumps(case)],

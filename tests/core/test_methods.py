@@ -52,5 +52,7 @@ def test_the_refine_forms_of_earlier_releases_still_choose_a_method():
 def test_memory_follows_what_the_method_runs():
     config, shape = ModelConfig(), (256, 256)
     need = {name: register_estimate(config, name, shape).bytes for name in METHODS}
-    assert need["none"] == need["bspline"]
-    assert need["network+adam"] == need["network+bspline"] > need["network"] > 0
+    # the B-spline methods add their band of normal equations (core.memory.bspline_band_bytes)
+    assert need["none"] < need["bspline"]
+    assert need["network+adam"] < need["network+bspline"]
+    assert need["network+adam"] > need["network"] > 0

@@ -20,13 +20,22 @@ transform, coarse-to-fine), but with
 Settings: :class:`~napari_discreg.core.config.BSplineConfig`, chosen on validation
 pairs by ``benchmarks/tune_bspline.py``. Everything is torch on the padded,
 normalised (B, 1, H, W) tensors the network reads; the banded solve runs in SciPy
-(LAPACK ``pbsv``) on CPU and as a dense Cholesky solve on other devices.
+(LAPACK ``pbsv``) on the host for every device.
+
+Memory and time are linear in the pixels and in the control points: each pixel's basis
+is held as its 4 weights (:class:`_Basis`), never as a dense (pixels x control points)
+matrix, and the unknowns are ordered along the grid's longer side, so that the band of
+the normal equations spans ``6 x`` the SHORTER side's control points (a 16 x 65536 image
+has a band of 38 rows, not 49,000). The band's bytes, ``16 (6 n + 8)`` per control point
+with ``n`` the shorter side's control points, are what
+:func:`~napari_discreg.core.memory.bspline_bytes` estimates.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -93,6 +102,103 @@ def fit_coefficients(
     return torch.linalg.solve(gx, left.transpose(1, 2)).transpose(1, 2)
 
 
+@dataclass(frozen=True)
+class _Basis:
+    """The cubic B-spline weights of a level's pixels along one axis, kept sparse: pixel
+    ``x`` touches control points ``first[x] .. first[x] + width - 1`` with ``weights[x]``
+    (the dense (length, n) matrix of :func:`bspline_basis` would grow with the length
+    squared: 23 GB for a 262144 px side)."""
+
+    first: torch.Tensor  # (length,) int64
+    weights: torch.Tensor  # (length, width) float32
+    n: int
+
+    @property
+    def width(self) -> int:
+        return int(self.weights.shape[1])
+
+    def _shape(self, ndim: int, dim: int) -> list[int]:
+        shape = [1] * ndim
+        shape[dim] = -1
+        return shape
+
+    def expand(self, c: torch.Tensor, dim: int) -> torch.Tensor:
+        """Control-point values to pixels along ``dim`` (``B @ c`` along that axis)."""
+        shape = self._shape(c.dim(), dim)
+        out = c.index_select(dim, self.first) * self.weights[:, 0].view(shape)
+        for a in range(1, self.width):
+            out += c.index_select(dim, self.first + a) * self.weights[:, a].view(shape)
+        return out
+
+    def reduce(self, v: torch.Tensor, dim: int) -> torch.Tensor:
+        """Pixel values to control points along ``dim`` (``B^T @ v`` along that axis)."""
+        shape = self._shape(v.dim(), dim)
+        size = list(v.shape)
+        size[dim] = self.n
+        out = v.new_zeros(size)
+        for a in range(self.width):
+            out.index_add_(dim, self.first + a, v * self.weights[:, a].view(shape))
+        return out
+
+    def reduce_pairs(self, v: torch.Tensor, dim: int) -> torch.Tensor:
+        """``out[d][k] = sum_x B[x, k] B[x, k + d] v[x]`` along ``dim`` for the 7 offsets
+        ``d`` of :data:`_OFFSETS`, stacked as a new first axis (``_pair_products``'
+        product with ``v``, without the dense matrix)."""
+        shape = self._shape(v.dim(), dim)
+        size = list(v.shape)
+        size[dim] = self.n
+        out = v.new_zeros(len(_OFFSETS), *size)
+        for a in range(self.width):
+            for b in range(self.width):
+                wab = (self.weights[:, a] * self.weights[:, b]).view(shape)
+                out[b - a + 3].index_add_(dim, self.first + a, v * wab)
+        return out
+
+    def gram_band(self, ridge: float) -> np.ndarray:
+        """Lower band (width, n) of ``B^T B + ridge I`` in LAPACK's storage, float64."""
+        band = torch.zeros(self.width, self.n, dtype=torch.float64)
+        first, w = self.first.cpu(), self.weights.cpu().double()
+        for a in range(self.width):
+            for b in range(a, self.width):
+                band[b - a].index_add_(0, first + a, w[:, a] * w[:, b])
+        band[0] += ridge
+        return band.numpy()
+
+
+def _basis(length: int, spacing: float, n_ctrl: int, factor: int = 1, *, device=None) -> _Basis:
+    """:func:`bspline_basis` as a :class:`_Basis` (the same weights, 4 per pixel)."""
+    x = torch.arange(length, dtype=torch.float64, device=device) * factor + (factor - 1) / 2
+    t = x / spacing + 1.0  # pixel position in control-point units (point k sits at k)
+    width = min(4, n_ctrl)
+    first = (torch.floor(t).long() - 1).clamp(0, n_ctrl - width)
+    k = first[:, None] + torch.arange(width, device=device)
+    weights = _cubic((t[:, None] - k).float())
+    return _Basis(first, weights, n_ctrl)
+
+
+def _evaluate(coeff: torch.Tensor, by: _Basis, bx: _Basis) -> torch.Tensor:
+    """:func:`evaluate_field` with sparse bases: (2, ny, nx) -> (2, h, w)."""
+    return by.expand(bx.expand(coeff, 2), 1)
+
+
+def _fit(field: torch.Tensor, by: _Basis, bx: _Basis, ridge: float = 1e-3) -> torch.Tensor:
+    """:func:`fit_coefficients` with sparse bases: the separable least-squares fit, its
+    two banded Gram systems solved by LAPACK on the host."""
+    from scipy.linalg import solveh_banded
+
+    rhs = bx.reduce(by.reduce(field, 1), 2).double().cpu()  # (2, ny, nx)
+    ny, nx = by.n, bx.n
+    with _one_blas_thread():
+        m = rhs.permute(1, 0, 2).reshape(ny, 2 * nx).numpy()
+        left = solveh_banded(by.gram_band(ridge), m, lower=True, check_finite=False)
+        left = np.ascontiguousarray(left.reshape(ny, 2, nx).transpose(2, 1, 0))  # (nx, 2, ny)
+        out = solveh_banded(
+            bx.gram_band(ridge), left.reshape(nx, 2 * ny), lower=True, check_finite=False
+        )
+    coeff = torch.from_numpy(out.reshape(nx, 2, ny)).permute(1, 2, 0)
+    return coeff.to(field.device, torch.float32)
+
+
 def _pair_products(basis: torch.Tensor) -> torch.Tensor:
     """(7, length, n): ``out[d][:, i] = B[:, i] * B[:, i + d]`` (zero out of range)."""
     n = basis.shape[1]
@@ -102,51 +208,6 @@ def _pair_products(basis: torch.Tensor) -> torch.Tensor:
         if hi > lo:
             out[k, :, lo:hi] = basis[:, lo:hi] * basis[:, lo + d : hi + d]
     return out
-
-
-@lru_cache(maxsize=16)
-def _band_layout(ny: int, nx: int):
-    """Where each entry of the normal equations goes.
-
-    Unknowns are interleaved, ``p = (i * nx + j) * 2 + axis``, which makes the system
-    banded. Returns the (row, col, source) indices of the lower triangle taken from
-    the (3 blocks rr/rc/cc, 7, 7, ny, nx) array of curvature terms, the (row, col,
-    value) entries of the membrane regulariser, the bandwidth and the size.
-    """
-    i, j = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
-    rows, cols, srcs = [], [], []
-    for blk, (a, b) in enumerate(((0, 0), (0, 1), (1, 1))):
-        for kd, di in enumerate(_OFFSETS):
-            for ke, dj in enumerate(_OFFSETS):
-                k, m = i + di, j + dj
-                ok = (k >= 0) & (k < ny) & (m >= 0) & (m < nx)
-                p = ((i * nx + j) * 2 + a)[ok]
-                q = ((k * nx + m) * 2 + b)[ok]
-                src = (((blk * 7 + kd) * 7 + ke) * ny * nx + i * nx + j)[ok]
-                rows += [p, q] if a != b else [p]
-                cols += [q, p] if a != b else [q]
-                srcs += [src, src] if a != b else [src]
-    r, c, s = torch.cat(rows), torch.cat(cols), torch.cat(srcs)
-    low = r >= c
-    size = 2 * ny * nx
-    bandwidth = int((r - c).max())
-    lr, lc, lv = [], [], []
-    degree = torch.zeros(ny, nx)
-    for di, dj in ((1, 0), (0, 1)):
-        k, m = i + di, j + dj
-        ok = (k < ny) & (m < nx)
-        degree[ok] += 1
-        degree[k[ok], m[ok]] += 1
-        for a in (0, 1):
-            lr.append(((k * nx + m) * 2 + a)[ok])
-            lc.append(((i * nx + j) * 2 + a)[ok])
-            lv.append(-torch.ones(int(ok.sum())))
-    for a in (0, 1):
-        p = ((i * nx + j) * 2 + a).reshape(-1)
-        lr.append(p)
-        lc.append(p)
-        lv.append(degree.reshape(-1))
-    return (r[low], c[low], s[low]), (torch.cat(lr), torch.cat(lc), torch.cat(lv)), bandwidth, size
 
 
 def _membrane(coeff: torch.Tensor) -> torch.Tensor:
@@ -168,32 +229,95 @@ def _gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return p[:, 2:, 1:-1] - p[:, :-2, 1:-1], p[:, 1:-1, 2:] - p[:, 1:-1, :-2]
 
 
+def band_rows(ny: int, nx: int) -> int:
+    """Rows of the band :func:`_solve` factorises for a (ny, nx) control grid: the
+    unknowns run along the longer side, so the band spans the shorter one."""
+    return min(6 * min(ny, nx) + 8, 2 * ny * nx)
+
+
+def _band(hess: torch.Tensor, weight: float, damping: float) -> np.ndarray:
+    """The lower band, in LAPACK's storage (Fortran order, float64), of
+    ``H + weight L + damping I`` for curvature blocks ``hess`` (3, 7, 7, n0, n1) with
+    unknowns ``p = (i * n1 + j) * 2 + axis``.
+
+    Entry ``(p, q)``, ``p >= q``, goes to ``band[p - q, q]``. For a block (axes a, b) and a
+    grid offset (di, dj), ``q - p = 2 (di n1 + dj) + b - a`` is the same for every control
+    point, so each offset is one strided slice of a band row: no index arrays.
+    """
+    n0, n1 = hess.shape[-2:]
+    size = 2 * n0 * n1
+    rows = min(6 * n1 + 8, size)
+    out = np.zeros((rows, size), dtype=np.float64, order="F")
+    band = torch.from_numpy(out).view(rows, n0, n1, 2)
+
+    def put(d: int, di: int, dj: int, at_source: bool, axis: int, value: torch.Tensor) -> None:
+        if d >= rows:
+            return
+        i0, i1 = max(0, -di), n0 - max(0, di)
+        j0, j1 = max(0, -dj), n1 - max(0, dj)
+        if i1 <= i0 or j1 <= j0:
+            return
+        src = value[i0:i1, j0:j1]
+        if at_source:
+            band[d, i0:i1, j0:j1, axis] += src
+        else:
+            band[d, i0 + di : i1 + di, j0 + dj : j1 + dj, axis] += src
+
+    for blk, (a, b) in enumerate(((0, 0), (0, 1), (1, 1))):
+        for kd, di in enumerate(_OFFSETS):
+            for ke, dj in enumerate(_OFFSETS):
+                s = di * n1 + dj  # the target's grid position minus the source's
+                value = hess[blk, kd, ke]
+                if a == b:
+                    if s <= 0:  # the mirror entry (s > 0) is the upper triangle
+                        put(-2 * s, di, dj, False, b, value)
+                elif s < 0:  # source axis 0 below the target's axis 1
+                    put(-2 * s - 1, di, dj, False, b, value)
+                else:
+                    put(2 * s + 1, di, dj, True, a, value)
+    # the membrane: graph Laplacian of the 4-neighbour grid, on both axes
+    degree = torch.zeros(n0, n1, dtype=torch.float64)
+    degree[1:] += 1
+    degree[:-1] += 1
+    degree[:, 1:] += 1
+    degree[:, :-1] += 1
+    band[0] += (weight * degree + damping)[..., None]
+    if 2 * n1 < rows:
+        band[2 * n1, :-1] -= weight
+    if 2 < rows:
+        band[2, :, :-1] -= weight
+    return out
+
+
 def _solve(
     curvature: torch.Tensor, gradient: torch.Tensor, weight: float, damping: float, ny: int, nx: int
 ) -> torch.Tensor:
-    """Solve ``(H + weight L + damping I) delta = -g`` for the (2, ny, nx) step."""
-    (br, bc, bs), (lr, lc, lv), bw, size = _band_layout(ny, nx)
-    rhs = -gradient.permute(1, 2, 0).reshape(-1).double()
-    values = curvature.reshape(-1)[bs.to(curvature.device)].double()
-    if curvature.device.type == "cpu":
-        from scipy.linalg import solveh_banded
+    """Solve ``(H + weight L + damping I) delta = -g`` for the (2, ny, nx) step.
 
-        band = torch.zeros(bw + 1, size, dtype=torch.float64)
-        band.index_put_((br - bc, bc), values, accumulate=True)
-        band.index_put_((lr - lc, lc), weight * lv.double(), accumulate=True)
-        band[0] += damping
-        with _one_blas_thread():
-            step = solveh_banded(band.numpy(), rhs.numpy(), lower=True, check_finite=False)
-        delta = torch.from_numpy(step).float()
-    else:
-        dev = curvature.device
-        dense = torch.zeros(size, size, dtype=torch.float64, device=dev)
-        dense.index_put_((br.to(dev), bc.to(dev)), values, accumulate=True)
-        dense.index_put_((lr.to(dev), lc.to(dev)), weight * lv.double().to(dev), accumulate=True)
-        dense = torch.tril(dense) + torch.tril(dense, -1).T
-        dense.diagonal().add_(damping)
-        delta = torch.cholesky_solve(rhs[:, None], torch.linalg.cholesky(dense))[:, 0].float()
-    return delta.view(ny, nx, 2).permute(2, 0, 1).to(gradient.device)
+    On every device the (3, 7, 7, ny, nx) curvature blocks go to the host and LAPACK's
+    banded Cholesky (``pbsv``) solves the system: its band holds ``band_rows(ny, nx)``
+    x ``2 ny nx`` float64 values (the dense matrix a GPU solve would need holds
+    ``(2 ny nx)^2``: 29 GB at 2048 px with spacing 12). The unknowns run along the
+    grid's longer side, so the band spans the shorter one.
+    """
+    from scipy.linalg import solveh_banded
+
+    hess = curvature.detach().to("cpu", torch.float64)
+    grad = gradient.detach().to("cpu", torch.float64)
+    transposed = nx > ny
+    if transposed:  # order the unknowns column by column
+        hess, grad = hess.permute(0, 2, 1, 4, 3), grad.transpose(1, 2)
+    rhs = (-grad).permute(1, 2, 0).reshape(-1).numpy().copy()
+    band = _band(hess, weight, damping)
+    with _one_blas_thread():
+        step = solveh_banded(
+            band, rhs, lower=True, overwrite_ab=True, overwrite_b=True, check_finite=False
+        )
+    n0, n1 = hess.shape[-2:]
+    delta = torch.from_numpy(step).float().view(n0, n1, 2).permute(2, 0, 1)
+    if transposed:
+        delta = delta.transpose(1, 2)
+    return delta.contiguous().to(gradient.device)
 
 
 @lru_cache(maxsize=1)
@@ -320,8 +444,8 @@ def _register_one(
         # the spacing is in the level's pixels: coarse levels solve for fewer control points
         s = float(cfg.spacing) * f
         ny, nx = control_grid_size(h0, s), control_grid_size(w0, s)
-        by0, bx0 = bspline_basis(h0, s, ny, device=dev), bspline_basis(w0, s, nx, device=dev)
-        coeff = fixed.new_zeros(2, ny, nx) if field is None else fit_coefficients(field, by0, bx0)
+        by0, bx0 = _basis(h0, s, ny, device=dev), _basis(w0, s, nx, device=dev)
+        coeff = fixed.new_zeros(2, ny, nx) if field is None else _fit(field, by0, bx0)
         fl = F.avg_pool2d(fixed, f, ceil_mode=True) if f > 1 else fixed
         ml = F.avg_pool2d(moving, f, ceil_mode=True) if f > 1 else moving
         hl, wl = fl.shape[-2:]
@@ -329,10 +453,7 @@ def _register_one(
         if f == 1 and descriptors is not None:
             descriptors[:] = [blocks_f, blocks_m]
         fixed_grads = _gradients(desc_f) if cfg.symmetric else None
-        by = bspline_basis(hl, s, ny, f, device=dev)
-        bx = bspline_basis(wl, s, nx, f, device=dev)
-        pairs_y = _pair_products(by).transpose(1, 2)  # (7, ny, hl)
-        pairs_x = _pair_products(bx)  # (7, wl, nx)
+        by, bx = _basis(hl, s, ny, f, device=dev), _basis(wl, s, nx, f, device=dev)
         # data term: mean over channels and full-resolution pixels; the level's
         # displacement is the full-resolution one divided by f; gradients are central
         # differences (2 x the derivative), and with ``symmetric`` the sum of two
@@ -340,7 +461,7 @@ def _register_one(
         k = 0.25 if cfg.symmetric else 0.5
         weight = None
         for _ in range(n_steps):
-            u = evaluate_field(coeff, by, bx) / f
+            u = _evaluate(coeff, by, bx) / f
             warped = _warp_level(desc_m, u)
             residual = warped - desc_f
             gr, gc = _gradients(warped)
@@ -351,9 +472,9 @@ def _register_one(
             grad = torch.stack([(gr * residual).sum(0), (gc * residual).sum(0)])
             grad = grad * (norm * k / f)
             # control-point curvature blocks (3, 7, 7, ny, nx) and gradient (2, ny, nx)
-            t = torch.einsum("diy,byx->bdix", pairs_y, curv)
-            hess = torch.einsum("bdix,exj->bdeij", t, pairs_x)
-            g = torch.matmul(torch.matmul(by.T, grad), bx)
+            t = by.reduce_pairs(curv, 1).transpose(0, 1)  # (3, 7, ny, wl)
+            hess = bx.reduce_pairs(t, 3).permute(1, 2, 0, 3, 4)  # (3, 7, 7, ny, nx)
+            g = bx.reduce(by.reduce(grad, 1), 2)
             scale = max(float(hess[0, 3, 3].mean() + hess[2, 3, 3].mean()) / 2, 1e-12)
             if weight is None:  # relative to this grid's data curvature at its first step
                 weight = cfg.smoothness * scale
@@ -367,7 +488,7 @@ def _register_one(
             coeff = coeff + step
             if callback is not None:
                 callback()
-        field = evaluate_field(coeff, by0, bx0)
+        field = _evaluate(coeff, by0, bx0)
     if field is None:
         return fixed.new_zeros(2, h0, w0)
     return field

@@ -13,37 +13,73 @@ The coefficients below were fitted to the peak resident memory of single jobs, e
 a fresh process (``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the job minus the
 resident size from ``/proc/self/statm`` just before it, after a 64 px warm-up; torch's
 allocations are invisible to ``tracemalloc``), on CPU with one thread, torch 2.x, x86_64.
-Measured (MB of peak growth), with ``cp-labels`` = control points x K^2:
 
-* ``method="network"``, shipped model (K = 15, stride 4): 256 px 38, 512 px 176,
-  1024 px 541; K = 15 stride 2: 256 px 170, 512 px 461 -> about 30-48 bytes per
-  cp-label plus 30 bytes per pixel; estimated as 64 B/px + 48 B/cp-label.
-* K = 31, capture range 7 (non-integer label spacing: the ``grid_sample`` cost volume,
-  which holds ``C * K^2`` values per control point): 256 px 807, 512 px 3269 -> about
-  8.6 bytes per feature x cp-label; estimated as 9 B.
-* ``method="bspline"`` (no network): 256 px 38, 512 px 181, 1024 px 803 -> estimated
-  as 800 B/px. ``network+bspline`` 512 px 240, ``network+adam`` 512 px 184: estimated
-  as the network's plus the B-spline's.
-* One training forward/backward (batch 2): K = 15 stride 4 256 px 217, 512 px 842;
-  stride 2 256 px 607 -> 640 B/px + 80 B/cp-label; K = 31 at 128 px 724 -> 12 B per
-  feature x cp-label on the ``grid_sample`` path.
-* One adaptation iteration (``adapt``, batch 2, source and targets of the same size):
-  256 px 583, 384 px 1207, about 2.8x one training step of the same batch; estimated
-  as 3x.
+* ``method="network"``, shipped model (K = 15, stride 4): about 30-48 bytes per
+  cp-label (control points x K^2) plus 30 bytes per pixel; estimated as 64 B/px +
+  48 B/cp-label. K = 31, capture range 7 (the ``grid_sample`` cost volume, ``C * K^2``
+  values per control point): about 8.6 bytes per feature x cp-label; estimated as 9 B.
+  Every registration adds 16 MB (first-call buffers the warm-up does not cover).
+* ``method="bspline"``: a per-pixel term (images, MIND-SSC descriptors, the guard:
+  800 B/px, 96 more per MIND-SSC dilation beyond two) plus, on the finest level, the
+  band of the normal equations: ``16 (6 n + 8)`` bytes per control point, ``n`` the
+  control points along the grid's SHORTER side (the unknowns run along the longer one),
+  and 3200 B per control point for the curvature blocks
+  (:func:`bspline_band_bytes`). The band grows with the control points times the
+  shorter side's: ``BSplineConfig(spacing=2)`` at 512 px is a 1.7 GB band, at 1024 px
+  13 GB; a 16 x 65536 px image's band is 16 MB (38 rows).
+* ``network+bspline`` and ``network+adam``: the network's plus the second stage's.
+* One training forward/backward (batch 2): 640 B/px + 80 B/cp-label; 12 B per feature
+  x cp-label on the ``grid_sample`` path. One adaptation iteration (``adapt``, batch 2):
+  about 2.8x one training step of the same batch; estimated as 3x.
 
-The estimates are upper bounds, 1.1-1.7x the measured peak on these cases
-(``OMP_NUM_THREADS=1 python benchmarks/memory_calibration.py --quick``: e.g. network
-512 px 174 MB measured / 194 estimated, stride 2 483 / 725, K = 31 256 px 883 / 1043,
-bspline 512 px 168 / 210, adaptation 384 px 1121 / 1562); rerun that script on a new
-machine or torch release to re-check them.
+Measured / estimated MB (``OMP_NUM_THREADS=1 python benchmarks/memory_calibration.py``,
+2 shared cores; B-spline spacing 12 unless given):
+
+=====================================  ========  =========
+case                                   measured  estimated
+=====================================  ========  =========
+bspline 256 x 256                            45         72
+bspline 512 x 512                           161        242
+bspline 1024 x 1024                         737        949
+bspline 64 x 4096 / 4096 x 64          193 / 168  239 / 239
+bspline 128 x 2048 / 2048 x 128        161 / 172  237 / 237
+bspline 16 x 16384                          151        252
+bspline 256 x 256, spacing 4                 84        112
+bspline 512 x 512, spacing 4                424        499
+bspline 256 x 256, spacing 2                309        341
+bspline 128 x 2048, spacing 2               763        897
+network 256 / 512 / 1024 px            51 / 181 / 652  64 / 210 / 791
+network 64 x 4096 / 4096 x 64          156 / 185  210 / 210
+network stride 2, 256 / 512 px         160 / 484  197 / 741
+network K = 31, 256 px                      823       1059
+network+bspline 512 x 512                   247        436
+network+bspline 128 x 2048                  237        431
+adapt 256 / 384 px (batch 2)           479 / 1000  694 / 1562
+=====================================  ========  =========
+
+Before the band followed the shorter side and the bases were kept sparse, the B-spline
+stage grew with the longer side squared: 16 x 16384 px took 3.0 GB and 54 s (now
+0.15 GB and under 1 s), 262144 x 16 px asked for 22.9 GB at once (now 2.1 GB measured,
+estimated 3.8 GB), 16 x 65536 px needed a 14 GB band (now 16 MB; the whole job 0.63 GB,
+estimated 0.96 GB), and ``BSplineConfig(spacing=2)`` at 512 px peaked at 4.1 GB against
+an estimate of 0.21 GB (now 1.98 GB measured, 2.1 GB estimated).
+
+The estimates are upper bounds, 1.05-1.8x the measured peak on these cases; rerun the
+script on a new machine or torch release to re-check them. The bound they are compared
+with (:func:`memory_limit`) is the smallest of the setting, the machine's available
+memory, the address space left under ``RLIMIT_AS`` and the memory left under the
+process's cgroup limit; on a CUDA device the part of the job that lives there is also
+compared with the GPU's free memory (:func:`check_memory`).
 """
 
 from __future__ import annotations
 
+import os
+import resource
 from dataclasses import dataclass
 
-from .config import ENV_PREFIX, ModelConfig, limit_setting
-from .methods import Method, method_named
+from .config import ENV_PREFIX, BSplineConfig, ModelConfig, limit_setting
+from .methods import Method, Settings, method_named
 
 ENV_LIMIT = ENV_PREFIX + "MAX_MEMORY_GB"
 """Environment variable: the most memory (GB, 1e9 bytes) one job may need by the estimate."""
@@ -55,10 +91,13 @@ _INFER_PER_PIXEL = 64
 _INFER_PER_CP_LABEL = 48
 _INFER_PER_SAMPLED = 9  # grid_sample cost volume: per feature channel per cp-label
 _BSPLINE_PER_PIXEL = 800
+_BSPLINE_PER_DILATION = 96  # MIND-SSC blocks beyond the default two dilations, per pixel
+_BSPLINE_PER_CP = 3200  # curvature blocks (float32, then float64 on the host), per point
 _TRAIN_PER_PIXEL = 640
 _TRAIN_PER_CP_LABEL = 80
 _TRAIN_PER_SAMPLED = 12
 _ADAPT_FACTOR = 3
+_REGISTER_BASE = 16_000_000  # first-call buffers of a registration
 
 
 @dataclass(frozen=True)
@@ -67,6 +106,8 @@ class MemoryEstimate:
 
     bytes: int
     what: str
+    host_bytes: int = 0
+    """The part that lives in host memory whatever the device (the B-spline's band)."""
 
     @property
     def gb(self) -> float:
@@ -105,16 +146,55 @@ def network_bytes(config: ModelConfig, shape: tuple[int, int], batch: int = 1) -
     return int(pixels * _INFER_PER_PIXEL + cpl * _INFER_PER_CP_LABEL + sampled * _INFER_PER_SAMPLED)
 
 
+def bspline_band_bytes(shape: tuple[int, int], settings: BSplineConfig | None = None) -> int:
+    """Bytes of the largest band the B-spline stage factorises for an image of ``shape``:
+    ``16 x band_rows x control points`` (float64, both axes) on its finest grid (see
+    :func:`~napari_discreg.core.bspline._solve`: the band spans the grid's shorter side)."""
+    from .bspline import band_rows, control_grid_size, level_schedule
+
+    cfg = settings or BSplineConfig()
+    h, w = (int(n) for n in shape)
+    most = 0
+    for f, steps in level_schedule((h, w), cfg):
+        if steps:
+            s = float(cfg.spacing) * f
+            ny, nx = control_grid_size(h, s), control_grid_size(w, s)
+            most = max(most, ny * nx * (16 * band_rows(ny, nx) + _BSPLINE_PER_CP))
+    return most
+
+
+def bspline_bytes(shape: tuple[int, int], settings: BSplineConfig | None = None) -> int:
+    """Peak bytes of the B-spline stage (``register``'s images and guard included) for an
+    image of ``shape`` with ``settings``: a per-pixel term and the largest level's band
+    and curvature blocks (:func:`bspline_band_bytes`)."""
+    cfg = settings or BSplineConfig()
+    h, w = (int(n) for n in shape)
+    per_pixel = _BSPLINE_PER_PIXEL + _BSPLINE_PER_DILATION * max(0, len(cfg.dilations) - 2)
+    return h * w * per_pixel + bspline_band_bytes((h, w), cfg)
+
+
 def register_estimate(
-    config: ModelConfig, method: Method | str, shape: tuple[int, int]
+    config: ModelConfig,
+    method: Method | str,
+    shape: tuple[int, int],
+    settings: Settings = None,
 ) -> MemoryEstimate:
-    """What ``register(method=method)`` of one pair of ``shape`` needs at its peak."""
+    """What ``register(method=method)`` of one pair of ``shape`` needs at its peak;
+    ``settings``: the method's refinement settings (a :class:`BSplineConfig` changes the
+    B-spline stage's grid: its spacing and levels; default: the defaults)."""
     m = method_named(method) if isinstance(method, str) else method
     h, w = (int(n) for n in shape)
-    total = h * w * _BSPLINE_PER_PIXEL if (m.optimiser or not m.network) else 0
+    total = host = 0
+    if m.optimiser == "bspline":
+        cfg = settings if isinstance(settings, BSplineConfig) else None
+        total = bspline_bytes((h, w), cfg)
+        host = bspline_band_bytes((h, w), cfg)
+    elif m.optimiser or not m.network:
+        total = h * w * _BSPLINE_PER_PIXEL
     if m.network:
         total += network_bytes(config, shape)
-    return MemoryEstimate(total, f"registering {h} x {w} px with method {m.name!r}")
+    total += _REGISTER_BASE
+    return MemoryEstimate(total, f"registering {h} x {w} px with method {m.name!r}", host)
 
 
 def training_bytes(config: ModelConfig, shape: tuple[int, int], batch: int) -> int:
@@ -151,26 +231,139 @@ def available_bytes() -> int | None:
     return int(psutil.virtual_memory().available)
 
 
+_PROC_CGROUP = "/proc/self/cgroup"
+_CGROUP_MOUNT = "/sys/fs/cgroup"  # cgroup v2; v1's memory controller in its memory/
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for none
+
+
+def _inactive_file(path: str) -> int:
+    """Reclaimable page cache a cgroup's usage counts (``memory.stat``)."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                key, _, value = line.partition(" ")
+                if key in ("inactive_file", "total_inactive_file"):
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cgroup_bytes() -> int | None:
+    """Memory left under this process's cgroup limits: ``memory.max - memory.current``
+    (cgroup v2) or ``memory.limit_in_bytes - memory.usage_in_bytes`` (v1), reclaimable
+    page cache not counted as used, the smallest over the process's cgroup and its
+    parents; ``None`` without a limit."""
+    try:
+        with open(_PROC_CGROUP) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    best: int | None = None
+    for line in lines:
+        hid, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hid == "0" and not controllers:
+            root, files = _CGROUP_MOUNT, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            root = os.path.join(_CGROUP_MOUNT, "memory")
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p and p != ".."]
+        for k in range(len(parts), -1, -1):  # the cgroup, its parents, the mount's root
+            folder = os.path.join(root, *parts[:k])
+            limit = _read_int(os.path.join(folder, files[0]))
+            if limit is None or limit >= 1 << 60:  # none ("max", or v1's 2^63 - page)
+                continue
+            used = _read_int(os.path.join(folder, files[1])) or 0
+            used -= _inactive_file(os.path.join(folder, "memory.stat"))
+            left = max(0, limit - max(used, 0))
+            best = left if best is None else min(best, left)
+    return best
+
+
+def address_space_bytes() -> int | None:
+    """Address space this process may still map under ``RLIMIT_AS`` (``ulimit -v``): the
+    soft limit minus ``VmSize``; ``None`` without a limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    size = 0
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    size = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return max(0, soft - size)
+
+
 def memory_limit(limit_gb: float | None = None) -> tuple[int, str]:
     """(bytes, where the number comes from): ``limit_gb`` when given, else the environment
     variable :data:`ENV_LIMIT`, else :data:`DEFAULT_LIMIT_GB`; never more than the memory
-    the machine has available now."""
+    the machine has available now (:func:`available_bytes`), the address space left under
+    ``RLIMIT_AS`` (:func:`address_space_bytes`) or the memory left under the process's
+    cgroup limit (:func:`cgroup_bytes`): the smallest of these."""
     limit_gb, source = limit_setting(limit_gb, ENV_LIMIT, DEFAULT_LIMIT_GB, unit="GB")
-    limit = int(limit_gb * 1e9)
-    available = available_bytes()
-    if available is not None and available < limit:
-        return available, "the memory available on this machine now"
-    return limit, source
+    best = (int(limit_gb * 1e9), source)
+    for bound, where in (
+        (available_bytes(), "the memory available on this machine now"),
+        (
+            address_space_bytes(),
+            "the address space left under this process's RLIMIT_AS (ulimit -v)",
+        ),
+        (cgroup_bytes(), "the memory left under this process's cgroup limit"),
+    ):
+        if bound is not None and bound < best[0]:
+            best = (bound, where)
+    return best
+
+
+def gpu_free_bytes(device) -> int | None:
+    """Memory a CUDA ``device`` can still give torch (``torch.cuda.mem_get_info``'s free
+    memory plus what torch's caching allocator holds unused); ``None`` for another
+    device or when it cannot tell."""
+    try:
+        import torch
+
+        dev = torch.device(device)
+        if dev.type != "cuda" or not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info(dev)
+        cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    except (RuntimeError, AssertionError, ValueError, TypeError):
+        return None
+    return int(free) + max(0, int(cached))
 
 
 def check_memory(
-    estimate: MemoryEstimate, *, limit_gb: float | None = None, hint: str = ""
+    estimate: MemoryEstimate, *, limit_gb: float | None = None, hint: str = "", device=None
 ) -> MemoryEstimate:
-    """Raise ``ValueError`` when ``estimate`` exceeds :func:`memory_limit`; else return it."""
+    """Raise ``ValueError`` when ``estimate`` exceeds :func:`memory_limit`, or, on a CUDA
+    ``device``, when its part on the device (all but ``host_bytes``) exceeds the GPU's
+    free memory (:func:`gpu_free_bytes`); else return it."""
     limit, source = memory_limit(limit_gb)
+    hint = hint or "use smaller images"
     if estimate.bytes > limit:
         raise ValueError(
             f"{estimate.what} would need about {estimate.gb:.1f} GB of memory, more than "
-            f"{limit / 1e9:.1f} GB ({source}); {hint or 'use smaller images'}"
+            f"{limit / 1e9:.1f} GB ({source}); {hint}"
+        )
+    free = gpu_free_bytes(device) if device is not None else None
+    on_device = estimate.bytes - estimate.host_bytes
+    if free is not None and on_device > free:
+        raise ValueError(
+            f"{estimate.what} would need about {on_device / 1e9:.1f} GB of GPU memory, more "
+            f"than the {free / 1e9:.1f} GB free on {device} now; {hint} (or run on the CPU)"
         )
     return estimate

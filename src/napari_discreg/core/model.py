@@ -321,6 +321,7 @@ class DiscreteRegistrationNet(nn.Module):
             check_memory(
                 MemoryEstimate(need, f"a network {kind} over {b} pair(s) of {h} x {w} px"),
                 hint="use smaller images or batches, or a model with fewer labels or a larger stride",
+                device=fixed.device,
             )
 
     def _check(self, fixed: torch.Tensor, moving: torch.Tensor) -> None:

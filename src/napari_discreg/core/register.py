@@ -438,8 +438,9 @@ def register(
     m = check_image(to_gray(moving), "moving", min_size=min_size)
     h, w = f.shape
     check_memory(
-        register_estimate(cfg, chosen, (h, w)),
+        register_estimate(cfg, chosen, (h, w), settings),
         limit_gb=max_memory_gb,
+        device=dev,
         hint="downsample or crop the images (or raise the limit with max_memory_gb or "
         f"{ENV_LIMIT})",
     )
