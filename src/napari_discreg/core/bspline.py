@@ -26,7 +26,7 @@ Memory and time are linear in the pixels and in the control points: each pixel's
 is held as its 4 weights (:class:`_Basis`), never as a dense (pixels x control points)
 matrix, and the unknowns are ordered along the grid's longer side, so that the band of
 the normal equations spans ``6 x`` the SHORTER side's control points (a 16 x 65536 image
-has a band of 38 rows, not 49,000). The band's bytes, ``16 (6 n + 8)`` per control point
+has a band of 38 rows, not 32,800). The band's bytes, ``16 (6 n + 8)`` per control point
 with ``n`` the shorter side's control points, are what
 :func:`~napari_discreg.core.memory.bspline_bytes` estimates.
 """
