@@ -143,3 +143,17 @@ def test_the_template_cache_is_bounded(monkeypatch):
     assert data.load_template(16) is a  # reused
     data.load_template(24)
     assert list(data._TEMPLATES) == [24]  # over the budget: only the newest is kept
+
+
+def test_the_memory_limit_is_a_spec_field_of_every_run(tmp_path, capsys, monkeypatch):
+    """--max-memory-gb reaches the runs as their spec's max_memory_gb (no environment
+    variable set around the command): training is refused before its first step."""
+    from napari_discreg.cli import main
+
+    monkeypatch.delenv("NAPARI_DISCREG_MAX_MEMORY_GB", raising=False)
+    out = tmp_path / "m.safetensors"
+    argv = ["train", "-o", str(out), "--steps", "1", "--size", "48", "--max-memory-gb", "1e-6"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "training on 48 x 48 px pairs, batches of" in err and "the limit given" in err
+    assert not out.exists() and "NAPARI_DISCREG_MAX_MEMORY_GB" not in os.environ

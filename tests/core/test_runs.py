@@ -200,7 +200,7 @@ def test_close_keeps_the_best_weights_and_resume_continues(tmp_path, tiny_model)
     assert _same(_weights(result.model), saved.best_weights)  # the best weights are kept
     assert run.close() is result  # closing again changes nothing
 
-    with pytest.raises(ValueError, match="--discrepancy differs"):
+    with pytest.raises(ValueError, match="^discrepancy differs"):
         run_adaptation(AdaptationSpec(resume=state, discrepancy="l1"))
     resumed = run_adaptation(AdaptationSpec(resume=state))
     assert (resumed.start_step, resumed.total) == (3, 4)

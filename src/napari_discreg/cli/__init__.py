@@ -62,7 +62,6 @@ from ._common import (
     EXIT_USER_ERROR,
     PROG,
     _complain,
-    memory_option,
 )
 from .adapt import _add_adapt
 from .demo import _add_demo
@@ -150,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, written) -> int:
     try:
-        with memory_option(args):
-            return int(args.func(args))
+        return int(args.func(args))
     except (ValueError, OSError) as exc:
         if args.traceback:
             raise

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -50,7 +49,7 @@ EXIT_INTERRUPTED = 130
 
 def add_memory_option(p) -> None:
     """``--max-memory-gb``: the most memory one job may need by core.memory's estimate
-    (sets ``NAPARI_DISCREG_MAX_MEMORY_GB`` for the run; the available memory bounds it too)."""
+    (the spec's ``max_memory_gb``; the available memory bounds it too)."""
     from ..core.memory import DEFAULT_LIMIT_GB, ENV_LIMIT
 
     p.add_argument(
@@ -61,28 +60,6 @@ def add_memory_option(p) -> None:
         help=f"refuse a job whose estimated peak memory exceeds GB (default: ${ENV_LIMIT}, "
         f"else {DEFAULT_LIMIT_GB:g}; never more than the memory available)",
     )
-
-
-@contextmanager
-def memory_option(args):
-    """While the command runs, ``--max-memory-gb`` is the limit of every estimate
-    (``NAPARI_DISCREG_MAX_MEMORY_GB``); the environment is restored afterwards (``main`` may be
-    called more than once in a process)."""
-    from ..core.memory import ENV_LIMIT
-
-    value = getattr(args, "max_memory_gb", None)
-    if value is None:
-        yield
-        return
-    before = os.environ.get(ENV_LIMIT)
-    os.environ[ENV_LIMIT] = repr(float(value))
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ENV_LIMIT, None)
-        else:
-            os.environ[ENV_LIMIT] = before
 
 
 def _print(message: str, stream) -> None:

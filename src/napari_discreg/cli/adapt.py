@@ -203,6 +203,7 @@ def _adapt_spec(args, out: Path) -> AdaptationSpec:
         command=args.command_line,
         log=_say,
         warn=_warn,
+        max_memory_gb=args.max_memory_gb,
     )
 
 

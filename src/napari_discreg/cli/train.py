@@ -145,6 +145,7 @@ def _train_spec(args, out: Path, ctx: DistContext) -> TrainingSpec:
         "command": args.command_line,
         "log": _say,
         "warn": _warn,
+        "max_memory_gb": args.max_memory_gb,
     }
     if args.resume:
         return TrainingSpec(**common)

@@ -34,10 +34,11 @@ from ..core.distributed import (
     broadcast_module,
     max_weight_difference,
 )
-from ..core.memory import ENV_LIMIT, adaptation_estimate, check_memory
+from ..core.memory import adaptation_estimate, check_memory
 from ..core.model import DiscreteRegistrationNet
 from ..core.predict import identity_criterion, prepare_target
 from ..core.state import adaptation_record, load_adaptation_state, save_adaptation_state
+from ..core.threads import use_threads_for_load
 from ..core.train import StepRecord, source_batches
 from .base import (
     Messages,
@@ -45,6 +46,7 @@ from .base import (
     PathLike,
     Run,
     RunOptions,
+    SettingError,
     context_for,
     jsonable,
     load_base_model,
@@ -353,9 +355,9 @@ def _saved_settings(
     if saved is not None and "adaptation_state" in extra:
         info = adaptation_record(spec.resume, extra)  # a damaged state: "corrupt", one line
     if not isinstance(saved, dict) or "adaptation_state" not in extra:
-        raise ValueError(
+        raise SettingError(
             f"{spec.resume}: holds no adaptation run to resume; give the *.state.safetensors "
-            "file that `napari-discreg adapt --checkpoint-every N` writes"
+            "file that an adaptation run saves with {checkpoint_every}"
         )
     defaults = run_settings(AdaptationSpec())
     saved = {"method": "mcd", **saved}  # a run saved before self-training existed was MCD
@@ -367,18 +369,17 @@ def _saved_settings(
             settings[key] = given[key]  # may change (the data may have moved)
             continue
         if given[key] != defaults.get(key) and given_abs[key] != value:
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(
-                f"{flag} differs from the run saved in {spec.resume} ({value!r}); leave it out "
-                "when resuming"
+            raise SettingError(
+                f"{{{key}}} differs from the run saved in {spec.resume} ({value!r}); leave "
+                "it out when resuming"
             )
         settings[key] = value
     steps = int(saved.get("steps", 0)) if spec.steps is None else spec.steps
     done = int(info["step"])
     if steps < done:
-        raise ValueError(
-            f"{spec.resume} is at iteration {done}; --steps must be at least that (it counts "
-            "the iterations of the whole run)"
+        raise SettingError(
+            f"{spec.resume} is at iteration {done}; {{steps}} must be at least that (it "
+            "counts the iterations of the whole run)"
         )
     # the saved run's whole AdaptConfig (n, criterion, select_every, ...), so that a run
     # resumed after the defaults changed continues with the settings it started with
@@ -399,7 +400,7 @@ def resolve_adaptation(spec: AdaptationSpec) -> AdaptationSpec:
         try:
             return _resolved(spec, settings, steps, base)
         except (TypeError, ValueError, AttributeError) as exc:
-            if isinstance(exc, ValueError) and not isinstance(exc, _SettingError):
+            if isinstance(exc, ValueError) and not isinstance(exc, _BadSavedSetting):
                 raise  # e.g. a target folder that is gone: said as it is
             raise ValueError(
                 f"{spec.resume}: the adaptation state is corrupt (its settings: {exc})"
@@ -407,7 +408,7 @@ def resolve_adaptation(spec: AdaptationSpec) -> AdaptationSpec:
     return _resolved(spec, settings, steps, base)
 
 
-class _SettingError(ValueError):
+class _BadSavedSetting(ValueError):
     """A saved setting that does not make a config (raised by :func:`_resolved`)."""
 
 
@@ -415,7 +416,7 @@ def _resolved(
     spec: AdaptationSpec, settings: dict[str, Any], steps: int | None, base: AdaptConfig
 ) -> AdaptationSpec:
     if steps is not None and steps < 0:
-        raise ValueError(f"--steps must be >= 0, got {steps}")
+        raise SettingError(f"{{steps}} must be >= 0, got {steps}")
     steps = base.steps if steps is None else steps
     arrays = isinstance(spec.targets, ArrayTargets)
     if arrays:
@@ -443,7 +444,7 @@ def _resolved(
             target_pairs=s["target_pairs"],
         )
     except (TypeError, ValueError) as exc:
-        raise _SettingError(str(exc)) from exc
+        raise _BadSavedSetting(str(exc)) from exc
     return replace(
         spec,
         targets=targets,
@@ -490,6 +491,7 @@ def run_adaptation(spec: AdaptationSpec) -> Run[AdaptationProgress, AdaptationRe
         allow_mixed_shapes=spec.allow_mixed_shapes,
         ctx=ctx,
         say=say,
+        max_memory_gb=spec.max_memory_gb,
     )
     total_pairs = int(fixed.shape[0]) * (ctx.world_size if folder else 1)
     if ctx.distributed and not folder and fixed.shape[0] >= ctx.world_size:
@@ -540,9 +542,9 @@ def run_adaptation(spec: AdaptationSpec) -> Run[AdaptationProgress, AdaptationRe
             and (src.files[src.file_index[i]], int(src.slice_index[i])) not in held_s
         ]
         if not keep:
-            raise ValueError(
+            raise SettingError(
                 "every source slice belongs to the held-out target subjects; give more files "
-                "or --val-fraction 0"
+                "or {val_fraction} 0"
             )
         source = PairBatches(
             PairMaker(src, config=dcfg),
@@ -613,9 +615,10 @@ def _adapt(
     side = max(int(spec.data_config.size), *(int(n) for n in np.shape(fixed)[-2:]))
     check_memory(
         adaptation_estimate(model.config, (side, side), cfg.batch_size),
-        hint=f"use smaller images or a smaller batch (or raise the limit with {ENV_LIMIT} / "
-        "--max-memory-gb)",
+        limit_gb=spec.max_memory_gb,
+        hint="use smaller images or a smaller batch, or raise the memory limit",
     )
+    use_threads_for_load(spec.threads)
     # looked up here, not imported: napari_discreg.adapt_steps is the public name
     # (the command-line tests replace it)
     steps = napari_discreg.adapt_steps(

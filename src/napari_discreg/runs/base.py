@@ -105,7 +105,10 @@ class Run(Generator[P, None, R], Generic[P, R]):
 class RunOptions:
     """What a training and an adaptation run take alike (see their specs for the
     meaning of each field): the labelled source, how folders are read, the process
-    context, resumable states, the command line to record and where messages go."""
+    context, resumable states, the command line to record, where messages go, the
+    memory limit of the run's estimates (``max_memory_gb``; default
+    ``$NAPARI_DISCREG_MAX_MEMORY_GB``, else 8, never more than is available) and torch's
+    thread count (``threads``, :func:`~napari_discreg.core.threads.use_threads_for_load`)."""
 
     data_config: DataConfig = field(default_factory=DataConfig)
     folder_config: FolderConfig = field(default_factory=FolderConfig)
@@ -121,6 +124,8 @@ class RunOptions:
     command: str | None = None
     log: Say | None = None
     warn: Say | None = None
+    max_memory_gb: float | None = None
+    threads: str | int | None = None
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,7 @@ def load_targets(
     allow_mixed_shapes: bool,
     ctx: DistContext,
     say: Messages,
+    max_memory_gb: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str, dict[str, Any]]:
     """(fixed, moving, description, folder info) of checked ``targets`` (arrays, or
     :class:`TargetOptions` that :func:`check_target_options` accepted). The folder
@@ -276,10 +277,11 @@ def load_targets(
     if t.demo_target is not None:
         check_memory(
             template_estimate(size, t.demo_target),
+            limit_gb=max_memory_gb,
             hint="use fewer built-in pairs or a smaller size",
         )
         pairs = fixed_test_pairs(
-            load_template(size),
+            load_template(size, max_memory_gb=max_memory_gb),
             data_config,
             n=t.demo_target,
             fixed_contrast="t1",

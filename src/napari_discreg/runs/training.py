@@ -29,8 +29,10 @@ from ..core.distributed import (
     ddp_source_loss,
     max_weight_difference,
 )
+from ..core.memory import MemoryEstimate, check_memory, training_bytes
 from ..core.model import DiscreteRegistrationNet
 from ..core.state import load_training_state, save_training_state
+from ..core.threads import use_threads_for_load
 from ..core.train import StepRecord, template_batches
 from .base import (
     Messages,
@@ -253,6 +255,17 @@ def _train(
         "skip_bad": spec.skip_bad,
         "allow_mixed_shapes": spec.allow_mixed_shapes,
     }
+    # refuse a run that cannot fit before its first step, not in the middle of it
+    size = int(spec.data_config.size)
+    check_memory(
+        MemoryEstimate(
+            training_bytes(model.config, (size, size), tcfg.batch_size),
+            f"training on {size} x {size} px pairs, batches of {tcfg.batch_size}",
+        ),
+        limit_gb=spec.max_memory_gb,
+        hint="use a smaller size or a smaller batch, or raise the memory limit",
+    )
+    use_threads_for_load(spec.threads)
     completed, interrupted = start_step, False
     last: dict[str, float] = {}
     history: list[tuple[int, float]] = []
