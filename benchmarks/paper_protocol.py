@@ -102,6 +102,9 @@ class Schedule:
     generator_updates: int = 1  # n, step-C updates of G per iteration
     supervise: str = "both"  # "both": both heads supervised; "f1": only head 1 (the paper)
     logit_scale: float = 0.1
+    swd_projections: int = 128  # random directions of the SWD per iteration
+    # per-discrepancy lambda, overriding discrepancy_weight: (("swd", 1000.0), ...)
+    kind_weights: tuple = ()
 
 
 # --------------------------------------------------------------------------- patch pairs
@@ -368,8 +371,12 @@ def mcd(
     sched: Schedule,
     seed: int,
     iters: int | None = None,
+    probe=None,
+    probe_every: int = 0,
 ) -> tuple[PatchNet, list[dict]]:
-    """Maximum classifier discrepancy from a copy of ``base``; returns the last weights."""
+    """Maximum classifier discrepancy from a copy of ``base``; returns the last weights.
+    ``probe(net)`` (a score, e.g. validation accuracy) is logged every ``probe_every``
+    iterations when given; it draws no random number, so the run is unchanged."""
     kind = Discrepancy.parse(kind).value
     net = copy.deepcopy(base).train()
     torch.manual_seed(seed)
@@ -379,7 +386,8 @@ def mcd(
     opt_g = torch.optim.Adam(net.G.parameters(), lr=sched.mcd_lr)
     head_params = list(net.F1.parameters()) + list(net.F2.parameters())
     opt_f = torch.optim.Adam(head_params, lr=sched.mcd_lr)
-    lam, scale = sched.discrepancy_weight, sched.logit_scale
+    lam = dict(sched.kind_weights).get(kind, sched.discrepancy_weight)
+    scale = sched.logit_scale
     t_fixed, t_moving = target
     log = []
     for it in range(sched.mcd_iters if iters is None else iters):
@@ -387,7 +395,11 @@ def mcd(
         idx = torch.from_numpy(rng.integers(0, t_fixed.shape[0], size=sched.batch))
         tf, tm = t_fixed[idx], t_moving[idx]
         if kind in ("swd", "pemd16+"):  # fresh directions, the same in steps B and C
-            d = discrepancy_fn(kind, seed=int(torch.randint(2**31 - 1, (1,), generator=gen)))
+            seed_it = int(torch.randint(2**31 - 1, (1,), generator=gen))
+            if kind == "swd":
+                d = discrepancy_fn(kind, seed=seed_it, num_projections=sched.swd_projections)
+            else:
+                d = discrepancy_fn(kind, seed=seed_it)
         else:
             d = discrepancy_fn(kind)
         # A: G, F1, F2 on the source cross-entropy
@@ -429,6 +441,8 @@ def mcd(
                     "disc_c": values[2],
                 }
             )
+        if probe is not None and probe_every > 0 and (it + 1) % probe_every == 0:
+            log.append({"iteration": it + 1, "probe": float(probe(net))})
     return net.eval(), log
 
 
@@ -514,15 +528,32 @@ TUNE_VARIANTS: dict[str, dict] = {
     "mcd iters x1.5": {"mcd_iters": 1.5},  # multipliers of the base, see run_tuning
     "mcd iters x2": {"mcd_iters": 2},
     "head 1 only supervised": {"supervise": "f1"},
+    # issue 25 item 5: L1 and SWD are ~30x and ~800x smaller than p-EMD (16+) at lambda 1
+    "lambda 0": {"discrepancy_weight": 0.0},  # MCD steps without the discrepancy: control
+    "lambda 30": {"discrepancy_weight": 30.0},
+    "lambda 100": {"discrepancy_weight": 100.0},
+    "matched lambda": {"kind_weights": (("l1", 30.0), ("swd", 800.0))},
+    "matched lambda x0.3": {"kind_weights": (("l1", 10.0), ("swd", 250.0))},
+    "matched lambda x3": {"kind_weights": (("l1", 100.0), ("swd", 2500.0))},
+    "swd 1024 projections": {"swd_projections": 1024},
 }
 
 
 def run_tuning(
-    proto: Protocol, sched: Schedule, seeds, n_target: int, variants, kinds, say=print
+    proto: Protocol,
+    sched: Schedule,
+    seeds,
+    n_target: int,
+    variants,
+    kinds,
+    say=print,
+    curve_every: int = 0,
+    split: str = "val",
 ) -> list[dict]:
     """Every variant from the same source model per seed (one per ``supervise``
-    setting), scored on the validation pairs (T1 vs T2-like, slices [80, 96))."""
-    d = make_data(proto, n_target, split="val")
+    setting), scored on the validation pairs (T1 vs T2-like, slices [80, 96));
+    ``curve_every > 0`` also records the validation accuracy along each MCD run."""
+    d = make_data(proto, n_target, split=split)
     results = []
     bases: dict[tuple, PatchNet] = {}
     for name in variants:
@@ -538,8 +569,23 @@ def run_tuning(
             base = bases[key]
             record["val"].setdefault("source-only", []).append(accuracy(base, d.evaluation, s))
             for kind in kinds:
-                net, _ = mcd(base, kind, d.train, d.target, proto, s, seed)
+                net, log = mcd(
+                    base,
+                    kind,
+                    d.train,
+                    d.target,
+                    proto,
+                    s,
+                    seed,
+                    probe=lambda n, s=s: accuracy(n, d.evaluation, s),
+                    probe_every=curve_every,
+                )
                 record["val"].setdefault(ROW_NAMES[kind], []).append(accuracy(net, d.evaluation, s))
+                acc = record["val"][ROW_NAMES[kind]][-1]
+                say(f"  {name} seed {seed} {ROW_NAMES[kind]} {100 * acc:.1f} %")
+                curve = [(e["iteration"], e["probe"]) for e in log if "probe" in e]
+                if curve:
+                    record.setdefault("curves", {})[f"{ROW_NAMES[kind]} seed {seed}"] = curve
         say(
             f"tune {name}: "
             + ", ".join(f"{k} {100 * np.mean(v):.1f} %" for k, v in record["val"].items())
@@ -634,6 +680,8 @@ def markdown(blob: dict) -> str:
     ]
     rounds = blob.get("tuning") or []
     rounds = [rounds] if isinstance(rounds, dict) else rounds
+    # rounds scored on the test split (--tune --split test) are reported in the notes
+    rounds = [r for r in rounds if r.get("split", "val") == "val"]
     if rounds:
         p = rounds[0]["protocol"]
         lines += [
@@ -705,6 +753,23 @@ def markdown(blob: dict) -> str:
     return "\n".join(lines)
 
 
+NOTES = ("<!-- paper-protocol-notes:start -->", "<!-- paper-protocol-notes:end -->")
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written notes block inside the section (between the NOTES markers) of
+    ``path``, kept when the script rewrites the section; "" if there is none."""
+    text = path.read_text() if path.is_file() else ""
+    if NOTES[0] not in text or NOTES[1] not in text:
+        return ""
+    return text[text.index(NOTES[0]) : text.index(NOTES[1]) + len(NOTES[1])]
+
+
+def write_section(path: Path, text: str) -> None:
+    notes = kept_notes(path)
+    update_section(path, SECTION, text + ("\n\n" + notes if notes else ""))
+
+
 def main(argv=None) -> int:
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser(
@@ -724,6 +789,19 @@ def main(argv=None) -> int:
         "--variants", nargs="+", default=list(TUNE_VARIANTS), choices=list(TUNE_VARIANTS)
     )
     ap.add_argument("--tune-kinds", nargs="+", default=["swd", "pemd16+"], choices=list(KINDS))
+    ap.add_argument(
+        "--split",
+        choices=["val", "test"],
+        default="val",
+        help="--tune: score the variants on this split ('test' only to confirm a setting "
+        "chosen on 'val'; such rounds are left out of the tuning tables)",
+    )
+    ap.add_argument(
+        "--curve-every",
+        type=int,
+        default=0,
+        help="--tune: also log the validation accuracy every this many MCD iterations",
+    )
     ap.add_argument(
         "--markdown-only",
         action="store_true",
@@ -761,10 +839,19 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.markdown_only:
         rows = {name: row["per_seed"] for name, row in old["rows"].items()}
-        update_section(out / "benchmarks.md", SECTION, markdown({**old, "rows": rows}))
+        write_section(out / "benchmarks.md", markdown({**old, "rows": rows}))
         return 0
     if args.tune:
-        results = run_tuning(proto, sched, args.seeds, n_target, args.variants, args.tune_kinds)
+        results = run_tuning(
+            proto,
+            sched,
+            args.seeds,
+            n_target,
+            args.variants,
+            args.tune_kinds,
+            curve_every=args.curve_every,
+            split=args.split,
+        )
         rounds = old.get("tuning", [])
         rounds = [rounds] if isinstance(rounds, dict) else list(rounds)
         rounds.append(
@@ -773,6 +860,7 @@ def main(argv=None) -> int:
                 "protocol": asdict(proto),
                 "schedule": asdict(sched),
                 "results": results,
+                "split": args.split,
                 "wall_seconds": time.perf_counter() - t0,
             }
         )
@@ -811,7 +899,7 @@ def main(argv=None) -> int:
         blob["tuning"] = old["tuning"]
     json_path.write_text(json.dumps(blob, indent=1))
     md_blob = {**blob, "rows": rows}
-    update_section(out / "benchmarks.md", SECTION, markdown(md_blob))
+    write_section(out / "benchmarks.md", markdown(md_blob))
     print(f"wrote {json_path} and {out / 'benchmarks.md'} in {blob['meta']['wall_seconds']:.0f} s")
     return 0
 
