@@ -2,7 +2,7 @@
 
 Both register ``moving`` to ``fixed`` with a multi-resolution cubic B-spline
 transform driven by Mattes mutual information and return a dense displacement
-``(2, H, W)`` float32 in the convention of :mod:`napari_discreg.core.warp`::
+``(2, H, W)`` float32 in the convention of :mod:`napari_discreg.core.registration.warp`::
 
     warped(r, c) = moving(r + u[0, r, c], c + u[1, r, c])
 
@@ -36,7 +36,7 @@ end-point error over the brain mask, identity 1.76 px):
 * elastix: 20 px final grid, 3 levels, 250 iterations, 2048 samples, no affine
   stage: 0.30 px (16 px grid 0.33, 8 px grid 0.49; an affine stage first 0.31),
   about 1-2 s per pair on 2 busy cores. 20 px is the control-point spacing of
-  :func:`napari_discreg.core.data.random_field` at the default smoothness, so this
+  :func:`napari_discreg.core.data.template.random_field` at the default smoothness, so this
   peer is tuned in its favour.
 * SimpleITK: mesh 8 (16 px at 128 px), 2 levels, L-BFGS-B 50 iterations, every
   pixel sampled: 0.36 px (30 % random sampling 0.41, 3 levels 0.45, mesh 16 0.75),

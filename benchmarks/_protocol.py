@@ -28,21 +28,21 @@ import _peers as peers_mod
 import numpy as np
 import torch
 
-from napari_discreg.core import data as data_mod
-from napari_discreg.core.adapt import adapt_steps
-from napari_discreg.core.checkpoint import load_model
 from napari_discreg.core.config import AdaptConfig, DataConfig, RefineConfig, TrainConfig
-from napari_discreg.core.discrepancy import DISPLAY_NAMES
-from napari_discreg.core.evaluate import (
+from napari_discreg.core.data import template as data_mod
+from napari_discreg.core.files.checkpoint import load_model
+from napari_discreg.core.files.imagefiles import replace_atomically
+from napari_discreg.core.learning.adapt import adapt_steps
+from napari_discreg.core.learning.discrepancy import DISPLAY_NAMES
+from napari_discreg.core.learning.evaluate import (
     METRICS,
     evaluate_model,
     identity_metrics,
     pair_metrics,
     summarise,
 )
-from napari_discreg.core.io import replace_atomically
-from napari_discreg.core.model import DiscreteRegistrationNet, clone_model
-from napari_discreg.core.train import StepRecord, train_steps
+from napari_discreg.core.learning.model import DiscreteRegistrationNet, clone_model
+from napari_discreg.core.learning.train import StepRecord, train_steps
 
 ROW_NAMES = {kind.value: name for kind, name in DISPLAY_NAMES.items()}
 

@@ -27,8 +27,8 @@ from _protocol import (
 from tqdm import tqdm
 
 from napari_discreg.cli._common import SHIPPED_NAMES, _warn
-from napari_discreg.core.discrepancy import Discrepancy
-from napari_discreg.core.io import replace_atomically
+from napari_discreg.core.files.imagefiles import replace_atomically
+from napari_discreg.core.learning.discrepancy import Discrepancy
 
 
 def parser() -> argparse.ArgumentParser:

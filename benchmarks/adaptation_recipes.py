@@ -19,7 +19,7 @@ Variant kinds:
   parameters adapt (``params``: all / G / heads / last) and the rate can follow a schedule.
 * ``selftrain``: cyclical self-training (Bigalke, Hansen & Heinrich, MICCAI 2023):
   per cycle, predict the 8 target fields with the current model, refine them by
-  MIND-SSC instance optimisation (``core.refine.refine_field``), turn the refined
+  MIND-SSC instance optimisation (``core.registration.refine.refine_field``), turn the refined
   control-point displacements into (soft or hard) K x K labels and train the
   network on them with cross-entropy (optionally plus the source CE, the MCD
   discrepancy as an agreement term, or a MIND-SSC similarity of the soft-argmax field).
@@ -49,19 +49,27 @@ import torch
 import torch.nn.functional as F
 from _protocol import adaptation_pairs
 
-from napari_discreg.core import data
-from napari_discreg.core.adapt import adapt_steps
-from napari_discreg.core.checkpoint import load_model
 from napari_discreg.core.config import AdaptConfig, DataConfig, RefineConfig, TrainConfig
-from napari_discreg.core.discrepancy import discrepancy_fn
-from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise
-from napari_discreg.core.labels import expected_displacement, quantise, soft_labels
-from napari_discreg.core.mind import mind_ssc
-from napari_discreg.core.model import clone_model, correlation_volume, probabilities
-from napari_discreg.core.predict import predict_field, prepare_target, selection_criterion
-from napari_discreg.core.refine import refine_field
-from napari_discreg.core.train import control_point_weights, source_batches, source_cross_entropy
-from napari_discreg.core.warp import control_point_field, upsample_field, warp
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files.checkpoint import load_model
+from napari_discreg.core.learning.adapt import adapt_steps
+from napari_discreg.core.learning.discrepancy import discrepancy_fn
+from napari_discreg.core.learning.evaluate import evaluate_model, identity_metrics, summarise
+from napari_discreg.core.learning.model import clone_model, correlation_volume, probabilities
+from napari_discreg.core.learning.train import (
+    control_point_weights,
+    source_batches,
+    source_cross_entropy,
+)
+from napari_discreg.core.registration.label_grid import expected_displacement, quantise, soft_labels
+from napari_discreg.core.registration.mind import mind_ssc
+from napari_discreg.core.registration.predict import (
+    predict_field,
+    prepare_target,
+    selection_criterion,
+)
+from napari_discreg.core.registration.refine import refine_field
+from napari_discreg.core.registration.warp import control_point_field, upsample_field, warp
 
 DEFAULT_OUT = Path("/tmp/dev/adapt_sweep/results.json")
 

@@ -40,7 +40,7 @@ while time.time() < end:
 TIMED = """
 import sys, time, numpy as np, torch
 import napari_discreg as nd
-from napari_discreg.core import data
+from napari_discreg.core.data import template as data
 from napari_discreg.core.config import AdaptConfig, DataConfig
 from napari_discreg.core.threads import use_threads_for_load
 setting, repeats = sys.argv[1], int(sys.argv[2])

@@ -87,8 +87,8 @@ from skimage.color import rgb2gray
 from threadpoolctl import threadpool_limits
 
 import napari_discreg as nd
-from napari_discreg.core import data
 from napari_discreg.core.config import DataConfig
+from napari_discreg.core.data import template as data
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the sibling module, also when this file is loaded by path

@@ -59,9 +59,10 @@ def one(job: str, shape: list[int], k: int, q: float, s: int, spacing: float) ->
     from scipy.ndimage import gaussian_filter
 
     import napari_discreg as nd
-    from napari_discreg.core import data, memory
+    from napari_discreg.core import memory
     from napari_discreg.core.config import AdaptConfig, BSplineConfig, DataConfig, ModelConfig
-    from napari_discreg.core.model import DiscreteRegistrationNet
+    from napari_discreg.core.data import template as data
+    from napari_discreg.core.learning.model import DiscreteRegistrationNet
 
     torch.set_num_threads(1)
     cfg = ModelConfig(num_labels=k, capture_range=q, stride=s)

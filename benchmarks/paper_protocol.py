@@ -12,7 +12,7 @@ CNN classifies the pair into these 25 classes. Source: T1 vs T1 patch pairs with
 target: T1 vs T2-like pairs, unlabelled for adaptation. Rows: no registration (the share
 of test pairs in the zero class), source-only, and maximum classifier discrepancy (Saito
 et al. 2018) with the L1, SWD, p-EMD (marginals) and p-EMD (16+) discrepancies of
-:mod:`napari_discreg.core.discrepancy`, all from the same source weights per seed.
+:mod:`napari_discreg.core.learning.discrepancy`, all from the same source weights per seed.
 
 Splits of the template's axial slices: source pairs and unlabelled target pairs from
 slices [30, 80), validation pairs (``--tune`` only) from [80, 96), test pairs from the
@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from _protocol import update_section
 from torch import nn
 
-from napari_discreg.core import data
 from napari_discreg.core.config import DataConfig
-from napari_discreg.core.discrepancy import Discrepancy, discrepancy_fn
+from napari_discreg.core.data import template as data
+from napari_discreg.core.learning.discrepancy import Discrepancy, discrepancy_fn
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SECTION = "paper-protocol"
@@ -153,7 +153,7 @@ def build_bank(
     config: DataConfig,
 ) -> SliceBank:
     """Render every slice of ``[lo, hi)`` ``renders`` times in each contrast with
-    :func:`napari_discreg.core.data.synthesize_contrast` (its own bias field and noise
+    :func:`napari_discreg.core.data.template.synthesize_contrast` (its own bias field and noise
     each time), each rendering warped by its own smooth random field of at most ``warp``
     px (none for ``warp = 0``)."""
     idx = np.arange(*slices)
@@ -643,7 +643,7 @@ def markdown(blob: dict) -> str:
         f"the source CE), B (G frozen: source CE - lambda d on the target), C (heads frozen: G "
         f"minimises lambda d, n = {sched['generator_updates']} updates); lambda = "
         f"{sched['discrepancy_weight']}, Adam lr {sched['mcd_lr']}, batches of {sched['batch']} "
-        "source and target pairs; d from `napari_discreg.core.discrepancy` on the (N, 5, 5) "
+        "source and target pairs; d from `napari_discreg.core.learning.discrepancy` on the (N, 5, 5) "
         "histograms; SWD and p-EMD (16+) draw fresh directions each iteration, the same in "
         "steps B and C. Model selection: none; the weights after the last iteration are "
         "evaluated (no test label is used for any choice).",

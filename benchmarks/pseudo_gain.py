@@ -6,7 +6,7 @@ Self-training learns the model's fields refined by MIND-SSC instance optimisatio
 the refinement barely improves them, the model already does what it would learn, and the
 refined fields can be further from the truth than the model (the shipped ``default``
 model: 0.43 -> 0.51 px after self-training, ``benchmarks/adaptation_recipes.py --model
-default``). ``core.self_train.pseudo_labels`` measures this gain, ``1 - d(refined) /
+default``). ``core.learning.self_train.pseudo_labels`` measures this gain, ``1 - d(refined) /
 d(model)`` with ``d`` the MIND-SSC distance of fixed and warped moving over the
 foreground, and ``AdaptConfig.min_pseudo_gain`` is the gate. This script measures the
 gain for both shipped models on the template's target pairs (as the adaptation benchmark
@@ -25,10 +25,10 @@ import torch
 from _protocol import adaptation_pairs, update_section
 
 import napari_discreg as nd
-from napari_discreg.core import data
 from napari_discreg.core.config import AdaptConfig, DataConfig
-from napari_discreg.core.predict import prepare_target
-from napari_discreg.core.self_train import pseudo_labels, registered_pair_tiles
+from napari_discreg.core.data import template as data
+from napari_discreg.core.learning.self_train import pseudo_labels, registered_pair_tiles
+from napari_discreg.core.registration.predict import prepare_target
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _landmark_data import PAIRS, default_data_dir, load_pairs  # noqa: E402
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         "",
         f"Written by `{shlex.join(['python', 'benchmarks/pseudo_gain.py', *words])}`. Gain: "
         "`1 - d(refined) / d(model)`, `d` the MIND-SSC distance of fixed and warped moving "
-        "over the foreground, averaged over the pairs (`core.self_train.pseudo_labels`). "
+        "over the foreground, averaged over the pairs (`core.learning.self_train.pseudo_labels`). "
         f"Self-training runs when the gain is at least {gate:.2f} "
         "(`AdaptConfig.min_pseudo_gain`); below it the model is kept as it is.",
         "",

@@ -8,7 +8,7 @@ working size and landmarks): register with the default pipeline (affine pre-alig
 then the shipped ``default`` network) and measure the median TRE; adapt a copy of the
 network on that pair alone, as the Adaptation widget's "this pair" does (the fixed image
 and the pre-aligned moving image cut into overlapping 192 px tiles,
-:func:`~napari_discreg.core.self_train.registered_pair_tiles`; a quarter of the tiles
+:func:`~napari_discreg.core.learning.self_train.registered_pair_tiles`; a quarter of the tiles
 held out for the keep-best criterion; no landmark is used); register again with the
 adapted network and measure again. Both the default adaptation (self-training) and the
 paper's MCD-pEMD are run. Writes the "real-pair-adaptation" section of
@@ -30,8 +30,8 @@ from _protocol import update_section
 
 import napari_discreg as nd
 from napari_discreg.core.config import AdaptConfig
-from napari_discreg.core.model import clone_model
-from napari_discreg.core.self_train import registered_pair_tiles
+from napari_discreg.core.learning.model import clone_model
+from napari_discreg.core.learning.self_train import registered_pair_tiles
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _landmark_data import PAIRS, default_data_dir, field_mapping, load_pairs, pair_metrics  # noqa: E402

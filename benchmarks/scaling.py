@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_discreg.core import data, io
-from napari_discreg.core.checkpoint import checkpoint_info
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files import imagefiles
+from napari_discreg.core.files.checkpoint import checkpoint_info
 
 
 def make_scans(folder: Path, size: int) -> Path:
@@ -42,7 +43,7 @@ def make_scans(folder: Path, size: int) -> Path:
     out.mkdir(parents=True)
     for s, lo in enumerate((35, 50, 65, 80)):
         volume = np.asarray(template.t1[lo : lo + 30]).transpose(1, 2, 0) * 1000.0
-        io.write_image(out / f"subject{s}.nii.gz", volume.astype(np.float32))
+        imagefiles.write_image(out / f"subject{s}.nii.gz", volume.astype(np.float32))
     return out
 
 

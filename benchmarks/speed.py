@@ -26,10 +26,11 @@ import torch
 from _protocol import update_section
 
 import napari_discreg as nd
-from napari_discreg.core import data, peers
+from napari_discreg.core import peers
 from napari_discreg.core.config import AdaptConfig, BSplineConfig, DataConfig
-from napari_discreg.core.metrics import end_point_error
-from napari_discreg.core.warp import jacobian_determinant
+from napari_discreg.core.data import template as data
+from napari_discreg.core.registration.metrics import end_point_error
+from napari_discreg.core.registration.warp import jacobian_determinant
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -27,10 +27,10 @@ import torch
 from _protocol import adaptation_pairs, update_section
 
 import napari_discreg as nd
-from napari_discreg.core import data
 from napari_discreg.core.config import SELECTION_CRITERIA, AdaptConfig, DataConfig
-from napari_discreg.core.evaluate import evaluate_model, summarise
-from napari_discreg.core.predict import prepare_target, selection_scores
+from napari_discreg.core.data import template as data
+from napari_discreg.core.learning.evaluate import evaluate_model, summarise
+from napari_discreg.core.registration.predict import prepare_target, selection_scores
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -3,7 +3,7 @@
     python benchmarks/transfer.py            # 4 pairs per kind
     python benchmarks/transfer.py --quick    # 1 pair per kind
 
-Pairs, each with a known smooth field (``core.data.random_field``, largest magnitude
+Pairs, each with a known smooth field (``core.data.template.random_field``, largest magnitude
 2.5-5 px, the training distribution's): the README's sample pair (T1 vs T2-like, the
 napari sample), held-out template pairs T1 vs T2-like and T1 vs PD-like at 192 x 192,
 and three stain pairs from scikit-image's immunohistochemistry image (not a brain,
@@ -29,10 +29,10 @@ from skimage import data as skdata
 
 import napari_discreg as nd
 from napari_discreg._sample_data import multimodal_pair
-from napari_discreg.core import data
-from napari_discreg.core.checkpoint import shipped_model_path
 from napari_discreg.core.config import SHIPPED_MODELS, DataConfig
-from napari_discreg.core.metrics import end_point_error
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files.checkpoint import shipped_model_path
+from napari_discreg.core.registration.metrics import end_point_error
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SIZE = 192

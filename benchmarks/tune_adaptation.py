@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from _protocol import adaptation_pairs, timed_adaptation, update_section
 
-from napari_discreg.core import data
-from napari_discreg.core.checkpoint import load_model
 from napari_discreg.core.config import AdaptConfig, DataConfig
-from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files.checkpoint import load_model
+from napari_discreg.core.learning.evaluate import evaluate_model, identity_metrics, summarise
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from _protocol import update_section
 
-from napari_discreg.core.bspline import bspline_refine
 from napari_discreg.core.config import BSplineConfig
-from napari_discreg.core.metrics import end_point_error
-from napari_discreg.core.preprocess import network_input
+from napari_discreg.core.registration.bspline import bspline_refine
+from napari_discreg.core.registration.metrics import end_point_error
+from napari_discreg.core.registration.preprocess import network_input
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 KINDS = [(s, c) for s in (128, 192, 256) for c in ("t2", "pd")]
@@ -44,7 +44,7 @@ def _validation_pairs(n: int, size: int, contrast: str):
 
 def score(pairs, config: BSplineConfig) -> tuple[float, float, float]:
     """(mean EPE, median seconds per pair, mean folded share) of ``config`` on ``pairs``."""
-    from napari_discreg.core.warp import jacobian_determinant
+    from napari_discreg.core.registration.warp import jacobian_determinant
 
     def run(p):
         f, m = network_input(p.fixed, 1), network_input(p.moving, 1)
@@ -94,8 +94,8 @@ def grid(quick: bool) -> list[BSplineConfig]:
 
 def capture_range(n: int, quick: bool) -> list[tuple[float, float, float, float]]:
     """(max displacement, identity EPE, EPE with 3 levels, with 2 levels) at 128 px."""
-    from napari_discreg.core import data
     from napari_discreg.core.config import DataConfig
+    from napari_discreg.core.data import template as data
 
     out = []
     for md in (6.0,) if quick else (6.0, 12.0, 18.0):

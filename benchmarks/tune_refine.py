@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from _protocol import update_section
 
-from napari_discreg.core import data
 from napari_discreg.core.config import DataConfig, RefineConfig
-from napari_discreg.core.metrics import end_point_error
-from napari_discreg.core.preprocess import network_input
-from napari_discreg.core.refine import refine_field
+from napari_discreg.core.data import template as data
+from napari_discreg.core.registration.metrics import end_point_error
+from napari_discreg.core.registration.preprocess import network_input
+from napari_discreg.core.registration.refine import refine_field
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

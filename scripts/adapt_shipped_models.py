@@ -27,16 +27,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from napari_discreg.core import data
-from napari_discreg.core.adapt import adapt_steps
+from napari_discreg.core.data import template as data
+from napari_discreg.core.learning.adapt import adapt_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _protocol import adaptation_pairs, update_section
 
-from napari_discreg.core.checkpoint import load_model, save_checkpoint, shipped_model_path
 from napari_discreg.core.config import SHIPPED_MODELS, AdaptConfig, DataConfig
-from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise
-from napari_discreg.core.model import clone_model
+from napari_discreg.core.files.checkpoint import load_model, save_checkpoint, shipped_model_path
+from napari_discreg.core.learning.evaluate import evaluate_model, identity_metrics, summarise
+from napari_discreg.core.learning.model import clone_model
 
 WEIGHTS = shipped_model_path("default").parent
 

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from napari_discreg.core import data
+from napari_discreg.core.data import template as data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _protocol import update_section
 
-from napari_discreg.core.checkpoint import DEFAULT_WEIGHTS, save_checkpoint
 from napari_discreg.core.config import DataConfig, ModelConfig, TrainConfig
-from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise
-from napari_discreg.core.model import DiscreteRegistrationNet
-from napari_discreg.core.train import train_steps
+from napari_discreg.core.files.checkpoint import DEFAULT_WEIGHTS, save_checkpoint
+from napari_discreg.core.learning.evaluate import evaluate_model, identity_metrics, summarise
+from napari_discreg.core.learning.model import DiscreteRegistrationNet
+from napari_discreg.core.learning.train import train_steps
 
 HEADER = "# The shipped pretrained models\n"
 OUT = Path(__file__).resolve().parents[1] / "src" / "napari_discreg" / "weights"

@@ -40,8 +40,8 @@ def test_ruff_passes():
 
 def test_core_imports_without_qt_or_napari():
     code = (
-        "import sys, napari_discreg, napari_discreg.core.train, napari_discreg.core.register, "
-        "napari_discreg.core.evaluate, napari_discreg.cli\n"
+        "import sys, napari_discreg, napari_discreg.core.learning.train, napari_discreg.core.registration.register, "
+        "napari_discreg.core.learning.evaluate, napari_discreg.cli\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'magicgui', 'vispy'))\n"
         "assert not bad, bad\n"
@@ -75,7 +75,7 @@ def test_the_package_import_is_light():
         "import sys, napari_discreg as nd; "
         "assert 'torch' not in sys.modules and 'scipy' not in sys.modules, 'heavy import'; "
         "assert callable(nd.register) and 'torch' in sys.modules; "
-        "assert nd.core.register.DEFAULT_METHOD == nd.DEFAULT_METHOD; "
+        "assert nd.core.registration.register.DEFAULT_METHOD == nd.DEFAULT_METHOD; "
         "assert set(nd.__all__) == set(nd._LAZY) and set(nd.__all__) <= set(dir(nd))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

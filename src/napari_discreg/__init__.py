@@ -25,16 +25,16 @@ except PackageNotFoundError:  # pragma: no cover - a source tree that is not ins
 # (napari's plugin discovery, the CLI's --help) does not import torch
 _LAZY: dict[str, tuple[str, str]] = {
     "BSplineConfig": (".core.config", "BSplineConfig"),
-    "DEFAULT_METHOD": (".core.methods", "DEFAULT_METHOD"),
-    "METHODS": (".core.methods", "METHODS"),
+    "DEFAULT_METHOD": (".core.registration.methods", "DEFAULT_METHOD"),
+    "METHODS": (".core.registration.methods", "METHODS"),
     "RefineConfig": (".core.config", "RefineConfig"),
-    "RegistrationResult": (".core.register", "RegistrationResult"),
-    "StepRecord": (".core.train", "StepRecord"),
-    "adapt": (".core.adapt", "adapt"),
-    "adapt_steps": (".core.adapt", "adapt_steps"),
-    "load_model": (".core.checkpoint", "load_model"),
-    "register": (".core.register", "register"),
-    "save_model": (".core.checkpoint", "save_checkpoint"),
+    "RegistrationResult": (".core.registration.register", "RegistrationResult"),
+    "StepRecord": (".core.learning.train", "StepRecord"),
+    "adapt": (".core.learning.adapt", "adapt"),
+    "adapt_steps": (".core.learning.adapt", "adapt_steps"),
+    "load_model": (".core.files.checkpoint", "load_model"),
+    "register": (".core.registration.register", "register"),
+    "save_model": (".core.files.checkpoint", "save_checkpoint"),
 }
 _SUBPACKAGES = ("core", "runs", "cli")
 
@@ -53,13 +53,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - what static tools see
-    from .core.adapt import adapt, adapt_steps
-    from .core.checkpoint import load_model
-    from .core.checkpoint import save_checkpoint as save_model
     from .core.config import BSplineConfig, RefineConfig
-    from .core.methods import DEFAULT_METHOD, METHODS
-    from .core.register import RegistrationResult, register
-    from .core.train import StepRecord
+    from .core.files.checkpoint import load_model
+    from .core.files.checkpoint import save_checkpoint as save_model
+    from .core.learning.adapt import adapt, adapt_steps
+    from .core.learning.train import StepRecord
+    from .core.registration.methods import DEFAULT_METHOD, METHODS
+    from .core.registration.register import RegistrationResult, register
 
 
 def __getattr__(name: str) -> Any:

@@ -54,7 +54,7 @@ def _tiff_meta(path: str) -> dict[str, Any] | None:
 
 def is_field_file(path: str) -> bool:
     """True when ``path`` declares itself a displacement field (never raises)."""
-    from .core.itk_field import is_itk_field
+    from .core.files.itk_field import is_itk_field
 
     ext = _extension(path)
     if ext in _ITK:
@@ -81,7 +81,7 @@ def _geometry(path: str, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...
     array order: napari's ``scale``, ``translate`` and ``rotate``."""
     ext = _extension(path)
     if ext in _ITK:
-        from .core.itk_field import itk_geometry
+        from .core.files.itk_field import itk_geometry
 
         g = itk_geometry(path, ext)
         return g.spacing, g.origin, None if g.axis_aligned else np.asarray(g.direction)
@@ -115,7 +115,7 @@ def field_arrows(field: np.ndarray, step: int) -> np.ndarray:
 def read_field_layers(path: str | list[str]) -> list[tuple]:
     """The layers of a field file: its magnitude (pixels) and its arrows, placed on the
     field's grid; the arrows layer carries the dense field (to save it again)."""
-    from .core.io import load_field
+    from .core.files.imagefiles import load_field
 
     p = os.fspath(path[0] if isinstance(path, list) else path)
     field = load_field(p)
@@ -167,7 +167,7 @@ def write_field_layer(path: str, data: Any, meta: dict) -> list[str]:
     Raises :class:`ValueError` for a Vectors layer without one (napari shows it): its
     arrows alone are a sample of the field, not the field.
     """
-    from .core.io import save_field
+    from .core.files.imagefiles import save_field
 
     md = meta.get("metadata") or {}
     field = md.get(FIELD_KEY)

@@ -1,7 +1,7 @@
 """Sample data contributions (npe2): synthetic multimodal pairs made from the MNI template,
 and one real histology pair with human landmarks.
 
-The synthetic samples are made with :mod:`napari_discreg.core.data` from the template
+The synthetic samples are made with :mod:`napari_discreg.core.data.template` from the template
 that nilearn ships (no download). The moving layers carry the true displacement in their
 metadata (``"true_displacement"``, pixels, row/col, same convention as
 :attr:`napari_discreg.RegistrationResult.displacement`), so a registration can be
@@ -57,7 +57,7 @@ def multimodal_pair():
     true field; a hidden Labels layer holds the moving image's tissue labels (to try
     *apply the field to a Labels layer* and compare with the fixed labels).
     """
-    from .core.data import load_template, make_pair
+    from .core.data.template import load_template, make_pair
 
     config = _config()
     template = load_template(config.size)
@@ -114,7 +114,7 @@ def adaptation_target_set():
     true fields are in the moving layer's metadata for evaluation only; adaptation never
     reads them.
     """
-    from .core.data import fixed_test_pairs, load_template
+    from .core.data.template import fixed_test_pairs, load_template
 
     config = _config()
     template = load_template(config.size)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_discreg.core import data
 from napari_discreg.core.config import DataConfig
+from napari_discreg.core.data import template as data
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_protocol.py"
 

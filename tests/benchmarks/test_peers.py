@@ -1,7 +1,7 @@
 """Tests of the classical peers (_peers): elastix and SimpleITK.
 
 The key test is the convention one: a known translation must come back with the
-right sign and axis order, in the convention of napari_discreg.core.warp.
+right sign and axis order, in the convention of napari_discreg.core.registration.warp.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 from scipy import ndimage as ndi
 
 from napari_discreg.core.config import DataConfig
-from napari_discreg.core.data import load_template, make_pair
-from napari_discreg.core.metrics import end_point_error
-from napari_discreg.core.warp import warp_numpy
+from napari_discreg.core.data.template import load_template, make_pair
+from napari_discreg.core.registration.metrics import end_point_error
+from napari_discreg.core.registration.warp import warp_numpy
 
 # ITK's SWIG wrappers trigger these on Python 3.11+; they are not ours to fix.
 pytestmark = pytest.mark.filterwarnings(

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from napari_discreg.core.adapt import adapt_steps
 from napari_discreg.core.config import AdaptConfig, DataConfig, ModelConfig, TrainConfig
-from napari_discreg.core.dataset import (
+from napari_discreg.core.data.folders import (
     PairBatches,
     PairMaker,
     SliceDataset,
@@ -29,7 +28,8 @@ from napari_discreg.core.dataset import (
     make_pairs,
     shard,
 )
-from napari_discreg.core.distributed import (
+from napari_discreg.core.learning.adapt import adapt_steps
+from napari_discreg.core.learning.distributed import (
     all_reduce_mean,
     average_gradients,
     broadcast_module,
@@ -37,8 +37,8 @@ from napari_discreg.core.distributed import (
     init_distributed,
     shutdown,
 )
-from napari_discreg.core.model import DiscreteRegistrationNet
-from napari_discreg.core.train import train_steps
+from napari_discreg.core.learning.model import DiscreteRegistrationNet
+from napari_discreg.core.learning.train import train_steps
 
 TINY = ModelConfig(num_labels=5, capture_range=2.0, features=4, head_channels=8)
 DATA = DataConfig(size=48, max_displacement=2.0)

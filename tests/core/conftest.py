@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_discreg.core import data
-from napari_discreg.core.checkpoint import default_weights_path, save_checkpoint
 from napari_discreg.core.config import DataConfig, ModelConfig
-from napari_discreg.core.model import DiscreteRegistrationNet
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files.checkpoint import default_weights_path, save_checkpoint
+from napari_discreg.core.learning.model import DiscreteRegistrationNet
 
 TINY = ModelConfig(  # no bottleneck: the tiny heads are narrower than one
     num_labels=5, capture_range=2.0, stride=4, features=4, head_channels=8, head_bottleneck=0

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import napari_discreg as nd
-from napari_discreg.core import data
-from napari_discreg.core.adapt import AdaptState
 from napari_discreg.core.config import AdaptConfig, DataConfig, TrainConfig
-from napari_discreg.core.model import clone_model
-from napari_discreg.core.train import train_steps
+from napari_discreg.core.data import template as data
+from napari_discreg.core.learning.adapt import AdaptState
+from napari_discreg.core.learning.model import clone_model
+from napari_discreg.core.learning.train import train_steps
 
 RNG = np.random.default_rng(12345)
 
@@ -143,8 +143,8 @@ def test_source_training_lowers_the_loss(tiny_model):
 def test_resume_from_a_saved_state_is_bit_identical_to_an_uninterrupted_run(
     tmp_path, tiny_model, target
 ):
-    from napari_discreg.core.adapt import AdaptState
-    from napari_discreg.core.state import load_adaptation_state, save_adaptation_state
+    from napari_discreg.core.files.resume import load_adaptation_state, save_adaptation_state
+    from napari_discreg.core.learning.adapt import AdaptState
 
     cfg = AdaptConfig.mcd(
         batch_size=2, select_every=2, generator_updates=2, lr=1e-3, keep_best=True
@@ -175,8 +175,8 @@ def test_resume_from_a_saved_state_is_bit_identical_to_an_uninterrupted_run(
 
 
 def test_a_state_saved_while_running_holds_the_current_weights(tmp_path, tiny_model, target):
-    from napari_discreg.core.adapt import AdaptState
-    from napari_discreg.core.state import load_adaptation_state, save_adaptation_state
+    from napari_discreg.core.files.resume import load_adaptation_state, save_adaptation_state
+    from napari_discreg.core.learning.adapt import AdaptState
 
     state = AdaptState()
     gen = nd.adapt_steps(
@@ -191,8 +191,8 @@ def test_a_state_saved_while_running_holds_the_current_weights(tmp_path, tiny_mo
 
 
 def test_a_failed_iteration_leaves_nothing_to_resume_from(tmp_path, tiny_model, target):
-    from napari_discreg.core.adapt import AdaptState
-    from napari_discreg.core.state import save_adaptation_state
+    from napari_discreg.core.files.resume import save_adaptation_state
+    from napari_discreg.core.learning.adapt import AdaptState
 
     state = AdaptState()
     gen = nd.adapt_steps(
@@ -209,9 +209,9 @@ def test_a_failed_iteration_leaves_nothing_to_resume_from(tmp_path, tiny_model, 
 
 
 def test_resume_errors_are_clear(tmp_path, tiny_model, target):
-    from napari_discreg.core.adapt import AdaptState
-    from napari_discreg.core.checkpoint import save_checkpoint
-    from napari_discreg.core.state import load_adaptation_state
+    from napari_discreg.core.files.checkpoint import save_checkpoint
+    from napari_discreg.core.files.resume import load_adaptation_state
+    from napari_discreg.core.learning.adapt import AdaptState
 
     plain = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="no adaptation run"):
@@ -224,7 +224,11 @@ def test_resume_errors_are_clear(tmp_path, tiny_model, target):
 
 def test_selection_scores_agree_with_each_criterion_and_see_head_disagreement(tiny_model):
     from napari_discreg.core.config import SELECTION_CRITERIA
-    from napari_discreg.core.predict import prepare_target, selection_criterion, selection_scores
+    from napari_discreg.core.registration.predict import (
+        prepare_target,
+        selection_criterion,
+        selection_scores,
+    )
 
     cfg = DataConfig(size=48, max_displacement=2.0)
     template = data.load_template(cfg.size)
@@ -300,7 +304,7 @@ def test_swd_projections_reach_every_discrepancy_with_an_swd_term(
 ):
     """``AdaptConfig.swd_projections`` was ignored for pEMD (16+), whose SWD term then kept
     its default 128 projections."""
-    import napari_discreg.core.adapt as adapt_module
+    import napari_discreg.core.learning.adapt as adapt_module
 
     seen: list[dict] = []
     original = adapt_module.discrepancy_fn

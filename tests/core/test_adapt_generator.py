@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import napari_discreg as nd
-import napari_discreg.core.adapt as adapt_mod
-from napari_discreg.core import data
-from napari_discreg.core.adapt import AdaptState
+import napari_discreg.core.learning.adapt as adapt_mod
 from napari_discreg.core.config import AdaptConfig, DataConfig
-from napari_discreg.core.model import clone_model
+from napari_discreg.core.data import template as data
+from napari_discreg.core.learning.adapt import AdaptState
+from napari_discreg.core.learning.model import clone_model
 
 SIZE = 32
 DATA = DataConfig(size=SIZE)
@@ -158,9 +158,9 @@ def test_closing_a_resumed_run_at_its_first_record_installs_its_best_weights(tin
 SCRIPT = """
 import numpy as np, torch
 import napari_discreg as nd
-from napari_discreg.core import data
+from napari_discreg.core.data import template as data
 from napari_discreg.core.config import AdaptConfig, DataConfig, ModelConfig
-from napari_discreg.core.model import DiscreteRegistrationNet
+from napari_discreg.core.learning.model import DiscreteRegistrationNet
 
 torch.manual_seed(0)
 tiny = ModelConfig(

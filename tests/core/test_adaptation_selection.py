@@ -14,11 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from napari_discreg.core import data
-from napari_discreg.core.adapt import AdaptState, adapt_steps, holdout_split
-from napari_discreg.core.checkpoint import load_model
 from napari_discreg.core.config import AdaptConfig, DataConfig
-from napari_discreg.core.predict import identity_criterion, prepare_target, selection_criterion
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files.checkpoint import load_model
+from napari_discreg.core.learning.adapt import AdaptState, adapt_steps, holdout_split
+from napari_discreg.core.registration.predict import (
+    identity_criterion,
+    prepare_target,
+    selection_criterion,
+)
 from napari_discreg.runs import AdaptationSpec, ArrayTargets, run_adaptation
 
 SIZE = 64

@@ -1,4 +1,4 @@
-"""B-spline Gauss-Newton registration (core.bspline) and the default pipeline of register()."""
+"""B-spline Gauss-Newton registration (core.registration.bspline) and the default pipeline of register()."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import napari_discreg as nd
-from napari_discreg.core import bspline
 from napari_discreg.core.config import BSplineConfig, RefineConfig
-from napari_discreg.core.metrics import end_point_error
-from napari_discreg.core.mind import mind_descriptors, mind_ssc
-from napari_discreg.core.preprocess import network_input
-from napari_discreg.core.warp import jacobian_determinant
+from napari_discreg.core.registration import bspline
+from napari_discreg.core.registration.metrics import end_point_error
+from napari_discreg.core.registration.mind import mind_descriptors, mind_ssc
+from napari_discreg.core.registration.preprocess import network_input
+from napari_discreg.core.registration.refine import refine_field
+from napari_discreg.core.registration.warp import jacobian_determinant
 
 
 def _t(image):
@@ -86,7 +87,7 @@ def test_bspline_registers_a_t1_t2_pair_better_than_the_adam_refinement(pair):
     f, m = _t(pair.fixed), _t(pair.moving)
     field = bspline.bspline_refine(f, m)[0].numpy()
     identity = _epe(np.zeros_like(pair.displacement), pair)
-    adam = _epe(nd.core.refine.refine_field(f, m, None, RefineConfig())[0].numpy(), pair)
+    adam = _epe(refine_field(f, m, None, RefineConfig())[0].numpy(), pair)
     assert _epe(field, pair) < 0.3 * identity, (_epe(field, pair), identity)
     assert _epe(field, pair) < adam, (_epe(field, pair), adam)
     assert (jacobian_determinant(field) > 0).all()

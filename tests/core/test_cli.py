@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 
 import napari_discreg
-import napari_discreg.core.checkpoint as checkpoint_mod
-import napari_discreg.core.train as train_mod
+import napari_discreg.core.files.checkpoint as checkpoint_mod
+import napari_discreg.core.learning.train as train_mod
 from napari_discreg import load_model
 from napari_discreg.cli import main
-from napari_discreg.core import io
-from napari_discreg.core.checkpoint import checkpoint_info
 from napari_discreg.core.config import AdaptConfig, DataConfig, RefineConfig
-from napari_discreg.core.data import load_template, make_pair
-from napari_discreg.core.register import DEFAULT_METHOD
-from napari_discreg.core.train import StepRecord
+from napari_discreg.core.data.template import load_template, make_pair
+from napari_discreg.core.files import imagefiles
+from napari_discreg.core.files.checkpoint import checkpoint_info
+from napari_discreg.core.learning.train import StepRecord
+from napari_discreg.core.registration.register import DEFAULT_METHOD
 
 SIZE = 48  # every test uses this template size, so it is built once
 TINY = ["--num-labels", "5", "--capture-range", "2", "--features", "4", "--head-channels", "8"]
@@ -43,7 +43,7 @@ def pair_files(tmp_path_factory) -> tuple[Path, Path]:
         load_template(SIZE), 110, "t1", "t2", np.random.default_rng(0), DataConfig(size=SIZE)
     )
     folder = tmp_path_factory.mktemp("pair")
-    return io.write_image(folder / "fixed.tif", pair.fixed), io.write_image(
+    return imagefiles.write_image(folder / "fixed.tif", pair.fixed), imagefiles.write_image(
         folder / "moving.nii.gz", pair.moving
     )
 
@@ -78,11 +78,11 @@ def test_register_writes_all_outputs(tmp_path, tiny_model, pair_files, capsys):
         "summary.json",
         "warped.tif",
     ]
-    assert io.read_image(out / "warped.tif").shape == (SIZE, SIZE)
+    assert imagefiles.read_image(out / "warped.tif").shape == (SIZE, SIZE)
     u = np.load(out / "displacement.npy")
     assert u.shape == (2, SIZE, SIZE) and u.dtype == np.float32
-    assert io.read_field(out / "displacement.npy").shape == (2, SIZE, SIZE)
-    assert io.read_image(out / "discrepancy.tif").shape == (SIZE // 4, SIZE // 4)
+    assert imagefiles.read_field(out / "displacement.npy").shape == (2, SIZE, SIZE)
+    assert imagefiles.read_image(out / "discrepancy.tif").shape == (SIZE // 4, SIZE // 4)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shape"] == [SIZE, SIZE]
     assert summary["model"] == str(tiny_model)
@@ -126,9 +126,9 @@ def test_register_methods(tmp_path, tiny_model, pair_files, capsys):
 
 
 def test_register_slices_volumes(tmp_path, tiny_model, pair_files):
-    fixed, moving = (io.read_image(p) for p in pair_files)
-    vol_f = io.write_image(tmp_path / "f.tif", np.stack([fixed * 0, fixed, fixed * 0]))
-    vol_m = io.write_image(tmp_path / "m.npy", np.stack([moving * 0, moving, moving * 0]))
+    fixed, moving = (imagefiles.read_image(p) for p in pair_files)
+    vol_f = imagefiles.write_image(tmp_path / "f.tif", np.stack([fixed * 0, fixed, fixed * 0]))
+    vol_m = imagefiles.write_image(tmp_path / "m.npy", np.stack([moving * 0, moving, moving * 0]))
     out = tmp_path / "o"
     assert run("register", vol_f, vol_m, "-o", out, "--model", tiny_model, "--index", 1) == 0
     assert np.load(tmp_path / "o" / "displacement.npy").shape == (2, SIZE, SIZE)
@@ -145,7 +145,7 @@ def test_register_missing_input(tmp_path, tiny_model, pair_files, capsys):
 def test_register_too_small_moving_image(tmp_path, tiny_model, pair_files, capsys):
     """Other sizes are fine (the field lives on the fixed grid); one too small to hold the
     label range is refused, naming the image."""
-    small = io.write_image(tmp_path / "small.npy", np.random.default_rng(0).random((8, 40)))
+    small = imagefiles.write_image(tmp_path / "small.npy", np.random.default_rng(0).random((8, 40)))
     out = tmp_path / "out"
     rc = run("register", pair_files[0], small, "-o", out, "--model", tiny_model)
     assert rc == 2
@@ -172,7 +172,7 @@ def test_register_failure_while_writing_leaves_nothing(
     def broken(path, field):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io, "write_field", broken)
+    monkeypatch.setattr(imagefiles, "write_field", broken)
     out = tmp_path / "new" / "out"
     rc = run("register", *pair_files, "-o", out, "--model", tiny_model)
     assert rc == 2 and "disk full" in _error(capsys)
@@ -329,11 +329,11 @@ def test_adapt_checkpoints_and_resumes(tmp_path, tiny_model, capsys, monkeypatch
 
 
 def test_adapt_reads_folders_and_stacks(tmp_path, tiny_model, pair_files):
-    fixed, moving = (io.read_image(p) for p in pair_files)
+    fixed, moving = (imagefiles.read_image(p) for p in pair_files)
     (tmp_path / "fixed").mkdir()
     for i in range(2):
-        io.write_image(tmp_path / "fixed" / f"{i}.tif", fixed)
-    stack = io.write_image(tmp_path / "moving.npy", np.stack([moving, moving]))
+        imagefiles.write_image(tmp_path / "fixed" / f"{i}.tif", fixed)
+    stack = imagefiles.write_image(tmp_path / "moving.npy", np.stack([moving, moving]))
     out = tmp_path / "a.safetensors"
     argv = ["adapt", "-o", out, "--model", tiny_model, "--steps", 0, "--size", SIZE]
     assert run(*argv, "--target-fixed", tmp_path / "fixed", "--target-moving", stack) == 0
@@ -348,8 +348,12 @@ def test_adapt_input_errors(tmp_path, tiny_model, pair_files, capsys):
     assert "--target-fixed" in _error(capsys)
     assert run(*base, "--demo-target", 2, "--target-fixed", pair_files[0]) == 2
     assert "not both" in _error(capsys)
-    three = io.write_image(tmp_path / "three.npy", np.random.default_rng(0).random((3, SIZE, SIZE)))
-    two = io.write_image(tmp_path / "two.npy", np.random.default_rng(1).random((2, SIZE, SIZE)))
+    three = imagefiles.write_image(
+        tmp_path / "three.npy", np.random.default_rng(0).random((3, SIZE, SIZE))
+    )
+    two = imagefiles.write_image(
+        tmp_path / "two.npy", np.random.default_rng(1).random((2, SIZE, SIZE))
+    )
     assert run(*base, "--target-fixed", three, "--target-moving", two) == 2
     assert "counts must be equal" in _error(capsys)
     (tmp_path / "empty").mkdir()
@@ -496,15 +500,15 @@ def test_register_colour_files_of_different_sizes_and_spacings(tmp_path, tiny_mo
     read, and --moving-spacing overrides it."""
     from PIL import Image
 
-    fixed = io.read_image(pair_files[0])
+    fixed = imagefiles.read_image(pair_files[0])
     rgb = (np.stack([fixed, fixed * 0.5, 1 - fixed], -1) / fixed.max() * 255).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "f.png")
-    moving = np.pad(io.read_image(pair_files[1]), ((3, 5), (0, 9)))
+    moving = np.pad(imagefiles.read_image(pair_files[1]), ((3, 5), (0, 9)))
     import nibabel as nib
 
     nib.save(nib.Nifti1Image(moving[..., None], np.diag([0.5, 2.0, 1.0, 1.0])), tmp_path / "m.nii")
-    assert io.read_spacing(tmp_path / "m.nii") == (0.5, 2.0)
-    assert io.read_spacing(tmp_path / "f.png") == (1.0, 1.0)
+    assert imagefiles.read_spacing(tmp_path / "m.nii") == (0.5, 2.0)
+    assert imagefiles.read_spacing(tmp_path / "f.png") == (1.0, 1.0)
     out = tmp_path / "o"
     args = ["register", tmp_path / "f.png", tmp_path / "m.nii", "-o", out, "--model", tiny_model]
     assert run(*args, "--moving-spacing", 1, 1) == 0
@@ -512,7 +516,7 @@ def test_register_colour_files_of_different_sizes_and_spacings(tmp_path, tiny_mo
     assert summary["shape"] == [SIZE, SIZE] and summary["moving_shape"] == list(moving.shape)
     assert summary["moving_spacing"] == [1.0, 1.0]
     assert np.load(out / "displacement.npy").shape == (2, SIZE, SIZE)
-    assert io.read_image(out / "warped.tif").shape == (SIZE, SIZE)
+    assert imagefiles.read_image(out / "warped.tif").shape == (SIZE, SIZE)
     assert run(*args, "-o", tmp_path / "o2", "--prealign", "none", "--method", "none") == 0
     summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
     assert summary["moving_spacing"] == [0.5, 2.0]

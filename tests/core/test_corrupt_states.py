@@ -15,12 +15,12 @@ from safetensors.torch import save_file
 
 import napari_discreg as nd
 from napari_discreg.cli import main
-from napari_discreg.core import data
-from napari_discreg.core.adapt import AdaptState
-from napari_discreg.core.checkpoint import OPTIMIZER_PREFIX
 from napari_discreg.core.config import AdaptConfig, DataConfig, ModelConfig
-from napari_discreg.core.model import DiscreteRegistrationNet
-from napari_discreg.core.state import load_adaptation_state, save_adaptation_state
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files.checkpoint import OPTIMIZER_PREFIX
+from napari_discreg.core.files.resume import load_adaptation_state, save_adaptation_state
+from napari_discreg.core.learning.adapt import AdaptState
+from napari_discreg.core.learning.model import DiscreteRegistrationNet
 
 TINY = ModelConfig(  # as tests/core/conftest.py's tiny_model
     num_labels=5, capture_range=2.0, stride=4, features=4, head_channels=8, head_bottleneck=0
@@ -188,7 +188,7 @@ def test_a_corrupt_state_is_refused_in_one_line(tmp_path, good_state, target, ca
 @pytest.fixture(scope="module")
 def cli_state(tmp_path_factory) -> Path:
     """A state ``napari-discreg adapt --checkpoint-every`` wrote: MCD, 2 of 2 iterations."""
-    from napari_discreg.core.checkpoint import save_checkpoint
+    from napari_discreg.core.files.checkpoint import save_checkpoint
 
     folder = tmp_path_factory.mktemp("cli")
     model = save_checkpoint(_tiny(), folder / "tiny.safetensors")

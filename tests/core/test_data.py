@@ -1,4 +1,4 @@
-"""Tests of the synthetic MNI152 pairs (napari_discreg.core.data)."""
+"""Tests of the synthetic MNI152 pairs (napari_discreg.core.data.template)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from napari_discreg.core import data
 from napari_discreg.core.config import DataConfig
-from napari_discreg.core.data import (
+from napari_discreg.core.data import template as data
+from napari_discreg.core.data.template import (
     CONTRASTS,
     TISSUES,
     Pair,
@@ -23,8 +23,8 @@ from napari_discreg.core.data import (
     sample_batch,
     synthesize_contrast,
 )
-from napari_discreg.core.preprocess import normalise_intensity
-from napari_discreg.core.warp import jacobian_determinant, warp_numpy
+from napari_discreg.core.registration.preprocess import normalise_intensity
+from napari_discreg.core.registration.warp import jacobian_determinant, warp_numpy
 
 SIZE = 64
 SLICE = 80  # an axial slice through the lateral ventricles

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import napari_discreg.core.dataset as dataset_mod
+import napari_discreg.core.data.folders as dataset_mod
 from napari_discreg.cli import main
-from napari_discreg.core import data, io
-from napari_discreg.core.checkpoint import checkpoint_info, load_model
 from napari_discreg.core.config import DataConfig, FolderConfig
-from napari_discreg.core.dataset import (
+from napari_discreg.core.data import template as data
+from napari_discreg.core.data.folders import (
     BadInputError,
     PairBatches,
     PairMaker,
@@ -24,7 +23,9 @@ from napari_discreg.core.dataset import (
     split_holdout,
     synthetic_pair,
 )
-from napari_discreg.core.warp import warp_numpy
+from napari_discreg.core.files import imagefiles
+from napari_discreg.core.files.checkpoint import checkpoint_info, load_model
+from napari_discreg.core.registration.warp import warp_numpy
 
 SIZE = 48
 TINY = ["--num-labels", "5", "--capture-range", "2", "--features", "4", "--head-channels", "8"]
@@ -53,10 +54,14 @@ def scans(tmp_path_factory, template):
         for name, vol in (("t1", t1), ("t2", t2)):
             (root / name).mkdir(exist_ok=True)
             padded = np.concatenate([np.zeros((2, SIZE, SIZE)), vol, np.zeros((3, SIZE, SIZE))])
-            io.write_image(root / name / f"sub{s}.nii.gz", padded.transpose(1, 2, 0) * 800.0)
+            imagefiles.write_image(
+                root / name / f"sub{s}.nii.gz", padded.transpose(1, 2, 0) * 800.0
+            )
     (root / "t1_2d").mkdir()
     for ext, k in ((".png", 60), (".tif", 65), (".npy", 70)):
-        io.write_image(root / "t1_2d" / f"slice{k}{ext}", (template.t1[k] * 255).astype(np.uint8))
+        imagefiles.write_image(
+            root / "t1_2d" / f"slice{k}{ext}", (template.t1[k] * 255).astype(np.uint8)
+        )
     return root
 
 
@@ -93,7 +98,7 @@ def test_2d_images_of_mixed_formats(scans):
 def test_aspect_ratio_is_kept_by_padding(tmp_path):
     image = np.zeros((40, 100), np.float32)
     image[10:30, 10:90] = 1.0  # an 80 x 20 bright box
-    io.write_image(tmp_path / "wide.tif", image)
+    imagefiles.write_image(tmp_path / "wide.tif", image)
     ds = SliceDataset.from_paths(tmp_path, size=64, config=FolderConfig(margin=0.0))
     rows, cols = np.nonzero(ds.masks[0])
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
@@ -103,7 +108,7 @@ def test_aspect_ratio_is_kept_by_padding(tmp_path):
 def test_noisy_background_stays_background(tmp_path, template):
     rng = np.random.default_rng(0)
     vol = np.asarray(template.t1[60:64]) * 1000 + rng.normal(0, 20, (4, SIZE, SIZE))
-    io.write_image(tmp_path / "noisy.npy", vol.astype(np.float32))
+    imagefiles.write_image(tmp_path / "noisy.npy", vol.astype(np.float32))
     ds = SliceDataset.from_paths(tmp_path, size=SIZE, config=FolderConfig(margin=0.0))
     brain = np.asarray(template.mask[60:64]) > 0
     # the crop box is the brain's, so compare areas: background noise is not foreground
@@ -226,12 +231,12 @@ def _bad_folder(tmp_path, template):
     folder = tmp_path / "mixed"
     folder.mkdir()
     vol = np.asarray(template.t1[55:63]).transpose(1, 2, 0)
-    io.write_image(folder / "a.nii.gz", vol)
-    io.write_image(folder / "b.nii.gz", vol)
-    io.write_image(folder / "c_small.nii.gz", vol[:40])  # a volume of another size
-    io.write_image(folder / "d_slice.tif", template.t1[60])  # a 2D image among volumes
+    imagefiles.write_image(folder / "a.nii.gz", vol)
+    imagefiles.write_image(folder / "b.nii.gz", vol)
+    imagefiles.write_image(folder / "c_small.nii.gz", vol[:40])  # a volume of another size
+    imagefiles.write_image(folder / "d_slice.tif", template.t1[60])  # a 2D image among volumes
     (folder / "e_broken.png").write_bytes(b"not a png at all")
-    io.write_image(folder / "f_blank.nii.gz", np.zeros_like(vol))  # nothing in it
+    imagefiles.write_image(folder / "f_blank.nii.gz", np.zeros_like(vol))  # nothing in it
     return folder
 
 
@@ -273,8 +278,8 @@ def test_paired_folders_must_match(tmp_path, scans, template):
         load_paired(scans / "t1", scans / "t1_2d")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    io.write_image(tmp_path / "a" / "s.tif", template.t1[60])
-    io.write_image(tmp_path / "b" / "s.tif", template.t1[60][:40])
+    imagefiles.write_image(tmp_path / "a" / "s.tif", template.t1[60])
+    imagefiles.write_image(tmp_path / "b" / "s.tif", template.t1[60][:40])
     with pytest.raises(BadInputError, match=r"b/s.tif: is a 2D image of 40 x 48 but its partner"):
         load_paired(tmp_path / "a", tmp_path / "b")
 

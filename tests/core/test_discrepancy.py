@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from napari_discreg.core.discrepancy import (
+from napari_discreg.core.learning.discrepancy import (
     Discrepancy,
     angle_projections,
     discrepancy_fn,
@@ -698,7 +698,7 @@ def test_pemd16_factory():
 def test_every_member_has_a_display_name_and_a_function():
     from _protocol import ROW_NAMES
 
-    from napari_discreg.core.discrepancy import DISPLAY_NAMES
+    from napari_discreg.core.learning.discrepancy import DISPLAY_NAMES
 
     assert set(DISPLAY_NAMES) == set(Discrepancy)
     assert set(ROW_NAMES) == {kind.value for kind in Discrepancy}

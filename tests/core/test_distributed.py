@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from napari_discreg.core import data, io
-from napari_discreg.core.checkpoint import checkpoint_info
 from napari_discreg.core.config import DataConfig
-from napari_discreg.core.distributed import (
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files import imagefiles
+from napari_discreg.core.files.checkpoint import checkpoint_info
+from napari_discreg.core.learning.distributed import (
     DistContext,
     all_reduce_mean,
     average_gradients,
@@ -55,7 +56,7 @@ def folders(tmp_path_factory) -> Path:
         )
         for name, vol in (("t1", t1), ("t2", t2)):
             (root / name).mkdir(exist_ok=True)
-            io.write_image(root / name / f"sub{s}.nii.gz", vol.transpose(1, 2, 0))
+            imagefiles.write_image(root / name / f"sub{s}.nii.gz", vol.transpose(1, 2, 0))
     return root
 
 

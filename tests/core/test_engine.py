@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 import napari_discreg as nd
-from napari_discreg.core import data
-from napari_discreg.core.checkpoint import load_model, read_checkpoint, save_checkpoint
 from napari_discreg.core.config import DataConfig, ModelConfig
-from napari_discreg.core.evaluate import evaluate_model, identity_metrics, summarise
-from napari_discreg.core.metrics import normalised_mutual_information
-from napari_discreg.core.model import DiscreteRegistrationNet, resolve_device
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files.checkpoint import load_model, read_checkpoint, save_checkpoint
+from napari_discreg.core.learning.evaluate import evaluate_model, identity_metrics, summarise
+from napari_discreg.core.learning.model import DiscreteRegistrationNet, resolve_device
+from napari_discreg.core.registration.metrics import normalised_mutual_information
 
 RNG = np.random.default_rng(12345)
 
@@ -57,7 +57,7 @@ def test_register_warps_original_intensities(tiny_model):
     fixed = rng.random((32, 32)).astype(np.float32)
     moving = (rng.random((32, 32)) * 1000).astype(np.uint16)
     res = nd.register(fixed, moving, model=tiny_model)
-    from napari_discreg.core.warp import warp_numpy
+    from napari_discreg.core.registration.warp import warp_numpy
 
     np.testing.assert_allclose(
         res.warped, warp_numpy(moving.astype(np.float32), res.displacement), rtol=1e-5, atol=1e-2
@@ -174,8 +174,12 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path, tiny_model, tin
 
 
 def test_shipped_models_load_by_name(tmp_path, monkeypatch):
-    from napari_discreg.core.checkpoint import checkpoint_info, checkpoint_path, shipped_model_path
     from napari_discreg.core.config import SHIPPED_MODELS
+    from napari_discreg.core.files.checkpoint import (
+        checkpoint_info,
+        checkpoint_path,
+        shipped_model_path,
+    )
 
     assert checkpoint_path(None) == shipped_model_path("default")
     for name, (file, _) in SHIPPED_MODELS.items():

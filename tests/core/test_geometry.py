@@ -1,4 +1,4 @@
-"""Control-point positions, field sampling and inversion (core.geometry, no Qt)."""
+"""Control-point positions, field sampling and inversion (core.registration.geometry, no Qt)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_discreg.core.geometry import (
+from napari_discreg.core.registration.geometry import (
     control_grid_shape,
     control_point_index,
     control_point_position,
@@ -19,7 +19,7 @@ from napari_discreg.core.geometry import (
     moving_to_fixed,
     sample_field,
 )
-from napari_discreg.core.register import NetworkOutputs, RegistrationResult
+from napari_discreg.core.registration.register import NetworkOutputs, RegistrationResult
 
 
 def _smooth_field(shape=(40, 48), amplitude=2.0):
@@ -92,7 +92,7 @@ def test_moving_to_fixed_inverts_a_strong_smooth_stretch():
     rr, cc = np.mgrid[0:64, 0:64].astype(np.float64)
     g = np.exp(-((rr - 32) ** 2 + (cc - 32) ** 2) / (2 * 10.0**2))
     field = np.stack([np.zeros_like(g), 1.5 * (cc - 32) * g]).astype(np.float32)
-    from napari_discreg.core.warp import jacobian_determinant
+    from napari_discreg.core.registration.warp import jacobian_determinant
 
     assert jacobian_determinant(field).min() > 0
     pts = np.stack(np.meshgrid(np.arange(4.0, 60, 4), np.arange(4.0, 60, 4)), -1).reshape(-1, 2)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import napari_discreg as nd
-from napari_discreg.core import checkpoint, memory
+from napari_discreg.core import memory
 from napari_discreg.core.config import (
     AdaptConfig,
     BSplineConfig,
@@ -22,7 +22,8 @@ from napari_discreg.core.config import (
     TrainConfig,
     parse_json,
 )
-from napari_discreg.core.model import DiscreteRegistrationNet, mode_independent
+from napari_discreg.core.files import checkpoint
+from napari_discreg.core.learning.model import DiscreteRegistrationNet, mode_independent
 
 TINY = ModelConfig(  # as tests/core/conftest.py's tiny model
     num_labels=5, capture_range=2.0, stride=4, features=4, head_channels=8, head_bottleneck=0
@@ -295,7 +296,7 @@ def test_train_and_eval_mode_compute_the_same(tiny_model):
 def test_capture_warning_fires_on_the_outer_ring_only():
     """Over-range motion shows as labels on the K x K grid's outer ring; a flat (unsure)
     histogram, as on an unfamiliar contrast, is no reason to warn."""
-    from napari_discreg.core.register import capture_range_check
+    from napari_discreg.core.registration.register import capture_range_check
 
     k, h, w = 15, 8, 8
     offsets = torch.linspace(-7, 7, k)
@@ -338,7 +339,7 @@ def test_identical_images_give_zero_with_the_guard(shipped_model, pair):
 def test_tampered_training_state_refused(tmp_path, raw, match):
     from safetensors.torch import save_file
 
-    from napari_discreg.core.state import load_training_state
+    from napari_discreg.core.files.resume import load_training_state
 
     meta = {
         "format": checkpoint.FORMAT,

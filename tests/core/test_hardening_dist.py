@@ -14,12 +14,12 @@ import time
 import pytest
 
 from napari_discreg.cli import build_parser
-from napari_discreg.core import distributed as dist_mod
+from napari_discreg.core.learning import distributed as dist_mod
 
 WORKER = r"""
 import os, sys, time
 from pathlib import Path
-from napari_discreg.core.distributed import (
+from napari_discreg.core.learning.distributed import (
     all_reduce_mean, barrier, collective_failure, init_distributed, shutdown,
 )
 ctx = init_distributed("cpu")  # timeout from NAPARI_DISCREG_DIST_TIMEOUT

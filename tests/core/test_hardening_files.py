@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_discreg.core import io
-from napari_discreg.core.checkpoint import save_checkpoint
+from napari_discreg.core.files import imagefiles
+from napari_discreg.core.files.checkpoint import save_checkpoint
 
 BIG = (1024, 1024, 1024)  # 2**30 voxels: 4 GiB as float32
 
@@ -64,7 +64,9 @@ def _bomb_npy(path: Path) -> Path:
 @pytest.mark.parametrize(
     "make", [_bomb_tiff, _bomb_nifti, _bomb_npy], ids=["tiff", "nii.gz", "npy"]
 )
-@pytest.mark.parametrize("reader", [io.read_stack, io.read_image], ids=["stack", "image"])
+@pytest.mark.parametrize(
+    "reader", [imagefiles.read_stack, imagefiles.read_image], ids=["stack", "image"]
+)
 def test_readers_refuse_a_declared_huge_volume_before_decoding(tmp_path, make, reader):
     ext = {"_bomb_tiff": ".tif", "_bomb_nifti": ".nii.gz", "_bomb_npy": ".npy"}[make.__name__]
     path = make(tmp_path / f"bomb{ext}")
@@ -82,22 +84,22 @@ def test_readers_refuse_a_declared_huge_volume_before_decoding(tmp_path, make, r
 def test_png_bomb_refused_from_its_size(tmp_path):
     """A PNG header is read by Pillow; the limit applies to its width x height."""
     img = np.zeros((64, 80), np.uint8)
-    io.write_image(tmp_path / "a.png", img)
+    imagefiles.write_image(tmp_path / "a.png", img)
     with pytest.raises(ValueError, match="5,120 voxels.*limit of 1,000"):
-        io.read_image(tmp_path / "a.png", max_voxels=1000)
-    assert io.read_image(tmp_path / "a.png", max_voxels=5120).shape == (64, 80)
+        imagefiles.read_image(tmp_path / "a.png", max_voxels=1000)
+    assert imagefiles.read_image(tmp_path / "a.png", max_voxels=5120).shape == (64, 80)
 
 
 def test_voxel_limit_is_settable(tmp_path, monkeypatch):
     np.save(tmp_path / "v.npy", np.zeros((4, 10, 10), np.float32))
-    assert io.read_stack(tmp_path / "v.npy").shape == (4, 10, 10)
-    monkeypatch.setenv(io.MAX_VOXELS_ENV, "399")
+    assert imagefiles.read_stack(tmp_path / "v.npy").shape == (4, 10, 10)
+    monkeypatch.setenv(imagefiles.MAX_VOXELS_ENV, "399")
     with pytest.raises(ValueError, match="400 voxels.*NAPARI_DISCREG_MAX_VOXELS"):
-        io.read_stack(tmp_path / "v.npy")
-    assert io.read_stack(tmp_path / "v.npy", max_voxels=400).shape == (4, 10, 10)
-    monkeypatch.setenv(io.MAX_VOXELS_ENV, "lots")
+        imagefiles.read_stack(tmp_path / "v.npy")
+    assert imagefiles.read_stack(tmp_path / "v.npy", max_voxels=400).shape == (4, 10, 10)
+    monkeypatch.setenv(imagefiles.MAX_VOXELS_ENV, "lots")
     with pytest.raises(ValueError, match="not a whole number"):
-        io.read_stack(tmp_path / "v.npy")
+        imagefiles.read_stack(tmp_path / "v.npy")
 
 
 # ------------------------------------------------------------------ atomic, unique writes
@@ -110,8 +112,8 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_temporaries_are_unique_and_created_exclusively(tmp_path):
-    a = io.temporary_sibling(tmp_path / "m.safetensors")
-    b = io.temporary_sibling(tmp_path / "m.safetensors")
+    a = imagefiles.temporary_sibling(tmp_path / "m.safetensors")
+    b = imagefiles.temporary_sibling(tmp_path / "m.safetensors")
     assert a != b and a.is_file() and b.is_file()
     assert a.name.startswith(".m.partial-") and a.name.endswith(".safetensors")
     assert f"-{os.getpid()}-" in a.name
@@ -120,13 +122,13 @@ def test_temporaries_are_unique_and_created_exclusively(tmp_path):
 def test_two_checkpoint_writes_never_share_a_temporary(tmp_path, tiny_model, monkeypatch):
     """The fixed ``<out>.tmp`` let two runs write into one temporary file."""
     seen = []
-    real = io._fsync_file
+    real = imagefiles._fsync_file
 
     def spy(path):
         seen.append(Path(path).name)
         real(path)
 
-    monkeypatch.setattr(io, "_fsync_file", spy)
+    monkeypatch.setattr(imagefiles, "_fsync_file", spy)
     save_checkpoint(tiny_model, tmp_path / "m.safetensors")
     save_checkpoint(tiny_model, tmp_path / "m.safetensors")
     assert len(seen) == 2 and seen[0] != seen[1]
@@ -137,12 +139,12 @@ def test_two_checkpoint_writes_never_share_a_temporary(tmp_path, tiny_model, mon
 def test_temporaries_of_a_killed_process_are_removed_later(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".m.partial-{io._HOST}-{dead.pid}-abcd1234.safetensors"
-    live = tmp_path / f".m.partial-{io._HOST}-{os.getppid()}-abcd1234.safetensors"
+    stale = tmp_path / f".m.partial-{imagefiles._HOST}-{dead.pid}-abcd1234.safetensors"
+    live = tmp_path / f".m.partial-{imagefiles._HOST}-{os.getppid()}-abcd1234.safetensors"
     other_host = tmp_path / f".m.partial-otherhost-{dead.pid}-abcd1234.safetensors"
     for p in (stale, live, other_host):
         p.write_bytes(b"x")
-    io.write_image(tmp_path / "a.tif", np.zeros((4, 4), np.float32))
+    imagefiles.write_image(tmp_path / "a.tif", np.zeros((4, 4), np.float32))
     assert not stale.exists()
     assert live.exists() and other_host.exists()
 
@@ -155,7 +157,7 @@ def test_full_disk_on_a_model_keeps_the_previous_file(tmp_path, tiny_model, monk
     out = tmp_path / "m.safetensors"
     save_checkpoint(tiny_model, out)
     before = out.read_bytes()
-    monkeypatch.setattr(io, "_fsync_file", _enospc)
+    monkeypatch.setattr(imagefiles, "_fsync_file", _enospc)
     with pytest.raises(
         OSError, match=r"m\.safetensors: the disk is full \(it needs about [\d,]+ bytes"
     ) as err:
@@ -169,11 +171,11 @@ def test_full_disk_on_a_model_keeps_the_previous_file(tmp_path, tiny_model, monk
 @pytest.mark.parametrize("name", ["w.tif", "w.nii.gz", "w.npy", "w.png"])
 def test_full_disk_on_an_image_keeps_the_previous_file(tmp_path, monkeypatch, name):
     out = tmp_path / name
-    io.write_image(out, np.ones((8, 8), np.float32))
+    imagefiles.write_image(out, np.ones((8, 8), np.float32))
     before = out.read_bytes()
-    monkeypatch.setattr(io, "_write_raw", _enospc)
+    monkeypatch.setattr(imagefiles, "_write_raw", _enospc)
     with pytest.raises(OSError, match="the disk is full") as err:
-        io.write_image(out, np.zeros((8, 8), np.float32))
+        imagefiles.write_image(out, np.zeros((8, 8), np.float32))
     assert err.value.errno == errno.ENOSPC and str(out) in str(err.value)
     assert out.read_bytes() == before and _leftovers(tmp_path) == []
 
@@ -182,9 +184,9 @@ def test_ctrl_c_during_a_write_leaves_no_temporary(tmp_path, monkeypatch):
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io, "_fsync_file", interrupted)
+    monkeypatch.setattr(imagefiles, "_fsync_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        io.write_image(tmp_path / "a.tif", np.zeros((4, 4), np.float32))
+        imagefiles.write_image(tmp_path / "a.tif", np.zeros((4, 4), np.float32))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -220,11 +222,11 @@ def test_real_full_disk_on_a_small_tmpfs(tmp_path, tiny_model):
 
 import threading  # noqa: E402
 
-import napari_discreg.core.train as train_mod  # noqa: E402
+import napari_discreg.core.learning.train as train_mod  # noqa: E402
 from napari_discreg.cli import main  # noqa: E402
-from napari_discreg.core import transaction  # noqa: E402
-from napari_discreg.core.checkpoint import checkpoint_info  # noqa: E402
-from napari_discreg.core.train import StepRecord  # noqa: E402
+from napari_discreg.core.files import transaction  # noqa: E402
+from napari_discreg.core.files.checkpoint import checkpoint_info  # noqa: E402
+from napari_discreg.core.learning.train import StepRecord  # noqa: E402
 
 SIZE = 48
 TINY = ["--num-labels", "5", "--capture-range", "2", "--features", "4", "--head-channels", "8"]
@@ -239,8 +241,8 @@ def test_register_refuses_to_write_over_its_input(tmp_path, tiny_checkpoint, cap
     out = tmp_path / "out"
     out.mkdir()
     img = np.random.default_rng(0).random((48, 48)).astype(np.float32)
-    fixed = io.write_image(out / "warped.tif", img)
-    moving = io.write_image(tmp_path / "moving.tif", img)
+    fixed = imagefiles.write_image(out / "warped.tif", img)
+    moving = imagefiles.write_image(tmp_path / "moving.tif", img)
     before = fixed.read_bytes()
     assert run("register", fixed, moving, "-o", out, "--model", tiny_checkpoint) == 2
     err = capsys.readouterr().err
@@ -249,7 +251,7 @@ def test_register_refuses_to_write_over_its_input(tmp_path, tiny_checkpoint, cap
 
 
 def test_model_output_must_be_safetensors_and_no_input(tmp_path, tiny_checkpoint, capsys):
-    target = io.write_image(tmp_path / "tf.tif", np.zeros((2, 48, 48), np.float32))
+    target = imagefiles.write_image(tmp_path / "tf.tif", np.zeros((2, 48, 48), np.float32))
     before = target.read_bytes()
     assert run("adapt", "--target", target, "-o", target, "--model", tiny_checkpoint) == 2
     assert "a model is written as a .safetensors file" in capsys.readouterr().err
@@ -291,14 +293,14 @@ def test_ctrl_c_keeps_a_complete_model_and_writes_the_partial_beside_it(
 
 
 def _state_disk_full(monkeypatch):
-    real = io._fsync_file
+    real = imagefiles._fsync_file
 
     def fsync(path):
         if ".state." in Path(path).name:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path)
 
-    monkeypatch.setattr(io, "_fsync_file", fsync)
+    monkeypatch.setattr(imagefiles, "_fsync_file", fsync)
 
 
 def test_full_disk_for_the_training_state_saves_the_model_and_exits_2(
@@ -334,7 +336,7 @@ def test_full_disk_for_the_model_exits_2_with_the_previous_model_intact(
     out = tmp_path / "m.safetensors"
     assert run("train", "-o", out, "--steps", 1, *TRAIN) == 0
     before = out.read_bytes()
-    monkeypatch.setattr(io, "_fsync_file", _enospc)
+    monkeypatch.setattr(imagefiles, "_fsync_file", _enospc)
     assert run("train", "-o", out, "--steps", 2, *TRAIN) == 2
     err = capsys.readouterr().err
     assert f"cannot write {out}: the disk is full" in err and "previous file is unchanged" in err

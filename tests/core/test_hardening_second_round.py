@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import napari_discreg as nd
-from napari_discreg.core.checkpoint import save_checkpoint
 from napari_discreg.core.config import ModelConfig
-from napari_discreg.core.model import DiscreteRegistrationNet, resolve_device
+from napari_discreg.core.files.checkpoint import save_checkpoint
+from napari_discreg.core.learning.model import DiscreteRegistrationNet, resolve_device
 
 TINY = ModelConfig(num_labels=5, capture_range=2, features=4, head_channels=8)
 
@@ -54,14 +54,14 @@ def test_device_names_in_any_case():
 def test_absurd_limits_are_one_line_errors(monkeypatch):
     import numpy as np
 
-    from napari_discreg.core import io
+    from napari_discreg.core.files import imagefiles
 
     img = np.random.default_rng(0).random((48, 48))
     with pytest.raises(ValueError, match="at most 1e\\+15 GB"):
         nd.register(img, img, max_memory_gb=1e300)
     monkeypatch.setenv("NAPARI_DISCREG_MAX_VOXELS", "9" * 400)
     with pytest.raises(ValueError, match="400-digit number"):
-        io.max_voxels(None)
+        imagefiles.max_voxels(None)
 
 
 def test_the_partial_model_of_an_interrupted_run_never_replaces_the_input(tmp_path, capsys):
@@ -135,7 +135,7 @@ def test_template_commands_take_the_memory_limit(tmp_path, capsys):
 
 
 def test_the_template_cache_is_bounded(monkeypatch):
-    from napari_discreg.core import data
+    from napari_discreg.core.data import template as data
 
     monkeypatch.setattr(data, "_TEMPLATES", type(data._TEMPLATES)())
     monkeypatch.setattr(data, "TEMPLATE_CACHE_BYTES", 1)

@@ -1,4 +1,4 @@
-"""core.inspect.point_summary: the numbers the histogram inspector draws for one point."""
+"""core.registration.histograms.point_summary: the numbers the histogram inspector draws for one point."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_discreg.core.discrepancy import emd_1d, l1, projected_emd, sliced_wasserstein
-from napari_discreg.core.inspect import HISTOGRAM_KEYS, point_summary
-from napari_discreg.core.labels import expected_displacement, label_offsets
+from napari_discreg.core.learning.discrepancy import emd_1d, l1, projected_emd, sliced_wasserstein
+from napari_discreg.core.registration.histograms import HISTOGRAM_KEYS, point_summary
+from napari_discreg.core.registration.label_grid import expected_displacement, label_offsets
 
 
 def _example(k=5):

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from napari_discreg.core.io import load_field, read_field, save_field, write_field
-from napari_discreg.core.itk_field import from_itk_vectors, to_itk_vectors
-from napari_discreg.core.warp import warp_numpy
+from napari_discreg.core.files.imagefiles import load_field, read_field, save_field, write_field
+from napari_discreg.core.files.itk_field import from_itk_vectors, to_itk_vectors
+from napari_discreg.core.registration.warp import warp_numpy
 
 sitk = pytest.importorskip("SimpleITK")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_discreg.core.io import load_field, read_field, save_field
-from napari_discreg.core.itk_field import itk_field_geometry, itk_geometry
+from napari_discreg.core.files.imagefiles import load_field, read_field, save_field
+from napari_discreg.core.files.itk_field import itk_field_geometry, itk_geometry
 
 sitk = pytest.importorskip("SimpleITK")
 nib = pytest.importorskip("nibabel")
@@ -212,7 +212,7 @@ def test_the_origin_comes_back_under_each_metaio_name(tmp_path, key):
 def test_an_oblique_field_warps_like_simpleitk(tmp_path):
     """Beyond one pixel: resampling with SimpleITK's DisplacementFieldTransform on the
     field's own (oblique, anisotropic) grid equals napari-discreg's warp of the field."""
-    from napari_discreg.core.warp import warp_numpy
+    from napari_discreg.core.registration.warp import warp_numpy
 
     h, w = 32, 36
     rr, cc = np.mgrid[0:h, 0:w].astype(np.float32)

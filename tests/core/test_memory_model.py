@@ -15,8 +15,9 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from napari_discreg.core import bspline, memory
+from napari_discreg.core import memory
 from napari_discreg.core.config import BSplineConfig, ModelConfig
+from napari_discreg.core.registration import bspline
 
 CFG = ModelConfig()
 

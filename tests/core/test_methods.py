@@ -6,9 +6,9 @@ import pytest
 
 import napari_discreg as nd
 from napari_discreg.core.config import BSplineConfig, RefineConfig
+from napari_discreg.core.learning.model import ModelConfig
 from napari_discreg.core.memory import register_estimate
-from napari_discreg.core.methods import METHODS, method_named, resolve_method
-from napari_discreg.core.model import ModelConfig
+from napari_discreg.core.registration.methods import METHODS, method_named, resolve_method
 
 
 def test_every_method_says_what_it_runs_and_takes():

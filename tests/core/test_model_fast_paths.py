@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_discreg.core import data
-from napari_discreg.core import model as model_mod
 from napari_discreg.core.config import DataConfig, ModelConfig
-from napari_discreg.core.labels import label_offsets
-from napari_discreg.core.model import DiscreteRegistrationNet, correlation_volume
-from napari_discreg.core.train import source_pairs
+from napari_discreg.core.data import template as data
+from napari_discreg.core.learning import model as model_mod
+from napari_discreg.core.learning.model import DiscreteRegistrationNet, correlation_volume
+from napari_discreg.core.learning.train import source_pairs
+from napari_discreg.core.registration.label_grid import label_offsets
 
 
 def _features(seed: int, b: int = 2, c: int = 6, h2: int = 12, w2: int = 10):

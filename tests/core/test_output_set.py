@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from napari_discreg.cli import main
-from napari_discreg.core import io, transaction
 from napari_discreg.core.config import DataConfig
-from napari_discreg.core.data import load_template, make_pair
-from napari_discreg.core.transaction import OutputSet, recover_interrupted_swaps
+from napari_discreg.core.data.template import load_template, make_pair
+from napari_discreg.core.files import imagefiles, transaction
+from napari_discreg.core.files.transaction import OutputSet, recover_interrupted_swaps
 
 NAMES = ["warped.tif", "displacement.npy", "discrepancy.tif", "summary.json"]
 
@@ -79,8 +79,8 @@ def test_an_output_name_that_is_a_folder_is_refused_before_any_work(tmp_path, ca
     pair = make_pair(
         load_template(48), 110, "t1", "t2", np.random.default_rng(0), DataConfig(size=48)
     )
-    fixed = io.write_image(tmp_path / "fixed.tif", pair.fixed)
-    moving = io.write_image(tmp_path / "moving.tif", pair.moving)
+    fixed = imagefiles.write_image(tmp_path / "fixed.tif", pair.fixed)
+    moving = imagefiles.write_image(tmp_path / "moving.tif", pair.moving)
     out = tmp_path / "out"
     _old_set(out)
     (out / "discrepancy.tif").unlink()
@@ -136,7 +136,7 @@ _KILLED_MID_SWAP = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from napari_discreg.core import transaction
+    from napari_discreg.core.files import transaction
     folder = Path(sys.argv[1])
     real = os.replace
     def kill_after_first(src, dst):
@@ -163,7 +163,7 @@ def test_sigkill_in_the_middle_of_the_swap_is_rolled_back_by_the_next_run(tmp_pa
     assert _contents(tmp_path) == {"old"}
     leftovers = [n for n in _hidden(tmp_path) if ".partial-" not in n]  # stale temporaries
     assert leftovers == []  # are removed by the next write (test_hardening_files)
-    io.remove_stale_temporaries(tmp_path)
+    imagefiles.remove_stale_temporaries(tmp_path)
     assert _hidden(tmp_path) == []
 
 
@@ -187,8 +187,8 @@ def test_interrupted_after_writing_says_the_outputs_were_written(
     pair = make_pair(
         load_template(48), 110, "t1", "t2", np.random.default_rng(0), DataConfig(size=48)
     )
-    fixed = io.write_image(tmp_path / "fixed.tif", pair.fixed)
-    moving = io.write_image(tmp_path / "moving.tif", pair.moving)
+    fixed = imagefiles.write_image(tmp_path / "fixed.tif", pair.fixed)
+    moving = imagefiles.write_image(tmp_path / "moving.tif", pair.moving)
     out = tmp_path / "out"
 
     def interrupted(message: str = "") -> None:
@@ -218,8 +218,8 @@ def test_a_console_that_cannot_be_written_changes_nothing(tmp_path, monkeypatch,
     pair = make_pair(
         load_template(48), 110, "t1", "t2", np.random.default_rng(0), DataConfig(size=48)
     )
-    fixed = io.write_image(tmp_path / "fixed.tif", pair.fixed)
-    moving = io.write_image(tmp_path / "moving.tif", pair.moving)
+    fixed = imagefiles.write_image(tmp_path / "fixed.tif", pair.fixed)
+    moving = imagefiles.write_image(tmp_path / "moving.tif", pair.moving)
     monkeypatch.setattr(sys, "stdout", Full())
     monkeypatch.setattr(sys, "stderr", Full())
     args = ["register", fixed, moving, "-o", tmp_path / "out", "--model", tiny_checkpoint]

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from napari_discreg.core import data
 from napari_discreg.core.config import DataConfig
-from napari_discreg.core.itk_field import itk_affine_text
-from napari_discreg.core.prealign import (
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files.itk_field import itk_affine_text
+from napari_discreg.core.registration.prealign import (
     bright_background,
     describe_affine,
     prealign,

@@ -8,23 +8,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from napari_discreg.core.discrepancy import (
+from napari_discreg.core.learning.discrepancy import (
     emd_1d,
     histogram_projections,
     l1,
     projected_emd,
     sliced_wasserstein,
 )
-from napari_discreg.core.labels import (
+from napari_discreg.core.registration.label_grid import (
     label_offsets,
     label_to_displacement,
     quantise,
     soft_labels,
 )
-from napari_discreg.core.warp import warp
+from napari_discreg.core.registration.warp import warp
 
 # =======================================================================================
-# Discrepancies (napari_discreg.core.discrepancy)
+# Discrepancies (napari_discreg.core.learning.discrepancy)
 # =======================================================================================
 
 DISCREPANCY_SETTINGS = settings(max_examples=60, deadline=None)
@@ -138,7 +138,7 @@ def test_histogram_projections_preserve_mass(single):
         torch.testing.assert_close(proj.sum(-1), torch.ones(p.shape[0], dtype=p.dtype))
 
 
-# === Warping and quantisation (napari_discreg.core.warp, napari_discreg.core.labels) ===
+# === Warping and quantisation (napari_discreg.core.registration.warp, napari_discreg.core.registration.label_grid) ===
 
 WARP_SETTINGS = settings(max_examples=40, deadline=None)
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import napari_discreg as nd
-from napari_discreg.core import data
 from napari_discreg.core.config import DataConfig, RefineConfig
-from napari_discreg.core.metrics import end_point_error
-from napari_discreg.core.mind import mind_ssc
-from napari_discreg.core.preprocess import network_input
-from napari_discreg.core.refine import refine_field
+from napari_discreg.core.data import template as data
+from napari_discreg.core.registration.metrics import end_point_error
+from napari_discreg.core.registration.mind import mind_ssc
+from napari_discreg.core.registration.preprocess import network_input
+from napari_discreg.core.registration.refine import refine_field
 
 
 def _tensor(image):
@@ -72,7 +72,7 @@ def _mind_cost(fixed, warped):
 
 def test_register_guard_falls_back_to_identity_when_the_network_makes_it_worse(pair):
     from napari_discreg.core.config import ModelConfig
-    from napari_discreg.core.model import DiscreteRegistrationNet
+    from napari_discreg.core.learning.model import DiscreteRegistrationNet
 
     # an untrained model with a strong random bias: a large, wrong field
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ import pytest
 
 from napari_discreg import register
 from napari_discreg.core.config import RefineConfig
-from napari_discreg.core.prealign import prealign_steps
-from napari_discreg.core.refine import refine_step_count
+from napari_discreg.core.registration.prealign import prealign_steps
+from napari_discreg.core.registration.refine import refine_step_count
 
 
 class _Stop(Exception):

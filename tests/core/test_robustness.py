@@ -250,7 +250,7 @@ def _checkpoint(path, tiny_model, config=None, tensors=None, extra="{}"):
     import torch
     from safetensors.torch import save_file
 
-    from napari_discreg.core import checkpoint
+    from napari_discreg.core.files import checkpoint
 
     state = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
     state.update(tensors or {})
@@ -297,7 +297,7 @@ def test_cli_hostile_checkpoints(tmp_path, capsys, tiny_model):
 
 def test_register_memory_estimate_refused(monkeypatch):
     from napari_discreg.core.config import ModelConfig
-    from napari_discreg.core.model import DiscreteRegistrationNet
+    from napari_discreg.core.learning.model import DiscreteRegistrationNet
 
     cfg = ModelConfig(
         num_labels=61, capture_range=30.0, stride=2, features=4, head_channels=4, head_bottleneck=4
@@ -325,7 +325,7 @@ def test_cli_adapt_size_outside_register_range(tmp_path, capsys):
 
 def test_register_motion_beyond_capture_range(shipped_model, pair):
     f = pair.fixed
-    with pytest.warns(nd.core.register.CaptureRangeWarning) as caught:
+    with pytest.warns(nd.core.registration.register.CaptureRangeWarning) as caught:
         res = nd.register(
             f, np.roll(f, 8, axis=1), model=shipped_model, method="network", prealign="none"
         )
@@ -370,7 +370,7 @@ def test_cli_files_under_stress(tmp_path, capsys, monkeypatch):
 
     import nibabel as nib
 
-    from napari_discreg.core import io
+    from napari_discreg.core.files import imagefiles
 
     hdr = nib.Nifti1Header()
     hdr.set_data_shape((1024, 1024, 1024))
@@ -390,7 +390,7 @@ def test_cli_files_under_stress(tmp_path, capsys, monkeypatch):
     )
 
     (tmp_path / "o2").mkdir()
-    fixed = io.write_image(tmp_path / "o2" / "warped.tif", IMG)
+    fixed = imagefiles.write_image(tmp_path / "o2" / "warped.tif", IMG)
     code, err = _cli(["register", str(fixed), str(good), "-o", str(tmp_path / "o2")], capsys)
     assert code == 2 and "would overwrite the input" in err
     record(
@@ -406,7 +406,7 @@ def test_cli_files_under_stress(tmp_path, capsys, monkeypatch):
     def full(*_a):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io, "_fsync_file", full)
+    monkeypatch.setattr(imagefiles, "_fsync_file", full)
     code, err = _cli(["register", str(good), str(good), "-o", str(tmp_path / "o3")], capsys)
     assert code == 2 and "disk is full" in err and not (tmp_path / "o3").exists()
     record(
@@ -422,7 +422,7 @@ def test_field_files_read_as_itk_reads_them(tmp_path):
     pytest.importorskip("SimpleITK")
     from test_itk_field_geometry import FIELD_CASES, PIXEL, itk_step, make_case
 
-    from napari_discreg.core.io import load_field, read_field, save_field
+    from napari_discreg.core.files.imagefiles import load_field, read_field, save_field
 
     for name in FIELD_CASES:
         path = make_case(tmp_path, name)
@@ -467,10 +467,10 @@ def test_corrupt_adaptation_states(tmp_path, tiny_model):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from napari_discreg.core import data
-    from napari_discreg.core.adapt import AdaptState
     from napari_discreg.core.config import AdaptConfig, DataConfig
-    from napari_discreg.core.state import load_adaptation_state, save_adaptation_state
+    from napari_discreg.core.data import template as data
+    from napari_discreg.core.files.resume import load_adaptation_state, save_adaptation_state
+    from napari_discreg.core.learning.adapt import AdaptState
 
     dcfg = DataConfig(size=32)
     pairs = data.fixed_test_pairs(

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from napari_discreg import save_model
-from napari_discreg.core import data, io
-from napari_discreg.core.checkpoint import checkpoint_info, load_model
 from napari_discreg.core.config import AdaptConfig, DataConfig, FolderConfig, TrainConfig
-from napari_discreg.core.state import load_adaptation_state
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files import imagefiles
+from napari_discreg.core.files.checkpoint import checkpoint_info, load_model
+from napari_discreg.core.files.resume import load_adaptation_state
 from napari_discreg.runs import (
     AdaptationProgress,
     AdaptationSpec,
@@ -95,7 +96,7 @@ def scans(tmp_path_factory):
         )
         for name, vol in (("t1", t1), ("t2", t2)):
             (root / name).mkdir(exist_ok=True)
-            io.write_image(root / name / f"sub{s}.nii.gz", vol.transpose(1, 2, 0) * 800.0)
+            imagefiles.write_image(root / name / f"sub{s}.nii.gz", vol.transpose(1, 2, 0) * 800.0)
     return root
 
 

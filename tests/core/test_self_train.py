@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import napari_discreg as nd
-from napari_discreg.core import data
-from napari_discreg.core.adapt import AdaptState
 from napari_discreg.core.config import AdaptConfig, DataConfig
-from napari_discreg.core.labels import soft_labels
-from napari_discreg.core.model import clone_model
-from napari_discreg.core.self_train import mirrored_labels, trainable_parameters
-from napari_discreg.core.state import load_adaptation_state, save_adaptation_state
+from napari_discreg.core.data import template as data
+from napari_discreg.core.files.resume import load_adaptation_state, save_adaptation_state
+from napari_discreg.core.learning.adapt import AdaptState
+from napari_discreg.core.learning.model import clone_model
+from napari_discreg.core.learning.self_train import mirrored_labels, trainable_parameters
+from napari_discreg.core.registration.label_grid import soft_labels
 
 CFG = DataConfig(size=64)
 FAST = AdaptConfig(steps=6, select_every=2, pseudo_levels=1)

@@ -36,8 +36,10 @@ def test_the_count_is_set_in_the_thread_that_runs_the_job():
     seen = []
 
     def job():
+        before = torch.get_num_threads()
         seen.append(threads.use_threads_for_load(1))
         seen.append(torch.get_num_threads())
+        torch.set_num_threads(before)  # new threads start with the last count set
 
     t = threading.Thread(target=job)
     t.start()

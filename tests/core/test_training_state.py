@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from napari_discreg.core.checkpoint import OPTIMIZER_PREFIX, load_model, save_checkpoint
 from napari_discreg.core.config import ModelConfig
-from napari_discreg.core.model import DiscreteRegistrationNet
-from napari_discreg.core.state import load_training_state, save_training_state
-from napari_discreg.core.train import train_steps
+from napari_discreg.core.files.checkpoint import OPTIMIZER_PREFIX, load_model, save_checkpoint
+from napari_discreg.core.files.resume import load_training_state, save_training_state
+from napari_discreg.core.learning.model import DiscreteRegistrationNet
+from napari_discreg.core.learning.train import train_steps
 
 
 def _step(model, *opts):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.transform import warp as sk_warp
 
-from napari_discreg.core.labels import (
+from napari_discreg.core.registration.label_grid import (
     argmax_label,
     expected_displacement,
     label_offsets,
@@ -13,7 +13,7 @@ from napari_discreg.core.labels import (
     quantise,
     soft_labels,
 )
-from napari_discreg.core.warp import (
+from napari_discreg.core.registration.warp import (
     control_point_field,
     jacobian_determinant,
     upsample_field,

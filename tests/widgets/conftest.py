@@ -13,8 +13,8 @@ import torch
 
 from napari_discreg import load_model, save_model
 from napari_discreg.core.config import AdaptConfig, DataConfig, ModelConfig
-from napari_discreg.core.data import fixed_test_pairs, load_template, make_pair
-from napari_discreg.core.model import DiscreteRegistrationNet
+from napari_discreg.core.data.template import fixed_test_pairs, load_template, make_pair
+from napari_discreg.core.learning.model import DiscreteRegistrationNet
 
 SMALL = 96
 TINY = ModelConfig(num_labels=7, capture_range=3.0, stride=4, features=8, head_channels=16)

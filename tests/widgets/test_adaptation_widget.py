@@ -13,9 +13,9 @@ from qtpy.QtWidgets import QFileDialog
 
 from napari_discreg import load_model, register
 from napari_discreg._widgets import AdaptationWidget, RegisterWidget, state_for
-from napari_discreg.core import io
 from napari_discreg.core.config import DataConfig, FolderConfig
-from napari_discreg.core.data import load_template, synthesize_contrast
+from napari_discreg.core.data.template import load_template, synthesize_contrast
+from napari_discreg.core.files import imagefiles
 
 SMALL = 96  # px of the images written to the folders (slices are resized to 64)
 
@@ -184,7 +184,7 @@ def contrast_folders(tmp_path_factory):
         t1 = np.asarray(template.t1[k])
         t2 = synthesize_contrast(template, k, "t2", np.random.default_rng(k), config)
         for name, image in (("fixed", t1), ("moving", t2)):
-            io.write_image(
+            imagefiles.write_image(
                 root / name / f"sub{k}{ext}", (np.clip(image, 0, 1) * 255).astype(np.uint8)
             )
     return root

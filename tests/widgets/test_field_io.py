@@ -14,7 +14,7 @@ from napari.layers import Image, Vectors
 from napari_discreg._field_io import FIELD_KEY, get_field_reader, write_field_layer
 from napari_discreg._widgets import RegisterWidget
 from napari_discreg._widgets._register_outputs import output_name
-from napari_discreg.core.io import load_field, write_field, write_image
+from napari_discreg.core.files.imagefiles import load_field, write_field, write_image
 
 
 def _field(h: int = 40, w: int = 52) -> np.ndarray:

@@ -16,7 +16,7 @@ from napari.utils.theme import get_theme
 
 from napari_discreg import load_model, register
 from napari_discreg._widgets import HistogramInspectorWidget, RegisterWidget
-from napari_discreg.core.discrepancy import l1, projected_emd
+from napari_discreg.core.learning.discrepancy import l1, projected_emd
 
 
 def _registered(viewer, pair, model_path, wait_job, **kwargs):

@@ -14,7 +14,7 @@ from napari_discreg._widgets._landmarks import (
     sample_bilinear,
     tre_summary,
 )
-from napari_discreg.core.geometry import sample_field
+from napari_discreg.core.registration.geometry import sample_field
 
 
 def test_bilinear_sampling_matches_the_warp_convention():
@@ -85,7 +85,7 @@ def test_an_image_finds_its_landmarks_layer_by_name():
 
 def _landmark_viewer(viewer, pair, scale=(1.0, 1.0)):
     """The pair with landmarks that the true field relates: fixed x, moving x + u(x)."""
-    from napari_discreg.core.geometry import sample_field
+    from napari_discreg.core.registration.geometry import sample_field
 
     viewer.add_image(pair.fixed, name="fixed", scale=scale)
     viewer.add_image(pair.moving, name="moving", scale=scale)

@@ -10,7 +10,7 @@ import napari_discreg
 import napari_discreg.runs.registration as registration_run
 from napari_discreg._widgets import RegisterWidget, state_for
 from napari_discreg._widgets._register_outputs import output_name
-from napari_discreg.core.review import warp_to_grid
+from napari_discreg.core.registration.review import warp_to_grid
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def test_histology_sample_registers_and_reports_the_tre(viewer, tiny_model_path,
 def test_a_loaded_field_labels_and_points_with_a_moving_image_of_another_size(
     viewer, tmp_path, notes
 ):
-    from napari_discreg.core.geometry import sample_field
+    from napari_discreg.core.registration.geometry import sample_field
 
     rng = np.random.default_rng(0)
     viewer.add_image(rng.random((40, 50)), name="fixed", scale=(2.0, 2.0))

@@ -10,8 +10,8 @@ import napari_discreg
 from napari_discreg import load_model, register
 from napari_discreg._widgets import RegisterWidget, state_for
 from napari_discreg._widgets._register_outputs import output_name
-from napari_discreg.core.metrics import normalised_mutual_information
-from napari_discreg.core.warp import warp_numpy
+from napari_discreg.core.registration.metrics import normalised_mutual_information
+from napari_discreg.core.registration.warp import warp_numpy
 
 
 def _name(viewer, role):
@@ -68,7 +68,7 @@ MI_CONTRASTS = ("t2", "t2")
 @pytest.mark.shipped_model
 def test_registration_improves_mutual_information_with_shipped_model(viewer, wait_job):
     from napari_discreg.core.config import DataConfig
-    from napari_discreg.core.data import load_template, make_pair
+    from napari_discreg.core.data.template import load_template, make_pair
 
     config = DataConfig(size=192)
     pair = make_pair(load_template(192), 116, *MI_CONTRASTS, np.random.default_rng(0), config)
@@ -94,7 +94,7 @@ def test_register_api_cli_and_widget_run_one_pipeline(viewer, wait_job, tmp_path
 
     from napari_discreg.cli import main as cli_main
     from napari_discreg.core.config import DataConfig
-    from napari_discreg.core.data import load_template, make_pair
+    from napari_discreg.core.data.template import load_template, make_pair
 
     config = DataConfig(size=128)
     pair = make_pair(load_template(128), 116, "t1", "t2", np.random.default_rng(0), config)
@@ -287,7 +287,7 @@ def test_apply_field_to_labels_and_points(viewer, tiny_model_path, small_pair, w
     # points on the moving image -> fixed frame: x + u(x) must land back on the point
     moved = widget.apply_to_layer(points, points_frame="moving")
     assert isinstance(moved, Points) and moved.name == "landmarks warped"
-    from napari_discreg.core.geometry import sample_field
+    from napari_discreg.core.registration.geometry import sample_field
 
     back = moved.data + sample_field(field, moved.data)
     np.testing.assert_allclose(back, pts, atol=0.01)
@@ -328,7 +328,7 @@ def test_save_and_load_field(viewer, tmp_path, tiny_model_path, small_pair, wait
 
 @pytest.mark.shipped_model
 def test_model_choice_offers_the_shipped_models_by_name(viewer):
-    from napari_discreg.core.checkpoint import shipped_model_path
+    from napari_discreg.core.files.checkpoint import shipped_model_path
 
     widget = RegisterWidget(viewer)
     state = state_for(viewer)

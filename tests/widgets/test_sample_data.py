@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from napari.layers import Image, Labels
 
-from napari_discreg.core.warp import warp_numpy
+from napari_discreg.core.registration.warp import warp_numpy
 
 
 def test_multimodal_pair_sample(viewer):

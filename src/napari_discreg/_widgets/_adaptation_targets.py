@@ -31,9 +31,9 @@ from qtpy.QtWidgets import (
     QSpinBox,
 )
 
-from ..core.checkpoint import read_checkpoint
 from ..core.config import AdaptConfig, DataConfig, FolderConfig
-from ..core.dataset import list_images
+from ..core.data.folders import list_images
+from ..core.files.checkpoint import read_checkpoint
 from ..runs import ArrayTargets, FolderTargets
 from ._layers import check_image_pair
 from ._pickers import LayerCombo, preferring
@@ -138,9 +138,9 @@ class LayerTargetsBox(QGroupBox):
 def registered_targets(run) -> ArrayTargets:
     """Target pairs from the Register widget's last run: for each registered slice, the
     fixed image and the moving image resampled by that slice's pre-alignment, in
-    overlapping tiles (:func:`~napari_discreg.core.self_train.registered_pair_tiles`):
+    overlapping tiles (:func:`~napari_discreg.core.learning.self_train.registered_pair_tiles`):
     what the network saw. ``ValueError`` when there is no registered pair."""
-    from ..core.self_train import registered_pair_tiles
+    from ..core.learning.self_train import registered_pair_tiles
 
     results = getattr(run, "results", None)
     if run is None or not results:

@@ -1,6 +1,6 @@
 """Saving the last displacement field, and warping the chosen moving image with a loaded one.
 
-The files are those of :func:`napari_discreg.core.io.save_field`: ``(2, H, W)`` for a
+The files are those of :func:`napari_discreg.core.files.imagefiles.save_field`: ``(2, H, W)`` for a
 2D pair or one slice, ``(N, 2, H, W)`` for every slice of a stack of ``N`` slices along
 the registered axis.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from .._field_io import FIELD_KEY, ORIGIN_KEY, SPACING_KEY
-from ..core.geometry import in_plane_axes
-from ..core.io import save_field
-from ..core.review import gray_image, warp_to_grid
-from ..core.warp import warp_numpy
+from ..core.files.imagefiles import save_field
+from ..core.registration.geometry import in_plane_axes
+from ..core.registration.review import gray_image, warp_to_grid
+from ..core.registration.warp import warp_numpy
 from ._register_outputs import placement, slice_order
 from ._slices import Request
 from ._state import RegistrationRun

@@ -1,8 +1,8 @@
 """File access for the widgets' dialogs: file filters, layer names, images to open as layers.
 
-Reading and writing live in :mod:`napari_discreg.core.io` (the command line uses the same
-functions): images with :func:`~napari_discreg.core.io.read_stack`, displacement fields
-with :func:`~napari_discreg.core.io.save_field` / :func:`~napari_discreg.core.io.load_field`
+Reading and writing live in :mod:`napari_discreg.core.files.imagefiles` (the command line uses the same
+functions): images with :func:`~napari_discreg.core.files.imagefiles.read_stack`, displacement fields
+with :func:`~napari_discreg.core.files.imagefiles.save_field` / :func:`~napari_discreg.core.files.imagefiles.load_field`
 (float32 ``.npy`` or TIFF: ``(2, H, W)`` for one slice, ``(N, 2, H, W)`` for every slice
 of a stack, slice ``n`` along the registered axis). The file filters below are built
 from that module's extension lists.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.io import FIELD_EXTENSIONS, IMAGE_EXTENSIONS, read_stack
+from ..core.files.imagefiles import FIELD_EXTENSIONS, IMAGE_EXTENSIONS, read_stack
 
 
 def _file_filter(description: str, extensions: tuple[str, ...]) -> str:

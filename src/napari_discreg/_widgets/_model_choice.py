@@ -19,9 +19,9 @@ from qtpy.QtWidgets import (
     QSpinBox,
 )
 
-from ..core.checkpoint import load_model, shipped_model_path
 from ..core.config import SHIPPED_MODELS, RefineConfig
-from ..core.methods import DEFAULT_METHOD, METHODS
+from ..core.files.checkpoint import load_model, shipped_model_path
+from ..core.registration.methods import DEFAULT_METHOD, METHODS
 from . import _notify
 from ._io import CHECKPOINT_FILTER, layer_name_for
 from ._qt import row, select_data

@@ -15,7 +15,7 @@ pair never overwrites them and re-running a pair updates its own layers in place
 * ``displacement`` - Vectors from each foreground control point ``x`` to ``x + u(x)``,
   where the fixed pixel ``x`` samples the moving image (hidden until asked for);
 * ``deformation grid`` - a regular grid of the moving image warped like the image
-  (line segments, see :func:`napari_discreg.core.geometry.deformation_grid`; hidden);
+  (line segments, see :func:`napari_discreg.core.registration.geometry.deformation_grid`; hidden);
 * ``discrepancy`` - the projected EMD between the two heads per control point (bins),
   placed with scale/translate so that each value covers its control point's block
   (hidden).
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from napari.layers import Image, Labels, Points
 
-from ..core.geometry import (
+from ..core.registration.geometry import (
     deformation_grid,
     displacement_vectors,
     fixed_to_moving,
@@ -45,8 +45,8 @@ from ..core.geometry import (
     insert_axis,
     moving_to_fixed,
 )
-from ..core.review import foreground_vectors, review_images, warp_to_grid
-from ..core.warp import jacobian_determinant, warp_numpy
+from ..core.registration.review import foreground_vectors, review_images, warp_to_grid
+from ..core.registration.warp import jacobian_determinant, warp_numpy
 from . import _notify
 from ._layers import META_KEY, upsert_layer
 from ._state import RegistrationRun

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from psygnal import Signal
 
-from ..core.checkpoint import load_model
-from ..core.model import resolve_device
+from ..core.files.checkpoint import load_model
+from ..core.learning.model import resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-    from ..core.model import DiscreteRegistrationNet
-    from ..core.register import RegistrationResult
+    from ..core.learning.model import DiscreteRegistrationNet
+    from ..core.registration.register import RegistrationResult
 
 SHIPPED_MODEL_NAME = "shipped pretrained"
 

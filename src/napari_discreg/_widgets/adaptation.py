@@ -39,7 +39,7 @@ from qtpy.QtWidgets import (
 import napari_discreg
 
 from ..core.config import ADAPT_METHODS, AdaptConfig, DataConfig, FolderConfig
-from ..core.discrepancy import DISPLAY_NAMES, Discrepancy
+from ..core.learning.discrepancy import DISPLAY_NAMES, Discrepancy
 from ..runs import AdaptationSpec, resolve_adaptation, run_adaptation
 from . import _notify
 from ._adaptation_plot import AdaptationPlot

@@ -4,7 +4,7 @@ For the control point under the click it draws, for heads F1 and F2, the K x K
 displacement histogram, the row and column marginals and their cumulative sums (the
 area between two cumulative sums is the 1D Earth Mover's distance that the projected
 EMD averages), and the pEMD, L1 and sliced-Wasserstein discrepancies of that point;
-the numbers come from :func:`napari_discreg.core.inspect.point_summary`.
+the numbers come from :func:`napari_discreg.core.registration.histograms.point_summary`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from matplotlib.patches import Patch
 from qtpy.QtCore import QEvent
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel
 
-from ..core.geometry import in_plane_axes, insert_axis, sample_field
-from ..core.inspect import HISTOGRAM_KEYS, point_summary
+from ..core.registration.geometry import in_plane_axes, insert_axis, sample_field
+from ..core.registration.histograms import HISTOGRAM_KEYS, point_summary
 from . import _notify
 from ._layers import META_KEY, is_output, upsert_layer
 from ._mpl import FigureWidget

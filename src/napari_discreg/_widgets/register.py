@@ -33,10 +33,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.geometry import in_plane_axes
-from ..core.io import load_field
-from ..core.register import method_summary
-from ..core.review import gray_image, warp_to_grid
+from ..core.files.imagefiles import load_field
+from ..core.registration.geometry import in_plane_axes
+from ..core.registration.register import method_summary
+from ..core.registration.review import gray_image, warp_to_grid
 from ..runs.registration import RegistrationSpec, run_registration
 from . import _notify
 from ._field_files import field_metadata, run_from_field, save_run_field

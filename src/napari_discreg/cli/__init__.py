@@ -19,7 +19,7 @@ Conventions
 * Outputs are all-or-nothing: where they will go is checked before any computing,
   every file is written to a temporary name in the output folder, and the set of
   ``register`` or ``demo`` is swapped in as one transaction
-  (:class:`~napari_discreg.core.transaction.OutputSet`): the folder holds the complete
+  (:class:`~napari_discreg.core.files.transaction.OutputSet`): the folder holds the complete
   previous set or the complete new one, never a mix, whatever fails, signals or kills
   the run. A failed or interrupted run leaves nothing behind (not even the output
   folder, if it created it).
@@ -29,7 +29,7 @@ Conventions
 * A console that cannot be written (a full disk behind ``>``, a closed pipe) never
   changes what a run writes or its exit status.
 * ``train`` and ``adapt`` run unchanged under ``torchrun --nproc-per-node N`` (data
-  parallel, :mod:`napari_discreg.core.distributed`): rank 0 prints, shows progress
+  parallel, :mod:`napari_discreg.core.learning.distributed`): rank 0 prints, shows progress
   and writes the files; see docs/scaling.md. A rank that hangs longer than
   ``--dist-timeout`` (default 300 s) makes the others stop with an error, status 1.
 * Outputs never replace inputs (refused, status 2); ``-o`` of ``train``/``adapt``
@@ -53,8 +53,8 @@ from typing import Any
 import torch.distributed
 
 from .. import __version__
-from ..core.distributed import DistributedError
-from ..core.transaction import recording_commits
+from ..core.files.transaction import recording_commits
+from ..core.learning.distributed import DistributedError
 from ..runs.base import SettingError
 from ._common import (
     EXIT_FAILURE,

@@ -2,8 +2,8 @@
 never replace inputs, saved models, progress bars and the options for the user's own
 image folders.
 
-Files written together (:class:`~napari_discreg.core.transaction.OutputSet`) and the
-writability checks live in :mod:`napari_discreg.core.transaction`; loading a model
+Files written together (:class:`~napari_discreg.core.files.transaction.OutputSet`) and the
+writability checks live in :mod:`napari_discreg.core.files.transaction`; loading a model
 (:func:`napari_discreg.runs.base.load_base_model`) and ``jsonable`` in
 :mod:`napari_discreg.runs.base`."""
 
@@ -20,22 +20,22 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import save_model
-from ..core import io
 from ..core.config import SHIPPED_MODELS, FolderConfig
-from ..core.distributed import (
+from ..core.files import imagefiles
+from ..core.files.transaction import (
+    check_writable_file,
+    make_dirs,
+    remove_empty,
+    write_text,
+)
+from ..core.learning.distributed import (
     TIMEOUT_ENV,
     DistContext,
     barrier,
     collective_failure,
     shutdown,
 )
-from ..core.methods import method_named
-from ..core.transaction import (
-    check_writable_file,
-    make_dirs,
-    remove_empty,
-    write_text,
-)
+from ..core.registration.methods import method_named
 from ..runs.base import jsonable as _jsonable
 
 SHIPPED_NAMES = ", ".join(SHIPPED_MODELS)
@@ -247,7 +247,7 @@ def _add_folder_options(p, *, axis: bool) -> None:
     f = FolderConfig()
     g = p.add_argument_group(
         "your own images (folders, files or lists of 2D images and 3D volumes: "
-        f"{' '.join(io.IMAGE_EXTENSIONS)})"
+        f"{' '.join(imagefiles.IMAGE_EXTENSIONS)})"
     )
     if axis:
         g.add_argument(
@@ -307,7 +307,7 @@ def _add_dist_timeout(p) -> None:
 
 def run_distributed(ctx: DistContext, work) -> int:
     """``work()`` in the process group ``ctx``; a failed collective (a hung or lost rank)
-    becomes a :class:`~napari_discreg.core.distributed.DistributedError` with a clear
+    becomes a :class:`~napari_discreg.core.learning.distributed.DistributedError` with a clear
     message; the group is left at the end."""
     try:
         result = work()

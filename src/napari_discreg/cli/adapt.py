@@ -8,8 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..core.config import ADAPT_METHODS, AdaptConfig, DataConfig, FolderConfig
-from ..core.discrepancy import Discrepancy
-from ..core.distributed import DistContext, init_distributed
+from ..core.learning.discrepancy import Discrepancy
+from ..core.learning.distributed import DistContext, init_distributed
 from ..runs import AdaptationSpec, TargetOptions, resolve_adaptation, run_adaptation
 from ._common import (
     EXIT_INTERRUPTED,

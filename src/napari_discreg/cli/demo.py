@@ -10,21 +10,21 @@ from matplotlib.figure import Figure
 
 from .. import __version__
 from ..core.config import DataConfig
-from ..core.data import TISSUES, load_template, make_pair
-from ..core.evaluate import control_point_accuracy
-from ..core.geometry import fixed_to_moving
-from ..core.methods import DEFAULT_METHOD, METHODS, resolve_method
-from ..core.metrics import (
+from ..core.data.template import TISSUES, load_template, make_pair
+from ..core.files.transaction import OutputSet, write_text
+from ..core.learning.evaluate import control_point_accuracy
+from ..core.learning.model import resolve_device
+from ..core.registration.geometry import fixed_to_moving
+from ..core.registration.methods import DEFAULT_METHOD, METHODS, resolve_method
+from ..core.registration.metrics import (
     dice,
     end_point_error,
     folding_fraction,
     normalised_mutual_information,
 )
-from ..core.model import resolve_device
-from ..core.register import method_summary
-from ..core.review import review_images
-from ..core.transaction import OutputSet, write_text
-from ..core.warp import warp_numpy
+from ..core.registration.register import method_summary
+from ..core.registration.review import review_images
+from ..core.registration.warp import warp_numpy
 from ..runs.base import load_base_model
 from ..runs.registration import RegistrationSpec, register_pair
 from ._common import (
@@ -99,7 +99,7 @@ def _label_accuracy(result, truth: np.ndarray, mask: np.ndarray) -> float:
 
 
 def demo_metrics(pair, result, runtime: float) -> dict[str, Any]:
-    """The numbers of the demo report for a :class:`~napari_discreg.core.data.Pair`."""
+    """The numbers of the demo report for a :class:`~napari_discreg.core.data.template.Pair`."""
 
     mask = pair.mask > 0
     zero = np.zeros_like(pair.displacement)

@@ -6,22 +6,22 @@ import time
 
 import numpy as np
 
-from ..core import io
 from ..core.config import RefineConfig
-from ..core.itk_field import itk_affine_text
-from ..core.methods import DEFAULT_METHOD, METHODS
-from ..core.metrics import normalised_mutual_information
-from ..core.model import resolve_device
-from ..core.prealign import (
+from ..core.files import imagefiles
+from ..core.files.itk_field import itk_affine_text
+from ..core.files.transaction import OutputSet, write_text
+from ..core.learning.model import resolve_device
+from ..core.registration.methods import DEFAULT_METHOD, METHODS
+from ..core.registration.metrics import normalised_mutual_information
+from ..core.registration.prealign import (
     DEFAULT_PREALIGN,
     PREALIGN_MODES,
     describe_affine,
     resample,
     unmoved_matrix,
 )
-from ..core.register import method_summary
-from ..core.review import tissue_region
-from ..core.transaction import OutputSet, write_text
+from ..core.registration.register import method_summary
+from ..core.registration.review import tissue_region
 from ..runs.base import load_base_model
 from ..runs.registration import RegistrationSpec, register_pair
 from ._common import (
@@ -117,10 +117,10 @@ def _run_register(args) -> int:
         [("the output", outputs.final(n)) for n in names.values()],
         {"FIXED": args.fixed, "MOVING": args.moving, "--model": args.model},
     )
-    fixed = io.read_image(args.fixed, axis=args.axis, index=args.index)
-    moving = io.read_image(args.moving, axis=args.axis, index=args.index)
-    fixed_spacing = args.fixed_spacing or io.read_spacing(args.fixed, axis=args.axis)
-    moving_spacing = args.moving_spacing or io.read_spacing(args.moving, axis=args.axis)
+    fixed = imagefiles.read_image(args.fixed, axis=args.axis, index=args.index)
+    moving = imagefiles.read_image(args.moving, axis=args.axis, index=args.index)
+    fixed_spacing = args.fixed_spacing or imagefiles.read_spacing(args.fixed, axis=args.axis)
+    moving_spacing = args.moving_spacing or imagefiles.read_spacing(args.moving, axis=args.axis)
     device = resolve_device(args.device)
     model, model_desc = load_base_model(args.model, device)
 
@@ -186,15 +186,15 @@ def _run_register(args) -> int:
         "command": args.command_line,
     }
     with outputs:
-        io.write_image(outputs.path(names["warped"]), result.warped)
-        io.write_field(outputs.path(names["displacement"]), result.displacement)
+        imagefiles.write_image(outputs.path(names["warped"]), result.warped)
+        imagefiles.write_field(outputs.path(names["displacement"]), result.displacement)
         write_text(
             outputs.path(names["affine"]),
             itk_affine_text(
                 result.affine, fixed_spacing=fixed_spacing, moving_spacing=moving_spacing
             ),
         )
-        io.write_image(outputs.path(names["discrepancy"]), discrepancy)
+        imagefiles.write_image(outputs.path(names["discrepancy"]), discrepancy)
         _write_json(outputs.path(names["summary"]), summary)
 
     h, w = fixed.shape

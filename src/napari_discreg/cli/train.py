@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.config import DataConfig, FolderConfig, ModelConfig, TrainConfig
-from ..core.data import CONTRASTS
-from ..core.distributed import DistContext, init_distributed
+from ..core.data.template import CONTRASTS
+from ..core.learning.distributed import DistContext, init_distributed
 from ..runs import TrainingSpec, run_training
 from ._common import (
     EXIT_INTERRUPTED,

@@ -21,7 +21,7 @@ MAX_IMAGE_SIDE = 2048
 """Largest side in pixels of the images a config may ask for (``DataConfig.size``)."""
 MIN_IMAGE_SIDE = 16
 """Smallest side in pixels that :func:`register` accepts for the shipped models (their
-label range, :func:`~napari_discreg.core.preprocess.min_image_size`); training and
+label range, :func:`~napari_discreg.core.registration.preprocess.min_image_size`); training and
 adaptation sizes below it are refused too."""
 
 
@@ -322,7 +322,7 @@ class TrainConfig(Config):
 
     Source pairs are mono-modal pairs of each of ``source_contrasts``; with
     ``contrast_augmentation`` as many again are pairs whose fixed and moving images
-    each get their own random contrast (:data:`~napari_discreg.core.data.AUGMENTED`),
+    each get their own random contrast (:data:`~napari_discreg.core.data.template.AUGMENTED`),
     so that G learns features that do not depend on the contrast. Without it the
     source is the paper's protocol (mono-modal pairs only).
     """
@@ -347,7 +347,7 @@ class TrainConfig(Config):
 
 
 SELECTION_CRITERIA: tuple[str, ...] = ("mind", "nmi", "agreement")
-"""Names of the unsupervised keep-best criteria (:func:`~napari_discreg.core.predict.selection_criterion`)."""
+"""Names of the unsupervised keep-best criteria (:func:`~napari_discreg.core.registration.predict.selection_criterion`)."""
 
 
 ADAPT_METHODS: tuple[str, ...] = ("self-training", "mcd")
@@ -369,12 +369,12 @@ class AdaptConfig(Config):
     the shipped model was trained (:class:`TrainConfig`). ``holdout`` is the share of the
     target pairs set aside for that criterion and never adapted on (at least one pair
     when there are two or more; 0: select on the pairs adapted on), so the weights are
-    judged on pairs the run did not fit (:func:`~napari_discreg.core.adapt.holdout_split`).
+    judged on pairs the run did not fit (:func:`~napari_discreg.core.learning.adapt.holdout_split`).
     Self-training (``method="self-training"``) learns the model's fields refined by
     MIND-SSC instance optimisation (``pseudo_levels``, ``pseudo_smoothness``; ``flip``
     adds the mirrored pairs); when the refined fields match the pairs less than
     ``min_pseudo_gain`` better than the model's own, there is nothing to learn and the
-    run keeps the model as it is (:func:`~napari_discreg.core.self_train.pseudo_labels`).
+    run keeps the model as it is (:func:`~napari_discreg.core.learning.self_train.pseudo_labels`).
     """
 
     # the default: self-training on the refined fields, 8 pairs of 192 x 192 in under
@@ -467,7 +467,7 @@ the tissue the network's losses, the selection criterion and the quality figures
 
 @dataclass(frozen=True)
 class FolderConfig(Config):
-    """How the user's own image files become training slices (:mod:`.core.dataset`).
+    """How the user's own image files become training slices (:mod:`.data.folders`).
 
     Attributes
     ----------
@@ -521,7 +521,7 @@ class FolderConfig(Config):
 
 @dataclass(frozen=True)
 class RefineConfig(Config):
-    """Settings of :func:`~napari_discreg.core.refine.refine_field`; defaults chosen on validation pairs from the
+    """Settings of :func:`~napari_discreg.core.registration.refine.refine_field`; defaults chosen on validation pairs from the
     training slices by ``benchmarks/tune_refine.py`` (never on the test pairs).
 
     Attributes
@@ -565,7 +565,7 @@ class RefineConfig(Config):
 
 @dataclass(frozen=True)
 class BSplineConfig(Config):
-    """Settings of :func:`~napari_discreg.core.bspline.bspline_refine`, the default
+    """Settings of :func:`~napari_discreg.core.registration.bspline.bspline_refine`, the default
     refinement; chosen on validation pairs from the training slices by
     ``benchmarks/tune_bspline.py`` (never on the test pairs).
 

@@ -1,6 +1,6 @@
 """How much memory a registration or an adaptation will need, checked before it starts.
 
-The pixel limit (:data:`~napari_discreg.core.preprocess.MAX_PIXELS`) alone does not bound
+The pixel limit (:data:`~napari_discreg.core.registration.preprocess.MAX_PIXELS`) alone does not bound
 memory: the network's cost volume and heads hold ``K^2`` values per control point, and
 there are ``H * W / stride^2`` control points, so a model with many labels or a small
 stride needs gigabytes for a small image. :func:`check_memory` refuses a job whose
@@ -79,7 +79,7 @@ import resource
 from dataclasses import dataclass
 
 from .config import ENV_PREFIX, BSplineConfig, ModelConfig, limit_setting
-from .methods import Method, Settings, method_named
+from .registration.methods import Method, Settings, method_named
 
 ENV_LIMIT = ENV_PREFIX + "MAX_MEMORY_GB"
 """Environment variable: the most memory (GB, 1e9 bytes) one job may need by the estimate."""
@@ -115,13 +115,13 @@ class MemoryEstimate:
 
 
 GUARD_FLOOR = 256_000_000
-"""The network's own check (:meth:`~napari_discreg.core.model.DiscreteRegistrationNet.cost_volume`)
+"""The network's own check (:meth:`~napari_discreg.core.learning.model.DiscreteRegistrationNet.cost_volume`)
 skips estimates below this many bytes (it would cost a read of ``/proc/meminfo`` per pass)."""
 
 
 def _integer_shifts(config: ModelConfig) -> bool:
     """Whether the cost volume is built from integer shifts (as
-    :func:`~napari_discreg.core.model.integer_shift_spacing` decides: an even stride and a
+    :func:`~napari_discreg.core.learning.model.integer_shift_spacing` decides: an even stride and a
     whole-pixel label spacing); else ``grid_sample`` holds ``C * K^2`` values per point."""
     step = 2.0 * config.capture_range / (config.num_labels - 1)
     return config.stride % 2 == 0 and step >= 1 - 1e-6 and abs(step - round(step)) <= 1e-6
@@ -149,8 +149,8 @@ def network_bytes(config: ModelConfig, shape: tuple[int, int], batch: int = 1) -
 def bspline_band_bytes(shape: tuple[int, int], settings: BSplineConfig | None = None) -> int:
     """Bytes of the largest band the B-spline stage factorises for an image of ``shape``:
     ``16 x band_rows x control points`` (float64, both axes) on its finest grid (see
-    :func:`~napari_discreg.core.bspline._solve`: the band spans the grid's shorter side)."""
-    from .bspline import band_rows, control_grid_size, level_schedule
+    :func:`~napari_discreg.core.registration.bspline._solve`: the band spans the grid's shorter side)."""
+    from .registration.bspline import band_rows, control_grid_size, level_schedule
 
     cfg = settings or BSplineConfig()
     h, w = (int(n) for n in shape)

@@ -5,7 +5,7 @@ Targets come from arrays, ready-made pair files, folders of a second contrast (p
 subject by subject, with a held-out evaluation, or unpaired) or built-in demo pairs;
 the labelled source from folders of the user's images or the MNI template. A run can
 save a resumable state every N iterations and continue a saved one; under torchrun
-each process adapts on its shard of the target pairs (:mod:`.core.distributed`).
+each process adapts on its shard of the target pairs (:mod:`.core.learning.distributed`).
 """
 
 from __future__ import annotations
@@ -23,23 +23,23 @@ import torch
 import napari_discreg
 
 from .. import __version__
-from ..core.adapt import AdaptState, StopAdaptation, holdout_split
-from ..core.checkpoint import checkpoint_info, read_checkpoint
 from ..core.config import AdaptConfig, TrainConfig
-from ..core.dataset import PairBatches, PairMaker, PairSet, evaluate_pairs
-from ..core.discrepancy import Discrepancy
-from ..core.distributed import (
+from ..core.data.folders import PairBatches, PairMaker, PairSet, evaluate_pairs
+from ..core.files.checkpoint import checkpoint_info, read_checkpoint
+from ..core.files.resume import adaptation_record, load_adaptation_state, save_adaptation_state
+from ..core.learning.adapt import AdaptState, StopAdaptation, holdout_split
+from ..core.learning.discrepancy import Discrepancy
+from ..core.learning.distributed import (
     DistContext,
     average_gradients,
     broadcast_module,
     max_weight_difference,
 )
+from ..core.learning.model import DiscreteRegistrationNet
+from ..core.learning.train import StepRecord, source_batches
 from ..core.memory import adaptation_estimate, check_memory
-from ..core.model import DiscreteRegistrationNet
-from ..core.predict import identity_criterion, prepare_target
-from ..core.state import adaptation_record, load_adaptation_state, save_adaptation_state
+from ..core.registration.predict import identity_criterion, prepare_target
 from ..core.threads import use_threads_for_load
-from ..core.train import StepRecord, source_batches
 from .base import (
     Messages,
     ModelSource,
@@ -101,7 +101,7 @@ class AdaptationSpec(RunOptions):
     source : paths or None
         Labelled source images (one contrast); ``None``: the MNI template.
     discrepancy : Discrepancy or str
-        A :class:`~napari_discreg.core.discrepancy.Discrepancy` or a name it parses,
+        A :class:`~napari_discreg.core.learning.discrepancy.Discrepancy` or a name it parses,
         parsed here, once (``ValueError`` for an unknown name).
     config, data_config, folder_config
         Adaptation, synthetic-pair and folder settings (``folder_config.target_pairs``
@@ -112,7 +112,7 @@ class AdaptationSpec(RunOptions):
     skip_bad, allow_mixed_shapes, workers
         How the user's folders are read (see ``napari-discreg adapt --help``).
     device, context
-        The process context (:func:`~napari_discreg.core.distributed.init_distributed`);
+        The process context (:func:`~napari_discreg.core.learning.distributed.init_distributed`);
         without one a single process on ``device``.
     checkpoint_every, state_path
         Save a resumable state to ``state_path`` every N iterations and at the end.
@@ -147,7 +147,7 @@ class AdaptationSpec(RunOptions):
 
 @dataclass(frozen=True)
 class AdaptationProgress:
-    """One record of a run: the core :class:`~napari_discreg.core.train.StepRecord`
+    """One record of a run: the core :class:`~napari_discreg.core.learning.train.StepRecord`
     (the first one is the starting iteration, with the initial criterion) and the run's
     best iteration so far, its criterion and the latest criterion evaluated."""
 
@@ -782,7 +782,7 @@ def _adapt(
 def _selection_summary(
     fixed: np.ndarray, moving: np.ndarray, model: DiscreteRegistrationNet, cfg: AdaptConfig
 ) -> dict[str, Any]:
-    """Which target pairs judge the weights (as :func:`~napari_discreg.core.adapt.adapt_steps`
+    """Which target pairs judge the weights (as :func:`~napari_discreg.core.learning.adapt.adapt_steps`
     splits them) and the criterion of no registration on them."""
     n = int(np.shape(fixed)[0])
     adapt_on, held = holdout_split(n, cfg.holdout, cfg.seed)

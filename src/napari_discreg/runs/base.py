@@ -14,12 +14,12 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from ..core.checkpoint import checkpoint_path, load_model
 from ..core.config import DataConfig, FolderConfig
-from ..core.dataset import SliceDataset
-from ..core.distributed import DistContext
-from ..core.model import DiscreteRegistrationNet, clone_model, resolve_device
-from ..core.transaction import make_dirs, remove_empty  # noqa: F401 (the runs use them)
+from ..core.data.folders import SliceDataset
+from ..core.files.checkpoint import checkpoint_path, load_model
+from ..core.files.transaction import make_dirs, remove_empty  # noqa: F401 (the runs use them)
+from ..core.learning.distributed import DistContext
+from ..core.learning.model import DiscreteRegistrationNet, clone_model, resolve_device
 
 PathLike = str | os.PathLike
 Say = Callable[[str], None]

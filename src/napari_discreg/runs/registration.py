@@ -9,7 +9,7 @@ per registered slice out, and a :class:`StackResult` at the end.
         print(record.number, record.total, record.result.quality)
     stack = run.result              # or run.close() to stop after the slice in progress
 
-Every slice goes through :func:`napari_discreg.core.register.register`, the one function
+Every slice goes through :func:`napari_discreg.core.registration.register.register`, the one function
 behind ``register()``, ``napari-discreg register`` and the widget's Register. Progress
 within a slice (every pre-alignment and optimiser step) goes to ``spec.on_step``; an
 exception it raises (a stop request) ends the run and propagates.
@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 
 from ..core.config import BSplineConfig, RefineConfig
-from ..core.distributed import DistContext
-from ..core.model import DiscreteRegistrationNet
-from ..core.prealign import DEFAULT_PREALIGN
-from ..core.register import RegistrationResult, method_summary, register
+from ..core.learning.distributed import DistContext
+from ..core.learning.model import DiscreteRegistrationNet
+from ..core.registration.prealign import DEFAULT_PREALIGN
+from ..core.registration.register import RegistrationResult, method_summary, register
+from ..core.registration.warp import jacobian_determinant
 from ..core.threads import threads_for_load, use_threads_for_load
-from ..core.warp import jacobian_determinant
 from .base import Run
 
 SliceIndex = int | None
@@ -52,7 +52,7 @@ class RegistrationSpec:
     model : DiscreteRegistrationNet, optional
         Default: the shipped model.
     method, refine, prealign, fixed_spacing, moving_spacing, device, max_memory_gb
-        As :func:`~napari_discreg.core.register.register`.
+        As :func:`~napari_discreg.core.registration.register.register`.
     histograms : bool
         Compute each slice's network histograms in the run (the widget's inspector
         reads them; a GUI must not compute them on its own thread).

@@ -12,10 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core import io
 from ..core.config import DataConfig, FolderConfig
-from ..core.data import fixed_test_pairs, load_template, template_estimate
-from ..core.dataset import (
+from ..core.data.folders import (
     PairMaker,
     SliceDataset,
     list_images,
@@ -24,7 +22,9 @@ from ..core.dataset import (
     shard,
     split_holdout,
 )
-from ..core.distributed import DistContext
+from ..core.data.template import fixed_test_pairs, load_template, template_estimate
+from ..core.files import imagefiles
+from ..core.learning.distributed import DistContext
 from ..core.memory import check_memory
 from .base import Messages, PathLike, SettingError, report_bad
 
@@ -129,7 +129,9 @@ def check_target_options(options: TargetOptions, source) -> None:
 
 def _is_image_file(path: Path) -> bool:
     name = path.name.lower()
-    return path.is_file() and not name.startswith(".") and name.endswith(io.IMAGE_EXTENSIONS)
+    return (
+        path.is_file() and not name.startswith(".") and name.endswith(imagefiles.IMAGE_EXTENSIONS)
+    )
 
 
 def read_targets(path: PathLike, *, axis: int | None = None) -> tuple[np.ndarray, str]:
@@ -138,8 +140,10 @@ def read_targets(path: PathLike, *, axis: int | None = None) -> tuple[np.ndarray
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if _is_image_file(f))
         if not files:
-            raise ValueError(f"{p}: the folder holds no images ({', '.join(io.IMAGE_EXTENSIONS)})")
-        images = [io.read_image(f, axis=axis) for f in files]
+            raise ValueError(
+                f"{p}: the folder holds no images ({', '.join(imagefiles.IMAGE_EXTENSIONS)})"
+            )
+        images = [imagefiles.read_image(f, axis=axis) for f in files]
         for f, image in zip(files, images, strict=True):
             if image.shape != images[0].shape:
                 raise ValueError(
@@ -147,7 +151,7 @@ def read_targets(path: PathLike, *, axis: int | None = None) -> tuple[np.ndarray
                     f"{f.name} is {image.shape}); all target images must have one shape"
                 )
         return np.stack(images), f"{len(files)} images in {p}"
-    stack = io.read_stack(p, axis=axis)
+    stack = imagefiles.read_stack(p, axis=axis)
     return stack, f"{stack.shape[0]} slices of {p}"
 
 

@@ -4,7 +4,7 @@ values (:class:`TrainingSpec`) to the trained model and its metadata record.
 The pairs come from the user's images (folders/files, with a held-out evaluation at
 the end) or the MNI template. A run can save a resumable state every N steps and
 continue a saved one; under torchrun each process trains on its shard of the slices
-(:mod:`.core.distributed`).
+(:mod:`.core.learning.distributed`).
 """
 
 from __future__ import annotations
@@ -19,21 +19,21 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..core import train as core_train
-from ..core.checkpoint import read_checkpoint
 from ..core.config import DataConfig, FolderConfig, ModelConfig, TrainConfig
-from ..core.dataset import PairBatches, PairMaker, evaluate_pairs, make_pairs, split_holdout
-from ..core.distributed import (
+from ..core.data.folders import PairBatches, PairMaker, evaluate_pairs, make_pairs, split_holdout
+from ..core.files.checkpoint import read_checkpoint
+from ..core.files.resume import load_training_state, save_training_state
+from ..core.learning import train as core_train
+from ..core.learning.distributed import (
     DistContext,
     all_reduce_mean,
     ddp_source_loss,
     max_weight_difference,
 )
+from ..core.learning.model import DiscreteRegistrationNet
+from ..core.learning.train import StepRecord, template_batches
 from ..core.memory import MemoryEstimate, check_memory, training_bytes
-from ..core.model import DiscreteRegistrationNet
-from ..core.state import load_training_state, save_training_state
 from ..core.threads import use_threads_for_load
-from ..core.train import StepRecord, template_batches
 from .base import (
     Messages,
     Run,
@@ -60,7 +60,7 @@ class TrainingSpec(RunOptions):
     skip_bad, allow_mixed_shapes, workers
         How the user's folders are read (see ``napari-discreg train --help``).
     device, context
-        The process context (:func:`~napari_discreg.core.distributed.init_distributed`);
+        The process context (:func:`~napari_discreg.core.learning.distributed.init_distributed`);
         without one a single process on ``device``.
     checkpoint_every, state_path
         Save a resumable state to ``state_path`` every N steps and at the end.
@@ -318,7 +318,7 @@ def _train(
             else:
                 state_error = None
 
-    # looked up here, not imported: the command-line tests replace core.train.train_steps
+    # looked up here, not imported: the command-line tests replace core.learning.train.train_steps
     steps = core_train.train_steps(
         model,
         config=tcfg,

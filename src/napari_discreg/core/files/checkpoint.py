@@ -27,9 +27,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from .config import SHIPPED_MODELS, ModelConfig, parse_json
-from .io import replace_atomically
-from .model import DiscreteRegistrationNet, expected_state_shapes, resolve_device
+from ..config import SHIPPED_MODELS, ModelConfig, parse_json
+from ..learning.model import DiscreteRegistrationNet, expected_state_shapes, resolve_device
+from .imagefiles import replace_atomically
 
 FORMAT = "napari-discreg"
 FORMAT_VERSION = "1"
@@ -93,7 +93,7 @@ def _model_metadata(model: DiscreteRegistrationNet, extra: dict[str, Any] | None
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """safetensors file written all-or-nothing (:func:`~napari_discreg.core.io.replace_atomically`:
+    """safetensors file written all-or-nothing (:func:`~napari_discreg.core.files.imagefiles.replace_atomically`:
     a unique temporary name, fsync, rename; the previous file intact on any failure).
 
     The file is serialised in memory and written by Python, so a full disk is an

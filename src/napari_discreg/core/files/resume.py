@@ -14,7 +14,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .adapt import AdaptState, adaptation_optimizers
+from ..config import MAX_COUNT, AdaptConfig, parse_json
+from ..learning.adapt import AdaptState, adaptation_optimizers
+from ..learning.model import DiscreteRegistrationNet, resolve_device
+from ..learning.self_train import trainable_parameters
 from .checkpoint import (
     OPTIMIZER_PREFIX,
     STATE_PREFIX,
@@ -24,9 +27,6 @@ from .checkpoint import (
     _write,
     read_checkpoint,
 )
-from .config import MAX_COUNT, AdaptConfig, parse_json
-from .model import DiscreteRegistrationNet, resolve_device
-from .self_train import trainable_parameters
 
 # ------------------------------------------------------------------ training states
 
@@ -332,7 +332,7 @@ def save_adaptation_state(
     *,
     running: bool,
 ) -> Path:
-    """Write an :class:`~napari_discreg.core.adapt.AdaptState` to ``path``.
+    """Write an :class:`~napari_discreg.core.learning.adapt.AdaptState` to ``path``.
 
     ``running``: the run is between two records (the model holds the current
     weights); otherwise it has ended and ``state.weights`` holds them. ``extra``

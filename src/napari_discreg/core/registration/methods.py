@@ -1,4 +1,4 @@
-"""The deformable methods of :func:`~napari_discreg.core.register.register`, in one table.
+"""The deformable methods of :func:`~napari_discreg.core.registration.register.register`, in one table.
 
 Each :class:`Method` says what it runs (the network's field, an optimiser, or both), the
 type of its settings, how many optimiser steps it plans and how to describe it; the API,
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import BSplineConfig, RefineConfig
+from ..config import BSplineConfig, RefineConfig
 
 Settings = BSplineConfig | RefineConfig | None
 

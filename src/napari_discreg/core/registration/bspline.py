@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import BSplineConfig
+from ..config import BSplineConfig
 from .mind import mind_descriptors
 from .preprocess import check_tensor_pair
 

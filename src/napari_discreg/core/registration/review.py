@@ -12,7 +12,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates
 from skimage.color import rgb2gray
 
-from .config import FOREGROUND_THRESHOLD
+from ..config import FOREGROUND_THRESHOLD
 from .preprocess import normalise_intensity
 
 FOREGROUND = 0.1

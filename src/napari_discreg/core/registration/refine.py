@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import RefineConfig
+from ..config import RefineConfig
 from .mind import mind_ssc
 from .preprocess import check_tensor_pair, pad_to_multiple
 from .warp import control_point_field, upsample_field, warp

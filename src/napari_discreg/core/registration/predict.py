@@ -6,12 +6,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import FOREGROUND_THRESHOLD, SELECTION_CRITERIA
-from .discrepancy import projected_emd
-from .labels import expected_displacement
+from ..config import FOREGROUND_THRESHOLD, SELECTION_CRITERIA
+from ..learning.discrepancy import projected_emd
+from ..learning.model import DiscreteRegistrationNet, probabilities
+from .label_grid import expected_displacement
 from .metrics import normalised_mutual_information
 from .mind import mind_ssc
-from .model import DiscreteRegistrationNet, probabilities
 from .preprocess import check_stack, network_input
 from .warp import upsample_field, warp
 

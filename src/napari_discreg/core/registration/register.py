@@ -14,16 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import FOREGROUND_THRESHOLD, BSplineConfig, RefineConfig
+from ..files.checkpoint import load_model
+from ..learning.discrepancy import projected_emd
+from ..learning.model import DiscreteRegistrationNet, clone_model, mode_independent, resolve_device
+from ..memory import ENV_LIMIT, check_memory, register_estimate
 from .bspline import bspline_refine
-from .checkpoint import load_model
-from .config import FOREGROUND_THRESHOLD, BSplineConfig, RefineConfig
-from .discrepancy import projected_emd
 from .geometry import control_grid_shape, control_point_index, control_point_position
-from .labels import argmax_label
-from .memory import ENV_LIMIT, check_memory, register_estimate
+from .label_grid import argmax_label
 from .methods import DEFAULT_METHOD, method_named, resolve_method
 from .mind import mind_ssc
-from .model import DiscreteRegistrationNet, clone_model, mode_independent, resolve_device
 from .prealign import (
     DEFAULT_PREALIGN,
     PREALIGN_MODES,
@@ -87,7 +87,7 @@ def _run_network(model, ft, mt):
 
     The model's train/eval mode is left alone (switching it is not thread-safe: another
     thread may be training or registering with the same model): the architecture
-    computes the same in both modes (:func:`~napari_discreg.core.model.mode_independent`),
+    computes the same in both modes (:func:`~napari_discreg.core.learning.model.mode_independent`),
     which :func:`register` checks.
     """
     with torch.inference_mode():
@@ -217,7 +217,7 @@ class RegistrationResult:
     stride : int
         Control-point spacing of the network; control point ``(i, j)`` is at pixel
         ``((i + 0.5) * stride - 0.5, (j + 0.5) * stride - 0.5)``
-        (:func:`~napari_discreg.core.geometry.control_point_position`).
+        (:func:`~napari_discreg.core.registration.geometry.control_point_position`).
     method : str
         The method that made ``displacement`` (a key of :data:`METHODS`).
     refine_steps : int
@@ -240,7 +240,7 @@ class RegistrationResult:
         matched better than the images as they lie.
     prealign : str
         The pre-alignment mode that ran (a key of
-        :data:`~napari_discreg.core.prealign.PREALIGN_MODES`).
+        :data:`~napari_discreg.core.registration.prealign.PREALIGN_MODES`).
     quality : dict
         How well the result matches, without ground truth
         (:func:`quality_report`): the MIND-SSC distance before registration, after the
@@ -364,7 +364,7 @@ def register(
         The deformable stage after the pre-alignment, a key of :data:`METHODS`; default
         :data:`DEFAULT_METHOD` (``"network"``: the network's field, coarse to fine,
         :func:`network_coarse_to_fine`). ``"bspline"`` is B-spline Gauss-Newton over
-        MIND-SSC descriptors (:func:`~napari_discreg.core.bspline.bspline_refine`; the
+        MIND-SSC descriptors (:func:`~napari_discreg.core.registration.bspline.bspline_refine`; the
         network's histograms are then computed on first use); ``"none"`` keeps the
         pre-alignment alone.
     refine : BSplineConfig, RefineConfig, int or bool, optional
@@ -375,9 +375,9 @@ def register(
         ``RefineConfig`` is ``"network+adam"``; a ``BSplineConfig`` is ``"bspline"``.
     prealign : str
         ``"affine"`` (the default), ``"similarity"``, ``"rigid"`` or ``"none"``
-        (:data:`~napari_discreg.core.prealign.PREALIGN_MODES`): the transform found
+        (:data:`~napari_discreg.core.registration.prealign.PREALIGN_MODES`): the transform found
         first, across modalities, with a search over the full circle of rotations
-        (:func:`~napari_discreg.core.prealign.prealign`). It is kept only when it
+        (:func:`~napari_discreg.core.registration.prealign.prealign`). It is kept only when it
         matches better than the images as they lie.
     fixed_spacing, moving_spacing : (float, float), optional
         Physical pixel sizes (row, col), e.g. a napari layer's ``scale``; default 1.

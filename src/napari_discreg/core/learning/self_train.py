@@ -2,7 +2,7 @@
 
 After Bigalke, Hansen and Heinrich's cyclical self-training (MICCAI 2023): the model
 predicts a field for each unlabelled target pair, instance optimisation refines it under
-MIND-SSC (:func:`~napari_discreg.core.refine.refine_field`, a contrast-invariant
+MIND-SSC (:func:`~napari_discreg.core.registration.refine.refine_field`, a contrast-invariant
 similarity the network does not see), and the refined field, read at the control points
 as soft labels over the K x K displacement classes, is what the heads learn. The feature
 extractor G and the first layer of each head stay fixed, so the target cost volumes are
@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import AdaptConfig, RefineConfig
-from .labels import soft_labels
+from ..config import AdaptConfig, RefineConfig
+from ..registration.label_grid import soft_labels
+from ..registration.predict import foreground_mind_distance, predict_field
+from ..registration.refine import refine_field
+from ..registration.warp import control_point_field, warp
 from .model import DiscreteRegistrationNet
-from .predict import foreground_mind_distance, predict_field
-from .refine import refine_field
 from .train import control_point_weights
-from .warp import control_point_field, warp
 
 
 def trainable_parameters(model: DiscreteRegistrationNet) -> list[torch.nn.Parameter]:
@@ -163,11 +163,11 @@ def registered_pair_tiles(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Target pairs for adapting the network stage on one real pair: the fixed image and
     the moving image resampled by the pre-alignment ``matrix`` (fixed pixel -> moving
-    pixel, :attr:`~napari_discreg.core.register.RegistrationResult.affine`), both as
+    pixel, :attr:`~napari_discreg.core.registration.register.RegistrationResult.affine`), both as
     dark-background gray images, cut into ``size`` x ``size`` tiles overlapping by
     ``overlap`` (an image smaller than a tile is one tile, padded). Returns two stacks
     ``(N, size, size)``: what the network sees after the pre-alignment."""
-    from .prealign import resample, tissue_image, to_gray
+    from ..registration.prealign import resample, tissue_image, to_gray
 
     f = tissue_image(to_gray(fixed))
     m = resample(tissue_image(to_gray(moving)), matrix, f.shape)

@@ -9,15 +9,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import RefineConfig
-from .data import TISSUES, Pair
-from .labels import argmax_label, quantise
-from .metrics import dice, end_point_error, folding_fraction
+from ..config import RefineConfig
+from ..data.template import TISSUES, Pair
+from ..registration.label_grid import argmax_label, quantise
+from ..registration.metrics import dice, end_point_error, folding_fraction
+from ..registration.predict import predict_field
+from ..registration.preprocess import network_input, pad_to_multiple
+from ..registration.refine import refine_field
+from ..registration.warp import control_point_field, warp_numpy
 from .model import DiscreteRegistrationNet
-from .predict import predict_field
-from .preprocess import network_input, pad_to_multiple
-from .refine import refine_field
-from .warp import control_point_field, warp_numpy
 
 METRICS = ("label_accuracy", "epe", "dice_csf", "dice_gm", "dice_wm", "folding", "seconds")
 

@@ -26,7 +26,7 @@ additive noise, and is normalised with :func:`normalise_intensity`.
 
 Pairs
 -----
-:func:`make_pair` follows the convention of :mod:`napari_discreg.core.warp`::
+:func:`make_pair` follows the convention of :mod:`napari_discreg.core.registration.warp`::
 
     fixed(x) = img_a(x + u(x)),    moving = img_b
 
@@ -47,10 +47,10 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from .config import DataConfig
-from .memory import MemoryEstimate, check_memory
-from .preprocess import normalise_intensity
-from .warp import warp, warp_numpy
+from ..config import DataConfig
+from ..memory import MemoryEstimate, check_memory
+from ..registration.preprocess import normalise_intensity
+from ..registration.warp import warp, warp_numpy
 
 __all__ = [
     "CONTRASTS",
@@ -537,7 +537,7 @@ def random_field(
     -------
     numpy.ndarray
         ``(2, H, W)`` float32 displacement in pixels, convention of
-        :func:`napari_discreg.core.warp.warp`.
+        :func:`napari_discreg.core.registration.warp.warp`.
     """
     height, width = (int(s) for s in shape)
     if height < 1 or width < 1:

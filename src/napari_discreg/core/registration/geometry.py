@@ -6,7 +6,7 @@ block of pixels; control point ``(i, j)`` sits at the centre of its block, at pi
 (:func:`control_point_coordinate`, the one place this formula is written), and pixel
 ``(row, col)`` belongs to the control point :func:`control_point_index` returns.
 
-Fields (the convention of :mod:`napari_discreg.core.warp`): a field ``u`` of shape
+Fields (the convention of :mod:`napari_discreg.core.registration.warp`): a field ``u`` of shape
 ``(2, H, W)`` maps a pixel ``x`` of the *fixed* image to ``x + u(x)`` in the *moving*
 image, and ``warped(x) = moving(x + u(x))``. Hence
 

@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ENV_PREFIX, limit_setting
+from ..config import ENV_PREFIX, limit_setting
 from .itk_field import (
     CONVENTION,
     ITK_FIELD_EXTENSIONS,
@@ -108,7 +108,7 @@ WRITE_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff", ".npy", ".nii", ".nii.gz",
 FIELD_EXTENSIONS: tuple[str, ...] = (".npy", ".tif", ".tiff", *ITK_FIELD_EXTENSIONS)
 """Extensions of displacement-field files (:func:`write_field`, :func:`save_field`):
 ``.npy``/TIFF hold napari-discreg's own ``(2, H, W)`` pixel arrays; ``.mha``/``.nii``/
-``.nii.gz`` hold ITK displacement-field images (:mod:`napari_discreg.core.itk_field`)."""
+``.nii.gz`` hold ITK displacement-field images (:mod:`napari_discreg.core.files.itk_field`)."""
 
 _FORMAT_NAMES = {
     "png": "a PNG/JPEG/BMP image",
@@ -700,7 +700,7 @@ def _field_writer(
 ) -> Callable[[Path], None] | None:
     """How a field file of extension ``ext`` is written (``None``: plain ``.npy``).
 
-    TIFF fields carry :data:`~napari_discreg.core.itk_field.CONVENTION` as JSON in their
+    TIFF fields carry :data:`~napari_discreg.core.files.itk_field.CONVENTION` as JSON in their
     ImageDescription; ITK fields carry theirs in the format's own header; a ``.npy``
     holds the bare array (its format has no room for metadata).
     """
@@ -735,7 +735,7 @@ def write_field(path: str | os.PathLike, displacement, *, spacing=None, origin=N
     JSON in its description); ``.mha``, ``.nii`` and ``.nii.gz`` an ITK displacement
     field in physical units (``spacing``: the pixel size in (row, col) order, default
     1; ``origin``: the first pixel's position in the same order, default 0), which
-    SimpleITK, transformix and ANTs read (:mod:`~napari_discreg.core.itk_field`).
+    SimpleITK, transformix and ANTs read (:mod:`~napari_discreg.core.files.itk_field`).
     Atomic like :func:`write_image`. Raises :class:`ValueError` for another shape,
     NaN or infinite values or another extension.
     """
@@ -787,7 +787,7 @@ def read_field(path: str | os.PathLike) -> np.ndarray:
 
     An ITK field (``.mha``, ``.nii``, ``.nii.gz``) comes back in pixels of its own grid,
     its spacing and direction honoured as ITK reads them
-    (:func:`~napari_discreg.core.itk_field.itk_geometry` says where that grid lies).
+    (:func:`~napari_discreg.core.files.itk_field.itk_geometry` says where that grid lies).
 
     Raises
     ------

@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .labels import label_offsets
-from .memory import GUARD_FLOOR, MemoryEstimate, check_memory, network_bytes, training_bytes
-from .warp import pixels_to_grid_sample
+from ..config import ModelConfig
+from ..memory import GUARD_FLOOR, MemoryEstimate, check_memory, network_bytes, training_bytes
+from ..registration.label_grid import label_offsets
+from ..registration.warp import pixels_to_grid_sample
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 """Device types napari-discreg runs on."""

@@ -1,6 +1,6 @@
 """Displacement fields as ITK displacement-field images (``.mha``, ``.nii``, ``.nii.gz``).
 
-napari-discreg's own convention (:mod:`napari_discreg.core.warp`) is a ``(2, H, W)``
+napari-discreg's own convention (:mod:`napari_discreg.core.registration.warp`) is a ``(2, H, W)``
 array in **pixels**, (row, col) components, used by backward warping::
 
     warped(r, c) = moving(r + u[0, r, c], c + u[1, r, c])

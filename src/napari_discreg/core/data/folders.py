@@ -2,14 +2,14 @@
 
 From files to slices
 --------------------
-Every file is read with :func:`napari_discreg.core.io.read_stack` (PNG/JPEG/BMP,
+Every file is read with :func:`napari_discreg.core.files.imagefiles.read_stack` (PNG/JPEG/BMP,
 TIFF, NIfTI, ``.npy``). A 2D image is one slice; a 3D volume is sliced along
 ``FolderConfig.axis`` (default: the reader's, 0 for TIFF/``.npy`` stacks and 2 for
 NIfTI, in voxel-array order: the NIfTI affine and the voxel size are not used, so
 slice along an axis whose planes have square pixels). Then, per file:
 
 1. intensities are normalised over the whole file with
-   :func:`~napari_discreg.core.preprocess.normalise_intensity` (robust percentiles), so all
+   :func:`~napari_discreg.core.registration.preprocess.normalise_intensity` (robust percentiles), so all
    slices of a volume share one scale;
 2. the foreground is where the normalised intensity exceeds
    ``FolderConfig.foreground_threshold`` or half the file's Otsu threshold, whichever
@@ -21,7 +21,7 @@ slice along an axis whose planes have square pixels). Then, per file:
 4. one box per file, the bounding box of the kept foreground plus a margin, is cut
    out of every kept slice and resampled (bilinear, anti-aliased when shrinking) to
    fit ``size x size`` with its aspect ratio kept and zero padding, as the template
-   slices of :func:`~napari_discreg.core.data.load_template`.
+   slices of :func:`~napari_discreg.core.data.template.load_template`.
 
 Bad input
 ---------
@@ -36,10 +36,10 @@ fitted into ``size x size`` on its own (pixel sizes then differ between files).
 
 Pairs
 -----
-The pairs follow :func:`~napari_discreg.core.data.make_pair`: two images of one
+The pairs follow :func:`~napari_discreg.core.data.template.make_pair`: two images of one
 slice each get their own smooth random bias field, blur (``DataConfig.blur``),
 normalisation over the foreground and noise; a smooth random field ``u`` from
-:func:`~napari_discreg.core.data.random_field` gives ``fixed = warp(img_a, u)`` and
+:func:`~napari_discreg.core.data.template.random_field` gives ``fixed = warp(img_a, u)`` and
 ``moving = img_b``, so registering ``moving`` onto ``fixed`` must recover ``u``.
 
 * **Source** (labelled, mono-modal): ``img_a`` and ``img_b`` are the same slice.
@@ -78,12 +78,12 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
-from . import io
-from .config import DataConfig, FolderConfig
-from .data import Pair, _bias_field, deform_pair
-from .evaluate import evaluate_model, identity_metrics, summarise
-from .preprocess import normalise_intensity
-from .warp import warp_numpy
+from ..config import DataConfig, FolderConfig
+from ..files import imagefiles
+from ..learning.evaluate import evaluate_model, identity_metrics, summarise
+from ..registration.preprocess import normalise_intensity
+from ..registration.warp import warp_numpy
+from .template import Pair, _bias_field, deform_pair
 
 __all__ = [
     "BadFile",
@@ -132,7 +132,9 @@ class BadInputError(ValueError):
 
 def _is_image_file(path: Path) -> bool:
     name = path.name.lower()
-    return path.is_file() and not name.startswith(".") and name.endswith(io.IMAGE_EXTENSIONS)
+    return (
+        path.is_file() and not name.startswith(".") and name.endswith(imagefiles.IMAGE_EXTENSIONS)
+    )
 
 
 def list_images(paths: PathsLike, *, name: str = "images") -> list[Path]:
@@ -157,7 +159,7 @@ def list_images(paths: PathsLike, *, name: str = "images") -> list[Path]:
                 others = sorted(f.name for f in p.iterdir() if not f.name.startswith("."))
                 hint = f"; it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
                 raise ValueError(
-                    f"{p}: the folder holds no images ({', '.join(io.IMAGE_EXTENSIONS)})"
+                    f"{p}: the folder holds no images ({', '.join(imagefiles.IMAGE_EXTENSIONS)})"
                     + (hint if others else " (it is empty)")
                 )
             files.extend(found)
@@ -273,7 +275,7 @@ def _load_groups(
         stacks, errors = [], {}
         for p in paths:
             try:
-                stacks.append(io.read_stack(p, axis=config.axis))
+                stacks.append(imagefiles.read_stack(p, axis=config.axis))
             except ValueError as exc:
                 errors[p] = str(exc)
         if errors:
@@ -582,10 +584,10 @@ def synthetic_pair(
     rng: np.random.Generator,
     config: DataConfig,
 ) -> dict[str, np.ndarray]:
-    """One labelled pair as :func:`~napari_discreg.core.data.make_pair` makes it.
+    """One labelled pair as :func:`~napari_discreg.core.data.template.make_pair` makes it.
 
     ``img_a``/``img_b`` get independent bias fields, blur and noise; ``u`` comes from
-    :func:`~napari_discreg.core.data.random_field`; ``fixed = warp(img_a, u)`` (noise
+    :func:`~napari_discreg.core.data.template.random_field`; ``fixed = warp(img_a, u)`` (noise
     added after the warp), ``moving = img_b``. For mono-modal pairs pass the same
     slice twice.
 

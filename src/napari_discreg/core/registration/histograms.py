@@ -5,9 +5,9 @@ control point (``RegistrationResult.probabilities[:, i, j]``) and returns their 
 column marginals, the cumulative sums of those (the area between two cumulative sums is
 the 1D Earth Mover's distance that the projected EMD averages), the expected
 displacement of each head and of their mean
-(:func:`~napari_discreg.core.labels.expected_displacement`), and the pEMD, L1 and
+(:func:`~napari_discreg.core.registration.label_grid.expected_displacement`), and the pEMD, L1 and
 sliced-Wasserstein discrepancies of that point
-(:mod:`napari_discreg.core.discrepancy`).
+(:mod:`napari_discreg.core.learning.discrepancy`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .discrepancy import emd_1d, histogram_projections, l1, projected_emd, sliced_wasserstein
-from .labels import expected_displacement
+from ..learning.discrepancy import (
+    emd_1d,
+    histogram_projections,
+    l1,
+    projected_emd,
+    sliced_wasserstein,
+)
+from .label_grid import expected_displacement
 
 __all__ = ["HISTOGRAM_KEYS", "point_summary"]
 

@@ -2,7 +2,7 @@
 
 Every discrepancy ``d(p1, p2)`` compares two tensors of per-control-point probability
 histograms over the ``K x K`` displacement labels, shape ``(..., K, K)`` with the row
-displacement on the first of the two last axes (see :mod:`napari_discreg.core.labels`).
+displacement on the first of the two last axes (see :mod:`napari_discreg.core.registration.label_grid`).
 The leading dimensions may be anything: ``(N, K, K)``, ``(B, h, w, K, K)`` or just
 ``(K, K)`` for a single control point. All functions work for any floating dtype and
 device and are differentiable with respect to both inputs.

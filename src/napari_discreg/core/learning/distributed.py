@@ -13,10 +13,10 @@ Two ways of keeping the replicas identical:
 * :func:`ddp_source_loss` wraps the source cross-entropy in
   :class:`torch.nn.parallel.DistributedDataParallel`: one forward and one backward
   per step, gradients averaged in buckets while the backward runs. This is what
-  :func:`~napari_discreg.core.train.train_steps` uses (``loss_fn=``).
+  :func:`~napari_discreg.core.learning.train.train_steps` uses (``loss_fn=``).
 * :func:`average_gradients` averages the gradients of a module's parameters over the
   ranks right before every optimiser step. MCD adaptation
-  (:func:`~napari_discreg.core.adapt.adapt_steps`) updates G and the heads in three
+  (:func:`~napari_discreg.core.learning.adapt.adapt_steps`) updates G and the heads in three
   partial steps with frozen parts and several backward passes per iteration, which
   DDP's one-forward-one-backward contract does not cover; averaging at the optimiser
   step gives the same synchronous data-parallel update for any such loop.
@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import ENV_PREFIX, limit_setting
+from ..config import ENV_PREFIX, limit_setting
 from .model import resolve_device
 from .train import source_cross_entropy
 
@@ -263,11 +263,11 @@ class _SourceLoss(nn.Module):
 def ddp_source_loss(
     model: nn.Module, ctx: DistContext
 ) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]:
-    """The ``loss_fn`` for :func:`~napari_discreg.core.train.train_steps`.
+    """The ``loss_fn`` for :func:`~napari_discreg.core.learning.train.train_steps`.
 
     Distributed: the model wrapped in DistributedDataParallel (which broadcasts rank
     0's weights when it is built, and averages gradients during every backward).
-    Single process: plain :func:`~napari_discreg.core.train.source_cross_entropy`.
+    Single process: plain :func:`~napari_discreg.core.learning.train.source_cross_entropy`.
     The model must already be on ``ctx.device``.
     """
     loss = _SourceLoss(model)

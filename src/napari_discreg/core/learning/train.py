@@ -10,11 +10,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as data_mod
-from .config import DataConfig, TrainConfig
-from .labels import argmax_label, quantise, soft_labels
+from ..config import DataConfig, TrainConfig
+from ..data import template as data_mod
+from ..registration.label_grid import argmax_label, quantise, soft_labels
+from ..registration.warp import control_point_field
 from .model import DiscreteRegistrationNet, probabilities, resolve_device
-from .warp import control_point_field
 
 Batch = dict[str, torch.Tensor]
 
@@ -153,12 +153,12 @@ def train_steps(
     ``batches`` defaults to mono-modal pairs of ``config.source_contrasts`` made from
     the template. The model is trained in place.
 
-    To resume a run (:func:`~napari_discreg.core.state.load_training_state`),
+    To resume a run (:func:`~napari_discreg.core.files.resume.load_training_state`),
     pass its restored ``optimizer`` (Adam over ``model.parameters()``) and the number
     of completed steps as ``start_step``: the one-cycle learning rate continues where
     it was, and the first record is step ``start_step + 1``. ``loss_fn(batch) ->
     (loss, logs)`` replaces :func:`source_cross_entropy` (e.g. the same loss wrapped in
-    DistributedDataParallel, :func:`napari_discreg.core.distributed.ddp_source_loss`).
+    DistributedDataParallel, :func:`napari_discreg.core.learning.distributed.ddp_source_loss`).
     """
     config = config or TrainConfig()
     data_config = data_config or DataConfig()

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import AdaptConfig, DataConfig, TrainConfig
+from ..config import AdaptConfig, DataConfig, TrainConfig
+from ..registration.predict import prepare_target, selection_criterion
 from .discrepancy import Discrepancy, discrepancy_fn
 from .model import DiscreteRegistrationNet, probabilities, resolve_device
-from .predict import prepare_target, selection_criterion
 from .self_train import SelfTraining
 from .train import Batch, StepRecord, source_batches, source_cross_entropy
 
@@ -51,7 +51,7 @@ class AdaptState:
     optimisers are then half-updated and not worth resuming). ``rng_state`` and
     ``torch_rng_state`` are the random streams (batches, SWD directions) after the
     last complete iteration. Pass a state with ``step > 0`` (e.g. from
-    :func:`~napari_discreg.core.state.load_adaptation_state`) to continue that
+    :func:`~napari_discreg.core.files.resume.load_adaptation_state`) to continue that
     run: the model must then hold the state's current weights.
     """
 
@@ -136,7 +136,7 @@ def adapt_steps(
 ) -> Generator[StepRecord, None, None]:
     """Adapt ``model`` to unlabelled target pairs, by ``config.method``.
 
-    ``"self-training"`` (the default, :mod:`~napari_discreg.core.self_train`): the heads
+    ``"self-training"`` (the default, :mod:`~napari_discreg.core.learning.self_train`): the heads
     learn the model's own fields refined by MIND-SSC instance optimisation, made once at
     the start; one Adam step per iteration. ``"mcd"``: maximum classifier discrepancy
     (Saito et al. 2018) with ``discrepancy`` between the heads, as in the paper; one
