@@ -26,7 +26,7 @@ from _protocol import (
 )
 from tqdm import tqdm
 
-from napari_discreg.cli._common import SHIPPED_NAMES, _warn
+from napari_discreg.cli._common import SHIPPED_NAMES, _positive_int, _warn
 from napari_discreg.core.files.imagefiles import replace_atomically
 from napari_discreg.core.learning.discrepancy import Discrepancy
 
@@ -46,8 +46,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=None, help="adaptation iterations per run")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--n-test", type=int, default=None, help="held-out target pairs")
-    p.add_argument("--n-adapt", type=int, default=None, help="unlabelled target pairs to adapt on")
+    p.add_argument("--n-test", type=_positive_int, default=None, help="held-out target pairs")
+    p.add_argument(
+        "--n-adapt", type=_positive_int, default=None, help="unlabelled target pairs to adapt on"
+    )
     p.add_argument("--moving-contrast", choices=("t2", "pd"), default=None)
     p.add_argument(
         "--discrepancies", nargs="+", default=None, choices=[kind.value for kind in Discrepancy]

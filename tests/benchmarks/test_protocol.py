@@ -59,3 +59,14 @@ def test_update_section_replaces_only_its_own_block(tmp_path):
     text = page.read_text()
     assert "second" in text and "first" not in text and "other" in text
     assert text.count("<!-- a:start -->") == 1
+
+
+@pytest.mark.parametrize("option", ["--n-adapt", "--n-test"])
+def test_adaptation_benchmark_refuses_zero_pairs(option, capsys):
+    """Before: --n-adapt 0 failed with 'need at least one array to stack' after the
+    setup, and --n-test 0 wrote an all-'n/a' table with exit 0."""
+    import adaptation
+
+    with pytest.raises(SystemExit) as exit_:
+        adaptation.parser().parse_args([option, "0"])
+    assert exit_.value.code == 2 and "must be >= 1" in capsys.readouterr().err
