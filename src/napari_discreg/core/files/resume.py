@@ -366,7 +366,13 @@ def save_adaptation_state(
 
 
 def _corrupt(path: Path, why: object) -> ValueError:
-    return ValueError(f"{path}: the adaptation state is corrupt ({why})")
+    """ "the adaptation state is corrupt (why)", once: a reason that is already the
+    training state's "corrupt" message of this file gives only its own reason."""
+    text = str(why)
+    inner = f"{path}: the training state is corrupt ("
+    if text.startswith(inner) and text.endswith(")"):
+        text = text[len(inner) : -1]
+    return ValueError(f"{path}: the adaptation state is corrupt ({text})")
 
 
 def adaptation_record(path: str | os.PathLike, extra: dict[str, Any]) -> dict[str, Any]:
