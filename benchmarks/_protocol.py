@@ -30,8 +30,8 @@ import torch
 
 from napari_discreg.core.config import AdaptConfig, DataConfig, RefineConfig, TrainConfig
 from napari_discreg.core.data import template as data_mod
+from napari_discreg.core.files.atomic import replace_atomically
 from napari_discreg.core.files.checkpoint import load_model
-from napari_discreg.core.files.imagefiles import replace_atomically
 from napari_discreg.core.learning.adapt import adapt_steps
 from napari_discreg.core.learning.discrepancy import DISPLAY_NAMES
 from napari_discreg.core.learning.evaluate import (

@@ -27,7 +27,7 @@ from _protocol import (
 from tqdm import tqdm
 
 from napari_discreg.cli._common import SHIPPED_NAMES, _positive_int, _warn
-from napari_discreg.core.files.imagefiles import replace_atomically
+from napari_discreg.core.files.atomic import replace_atomically
 from napari_discreg.core.learning.discrepancy import Discrepancy
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_discreg.core.files import imagefiles
+from napari_discreg.core.files import atomic, imagefiles
 from napari_discreg.core.files.checkpoint import save_checkpoint
 
 BIG = (1024, 1024, 1024)  # 2**30 voxels: 4 GiB as float32
@@ -112,8 +112,8 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_temporaries_are_unique_and_created_exclusively(tmp_path):
-    a = imagefiles.temporary_sibling(tmp_path / "m.safetensors")
-    b = imagefiles.temporary_sibling(tmp_path / "m.safetensors")
+    a = atomic.temporary_sibling(tmp_path / "m.safetensors")
+    b = atomic.temporary_sibling(tmp_path / "m.safetensors")
     assert a != b and a.is_file() and b.is_file()
     assert a.name.startswith(".m.partial-") and a.name.endswith(".safetensors")
     assert f"-{os.getpid()}-" in a.name
@@ -122,13 +122,13 @@ def test_temporaries_are_unique_and_created_exclusively(tmp_path):
 def test_two_checkpoint_writes_never_share_a_temporary(tmp_path, tiny_model, monkeypatch):
     """The fixed ``<out>.tmp`` let two runs write into one temporary file."""
     seen = []
-    real = imagefiles._fsync_file
+    real = atomic.fsync_file
 
     def spy(path):
         seen.append(Path(path).name)
         real(path)
 
-    monkeypatch.setattr(imagefiles, "_fsync_file", spy)
+    monkeypatch.setattr(atomic, "fsync_file", spy)
     save_checkpoint(tiny_model, tmp_path / "m.safetensors")
     save_checkpoint(tiny_model, tmp_path / "m.safetensors")
     assert len(seen) == 2 and seen[0] != seen[1]
@@ -139,8 +139,8 @@ def test_two_checkpoint_writes_never_share_a_temporary(tmp_path, tiny_model, mon
 def test_temporaries_of_a_killed_process_are_removed_later(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".m.partial-{imagefiles._HOST}-{dead.pid}-abcd1234.safetensors"
-    live = tmp_path / f".m.partial-{imagefiles._HOST}-{os.getppid()}-abcd1234.safetensors"
+    stale = tmp_path / f".m.partial-{atomic.HOST}-{dead.pid}-abcd1234.safetensors"
+    live = tmp_path / f".m.partial-{atomic.HOST}-{os.getppid()}-abcd1234.safetensors"
     other_host = tmp_path / f".m.partial-otherhost-{dead.pid}-abcd1234.safetensors"
     for p in (stale, live, other_host):
         p.write_bytes(b"x")
@@ -157,7 +157,7 @@ def test_full_disk_on_a_model_keeps_the_previous_file(tmp_path, tiny_model, monk
     out = tmp_path / "m.safetensors"
     save_checkpoint(tiny_model, out)
     before = out.read_bytes()
-    monkeypatch.setattr(imagefiles, "_fsync_file", _enospc)
+    monkeypatch.setattr(atomic, "fsync_file", _enospc)
     with pytest.raises(
         OSError, match=r"m\.safetensors: the disk is full \(it needs about [\d,]+ bytes"
     ) as err:
@@ -184,7 +184,7 @@ def test_ctrl_c_during_a_write_leaves_no_temporary(tmp_path, monkeypatch):
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(imagefiles, "_fsync_file", interrupted)
+    monkeypatch.setattr(atomic, "fsync_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         imagefiles.write_image(tmp_path / "a.tif", np.zeros((4, 4), np.float32))
     assert list(tmp_path.iterdir()) == []
@@ -293,14 +293,14 @@ def test_ctrl_c_keeps_a_complete_model_and_writes_the_partial_beside_it(
 
 
 def _state_disk_full(monkeypatch):
-    real = imagefiles._fsync_file
+    real = atomic.fsync_file
 
     def fsync(path):
         if ".state." in Path(path).name:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path)
 
-    monkeypatch.setattr(imagefiles, "_fsync_file", fsync)
+    monkeypatch.setattr(atomic, "fsync_file", fsync)
 
 
 def test_full_disk_for_the_training_state_saves_the_model_and_exits_2(
@@ -336,7 +336,7 @@ def test_full_disk_for_the_model_exits_2_with_the_previous_model_intact(
     out = tmp_path / "m.safetensors"
     assert run("train", "-o", out, "--steps", 1, *TRAIN) == 0
     before = out.read_bytes()
-    monkeypatch.setattr(imagefiles, "_fsync_file", _enospc)
+    monkeypatch.setattr(atomic, "fsync_file", _enospc)
     assert run("train", "-o", out, "--steps", 2, *TRAIN) == 2
     err = capsys.readouterr().err
     assert f"cannot write {out}: the disk is full" in err and "previous file is unchanged" in err

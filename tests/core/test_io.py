@@ -9,7 +9,7 @@ import tifffile
 from skimage import io as skio
 from skimage.color import rgb2gray
 
-from napari_discreg.core.files import imagefiles
+from napari_discreg.core.files import atomic, imagefiles
 
 
 @pytest.fixture
@@ -239,7 +239,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temporary(tmp_path, image, mo
 
 
 def test_temporary_sibling_keeps_extension(tmp_path):
-    tmp = imagefiles.temporary_sibling(tmp_path / "x.nii.gz")
+    tmp = atomic.temporary_sibling(tmp_path / "x.nii.gz")
     assert tmp.parent == tmp_path and tmp.name.startswith(".x.partial-")
     assert tmp.name.endswith(".nii.gz")
 

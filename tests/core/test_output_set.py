@@ -17,7 +17,7 @@ import pytest
 from napari_discreg.cli import main
 from napari_discreg.core.config import DataConfig
 from napari_discreg.core.data.template import load_template, make_pair
-from napari_discreg.core.files import imagefiles, transaction
+from napari_discreg.core.files import atomic, imagefiles, transaction
 from napari_discreg.core.files.transaction import OutputSet, recover_interrupted_swaps
 
 NAMES = ["warped.tif", "displacement.npy", "discrepancy.tif", "summary.json"]
@@ -163,7 +163,7 @@ def test_sigkill_in_the_middle_of_the_swap_is_rolled_back_by_the_next_run(tmp_pa
     assert _contents(tmp_path) == {"old"}
     leftovers = [n for n in _hidden(tmp_path) if ".partial-" not in n]  # stale temporaries
     assert leftovers == []  # are removed by the next write (test_hardening_files)
-    imagefiles.remove_stale_temporaries(tmp_path)
+    atomic.remove_stale_temporaries(tmp_path)
     assert _hidden(tmp_path) == []
 
 

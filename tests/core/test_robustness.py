@@ -370,7 +370,7 @@ def test_cli_files_under_stress(tmp_path, capsys, monkeypatch):
 
     import nibabel as nib
 
-    from napari_discreg.core.files import imagefiles
+    from napari_discreg.core.files import atomic, imagefiles
 
     hdr = nib.Nifti1Header()
     hdr.set_data_shape((1024, 1024, 1024))
@@ -406,7 +406,7 @@ def test_cli_files_under_stress(tmp_path, capsys, monkeypatch):
     def full(*_a):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(imagefiles, "_fsync_file", full)
+    monkeypatch.setattr(atomic, "fsync_file", full)
     code, err = _cli(["register", str(good), str(good), "-o", str(tmp_path / "o3")], capsys)
     assert code == 2 and "disk is full" in err and not (tmp_path / "o3").exists()
     record(

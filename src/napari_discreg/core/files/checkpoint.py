@@ -29,7 +29,7 @@ from safetensors.torch import save
 
 from ..config import SHIPPED_MODELS, ModelConfig, parse_json
 from ..learning.model import DiscreteRegistrationNet, expected_state_shapes, resolve_device
-from .imagefiles import replace_atomically
+from .atomic import replace_atomically
 
 FORMAT = "napari-discreg"
 FORMAT_VERSION = "1"
@@ -93,7 +93,7 @@ def _model_metadata(model: DiscreteRegistrationNet, extra: dict[str, Any] | None
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """safetensors file written all-or-nothing (:func:`~napari_discreg.core.files.imagefiles.replace_atomically`:
+    """safetensors file written all-or-nothing (:func:`~napari_discreg.core.files.atomic.replace_atomically`:
     a unique temporary name, fsync, rename; the previous file intact on any failure).
 
     The file is serialised in memory and written by Python, so a full disk is an

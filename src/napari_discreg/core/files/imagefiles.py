@@ -32,7 +32,8 @@ size, ``.npy`` header) is checked against a voxel limit (:data:`DEFAULT_MAX_VOXE
 ``$NAPARI_DISCREG_MAX_VOXELS`` or ``max_voxels=``) before any data are decoded, so a
 small compressed file that declares a huge volume is refused without allocating it.
 
-Writing is atomic: every writer (:func:`replace_atomically`) writes a uniquely named
+Writing is atomic: every writer
+(:func:`~napari_discreg.core.files.atomic.replace_atomically`) writes a uniquely named
 temporary file in the destination folder, flushes it to disk (``fsync``), renames it
 onto the destination (:func:`os.replace`) and syncs the folder, so an interrupted or
 failed write never leaves a partial file behind and keeps the previous file; a full
@@ -46,14 +47,9 @@ message that names the file; a destination that cannot be written raises
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import re
-import shutil
-import socket
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ENV_PREFIX, limit_setting
+from .atomic import file_extension, replace_atomically
 from .itk_field import (
     CONVENTION,
     ITK_FIELD_EXTENSIONS,
@@ -81,9 +78,6 @@ __all__ = [
     "save_field",
     "load_field",
     "image_format",
-    "temporary_sibling",
-    "replace_atomically",
-    "remove_stale_temporaries",
     "max_voxels",
     "DEFAULT_MAX_VOXELS",
 ]
@@ -122,14 +116,6 @@ _DEFAULT_AXIS = {"png": 0, "tiff": 0, "npy": 0, "nifti": 2}
 # --------------------------------------------------------------------------- helpers
 
 
-def _extension(path: Path) -> str:
-    """Lower-case extension, ``.nii.gz`` counted as one."""
-    name = path.name.lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
-    return path.suffix.lower()
-
-
 def image_format(path: str | os.PathLike) -> str:
     """``"png"`` (PNG, JPEG or BMP), ``"tiff"``, ``"nifti"`` or ``"npy"`` for a file name.
 
@@ -139,7 +125,7 @@ def image_format(path: str | os.PathLike) -> str:
         For an extension napari-discreg does not read.
     """
     p = Path(path)
-    ext = _extension(p)
+    ext = file_extension(p)
     try:
         return _FORMATS[ext]
     except KeyError:
@@ -147,163 +133,6 @@ def image_format(path: str | os.PathLike) -> str:
             f"{p}: unknown image extension {ext or '(none)'!r}; napari-discreg reads "
             f"{', '.join(IMAGE_EXTENSIONS)}"
         ) from None
-
-
-def temporary_sibling(path: str | os.PathLike) -> Path:
-    """A new, empty, uniquely named hidden file next to ``path``, with the same extension.
-
-    ``out/warped.tif`` -> ``out/.warped.partial-HOST-PID-1a2b3c4d.tif``, created with
-    :func:`tempfile.mkstemp` (``O_EXCL``: two processes never get the same name). The
-    extension is kept because the writers pick the format (and compression, for
-    ``.nii.gz``) from it; host and process id let a later write in the folder remove
-    the temporaries of a process that was killed (:func:`remove_stale_temporaries`).
-    The caller renames it onto ``path`` or deletes it.
-    """
-    p = Path(path)
-    ext = _extension(p)
-    stem = p.name[: len(p.name) - len(ext)] if ext else p.name
-    remove_stale_temporaries(p.parent)
-    fd, name = tempfile.mkstemp(
-        prefix=f".{stem}{_PARTIAL}{_HOST}-{os.getpid()}-", suffix=ext, dir=p.parent
-    )
-    try:  # mkstemp makes 0600 files: give the file the permissions open() would
-        os.chmod(name, 0o666 & ~_UMASK)
-    finally:
-        os.close(fd)
-    return Path(name)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-_PARTIAL = ".partial-"
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
-_STALE = re.compile(rf"^\..*{re.escape(_PARTIAL)}{re.escape(_HOST)}-(\d+)-[^/]*$")
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries (:func:`temporary_sibling`) in ``folder`` that a process of
-    this machine left behind when it was killed (its process id no longer runs).
-
-    Temporaries of live processes and of other machines (a shared folder) are kept.
-    Returns the removed files.
-    """
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(os.fspath(folder)))
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _STALE.match(entry.name)
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
-            continue
-        try:
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
-        except OSError:
-            pass
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):  # exists but not ours, or not checkable: keep it
-        return True
-    return True
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush ``path``'s data to the disk (where a full disk shows at the latest)."""
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def sync_folder(folder: str | os.PathLike) -> None:
-    """Make the renames in ``folder`` durable (``fsync`` of the folder; POSIX only)."""
-    _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _disk_full(exc: BaseException) -> bool:
-    return getattr(exc, "errno", None) in _FULL or "No space left" in str(exc)
-
-
-_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-def _write_error(p: Path, exc: BaseException, nbytes: int | None) -> OSError:
-    """The error to raise when writing ``p`` failed: a disk-full error names the file,
-    the bytes needed and the bytes free."""
-    if not _disk_full(exc):
-        return OSError(f"cannot write {p} ({exc})")
-    try:
-        free = f"{shutil.disk_usage(p.parent).free:,} bytes free"
-    except OSError:
-        free = "free space unknown"
-    need = f"about {nbytes:,} bytes" if nbytes else "more space"
-    return OSError(
-        errno.ENOSPC,
-        f"cannot write {p}: the disk is full (it needs {need}, {free} in {p.parent}); "
-        + ("the previous file is unchanged" if p.exists() else "nothing was written")
-        + "; free some space or write elsewhere",
-    )
-
-
-def replace_atomically(
-    path: str | os.PathLike, write: Callable[[Path], None], *, nbytes: int | None = None
-) -> Path:
-    """Write ``path`` all-or-nothing: ``write(tmp)`` fills a fresh temporary in the same
-    folder (:func:`temporary_sibling`), which is flushed to disk (``fsync``) and renamed
-    onto ``path`` (:func:`os.replace`); the folder is then synced too.
-
-    On any failure or interruption (``KeyboardInterrupt`` included) the temporary is
-    deleted and ``path`` keeps its previous content. An :class:`OSError` names the file;
-    on a full disk (``ENOSPC``) it says so, with ``nbytes`` (the expected size) and the
-    free space.
-    """
-    p = Path(path)
-    tmp: Path | None = None
-    try:
-        tmp = temporary_sibling(p)
-        write(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, p)
-        tmp = None
-        _fsync_dir(p.parent)
-    except OSError as exc:
-        if tmp is not None:  # first, so that the free space reported counts it as free
-            tmp.unlink(missing_ok=True)
-            tmp = None
-        raise _write_error(p, exc, nbytes) from exc
-    finally:
-        if tmp is not None:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-    return p
 
 
 def _check_readable(path: str | os.PathLike) -> tuple[Path, str]:
@@ -617,7 +446,7 @@ def _atomic_write(
     writer: Callable[[Path], None] | None = None,
 ) -> Path:
     p = Path(path)
-    ext = _extension(p)
+    ext = file_extension(p)
     if ext not in allowed:
         raise ValueError(
             f"{p}: cannot write {what} as {ext or '(no extension)'!r}; use {', '.join(allowed)}"
@@ -741,7 +570,7 @@ def write_field(path: str | os.PathLike, displacement, *, spacing=None, origin=N
     """
     p = Path(path)
     field = _check_field(np.asarray(displacement), str(p))
-    writer = _field_writer(field, _extension(p), spacing, origin)
+    writer = _field_writer(field, file_extension(p), spacing, origin)
     return _atomic_write(p, field, FIELD_EXTENSIONS, "a displacement field", writer=writer)
 
 
@@ -750,7 +579,7 @@ def _read_field_file(p: Path) -> np.ndarray:
     header declares is checked against the voxel limit (:func:`max_voxels`) first."""
     if not p.is_file():
         raise ValueError(f"{p}: no such file")
-    ext = _extension(p)
+    ext = file_extension(p)
     if ext not in FIELD_EXTENSIONS:
         raise ValueError(
             f"{p}: displacement fields are read from {', '.join(FIELD_EXTENSIONS)}, not {ext!r}"
@@ -820,7 +649,7 @@ def save_field(path: str | os.PathLike, field, *, spacing=None, origin=None) -> 
     if arr.ndim == 3:
         return write_field(p, arr, spacing=spacing, origin=origin)
     _check_finite(arr, str(p))
-    writer = _field_writer(arr, _extension(p), spacing, origin)
+    writer = _field_writer(arr, file_extension(p), spacing, origin)
     return _atomic_write(p, arr, FIELD_EXTENSIONS, "a displacement field", writer=writer)
 
 

@@ -4,7 +4,7 @@ A registration writes a set of files (the warped image, the field, the affine, t
 discrepancy map, a summary). :class:`OutputSet` makes the set one transaction:
 
 1. every output is written to a hidden temporary beside its final name
-   (:func:`napari_discreg.core.files.imagefiles.temporary_sibling`), while the run can still fail;
+   (:func:`napari_discreg.core.files.atomic.temporary_sibling`), while the run can still fail;
 2. the swap, under an exclusive lock on the folder and with SIGINT and SIGTERM held
    back until it is over, records a journal, keeps each previous file under a hidden
    backup name (a hard link: the final name is never missing), renames the
@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import imagefiles
+from . import atomic
 
 __all__ = [
     "OutputSet",
@@ -47,7 +47,7 @@ __all__ = [
 
 _JOURNAL_PREFIX = ".napari-discreg-swap-"
 _BACKUP = ".previous-"
-_STALE_BACKUP = re.compile(rf"^\..*{re.escape(_BACKUP)}{re.escape(imagefiles._HOST)}-(\d+)-[^/]*$")
+_STALE_BACKUP = re.compile(rf"^\..*{re.escape(_BACKUP)}{re.escape(atomic.HOST)}-(\d+)-[^/]*$")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -178,7 +178,7 @@ def recording_commits() -> Iterator[list[Path]]:
 
 def _backup_name(final: Path) -> Path:
     """A fresh hidden name beside ``final`` for its previous content."""
-    tmp = imagefiles.temporary_sibling(final)  # unique, exclusive; renamed right away
+    tmp = atomic.temporary_sibling(final)  # unique, exclusive; renamed right away
     backup = tmp.with_name(_BACKUP.join(tmp.name.rsplit(".partial-", 1)))
     os.replace(tmp, backup)
     return backup
@@ -195,9 +195,9 @@ def _keep_previous(final: Path, backup: Path) -> None:
 
 
 def _write_journal(folder: Path, entries: list[dict]) -> Path:
-    name = f"{_JOURNAL_PREFIX}{imagefiles._HOST}-{os.getpid()}-{secrets.token_hex(4)}.json"
+    name = f"{_JOURNAL_PREFIX}{atomic.HOST}-{os.getpid()}-{secrets.token_hex(4)}.json"
     text = json.dumps({"pid": os.getpid(), "entries": entries})
-    return imagefiles.replace_atomically(folder / name, lambda tmp: write_text(tmp, text))
+    return atomic.replace_atomically(folder / name, lambda tmp: write_text(tmp, text))
 
 
 def _roll_back(entries: list[dict]) -> None:
@@ -248,7 +248,7 @@ def recover_interrupted_swaps(folder: str | os.PathLike) -> int:
             pid, entries = int(record["pid"]), list(record["entries"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if pid == os.getpid() or imagefiles._pid_alive(pid):
+        if pid == os.getpid() or atomic.pid_alive(pid):
             pending.add(pid)
             continue
         _roll_back(entries)
@@ -256,11 +256,11 @@ def recover_interrupted_swaps(folder: str | os.PathLike) -> int:
         recovered += 1
     for name in names:  # backups of a process killed between its commit and the cleanup
         m = _STALE_BACKUP.match(name)
-        if m is None or int(m.group(1)) in pending or imagefiles._pid_alive(int(m.group(1))):
+        if m is None or int(m.group(1)) in pending or atomic.pid_alive(int(m.group(1))):
             continue
         (folder / name).unlink(missing_ok=True)
     if recovered:
-        imagefiles.sync_folder(folder)
+        atomic.sync_folder(folder)
     return recovered
 
 
@@ -299,7 +299,7 @@ class OutputSet:
     def path(self, name: str) -> Path:
         """Where to write output ``name`` (a temporary file until the block ends)."""
         final = self.final(name)
-        tmp = imagefiles.temporary_sibling(final)
+        tmp = atomic.temporary_sibling(final)
         self._staged.append((tmp, final))
         return tmp
 
@@ -327,7 +327,7 @@ class OutputSet:
 
     def _swap(self) -> None:
         for tmp, _ in self._staged:
-            imagefiles._fsync_file(tmp)
+            atomic.fsync_file(tmp)
         entries: list[dict[str, Any]] = [
             {"final": str(final), "tmp": str(tmp), "backup": None, "inode": os.stat(tmp).st_ino}
             for tmp, final in self._staged
@@ -346,15 +346,15 @@ class OutputSet:
                     _keep_previous(Path(entry["final"]), Path(entry["backup"]))
             for entry in entries:
                 os.replace(entry["tmp"], entry["final"])
-            imagefiles.sync_folder(self.folder)
+            atomic.sync_folder(self.folder)
         except BaseException:
             _roll_back(entries)
             if journal is not None:
                 journal.unlink(missing_ok=True)
-            imagefiles.sync_folder(self.folder)
+            atomic.sync_folder(self.folder)
             raise
         journal.unlink()  # the commit point
-        imagefiles.sync_folder(self.folder)
+        atomic.sync_folder(self.folder)
         for entry in entries:
             if entry["backup"]:
                 Path(entry["backup"]).unlink(missing_ok=True)
