@@ -226,3 +226,21 @@ def test_a_console_that_cannot_be_written_changes_nothing(tmp_path, monkeypatch,
     assert main([str(a) for a in args + ["--prealign", "none"]]) == 0
     assert (tmp_path / "out" / "summary.json").is_file()
     assert main([str(a) for a in ["register", tmp_path / "missing.tif", moving, "-o", "x"]]) == 2
+
+
+def test_an_unreadable_journal_keeps_the_backups_of_its_process(tmp_path):
+    """A journal that cannot be read is left alone, and so are its process's backups:
+    where links were not possible a backup may hold the only copy of a previous file."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    journal = tmp_path / f".napari-discreg-swap-{atomic.HOST}-{pid}-abcd1234.json"
+    journal.write_text("{not json")
+    backup = tmp_path / f".warped.previous-{atomic.HOST}-{pid}-0a1b2c3d.tif"
+    backup.write_text("the only copy")
+    assert recover_interrupted_swaps(tmp_path) == 0
+    assert backup.read_text() == "the only copy" and journal.exists()
+    journal.unlink()
+    recover_interrupted_swaps(tmp_path)  # no journal: a backup left after a commit goes
+    assert not backup.exists()

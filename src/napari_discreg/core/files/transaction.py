@@ -247,6 +247,10 @@ def recover_interrupted_swaps(folder: str | os.PathLike) -> int:
             record = json.loads(journal.read_text(encoding="utf-8"))
             pid, entries = int(record["pid"]), list(record["entries"])
         except (OSError, ValueError, KeyError, TypeError):
+            # unreadable: leave it and keep its process's backups (they may be all there is)
+            named = re.search(r"-(\d+)-[0-9a-f]+\.json$", name)
+            if named is not None:
+                pending.add(int(named.group(1)))
             continue
         if pid == os.getpid() or atomic.pid_alive(pid):
             pending.add(pid)
