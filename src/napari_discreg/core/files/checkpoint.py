@@ -180,6 +180,18 @@ def _checked_metadata(path: Path, meta: dict[str, str]) -> tuple[ModelConfig, di
     return config, extra
 
 
+def _check_fit(path: Path, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
+    """The model tensors' names and shapes (``found``) against the architecture's."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != found[k])
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not fit the napari-discreg architecture for its config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
+        )
+
+
 def _check_header(path: Path, config: ModelConfig, header: dict[str, tuple]) -> None:
     """The model tensors' names, shapes and dtypes against those ``config`` implies."""
     expected = expected_state_shapes(config)
@@ -190,14 +202,7 @@ def _check_header(path: Path, config: ModelConfig, header: dict[str, tuple]) -> 
             f"{MAX_PARAMETERS:,} napari-discreg loads"
         )
     model = {k: v for k, v in header.items() if not k.startswith((OPTIMIZER_PREFIX, STATE_PREFIX))}
-    missing = sorted(set(expected) - set(model))
-    unexpected = sorted(set(model) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(model) if expected[k] != model[k][0])
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{path} does not fit the napari-discreg architecture for its config "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
-        )
+    _check_fit(path, expected, {k: tuple(v[0]) for k, v in model.items()})
     dtypes = sorted(f"{k}: {v[1]}" for k, v in model.items() if v[1] not in FLOAT_DTYPES)
     if dtypes:
         raise ValueError(
@@ -245,15 +250,11 @@ def _build_model(
         k: v for k, v in tensors.items() if not k.startswith((OPTIMIZER_PREFIX, STATE_PREFIX))
     }
     model = DiscreteRegistrationNet(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{p} does not fit the napari-discreg architecture for its config "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
-        )
+    _check_fit(
+        p,
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        {k: tuple(v.shape) for k, v in tensors.items()},
+    )
     model.load_state_dict(tensors)
     return model
 
