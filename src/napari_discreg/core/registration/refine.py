@@ -71,10 +71,20 @@ def _diffusion(field: torch.Tensor) -> torch.Tensor:
     return (dr**2).mean() + (dc**2).mean()
 
 
+MIN_LEVEL_SIDE = 8
+"""A coarse level runs where the image keeps this many pixels a side (the B-spline
+pyramid needs more: :func:`~napari_discreg.core.registration.bspline.level_factors`)."""
+
+
+def refine_levels(config: RefineConfig, shape: tuple[int, int]) -> list[int]:
+    """Downsampling factors of the levels :func:`refine_field` runs, coarse to fine."""
+    factors = [2**k for k in reversed(range(config.levels))]
+    return [f for f in factors if f == 1 or min(shape) >= MIN_LEVEL_SIDE * f]
+
+
 def refine_step_count(config: RefineConfig, shape: tuple[int, int]) -> int:
     """How many Adam steps :func:`refine_field` takes for images of ``shape`` (all levels)."""
-    levels = [2**k for k in range(config.levels)]
-    return config.steps * sum(1 for f in levels if f == 1 or min(shape) >= 8 * f)
+    return config.steps * len(refine_levels(config, shape))
 
 
 def refine_field(
@@ -127,13 +137,10 @@ def refine_field(
         dilation=cfg.dilation,
         descriptors=(mind_f, mind_m),
     )
-    for level in reversed(range(cfg.levels)):
-        f = 2**level
+    for f in refine_levels(cfg, (h, w)):
         if f == 1:
             field = _refine_level(fixed, moving, field, cfg, mind_f, mind_m, callback)
             continue
-        if min(h, w) < 8 * f:
-            continue  # too small for this level
         size = (h + (-h) % f, w + (-w) % f)
         fl = F.avg_pool2d(pad_to_multiple(fixed, f), f)
         ml = F.avg_pool2d(pad_to_multiple(moving, f), f)
