@@ -83,7 +83,7 @@ from ..files import imagefiles
 from ..learning.evaluate import evaluate_model, identity_metrics, summarise
 from ..registration.preprocess import normalise_intensity
 from ..registration.warp import warp_numpy
-from .template import Pair, _bias_field, deform_pair
+from .template import Pair, appearance, deform_pair
 
 __all__ = [
     "BadFile",
@@ -561,21 +561,6 @@ def shard(indices, rank: int = 0, world_size: int = 1) -> np.ndarray:
 # ------------------------------------------------------------------------------ pairs
 
 
-def _appearance(
-    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, config: DataConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """Bias field, blur and normalisation of one image, and the noise to add to it."""
-    shape = image.shape
-    out = image * _bias_field(shape, config.bias, rng)
-    if config.blur > 0:
-        out = ndi.gaussian_filter(out, sigma=config.blur, mode="constant")
-    clean = normalise_intensity(out, mask=mask if mask.sum() >= 2 else None)
-    noise = (np.float32(config.noise) * rng.standard_normal(shape, dtype=np.float32)).astype(
-        np.float32
-    )
-    return clean, noise
-
-
 def synthetic_pair(
     image_a: np.ndarray,
     mask_a: np.ndarray,
@@ -597,8 +582,8 @@ def synthetic_pair(
         ``fixed``, ``moving`` (H, W) float32 in [0, 1]; ``displacement`` (2, H, W)
         float32 pixels; ``mask`` (H, W) float32, ``mask_a`` warped into the fixed frame.
     """
-    a_clean, a_noise = _appearance(image_a, mask_a, rng, config)
-    b_clean, b_noise = _appearance(image_b, mask_b, rng, config)
+    a_clean, a_noise = appearance(image_a, mask_a, rng, config)
+    b_clean, b_noise = appearance(image_b, mask_b, rng, config)
     fixed, moving, u = deform_pair(a_clean, a_noise, b_clean, b_noise, rng, config)
     mask = warp_numpy(mask_a.astype(np.float32), u, order=0) > 0.5
     return {

@@ -441,11 +441,20 @@ def _render(
         base = csf_i * template.csf[index] + gm_i * template.gm[index] + wm_i * template.wm[index]
         base = base + TEXTURE_WEIGHT[contrast] * _t1_texture(template, index)
         base = np.clip(base, 0.0, None) * template.mask[index]
-    shape = base.shape
-    image = base * _bias_field(shape, config.bias, rng)
+    return appearance(base, template.mask[index], rng, config)
+
+
+def appearance(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, config: DataConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """One rendering's bias field, blur and normalisation (over ``mask``, or the whole
+    image when it holds fewer than 2 pixels), and the noise to add to it; the template's
+    contrasts and the user's folder pairs (:mod:`.folders`) are rendered alike."""
+    shape = image.shape
+    out = image * _bias_field(shape, config.bias, rng)
     if config.blur > 0:
-        image = ndi.gaussian_filter(image, sigma=config.blur, mode="constant")
-    clean = normalise_intensity(image, mask=template.mask[index])
+        out = ndi.gaussian_filter(out, sigma=config.blur, mode="constant")
+    clean = normalise_intensity(out, mask=mask if mask.sum() >= 2 else None)
     noise = (np.float32(config.noise) * rng.standard_normal(shape, dtype=np.float32)).astype(
         np.float32
     )
