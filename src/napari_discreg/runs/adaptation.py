@@ -27,6 +27,7 @@ from ..core.config import AdaptConfig, TrainConfig
 from ..core.data.folders import PairBatches, PairMaker, PairSet, evaluate_pairs
 from ..core.files.checkpoint import checkpoint_info, read_checkpoint
 from ..core.files.resume import adaptation_record, load_adaptation_state, save_adaptation_state
+from ..core.files.transaction import make_dirs
 from ..core.learning.adapt import AdaptState, StopAdaptation, holdout_split
 from ..core.learning.discrepancy import Discrepancy
 from ..core.learning.distributed import (
@@ -51,7 +52,6 @@ from .base import (
     jsonable,
     load_base_model,
     load_folder,
-    make_dirs,
     path_list,
     state_file,
 )

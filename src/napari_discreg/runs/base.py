@@ -17,7 +17,6 @@ import numpy as np
 from ..core.config import DataConfig, FolderConfig
 from ..core.data.folders import SliceDataset
 from ..core.files.checkpoint import checkpoint_path, load_model
-from ..core.files.transaction import make_dirs, remove_empty  # noqa: F401 (the runs use them)
 from ..core.learning.distributed import DistContext
 from ..core.learning.model import DiscreteRegistrationNet, clone_model, resolve_device
 

@@ -23,6 +23,7 @@ from ..core.config import DataConfig, FolderConfig, ModelConfig, TrainConfig
 from ..core.data.folders import PairBatches, PairMaker, evaluate_pairs, make_pairs, split_holdout
 from ..core.files.checkpoint import read_checkpoint
 from ..core.files.resume import load_training_state, save_training_state
+from ..core.files.transaction import make_dirs
 from ..core.learning import train as core_train
 from ..core.learning.distributed import (
     DistContext,
@@ -41,7 +42,6 @@ from .base import (
     context_for,
     jsonable,
     load_folder,
-    make_dirs,
     path_list,
     state_file,
 )
