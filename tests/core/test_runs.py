@@ -26,6 +26,7 @@ from napari_discreg.runs import (
     FolderTargets,
     TrainingProgress,
     TrainingSpec,
+    resolve_training,
     run_adaptation,
     run_training,
 )
@@ -257,3 +258,22 @@ def test_run_messages_name_settings_and_the_cli_names_its_flags(capsys):
     assert "--" not in str(err.value) and "demo_target" in str(err.value)
     assert main(["adapt", "-o", "m.safetensors", "--demo-target", "2", "--target-fixed", "x"]) == 2
     assert "give either --demo-target or --target-fixed/--target-moving" in capsys.readouterr().err
+
+
+def test_a_resumed_training_refuses_a_contradicting_setting(tmp_path, capsys):
+    """Resume means one thing for training and adaptation: the saved run's settings,
+    and a setting given that contradicts them is refused (before: training took the
+    saved settings and silently ignored --steps, --lr, ... given with --resume)."""
+    from napari_discreg.cli import main
+
+    out = tmp_path / "m.safetensors"
+    tiny = ["--num-labels", "5", "--capture-range", "2", "--features", "4", "--head-channels", "8"]
+    base = ["train", "-o", str(out), "--steps", "2", "--size", "32", *tiny]
+    assert main([*base, "--checkpoint-every", "1"]) == 0
+    state = tmp_path / "m.state.safetensors"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(state), "-o", str(out), "--lr", "0.5"]) == 2
+    assert "--lr differs from the run saved in" in capsys.readouterr().err
+    assert main(["train", "--resume", str(state), "-o", str(out), *base[3:]]) == 0  # the same
+    with pytest.raises(ValueError, match=r"^steps differs from the run saved"):
+        resolve_training(TrainingSpec(resume=state, config=TrainConfig(steps=7)))

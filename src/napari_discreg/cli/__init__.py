@@ -102,9 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FLAGS = {"source_contrasts": "--contrasts"}
+"""Spec fields whose option is not their name with dashes."""
+
+
 def _flag(field: str) -> str:
     """The option of a spec field: ``target_fixed`` -> ``--target-fixed``."""
-    return "--" + field.replace("_", "-")
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 class Terminated(KeyboardInterrupt):

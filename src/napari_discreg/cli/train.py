@@ -132,7 +132,8 @@ def _run_train(args) -> int:
 
 def _train_spec(args, out: Path, ctx: DistContext) -> TrainingSpec:
     """The run the options describe; with --resume the architecture, settings and data
-    come from the saved run (the run resolves them), so only the data options count."""
+    come from the saved run (the run resolves them): an option given that contradicts
+    it is refused there, the data options may change (the files may have moved)."""
     common = {
         "source": args.source,
         "skip_bad": args.skip_bad,
@@ -147,8 +148,6 @@ def _train_spec(args, out: Path, ctx: DistContext) -> TrainingSpec:
         "warn": _warn,
         "max_memory_gb": args.max_memory_gb,
     }
-    if args.resume:
-        return TrainingSpec(**common)
     contrasts = tuple(c.strip().lower() for c in args.contrasts.split(",") if c.strip())
     bad = [c for c in contrasts if c not in CONTRASTS]
     if bad or not contrasts:

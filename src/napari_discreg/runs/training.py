@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from .base import (
     Messages,
     Run,
     RunOptions,
+    SettingError,
     context_for,
     jsonable,
     load_folder,
@@ -118,29 +119,50 @@ class TrainingResult:
     state_error: str | None = None
 
 
+def _refuse_contradictions(spec: TrainingSpec, saved: dict[str, Any]) -> None:
+    """A resumed run continues the saved one: a setting given here that is not its
+    default and differs from the saved run's is refused, as a resumed adaptation refuses
+    it (its learning-rate schedule spans the saved run's steps, so they cannot change)."""
+    defaults = TrainingSpec()
+    for name, saved_config in saved.items():
+        given, default = getattr(spec, name), getattr(defaults, name)
+        for f in fields(given):
+            value, was = getattr(given, f.name), getattr(saved_config, f.name)
+            if value != getattr(default, f.name) and value != was:
+                raise SettingError(
+                    f"{{{f.name}}} differs from the run saved in {spec.resume} ({was!r}); leave "
+                    "it out when resuming"
+                )
+
+
 def resolve_training(spec: TrainingSpec) -> TrainingSpec:
     """The spec of the run to do: with ``resume``, the saved run's architecture and
     settings (``source``, ``checkpoint_every``, ``skip_bad`` and ``allow_mixed_shapes``
-    given here win); the source paths made absolute otherwise."""
+    given here win; any other setting given here that contradicts the saved run is
+    refused); the source paths made absolute otherwise."""
     if not spec.resume:
         source = path_list(spec.source)
         return replace(spec, source=[str(Path(s).resolve()) for s in source] if source else None)
     mcfg, _, saved = read_checkpoint(spec.resume)
     run = saved.get("training")
     if not isinstance(run, dict) or "folder_config" not in run:
-        raise ValueError(
-            f"{spec.resume}: holds no training run to resume; give the "
-            "*.state.safetensors file that `napari-discreg train --checkpoint-every N` writes"
+        raise SettingError(
+            f"{spec.resume}: holds no training run to resume; give the *.state.safetensors "
+            "file that a training run saves with {checkpoint_every}"
         )
     names = TrainConfig.__dataclass_fields__
     tdict = {k: v for k, v in run.items() if k in names}
     tdict["source_contrasts"] = tuple(tdict.get("source_contrasts", ()))
+    saved_configs = {
+        "model_config": mcfg,
+        "config": TrainConfig(**tdict),
+        "data_config": DataConfig.from_dict(run["data_config"]),
+        "folder_config": FolderConfig.from_dict(run["folder_config"]),
+    }
+    _refuse_contradictions(spec, saved_configs)
     return replace(
         spec,
-        model_config=mcfg,
-        config=TrainConfig(**tdict),
-        data_config=DataConfig.from_dict(run["data_config"]),
-        folder_config=FolderConfig.from_dict(run["folder_config"]),
+        **saved_configs,
         source=path_list(spec.source) or run.get("source"),
         checkpoint_every=spec.checkpoint_every or run.get("checkpoint_every"),
         skip_bad=spec.skip_bad or bool(run.get("skip_bad")),
