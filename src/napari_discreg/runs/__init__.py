@@ -12,19 +12,8 @@ result (model, metadata record, evaluation, state file) at its end.
 No Qt, napari or argparse here: messages go to the spec's ``log``/``warn`` callables.
 """
 
-from .adaptation import (
-    AdaptationProgress,
-    AdaptationResult,
-    AdaptationSpec,
-    ArrayTargets,
-    DemoTargets,
-    FolderTargets,
-    PairFiles,
-    TargetOptions,
-    read_targets,
-    resolve_adaptation,
-    run_adaptation,
-)
+from .adaptation import AdaptationProgress, AdaptationResult, run_adaptation
+from .adaptation_spec import AdaptationSpec, resolve_adaptation
 from .base import Run, load_base_model
 from .registration import (
     RegistrationSpec,
@@ -32,6 +21,14 @@ from .registration import (
     StackResult,
     register_pair,
     run_registration,
+)
+from .targets import (
+    ArrayTargets,
+    DemoTargets,
+    FolderTargets,
+    PairFiles,
+    TargetOptions,
+    read_targets,
 )
 from .training import (
     TrainingProgress,
