@@ -22,7 +22,7 @@ from ..memory import ENV_LIMIT, check_memory, register_estimate
 from .bspline import bspline_refine
 from .geometry import control_grid_shape, control_point_index, control_point_position
 from .label_grid import argmax_label
-from .methods import DEFAULT_METHOD, method_named, resolve_method
+from .methods import DEFAULT_METHOD, Method, method_named, resolve_method
 from .mind import mind_ssc
 from .prealign import (
     DEFAULT_PREALIGN,
@@ -481,33 +481,23 @@ def register(
     # without the network in the field its histograms are computed when first read: from
     # a copy of today's weights, not from whatever an adaptation has made of them by then
     outputs = NetworkOutputs(model if chosen.network else clone_model(model), ft, mt)
-    fallback = False
-    capture = None
-    steps = 0
     # judged and optimised on the image itself, not its padding
-    fi, mi = ft[..., :h, :w], mt[..., :h, :w]
-    dense = fi.new_zeros(1, 2, h, w)
-    if chosen.network:
-        dense, last_f, last_m, probs = network_coarse_to_fine(model, fi, mi)
-        capture = capture_range_check(probs, last_f, last_m, model.offsets, cfg.stride)
-        if capture is not None:
-            warnings.warn(capture, CaptureRangeWarning, stacklevel=2)
-        outputs.set(probs)
-        tick()
-        if guard:
-            dense, fallback = _guard(fi, mi, dense, [], None)
-    if isinstance(settings, BSplineConfig):
-        descriptors: list = []
-        start_field = dense if chosen.network else None
-        dense = bspline_refine(
-            fi, mi, start_field, settings, descriptors=descriptors, callback=callback
-        )
-        steps = planned
-        if guard and not chosen.network:
-            dense, fallback = _guard(fi, mi, dense, descriptors, settings)
-    elif isinstance(settings, RefineConfig):
-        dense = refine_field(fi, mi, dense, settings, callback=callback)
-        steps = settings.steps
+    stage = _deformable_stage(
+        model,
+        chosen,
+        settings,
+        ft[..., :h, :w],
+        mt[..., :h, :w],
+        guard=guard,
+        network_done=tick,
+        callback=callback,
+        planned=planned,
+    )
+    dense, capture, fallback, steps = stage.field, stage.capture, stage.fallback, stage.steps
+    if stage.probabilities is not None:
+        outputs.set(stage.probabilities)
+    if capture is not None:
+        warnings.warn(capture, CaptureRangeWarning, stacklevel=2)
     with torch.no_grad():
         # x -> A (x + d(x)): the affine's linear part carries the deformable field
         linear = torch.as_tensor(matrix[:2, :2], dtype=dense.dtype, device=dev)
@@ -542,6 +532,56 @@ def register(
         warnings=notes,
         _network=outputs,
     )
+
+
+@dataclass
+class _Stage:
+    """What the deformable stage gives :func:`register`."""
+
+    field: torch.Tensor  # (1, 2, H, W) in the pre-aligned moving image's pixels
+    probabilities: torch.Tensor | None  # the network's last pass, when it ran
+    capture: str | None  # the capture-range warning, if any
+    fallback: bool  # the guard replaced the field by the pre-alignment alone
+    steps: int  # optimiser steps of the refinement
+
+
+def _deformable_stage(
+    model: DiscreteRegistrationNet,
+    chosen: Method,
+    settings,
+    fi: torch.Tensor,
+    mi: torch.Tensor,
+    *,
+    guard: bool,
+    network_done: Callable[[], None],
+    callback: Callable[[], None] | None,
+    planned: int,
+) -> _Stage:
+    """The method's deformable field on the pre-aligned pair (normalised (1, 1, H, W)
+    images): the network coarse to fine, then its refinement (B-spline or Adam), each
+    kept only where the guard finds it better than the pre-alignment alone."""
+    h, w = fi.shape[-2:]
+    dense = fi.new_zeros(1, 2, h, w)
+    probs, capture, fallback, steps = None, None, False, 0
+    if chosen.network:
+        dense, last_f, last_m, probs = network_coarse_to_fine(model, fi, mi)
+        capture = capture_range_check(probs, last_f, last_m, model.offsets, model.config.stride)
+        network_done()
+        if guard:
+            dense, fallback = _guard(fi, mi, dense, [], None)
+    if isinstance(settings, BSplineConfig):
+        descriptors: list = []
+        start_field = dense if chosen.network else None
+        dense = bspline_refine(
+            fi, mi, start_field, settings, descriptors=descriptors, callback=callback
+        )
+        steps = planned
+        if guard and not chosen.network:
+            dense, fallback = _guard(fi, mi, dense, descriptors, settings)
+    elif isinstance(settings, RefineConfig):
+        dense = refine_field(fi, mi, dense, settings, callback=callback)
+        steps = settings.steps
+    return _Stage(dense, probs, capture, fallback, steps)
 
 
 QUALITY_SCALES = (1, 2, 4)
