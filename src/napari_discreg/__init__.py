@@ -5,8 +5,10 @@ Public API (stable names; the GUI and the command line use only these):
 * :func:`load_model` - the shipped pretrained model, or a checkpoint file.
 * :func:`register` - register a moving image onto a fixed one -> :class:`RegistrationResult`
   (``method=`` one of :data:`METHODS`, default :data:`DEFAULT_METHOD`).
-* :func:`adapt_steps` / :func:`adapt` - unsupervised adaptation to new contrasts by
-  maximum classifier discrepancy (L1, sliced Wasserstein or projected EMD).
+* :func:`adapt_steps` / :func:`adapt` - unsupervised adaptation to new contrasts
+  (self-training on refined fields, or maximum classifier discrepancy with L1, sliced
+  Wasserstein or projected EMD); ``steps.throw(StopAdaptation())`` ends a run after
+  scoring its last iteration, ``steps.close()`` keeps the best weights scored so far.
 * :func:`save_model` - write a (possibly adapted) model to a safetensors checkpoint.
 """
 
@@ -30,6 +32,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "RefineConfig": (".core.config", "RefineConfig"),
     "RegistrationResult": (".core.registration.register", "RegistrationResult"),
     "StepRecord": (".core.learning.train", "StepRecord"),
+    "StopAdaptation": (".core.learning.adapt", "StopAdaptation"),
     "adapt": (".core.learning.adapt", "adapt"),
     "adapt_steps": (".core.learning.adapt", "adapt_steps"),
     "load_model": (".core.files.checkpoint", "load_model"),
@@ -45,6 +48,7 @@ __all__ = [
     "RefineConfig",
     "RegistrationResult",
     "StepRecord",
+    "StopAdaptation",
     "adapt",
     "adapt_steps",
     "load_model",
@@ -56,7 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover - what static tools see
     from .core.config import BSplineConfig, RefineConfig
     from .core.files.checkpoint import load_model
     from .core.files.checkpoint import save_checkpoint as save_model
-    from .core.learning.adapt import adapt, adapt_steps
+    from .core.learning.adapt import StopAdaptation, adapt, adapt_steps
     from .core.learning.train import StepRecord
     from .core.registration.methods import DEFAULT_METHOD, METHODS
     from .core.registration.register import RegistrationResult, register

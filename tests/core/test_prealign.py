@@ -132,3 +132,18 @@ def test_itk_affine_file_maps_points_as_the_pixel_map():
         x, y = tf.TransformPoint((c * sf[1], r * sf[0]))  # ITK: (x, y) physical
         q = a @ np.array([r, c, 1.0])
         np.testing.assert_allclose([y / sm[0], x / sm[1]], q[:2], atol=1e-9)
+
+
+def test_the_foreground_blur_stays_small_on_a_long_strip():
+    """The blur is a 256th of the long side, at most a quarter of the short one: the
+    same for every image up to an aspect ratio of 64 (before: a 256 px kernel on a
+    65536 x 16 strip, seconds of work for a 16 px wide image)."""
+    from unittest import mock
+
+    from napari_discreg.core.registration import prealign as pre
+
+    seen = []
+    with mock.patch("scipy.ndimage.gaussian_filter", side_effect=lambda a, s: seen.append(s) or a):
+        pre.foreground(np.ones((65536, 16), np.float32))
+        pre.foreground(np.ones((448, 369), np.float32))
+    assert seen == [4.0, 448 / 256]
