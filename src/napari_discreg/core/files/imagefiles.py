@@ -153,8 +153,9 @@ def _check_numeric(arr: np.ndarray, p: Path) -> None:
         )
 
 
-def _to_gray(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3 or 4) colour -> (...) gray: alpha dropped, then skimage's rgb2gray."""
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3 or 4) colour -> (...) gray: alpha dropped, then skimage's rgb2gray (which
+    rescales integer images to [0, 1]). The readers and the review images use it."""
     from skimage.color import rgb2gray
 
     return rgb2gray(rgb[..., :3])
@@ -235,7 +236,7 @@ def _load(p: Path, fmt: str, limit: int | None = None) -> tuple[np.ndarray, int 
             # pillow only: imageio would otherwise try every plugin it knows on a bad file
             arr = np.asarray(iio.imread(p, plugin="pillow"))
             if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-                arr = _to_gray(arr)
+                arr = luminance(arr)
             elif arr.ndim == 3 and arr.shape[-1] == 2:  # gray + alpha
                 arr = arr[..., 0]
         elif fmt == "tiff":
@@ -247,7 +248,7 @@ def _load(p: Path, fmt: str, limit: int | None = None) -> tuple[np.ndarray, int 
                 _check_size(p, series.shape, series.dtype, limit, axes.endswith("S"))
                 arr = np.asarray(series.asarray())
             if axes.endswith("S") and arr.shape[-1] in (3, 4):
-                arr = _to_gray(arr)
+                arr = luminance(arr)
         elif fmt == "nifti":
             import nibabel as nib
 

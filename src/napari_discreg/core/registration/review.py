@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates
-from skimage.color import rgb2gray
 
 from ..config import FOREGROUND_THRESHOLD
+from ..files.imagefiles import luminance
 from .preprocess import normalise_intensity
 
 FOREGROUND = 0.1
@@ -25,7 +25,7 @@ def gray_image(image: np.ndarray) -> np.ndarray:
     dropped; for the review images and the foreground only), grayscale as it is."""
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        return rgb2gray(arr[..., :3]).astype(np.float32)
+        return luminance(arr).astype(np.float32)
     return arr
 
 
