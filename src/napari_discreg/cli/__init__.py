@@ -41,19 +41,18 @@ Conventions
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed
 
 from .. import __version__
-from ..core.files.transaction import recording_commits
+from ..core.files.transaction import recording_commits, signal_handlers
 from ..core.learning.distributed import DistributedError
 from ..runs.base import SettingError
 from ._common import (
@@ -116,22 +115,16 @@ class Terminated(KeyboardInterrupt):
     same way: temporaries deleted, the partial model saved, the state kept."""
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def _sigterm_as_interrupt():
     """While the block runs, SIGTERM raises :class:`Terminated` (main thread only: Python
     delivers signals there; elsewhere nothing changes)."""
-    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def terminate(signum, frame):
         raise Terminated
 
-    before = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+    if not hasattr(signal, "SIGTERM"):  # Windows
+        return contextlib.nullcontext()
+    return signal_handlers(terminate, signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:

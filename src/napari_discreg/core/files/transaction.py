@@ -40,6 +40,7 @@ __all__ = [
     "folder_lock",
     "make_dirs",
     "recover_interrupted_swaps",
+    "signal_handlers",
     "recording_commits",
     "remove_empty",
     "write_text",
@@ -135,6 +136,24 @@ _HELD = tuple(dict.fromkeys((signal.SIGINT, getattr(signal, "SIGTERM", signal.SI
 
 
 @contextmanager
+def signal_handlers(handler, *signals: int) -> Iterator[bool]:
+    """``handler`` for ``signals`` while the block runs, the previous handlers after it.
+
+    Python sets handlers, and runs them, in the main thread only: elsewhere the block runs
+    with the handlers as they are (it gets ``False``).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    before = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield True
+    finally:
+        for s, previous in before.items():
+            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextmanager
 def _signals_held() -> Iterator[None]:
     """SIGINT and SIGTERM wait until the block is over, then take their usual course.
 
@@ -143,22 +162,11 @@ def _signals_held() -> Iterator[None]:
     would not do: the OpenMP threads of torch can receive it). Outside the main thread,
     where handlers cannot be set, a no-op.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     pending: list[int] = []
-
-    def note(signum, frame) -> None:
-        pending.append(signum)
-
-    before = {s: signal.signal(s, note) for s in _HELD}
-    try:
+    with signal_handlers(lambda signum, frame: pending.append(signum), *_HELD):
         yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        for s in dict.fromkeys(pending):
-            signal.raise_signal(s)
+    for s in dict.fromkeys(pending):  # the previous handlers are back
+        signal.raise_signal(s)
 
 
 _COMMITS: list[list[Path]] = []
