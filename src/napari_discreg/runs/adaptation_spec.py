@@ -25,6 +25,7 @@ from .base import (
     PathLike,
     RunOptions,
     SettingError,
+    contradiction,
     path_list,
 )
 from .targets import (
@@ -201,10 +202,7 @@ def _saved_settings(
             settings[key] = given[key]  # may change (the data may have moved)
             continue
         if given[key] != defaults.get(key) and given_abs[key] != value:
-            raise SettingError(
-                f"{{{key}}} differs from the run saved in {spec.resume} ({value!r}); leave "
-                "it out when resuming"
-            )
+            raise contradiction(key, spec.resume, value)
         settings[key] = value
     steps = int(saved.get("steps", 0)) if spec.steps is None else spec.steps
     done = int(info["step"])

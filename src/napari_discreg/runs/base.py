@@ -177,6 +177,15 @@ class SettingError(ValueError):
         return re.sub(r"\{([a-z_]+)\}", lambda m: name(m.group(1)), self.template)
 
 
+def contradiction(setting: str, resume: object, saved: object) -> SettingError:
+    """The error of a resumed run (training or adaptation) given ``setting`` other than
+    the saved run's ``saved`` value: a resume continues the saved run as it was."""
+    return SettingError(
+        f"{{{setting}}} differs from the run saved in {resume} ({saved!r}); leave it out "
+        "when resuming"
+    )
+
+
 def load_base_model(source: ModelSource, device) -> tuple[DiscreteRegistrationNet, str]:
     """(model, description) of a checkpoint file, a shipped model's name, ``None`` (the
     default shipped model) or an in-memory model (copied, so the original stays as it

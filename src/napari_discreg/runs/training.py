@@ -41,6 +41,7 @@ from .base import (
     RunOptions,
     SettingError,
     context_for,
+    contradiction,
     jsonable,
     load_folder,
     path_list,
@@ -129,10 +130,7 @@ def _refuse_contradictions(spec: TrainingSpec, saved: dict[str, Any]) -> None:
         for f in fields(given):
             value, was = getattr(given, f.name), getattr(saved_config, f.name)
             if value != getattr(default, f.name) and value != was:
-                raise SettingError(
-                    f"{{{f.name}}} differs from the run saved in {spec.resume} ({was!r}); leave "
-                    "it out when resuming"
-                )
+                raise contradiction(f.name, spec.resume, was)
 
 
 def resolve_training(spec: TrainingSpec) -> TrainingSpec:
