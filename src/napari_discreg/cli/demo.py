@@ -316,9 +316,7 @@ def real_pair_metrics(model, device, max_memory_gb: float | None = None) -> dict
 
 def _run_demo(args) -> int:
 
-    outputs = OutputSet(args.outdir)
-    for name in ("report.png", "report.json", "report.md"):
-        outputs.final(name)  # a folder in the way is an error now, not after the run
+    outputs = OutputSet(args.outdir, ("report.png", "report.json", "report.md"))
     dcfg = DataConfig(size=args.size)
     index = args.slice_index if args.slice_index is not None else sum(dcfg.test_slices) // 2
     device = resolve_device(args.device)

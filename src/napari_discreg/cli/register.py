@@ -105,7 +105,6 @@ def _add_register(sub) -> None:
 
 def _run_register(args) -> int:
 
-    outputs = OutputSet(args.outdir)
     names = {
         "warped": "warped.tif",
         "displacement": "displacement.npy",
@@ -113,6 +112,7 @@ def _run_register(args) -> int:
         "discrepancy": "discrepancy.tif",
         "summary": "summary.json",
     }
+    outputs = OutputSet(args.outdir, names.values())
     refuse_overwriting_inputs(
         [("the output", outputs.final(n)) for n in names.values()],
         {"FIXED": args.fixed, "MOVING": args.moving, "--model": args.model},

@@ -26,7 +26,7 @@ import re
 import secrets
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -279,8 +279,8 @@ def recover_interrupted_swaps(folder: str | os.PathLike) -> int:
 class OutputSet:
     """Files written together or not at all.
 
-    ``OutputSet(folder)`` checks at once that ``folder`` can be written (creating
-    nothing). Inside ``with outputs:`` the folder is created, :meth:`path` hands out a
+    ``OutputSet(folder, names)`` checks at once that ``folder`` can be written and that
+    no folder stands where one of the ``names`` goes (creating nothing). Inside ``with outputs:`` the folder is created, :meth:`path` hands out a
     temporary name in it for each output, and on a clean exit the set is swapped in as
     one transaction (see the module's docstring): two runs writing into one folder at
     once leave the complete set of one of them, and a failure or a signal never leaves
@@ -289,8 +289,10 @@ class OutputSet:
     swapped in.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, names: Iterable[str] = ()) -> None:
         self.folder = check_writable_dir(folder)
+        for name in names:  # a folder in the way is an error now, not after the run
+            self.final(name)
         self.committed = False
         self._staged: list[tuple[Path, Path]] = []
         self._created: list[Path] = []
