@@ -73,3 +73,16 @@ def test_tune_bspline_quick(script, tmp_path):
     assert tune.main(["--quick", "--out-dir", str(tmp_path)]) == 0
     text = (tmp_path / "benchmarks.md").read_text()
     assert "<!-- bspline-tuning:start -->" in text and "**(default)**" in text
+
+
+def test_real_pair_recipes_table_keeps_the_best_criterion(script):
+    recipes = script("real_pair_recipes")
+    rows = [
+        {"step": 0, "criterion": -0.14, "median_tre": 2.0},
+        {"step": 10, "criterion": -0.13, "median_tre": 1.5},
+        {"step": 25, "criterion": -0.135, "median_tre": 1.0},
+    ]
+    text = recipes.markdown({"rat-kidney | mind all": {"rows": rows}})
+    # keep-best by the criterion keeps step 10 (TRE 1.5: -25 %), not the lowest TRE
+    assert "| mind all | rat-kidney | 0: 2.00 (-0.1400), 10: 1.50 (-0.1300), " in text
+    assert "| 10, 1.50 | -25.0 % |" in text

@@ -158,3 +158,13 @@ def test_network_shapes(pp):
     l1, l2 = net.heads(feats)
     assert l1.shape == l2.shape == (3, 25)
     assert pp.histograms(l1, 0.1).shape == (3, 5, 5)
+
+
+def test_kind_weights_flag_names_each_discrepancys_own_lambda(pp):
+    assert pp.parse_kind_weights(["l1=30", "swd=100"]) == (("l1", 30.0), ("swd", 100.0))
+    for bad in (["swd"], ["mse=1"], ["swd=x"], ["swd=-1"]):
+        with pytest.raises(SystemExit):
+            pp.parse_kind_weights(bad)
+    sched = {"discrepancy_weight": 1.0, "kind_weights": [["swd", 100.0]]}
+    assert pp._lambda_text(sched) == "1.0 (SWD 100: their own weights, chosen on validation)"
+    assert pp._lambda_text({"discrepancy_weight": 1.0, "kind_weights": []}) == "1.0"

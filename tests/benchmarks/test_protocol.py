@@ -6,7 +6,7 @@ import json
 
 import pytest
 from _protocol import BenchmarkSettings, format_table, update_section
-from adaptation import main
+from adaptation import main, section_name
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def test_quick_benchmark_writes_every_row(quick_run):
         "refine only (from zero)",
         "source-only + refine",
         "MCD-L1",
+        "self-training (the default)",
         "MCD-SWD",
         "MCD-pEMD",
         "MCD-pEMD + refine",
@@ -40,6 +41,7 @@ def test_quick_benchmark_writes_every_row(quick_run):
         assert len(row["epe"]) == len(quick.seeds), name
         assert all(v >= 0 for v in row["epe"]), name
     assert blob["settings"]["refine_config"]["steps"] == quick.refine.steps
+    assert blob["settings"]["self_training_config"]["method"] == "self-training"
     text = (quick_run / "benchmarks.md").read_text()
     assert "<!-- adaptation:start -->" in text and "| MCD-pEMD + refine | 1 |" in text
     assert "python benchmarks/adaptation.py --quick" in text
@@ -70,3 +72,10 @@ def test_adaptation_benchmark_refuses_zero_pairs(option, capsys):
     with pytest.raises(SystemExit) as exit_:
         adaptation.parser().parse_args([option, "0"])
     assert exit_.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_each_model_writes_its_own_section():
+    assert section_name(None) == ("adaptation", "default")
+    assert section_name("default") == ("adaptation", "default")
+    assert section_name("mono") == ("adaptation-mono", "mono")
+    assert section_name("/runs/x/model.pt") == ("adaptation-model", "model")

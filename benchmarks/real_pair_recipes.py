@@ -1,0 +1,417 @@
+"""Adaptation recipes for the network stage on one real stain pair (issue 25, item 2): a sweep.
+
+    python benchmarks/real_pair_recipes.py --list
+    python benchmarks/real_pair_recipes.py --pairs rat-kidney --recipes "mind heads" \
+        --out /tmp/dev/real_recipes/rat.json
+
+For each real stain pair of the landmark benchmark (``benchmarks/landmarks.py``: 448 px,
+human landmarks), the default pipeline registers the pair with the shipped ``default``
+network; a copy of the network is then adapted on that pair alone by a recipe, and at
+every checkpoint the pair is registered again with the current weights. What is written
+per checkpoint: the median TRE of the default pipeline (landmarks: for the report only,
+no recipe reads them) and the unsupervised keep-best criterion (MIND-SSC similarity of
+the held-out tiles, what a run would select by).
+
+Target pairs: the fixed image and the moving image after the pre-alignment
+(``tiles="prealigned"``, :func:`registered_pair_tiles`) or after the whole default
+registration (``tiles="registered"``: the residual motion the finest pass sees), in
+192 px tiles overlapping by half; a quarter of them held out for the criterion.
+
+Recipe kinds (all on the tiles, no label of any kind):
+
+* ``mind``: the network's expected (soft-argmax) field of the mean head warps the moving
+  tile; the loss is the MIND-SSC distance of fixed and warped over the foreground plus a
+  diffusion regulariser of the control-point field (the unsupervised loss of PDD-Net),
+  optionally plus the heads' p-EMD discrepancy. ``params``: ``heads`` (both heads
+  without their first layer, as self-training), ``norm`` (the instance norms' scale and
+  shift in G), ``G`` or ``all``.
+* ``tent``: entropy of the mean head's histogram over the foreground control points
+  (Wang et al., ICLR 2021), on ``params``.
+* ``shipped``: :func:`adapt_steps` with an :class:`AdaptConfig` (overrides in ``cfg``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from _protocol import update_section
+
+import napari_discreg as nd
+from napari_discreg.core.config import AdaptConfig
+from napari_discreg.core.learning.adapt import holdout_split
+from napari_discreg.core.learning.discrepancy import discrepancy_fn
+from napari_discreg.core.learning.model import clone_model, probabilities
+from napari_discreg.core.learning.self_train import registered_pair_tiles, trainable_parameters
+from napari_discreg.core.registration.label_grid import expected_displacement
+from napari_discreg.core.registration.mind import mind_ssc
+from napari_discreg.core.registration.prealign import tissue_image, to_gray
+from napari_discreg.core.registration.predict import prepare_target, selection_criterion
+from napari_discreg.core.registration.warp import upsample_field, warp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _landmark_data import PAIRS, default_data_dir, field_mapping, load_pairs, pair_metrics  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+RECIPES: dict[str, dict] = {
+    "mind heads": {"kind": "mind", "params": "heads", "lr": 1e-3},
+    "mind heads lr3e-4": {"kind": "mind", "params": "heads", "lr": 3e-4},
+    "mind norm": {"kind": "mind", "params": "norm", "lr": 1e-3},
+    "mind G": {"kind": "mind", "params": "G", "lr": 1e-4},
+    "mind all": {"kind": "mind", "params": "all", "lr": 1e-4},
+    "mind all lr3e-5": {"kind": "mind", "params": "all", "lr": 3e-5},
+    "mind all smooth1": {"kind": "mind", "params": "all", "lr": 1e-4, "smooth": 1.0},
+    "mind all +disc": {"kind": "mind", "params": "all", "lr": 1e-4, "disc_weight": 1.0},
+    "mind heads registered": {"kind": "mind", "params": "heads", "lr": 1e-3, "tiles": "registered"},
+    "mind all registered": {"kind": "mind", "params": "all", "lr": 1e-4, "tiles": "registered"},
+    "tent norm": {"kind": "tent", "params": "norm", "lr": 1e-3},
+    "tent all": {"kind": "tent", "params": "all", "lr": 1e-4},
+    "selftrain ungated": {"kind": "shipped", "cfg": {"min_pseudo_gain": 0.0}},
+    "distill ensemble": {"kind": "distill", "lr": 3e-3},
+    "distill ensemble lr5e-4": {"kind": "distill", "lr": 5e-4},
+    "distill ensemble multiscale": {"kind": "distill", "lr": 3e-3, "scales": (1, 2, 4)},
+    "mcd": {"kind": "shipped", "cfg": {"method": "mcd"}},
+}
+
+
+def _params(model, which: str) -> list[torch.nn.Parameter]:
+    if which == "heads":
+        chosen = trainable_parameters(model)
+    elif which == "norm":
+        chosen = [
+            p
+            for m in model.G.modules()
+            if isinstance(m, torch.nn.InstanceNorm2d)
+            for p in m.parameters()
+        ]
+    elif which == "G":
+        chosen = list(model.G.parameters())
+    elif which == "all":
+        chosen = list(model.parameters())
+    else:
+        raise ValueError(which)
+    ids = {id(p) for p in chosen}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    return chosen
+
+
+def _field(model, logits, shape):
+    l1, l2 = logits
+    prob = 0.5 * (probabilities(l1) + probabilities(l2))
+    cp = expected_displacement(prob, model.offsets)
+    return prob, cp, upsample_field(cp, model.config.stride, shape)
+
+
+def mind_loss(model, f, m, mask, smooth: float, disc_weight: float, dfun):
+    logits = model.heads(model.cost_volume(f, m))
+    _, cp, dense = _field(model, logits, tuple(f.shape[-2:]))
+    diff = (mind_ssc(f) - mind_ssc(warp(m, dense))).pow(2).mean(1, keepdim=True)
+    sim = (diff * mask).sum() / mask.sum().clamp_min(1.0)
+    reg = (cp[..., 1:, :] - cp[..., :-1, :]).pow(2).mean() + (cp[..., :, 1:] - cp[..., :, :-1]).pow(
+        2
+    ).mean()
+    loss = sim + smooth * reg
+    if disc_weight > 0:
+        fg = F.max_pool2d(mask, model.config.stride)[:, 0] > 0
+        h, w = logits[0].shape[1:3]
+        fg = fg[:, :h, :w]
+        loss = loss + disc_weight * dfun(probabilities(logits[0])[fg], probabilities(logits[1])[fg])
+    return loss
+
+
+def tent_loss(model, f, m, mask):
+    logits = model.heads(model.cost_volume(f, m))
+    prob, _, _ = _field(model, logits, tuple(f.shape[-2:]))
+    fg = F.max_pool2d(mask, model.config.stride)[:, 0] > 0
+    h, w = prob.shape[1:3]
+    p = prob[fg[:, :h, :w]].flatten(1)
+    return -(p * p.clamp_min(1e-8).log()).sum(-1).mean()
+
+
+def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    if flip:
+        x = x.flip(-1)
+    return torch.rot90(x, k, (-2, -1))
+
+
+def _field_back(d: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """A field computed on ``_dihedral(pair, k, flip)``, in the pair's own frame."""
+    d = torch.rot90(d, -k, (-2, -1))
+    r, c = d[:, 0], d[:, 1]
+    for _ in range(k % 4):
+        r, c = c, -r
+    d = torch.stack([r, c], 1)
+    if flip:
+        d = d.flip(-1)
+        d = torch.stack([d[:, 0], -d[:, 1]], 1)
+    return d
+
+
+@torch.no_grad()
+def ensemble_field(model, fi: torch.Tensor, mi: torch.Tensor) -> torch.Tensor:
+    """The mean of the network stage's coarse-to-fine fields over the 8 rotations and
+    mirrorings of the pre-aligned pair, each mapped back: the teacher of ``distill``."""
+    from napari_discreg.core.registration.register import network_coarse_to_fine
+
+    fields = [
+        _field_back(
+            network_coarse_to_fine(model, _dihedral(fi, k, fl), _dihedral(mi, k, fl))[0], k, fl
+        )
+        for fl in (False, True)
+        for k in range(4)
+    ]
+    return torch.stack(fields).mean(0)
+
+
+def _tile_tensor(x: torch.Tensor, size: int = 192, overlap: float = 0.5) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    step = max(1, round(size * (1 - overlap)))
+
+    def starts(n: int) -> list[int]:
+        return [0] if n <= size else sorted({*range(0, n - size, step), n - size})
+
+    out = []
+    for r in starts(h):
+        for c in starts(w):
+            t = x.new_zeros(x.shape[0], x.shape[1], size, size)
+            p = x[..., r : r + size, c : c + size]
+            t[..., : p.shape[-2], : p.shape[-1]] = p
+            out.append(t)
+    return torch.cat(out)
+
+
+def distill_trainer(pair, result, model, opts: dict, seed: int):
+    """Self-training whose pseudo-labels are the ensemble field of the pair (no
+    refinement), on the pre-aligned pair's tiles (at ``scales``, as the coarse-to-fine
+    passes see it first)."""
+    from napari_discreg.core.config import FOREGROUND_THRESHOLD
+    from napari_discreg.core.learning.self_train import SelfTraining
+    from napari_discreg.core.registration.label_grid import soft_labels
+    from napari_discreg.core.registration.prealign import resample
+    from napari_discreg.core.registration.preprocess import network_input
+    from napari_discreg.core.registration.register import _downsample
+    from napari_discreg.core.registration.warp import control_point_field
+
+    f = tissue_image(to_gray(pair.fixed))
+    m = resample(tissue_image(to_gray(pair.moving)), result.affine, f.shape)
+    h, w = f.shape
+    fi = network_input(f, 1, "cpu")[..., :h, :w]
+    mi = network_input(m, 1, "cpu")[..., :h, :w]
+    teacher = ensemble_field(model, fi, mi)
+    tf, tm, tt = [], [], []
+    for fac in opts.get("scales", (1,)):
+        fd, md = _downsample(fi, fac), _downsample(mi, fac)
+        td = F.interpolate(teacher, size=fd.shape[-2:], mode="bilinear", align_corners=False) / fac
+        tf.append(_tile_tensor(fd))
+        tm.append(_tile_tensor(md))
+        tt.append(_tile_tensor(td))
+    tf, tm, tt = torch.cat(tf), torch.cat(tm), torch.cat(tt)
+    mc = model.config
+    mask = ((tf > FOREGROUND_THRESHOLD) | (tm > FOREGROUND_THRESHOLD)).float()
+    targets = soft_labels(control_point_field(tt, mc.stride), mc.num_labels, mc.capture_range)
+    cfg = AdaptConfig(lr=opts["lr"])
+    trainer = SelfTraining(
+        model, tf, tm, mask, cfg, np.random.default_rng(seed), targets=targets.flatten(-2)
+    )
+    return trainer
+
+
+def registered_tiles(pair, result, size: int):
+    """The fixed image and the moving image warped by the whole registration, in tiles."""
+    from scipy import ndimage as ndi
+
+    f = tissue_image(to_gray(pair.fixed))
+    m = tissue_image(to_gray(pair.moving))
+    h, w = f.shape
+    rr, cc = np.mgrid[0:h, 0:w].astype(np.float64)
+    u = result.displacement
+    warped = ndi.map_coordinates(m, [rr + u[0], cc + u[1]], order=1, mode="nearest")
+    identity = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    return registered_pair_tiles(f, warped.astype(np.float32), identity, size=size)
+
+
+def run(pair, base, name: str, opts: dict, steps: int, checkpoints: list[int], seed: int, log):
+    before = nd.register(pair.fixed, pair.moving, model=base)
+    if opts.get("tiles", "prealigned") == "registered":
+        tf, tm = registered_tiles(pair, before, 192)
+    else:
+        tf, tm = registered_pair_tiles(pair.fixed, pair.moving, before.affine, size=192)
+    model = clone_model(base)
+    ft, mt, mask = prepare_target(tf, tm, model.config.stride, torch.device("cpu"))
+    train_idx, sel_idx = holdout_split(ft.shape[0], 0.25, seed)
+    sel = (ft[sel_idx], mt[sel_idx], mask[sel_idx])
+    rows = []
+
+    def evaluate(step: int, seconds: float) -> None:
+        model.eval()
+        with torch.no_grad():
+            crit = selection_criterion(model, *sel)
+        res = nd.register(pair.fixed, pair.moving, model=model)
+        met = pair_metrics(pair, field_mapping(res.displacement))
+        rows.append(
+            {
+                "step": step,
+                "seconds": seconds,
+                "criterion": crit,
+                "pipeline_mind": res.quality["mind_after"],
+                "fallback": bool(res.identity_fallback),
+                "median_tre": met["median_tre"],
+                "mean_tre": met["mean_tre"],
+            }
+        )
+        log(
+            f"{pair.name} | {name} | step {step} | crit {crit:.5f} | pipeline MIND "
+            f"{res.quality['mind_after']:.5f}{' fallback' if res.identity_fallback else ''} | "
+            f"TRE {met['median_tre']:.3f} (mean {met['mean_tre']:.3f}) | {seconds:.1f} s"
+        )
+
+    evaluate(0, 0.0)
+    if opts["kind"] == "shipped":
+        cfg = AdaptConfig.for_method(
+            opts["cfg"].get("method", "self-training"),
+            **{k: v for k, v in opts["cfg"].items() if k != "method"},
+        )
+        t0 = time.perf_counter()
+        records = list(nd.adapt_steps(model, tf, tm, config=cfg, device="cpu"))
+        evaluate(records[-1].best_iteration, time.perf_counter() - t0)
+        return {"rows": rows, "kept": records[-1].best_iteration}
+    if opts["kind"] == "distill":
+        t0 = time.perf_counter()
+        trainer = distill_trainer(pair, before, model, opts, seed)
+        opt = trainer.optimizers(opts["lr"])["heads"]
+        spent = time.perf_counter() - t0
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            trainer.freeze(True)
+            model.train()
+            trainer.step(opt)
+            trainer.freeze(False)
+            spent += time.perf_counter() - t0
+            if step in checkpoints:
+                evaluate(step, spent)
+        return {"rows": rows}
+    rng = np.random.default_rng(seed)
+    params = _params(model, opts["params"])
+    opt = torch.optim.Adam(params, lr=opts["lr"])
+    dfun = discrepancy_fn("pemd", diagonals=True)
+    batch = opts.get("batch", 2)
+    spent = 0.0
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        model.train()
+        idx = torch.from_numpy(
+            rng.choice(train_idx, size=min(batch, len(train_idx)), replace=False)
+        )
+        f, m, k = ft[idx], mt[idx], mask[idx]
+        if opts["kind"] == "mind":
+            loss = mind_loss(
+                model, f, m, k, opts.get("smooth", 0.1), opts.get("disc_weight", 0.0), dfun
+            )
+        else:
+            loss = tent_loss(model, f, m, k)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        spent += time.perf_counter() - t0
+        if step in checkpoints:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            evaluate(step, spent)
+            _params(model, opts["params"])
+    return {"rows": rows}
+
+
+def markdown(results: dict) -> str:
+    """The sweep's curves: per recipe and pair, the pipeline's median TRE and the held-out
+    tiles' criterion at every checkpoint, and what keep-best by that criterion would keep."""
+    lines = [
+        "## Adapting the network stage on one real pair: recipes (issue 25, item 2)",
+        "",
+        "Written by `python benchmarks/real_pair_recipes.py` (one process per pair, 1 torch "
+        "thread each, the two side by side; `--write` renders this table from their result "
+        "files). The default pipeline's median TRE (px, 448 px working size, human landmarks "
+        "read for this table only) after each checkpoint of a recipe run on the pair's own "
+        "192 px tiles, and in brackets the held-out tiles' MIND-SSC criterion (higher is "
+        'better) a keep-best run selects by. "kept": the checkpoint with the best criterion '
+        "(step 0 included) and its TRE. Start: the shipped `default` network (rat-kidney "
+        "1.19 px, lung-lesion 2.52 px); the pre-alignment alone gives 1.61 and 3.61 px, "
+        "which is where a run lands when the guard rejects the adapted network's field.",
+        "",
+        "| recipe | pair | TRE (criterion) at steps | kept: step, TRE | change |",
+        "|---|---|---|---|---|",
+    ]
+    for key, res in results.items():
+        pair, name = (part.strip() for part in key.split("|", 1))
+        rows = res["rows"]
+        curve = ", ".join(
+            f"{r['step']}: {r['median_tre']:.2f} ({r['criterion']:.4f})" for r in rows
+        )
+        best = max(rows, key=lambda r: r["criterion"])
+        change = best["median_tre"] / rows[0]["median_tre"] - 1.0
+        lines.append(
+            f"| {name} | {pair} | {curve} | {best['step']}, {best['median_tre']:.2f} | "
+            f"{100 * change:+.1f} % |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--pairs", nargs="*", default=None)
+    ap.add_argument("--recipes", nargs="*", default=None)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--checkpoints", type=int, nargs="*", default=[10, 25, 50, 100])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/dev/real_recipes/results.json"))
+    ap.add_argument(
+        "--write",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="write the 'real-pair-recipes' section of docs/benchmarks.md from these result "
+        "files (no run)",
+    )
+    args = ap.parse_args(argv)
+    if args.write is not None:
+        results: dict = {}
+        for path in args.write:
+            results.update(json.loads(path.read_text()))
+        update_section(DOCS / "benchmarks.md", "real-pair-recipes", markdown(results))
+        return 0
+    if args.list:
+        for k, v in RECIPES.items():
+            print(f"{k}: {v}")
+        return 0
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    specs = [s for s in PAIRS if s.real and (args.pairs is None or s.name in args.pairs)]
+    pairs = load_pairs(default_data_dir(), 448, specs)
+    base = nd.load_model("default", device="cpu")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    for name in args.recipes or list(RECIPES):
+        for pair in pairs:
+            out = run(pair, base, name, RECIPES[name], args.steps, args.checkpoints, args.seed, log)
+            results[f"{pair.name} | {name}"] = {"recipe": RECIPES[name], **out}
+            args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
