@@ -165,3 +165,91 @@ def test_a_weak_model_has_something_to_learn(mono):
     result = _adapt(mono, fixed, moving, steps=4, select_every=2)
     assert result.pseudo_gain is not None and result.pseudo_gain > 0.3
     assert not result.nothing_to_learn and result.completed_steps == 4 and result.note() == ""
+
+
+def _registered(fixed, moving, n: int = 2):
+    """(fixed, moving, affine) of registered pairs: here the pairs themselves, unmoved."""
+    return tuple((fixed[i], moving[i], np.eye(3)) for i in range(n))
+
+
+def _adapt_registered(model, fixed, moving, registered, **config):
+    spec = AdaptationSpec(
+        targets=ArrayTargets(fixed, moving, registered=registered),
+        model=model,
+        # MCD: on these 64 px pairs its held-out criterion improves within 6 iterations
+        config=AdaptConfig.mcd(**{"steps": 6, "select_every": 2, "lr": 1e-3, **config}),
+        data_config=DataConfig(size=SIZE),
+        device="cpu",
+    )
+    run = run_adaptation(spec)
+    for _ in run:
+        pass
+    return run.result
+
+
+def _moved_from(start):
+    """A fake pair distance: how far the weights moved from ``start`` (0 at the start)."""
+
+    def distance(model, fixed, moving, matrix):
+        sd = model.state_dict()
+        return float(sum((sd[k].float() - start[k].float()).abs().sum() for k in start))
+
+    return distance
+
+
+@pytest.mark.parametrize("start_better", [True, False])
+def test_the_registered_pair_decides_whether_adapted_weights_are_kept(
+    mono, monkeypatch, start_better
+):
+    """An adaptation to the user's registered pair keeps its best iteration only if that
+    iteration registers the pair better than the start did (the real pairs' sweep: a
+    better criterion on the held-out tiles while the pipeline fell back to the
+    pre-alignment, +35 % TRE)."""
+    import napari_discreg.runs.adaptation as runs_adaptation
+    from napari_discreg._widgets._adaptation_targets import result_text
+
+    fixed, moving = _template_pairs(8)
+    start = {k: v.clone() for k, v in mono.state_dict().items()}
+    moved = _moved_from(start)
+    fake = moved if start_better else (lambda *a: -moved(*a))
+    monkeypatch.setattr(runs_adaptation, "network_stage_distance", fake)
+    result = _adapt_registered(mono, fixed, moving, _registered(fixed, moving))
+    check = result.pair_check
+    assert check is not None and check["iteration"] > 0 and check["pairs"] == 2
+    after = result.model.state_dict()
+    same = all(torch.equal(after[k], start[k]) for k in start)
+    if start_better:
+        assert not check["kept"] and check["start"] == 0.0 < check["candidate"]
+        assert same and result.unchanged and result.best_iteration == 0
+        assert result.metadata["adaptation"]["best_iteration"] == 0
+        assert result.metadata["adaptation"]["pair_check"]["kept"] is False
+        text = result_text(result)
+        assert "starting weights are kept" in text and "scored better" not in text
+        assert "Run more iterations" in text
+    else:
+        assert check["kept"] and check["candidate"] < check["start"] == 0.0
+        assert not same and result.best_iteration == check["iteration"]
+        assert "matches it better" in result_text(result)
+
+
+def test_the_registered_pair_check_measures_what_register_reports(mono):
+    """Without a fake: the check's distances are those of registering the pair with
+    ``method="network"`` after the given pre-alignment, and the model ends on the weights
+    that scored lower."""
+    from napari_discreg.core.registration.register import network_stage_distance, register
+
+    fixed, moving = _template_pairs(8)
+    start = {k: v.clone() for k, v in mono.state_dict().items()}
+    pairs = _registered(fixed, moving, 1)
+    result = _adapt_registered(mono, fixed, moving, pairs)
+    check = result.pair_check
+    # the weak mono model adapted to T2-like pairs registers them better: kept
+    assert check is not None and check["kept"] and check["candidate"] < check["start"]
+    final = network_stage_distance(result.model, *pairs[0])
+    assert final == pytest.approx(check["candidate"], rel=1e-6)
+    f, m, _ = pairs[0]
+    res = register(f, m, model=result.model, method="network", prealign="none")
+    assert res.quality["mind_after"] == pytest.approx(final, rel=1e-6)
+    model = load_model("mono", device="cpu")
+    model.load_state_dict(start)
+    assert network_stage_distance(model, *pairs[0]) == pytest.approx(check["start"], rel=1e-6)

@@ -57,6 +57,7 @@ ADAPT_KEYS = {
     "resumed_from",
     "interrupted",
     "diverged",
+    "pair_check",
     "device",
     "distributed",
     "runtime_s",

@@ -318,3 +318,15 @@ def test_one_click_adapts_the_network_to_the_registered_pair(
     assert widget.status_label.text().startswith("finished after 3 of 3 iterations")
     errors = [text for level, text in notes if level == "error"]
     assert len(errors) == 1 and errors[0].startswith("register a pair first"), errors
+    # the run judges what it would keep by registering the pair itself again
+    from napari_discreg._widgets._adaptation_targets import registered_targets
+
+    targets = registered_targets(state_for(viewer).run)
+    ((f, m, affine),) = targets.registered
+    registered = state_for(viewer).run.results[None]
+    assert f.shape == small_pair.fixed.shape and m.shape == small_pair.moving.shape
+    assert np.array_equal(affine, registered.affine)
+    check = result.metadata["adaptation"]["pair_check"]
+    assert (check is None) == (result.pair_check is None)
+    if check is not None:
+        assert result.best_iteration == (check["iteration"] if check["kept"] else 0)

@@ -151,7 +151,7 @@ def registered_targets(run) -> ArrayTargets:
     fixed, moving = run.layer("fixed"), run.layer("moving")
     if fixed is None or moving is None:
         raise ValueError("the registered layers no longer exist; register the pair again")
-    tiles_f, tiles_m = [], []
+    tiles_f, tiles_m, registered = [], [], []
     for index, result in results.items():
         f, m = np.asarray(fixed.data), np.asarray(moving.data)
         if index is not None:
@@ -159,12 +159,14 @@ def registered_targets(run) -> ArrayTargets:
         tf, tm = registered_pair_tiles(f, m, result.affine)
         tiles_f.append(tf)
         tiles_m.append(tm)
+        registered.append((f, m, np.asarray(result.affine)))
     f_all, m_all = np.concatenate(tiles_f), np.concatenate(tiles_m)
     desc = (
         f"{f_all.shape[0]} tiles of the registered pair '{fixed.name}' (fixed) / "
         f"'{moving.name}' (moving, pre-aligned)"
     )
-    return ArrayTargets(f_all, m_all, description=desc)
+    # the run keeps adapted weights only if they register the pair(s) better
+    return ArrayTargets(f_all, m_all, description=desc, registered=tuple(registered))
 
 
 class FolderTargetsBox(QGroupBox):
@@ -366,7 +368,10 @@ def result_text(result) -> str:
     if result is None:
         return "stopped before the first iteration"
     how = "stopped" if result.interrupted else "finished"
-    if unchanged(result):
+    check = result.pair_check
+    if check and not check["kept"]:
+        text = [f"{how} after {result.completed_steps} of {result.total_steps} iterations."]
+    elif unchanged(result):
         crit = (
             f" (criterion {result.initial_criterion:.4f} at the start)"
             if result.initial_criterion is not None
@@ -387,6 +392,7 @@ def result_text(result) -> str:
         text.append(f"The run diverged: {result.diverged}.")
     text.append(result.note())
     text.append(result.selection_text())
+    text.append(result.pair_check_text())
     text.append(evaluation_text(result.evaluation))
     state = result.state_path
     if state is not None and state.is_file():

@@ -290,7 +290,7 @@ def _adapt(spec: AdaptationSpec, out: Path, ctx: DistContext) -> int:
         f"{result.runtime_s:.1f} s ({completed} of {total} in all); best iteration {best_iter} "
         f"({crit}); saved {out}"
     )
-    for line in (result.note(), result.selection_text()):
+    for line in (result.note(), result.selection_text(), result.pair_check_text()):
         if line:
             _say(f"  {line}")
     if result.state_error is not None:

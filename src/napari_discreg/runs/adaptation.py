@@ -38,6 +38,7 @@ from ..core.learning.model import DiscreteRegistrationNet
 from ..core.learning.train import StepRecord, source_batches
 from ..core.memory import adaptation_estimate, check_memory
 from ..core.registration.predict import identity_criterion, prepare_target
+from ..core.registration.register import network_stage_distance
 from ..core.threads import use_threads_for_load
 from .adaptation_spec import (
     RUN_KEYS,
@@ -150,6 +151,10 @@ class AdaptationResult:
     identity_criterion: float | None = None
     pseudo_gain: float | None = None
     min_pseudo_gain: float = 0.0
+    #: the registered pairs' check (:attr:`ArrayTargets.registered`): ``"iteration"`` the
+    #: candidate, ``"start"`` and ``"candidate"`` the pairs' mean MIND-SSC distance after
+    #: registering them with either weights, ``"kept"`` whether the candidate was kept
+    pair_check: dict[str, Any] | None = None
 
     @property
     def nothing_to_learn(self) -> bool:
@@ -169,8 +174,29 @@ class AdaptationResult:
 
     @property
     def unchanged(self) -> bool:
-        """True when the run kept its starting weights (no iteration scored better)."""
+        """True when the run kept its starting weights (no iteration scored better, or
+        the best one registered the pairs no better: :attr:`pair_check`)."""
         return self.best_iteration == self.start_step == 0
+
+    def pair_check_text(self) -> str:
+        """What registering the pairs again said of the best iteration (empty without
+        a check)."""
+        check = self.pair_check
+        if not check:
+            return ""
+        compare = (
+            f"MIND-SSC distance {check['candidate']:.4f} with iteration {check['iteration']} "
+            f"against {check['start']:.4f} with the start, lower is better"
+        )
+        if check["kept"]:
+            return (
+                f"Registering the pair again with the kept weights matches it better ({compare})."
+            )
+        return (
+            f"Iteration {check['iteration']} scored best by the selection criterion, but "
+            f"registering the pair again with it matched no better ({compare}), so the "
+            "starting weights are kept."
+        )
 
     def selection_text(self) -> str:
         """How the kept weights were judged, in one or two sentences: on which pairs, the
@@ -359,6 +385,13 @@ def _adapt(
         hint="use smaller images or a smaller batch, or raise the memory limit",
     )
     use_threads_for_load(spec.threads)
+    registered = getattr(spec.targets, "registered", ())
+    # the registered pairs judge the kept weights against these (a fresh run's start)
+    start_weights = (
+        {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if registered and start_step == 0 and not ctx.distributed
+        else None
+    )
     # looked up here, not imported: napari_discreg.adapt_steps is the public name
     # (the command-line tests replace it)
     steps = napari_discreg.adapt_steps(
@@ -375,6 +408,7 @@ def _adapt(
     )
     completed, best_iter, interrupted, diverged = start_step, state.best_iteration, False, None
     sync: float | None = None
+    pair_check: dict[str, Any] | None = None
     start = time.perf_counter()
 
     def record_extra(elapsed: float, evaluation: dict | None = None) -> dict[str, Any]:
@@ -410,6 +444,7 @@ def _adapt(
                     "max_weight_difference": sync,
                 },
                 "runtime_s": elapsed,
+                "pair_check": pair_check,
             },
             "base_model_info": info["base_model_info"],
             "command": spec.command,
@@ -475,6 +510,12 @@ def _adapt(
     if state.best_score is not None and state.best_iteration != best_iter:
         best_iter = state.best_iteration
         criteria[best_iter] = float(state.best_score)
+    if start_weights is not None and best_iter != 0:
+        pair_check = check_on_registered_pairs(model, start_weights, registered, best_iter)
+        if not pair_check["kept"]:
+            best_iter = 0
+            state.best_iteration, state.best_weights = 0, start_weights
+            state.best_score = criteria.get(0, state.best_score)
     elapsed = time.perf_counter() - start
 
     if ctx.distributed and not (interrupted or diverged):
@@ -516,7 +557,43 @@ def _adapt(
         identity_criterion=selection.get("identity"),
         pseudo_gain=state.pseudo_gain,
         min_pseudo_gain=cfg.min_pseudo_gain,
+        pair_check=pair_check,
     )
+
+
+def check_on_registered_pairs(
+    model: DiscreteRegistrationNet,
+    start_weights: dict[str, torch.Tensor],
+    registered,
+    iteration: int,
+) -> dict[str, Any]:
+    """Register each ``(fixed, moving, affine)`` pair again with the model's weights
+    (the run's best) and with ``start_weights``; the model ends on the best weights when
+    they match the pairs better on average (:func:`network_stage_distance`), else on
+    the start. Returns the :attr:`AdaptationResult.pair_check` record."""
+    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def distance() -> float:
+        return float(np.mean([network_stage_distance(model, f, m, a) for f, m, a in registered]))
+
+    was_training = model.training
+    model.eval()
+    try:
+        candidate = distance()
+        model.load_state_dict(start_weights)
+        at_start = distance()
+        kept = candidate < at_start
+        if kept:
+            model.load_state_dict(best)
+    finally:
+        model.train(was_training)
+    return {
+        "iteration": int(iteration),
+        "pairs": len(registered),
+        "start": at_start,
+        "candidate": candidate,
+        "kept": bool(kept),
+    }
 
 
 def _selection_summary(

@@ -33,11 +33,20 @@ from .base import Messages, PathLike, SettingError, report_bad
 class ArrayTargets:
     """Ready-made target pairs as arrays: ``fixed`` and ``moving`` of shape (N, H, W)
     (or one (H, W) pair), used as they are. A run with them can save a state, but
-    resuming it needs the arrays again."""
+    resuming it needs the arrays again.
+
+    ``registered`` names the registered pairs the arrays were cut from, as
+    ``(fixed, moving, affine)`` (the images and :attr:`RegistrationResult.affine`): a
+    fresh run then registers them again with the weights it would keep and with its
+    starting weights (:func:`~napari_discreg.core.registration.register.network_stage_distance`)
+    and keeps the start unless the pairs match better, so an adaptation to the user's own
+    pair never leaves a model that registers that pair worse by the pipeline's own
+    label-free measure."""
 
     fixed: np.ndarray
     moving: np.ndarray
     description: str | None = None
+    registered: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()
 
 
 @dataclass(frozen=True)

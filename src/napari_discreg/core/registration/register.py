@@ -471,13 +471,7 @@ def register(
         callback=callback,
     )
     done = pre_steps
-    start = affine_positions(matrix, h, w, device=dev)  # (1, 2, H, W) moving pixels
-    moving_t = torch.from_numpy(m_tissue)[None, None].to(dev)
-    with torch.no_grad():
-        aligned = sample(moving_t, start)[0, 0].cpu().numpy()
-
-    ft = network_input(f_tissue, cfg.stride, dev)
-    mt = network_input(aligned, cfg.stride, dev)
+    start, ft, mt = _prealigned_pair(f_tissue, m_tissue, matrix, cfg.stride, dev)
     # without the network in the field its histograms are computed when first read: from
     # a copy of today's weights, not from whatever an adaptation has made of them by then
     outputs = NetworkOutputs(model if chosen.network else clone_model(model), ft, mt)
@@ -499,9 +493,7 @@ def register(
     if capture is not None:
         warnings.warn(capture, CaptureRangeWarning, stacklevel=2)
     with torch.no_grad():
-        # x -> A (x + d(x)): the affine's linear part carries the deformable field
-        linear = torch.as_tensor(matrix[:2, :2], dtype=dense.dtype, device=dev)
-        positions = start + torch.einsum("ij,bjhw->bihw", linear, dense)
+        positions = _compose(start, matrix, dense)
         moving_raw = torch.from_numpy(m)[None, None].to(dev)
         warped = sample(moving_raw, positions)[0, 0]
         displacement = positions - pixel_grid(h, w, device=dev)
@@ -532,6 +524,48 @@ def register(
         warnings=notes,
         _network=outputs,
     )
+
+
+def _prealigned_pair(f_tissue, m_tissue, matrix, stride: int, dev):
+    """The pre-alignment's positions (1, 2, H, W) in moving pixels, and the network's
+    padded, normalised inputs: the fixed image and the moving image resampled there."""
+    h, w = f_tissue.shape
+    start = affine_positions(matrix, h, w, device=dev)
+    moving_t = torch.from_numpy(np.ascontiguousarray(m_tissue, dtype=np.float32))[None, None]
+    with torch.no_grad():
+        aligned = sample(moving_t.to(dev), start)[0, 0].cpu().numpy()
+    return start, network_input(f_tissue, stride, dev), network_input(aligned, stride, dev)
+
+
+def _compose(start: torch.Tensor, matrix, dense: torch.Tensor) -> torch.Tensor:
+    """x -> A (x + d(x)): the moving positions of the pre-alignment followed by the
+    deformable field ``dense`` (pre-aligned moving pixels; the affine's linear part
+    carries it)."""
+    linear = torch.as_tensor(np.asarray(matrix)[:2, :2], dtype=dense.dtype, device=dense.device)
+    return start + torch.einsum("ij,bjhw->bihw", linear, dense)
+
+
+@torch.no_grad()
+def network_stage_distance(model: DiscreteRegistrationNet, fixed, moving, matrix) -> float:
+    """How well ``model``'s network stage registers a pair after a given pre-alignment:
+    the MIND-SSC distance (over :data:`QUALITY_SCALES`, lower is better) between the
+    fixed image and the moving image mapped by ``matrix`` (fixed pixel -> moving pixel,
+    :attr:`RegistrationResult.affine`) and then by the network's field, coarse to fine
+    and guarded, as :func:`register` makes it for ``method="network"``: that result's
+    ``quality["mind_after"]``. Label-free; it judges adapted weights on the very pair
+    they were adapted to, as the pipeline will use them."""
+    dev = next(model.parameters()).device
+    cfg = model.config
+    min_size = min_image_size(cfg.num_labels, cfg.capture_range, cfg.stride)
+    f_tissue = tissue_image(check_image(to_gray(fixed), "fixed", min_size=min_size))
+    m_tissue = tissue_image(check_image(to_gray(moving), "moving", min_size=min_size))
+    h, w = f_tissue.shape
+    start, ft, mt = _prealigned_pair(f_tissue, m_tissue, matrix, cfg.stride, dev)
+    fi, mi = ft[..., :h, :w], mt[..., :h, :w]
+    dense, _, _, _ = network_coarse_to_fine(model, fi, mi)
+    dense, _ = _guard(fi, mi, dense, [], None)
+    desc = _mind_pyramid(network_input(f_tissue, 1, dev))
+    return mind_distance(desc, m_tissue, _compose(start, matrix, dense))
 
 
 @dataclass
