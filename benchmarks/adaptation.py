@@ -124,7 +124,7 @@ def run(args) -> int:
             f"the training slices, seeds {s['seeds']}; {st_text}"
             f'"MCD-...": the paper\'s method, `AdaptConfig.mcd()`, {s["steps"]} iterations per run; '
             f"mean ± std over seeds (rows that do not depend on the seed: std 0). "
-            f"CPU, {s['threads']} threads, torch {s['torch']}. Time per pair: inference only for "
+            f"CPU, {s['threads']} thread(s), torch {s['torch']}. Time per pair: inference only for "
             'the network rows (adaptation time is in benchmarks.json). "+ refine": the same '
             f"field after instance optimisation ({_refine_text(s['refine_config'])}; MIND-SSC, "
             "diffusion regulariser; `register(refine=...)`), "

@@ -156,19 +156,58 @@ def _field_back(d: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ensemble_field(model, fi: torch.Tensor, mi: torch.Tensor) -> torch.Tensor:
-    """The mean of the network stage's coarse-to-fine fields over the 8 rotations and
-    mirrorings of the pre-aligned pair, each mapped back: the teacher of ``distill``."""
+def dihedral_fields(model, fi: torch.Tensor, mi: torch.Tensor) -> list[torch.Tensor]:
+    """The network stage's coarse-to-fine fields of the 8 rotations and mirrorings of the
+    pre-aligned pair, each mapped back to the pair's frame (the first: the pair as it is)."""
     from napari_discreg.core.registration.register import network_coarse_to_fine
 
-    fields = [
+    return [
         _field_back(
             network_coarse_to_fine(model, _dihedral(fi, k, fl), _dihedral(mi, k, fl))[0], k, fl
         )
         for fl in (False, True)
         for k in range(4)
     ]
-    return torch.stack(fields).mean(0)
+
+
+def ensemble_field(model, fi: torch.Tensor, mi: torch.Tensor) -> torch.Tensor:
+    """The mean of :func:`dihedral_fields`: the teacher of ``distill``."""
+    return torch.stack(dihedral_fields(model, fi, mi)).mean(0)
+
+
+def prealigned_inputs(pair, result) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's normalised (1, 1, H, W) inputs after the pre-alignment of ``result``."""
+    from napari_discreg.core.registration.prealign import resample
+    from napari_discreg.core.registration.preprocess import network_input
+
+    f = tissue_image(to_gray(pair.fixed))
+    m = resample(tissue_image(to_gray(pair.moving)), result.affine, f.shape)
+    h, w = f.shape
+    return network_input(f, 1, "cpu")[..., :h, :w], network_input(m, 1, "cpu")[..., :h, :w]
+
+
+def spread(pair, base) -> dict:
+    """How much the pipeline's median TRE moves when nothing is learned: the network stage
+    of the unchanged model on each rotation/mirroring of the pre-aligned pair (the same
+    information, another orientation), and on their mean field."""
+    from napari_discreg.core.registration.register import _compose
+    from napari_discreg.core.registration.warp import affine_positions, pixel_grid
+
+    result = nd.register(pair.fixed, pair.moving, model=base)
+    fi, mi = prealigned_inputs(pair, result)
+    h, w = fi.shape[-2:]
+    start = affine_positions(result.affine, h, w)
+
+    def tre(dense: torch.Tensor) -> float:
+        disp = (_compose(start, result.affine, dense) - pixel_grid(h, w)[None])[0].numpy()
+        return pair_metrics(pair, field_mapping(disp))["median_tre"]
+
+    fields = dihedral_fields(base, fi, mi)
+    return {
+        "pipeline": pair_metrics(pair, field_mapping(result.displacement))["median_tre"],
+        "variants": [tre(d) for d in fields],
+        "mean_field": tre(torch.stack(fields).mean(0)),
+    }
 
 
 def _tile_tensor(x: torch.Tensor, size: int = 192, overlap: float = 0.5) -> torch.Tensor:
@@ -195,16 +234,10 @@ def distill_trainer(pair, result, model, opts: dict, seed: int):
     from napari_discreg.core.config import FOREGROUND_THRESHOLD
     from napari_discreg.core.learning.self_train import SelfTraining
     from napari_discreg.core.registration.label_grid import soft_labels
-    from napari_discreg.core.registration.prealign import resample
-    from napari_discreg.core.registration.preprocess import network_input
     from napari_discreg.core.registration.register import _downsample
     from napari_discreg.core.registration.warp import control_point_field
 
-    f = tissue_image(to_gray(pair.fixed))
-    m = resample(tissue_image(to_gray(pair.moving)), result.affine, f.shape)
-    h, w = f.shape
-    fi = network_input(f, 1, "cpu")[..., :h, :w]
-    mi = network_input(m, 1, "cpu")[..., :h, :w]
+    fi, mi = prealigned_inputs(pair, result)
     teacher = ensemble_field(model, fi, mi)
     tf, tm, tt = [], [], []
     for fac in opts.get("scales", (1,)):
@@ -329,37 +362,108 @@ def run(pair, base, name: str, opts: dict, steps: int, checkpoints: list[int], s
     return {"rows": rows}
 
 
+def keep_best(rows: list[dict]) -> tuple[dict, dict | None]:
+    """What a run keeps: by the held-out tiles' criterion alone (the checkpoint with the
+    best criterion, the start included), and then after the registered pair's check
+    (that checkpoint only if the pipeline's MIND-SSC distance on the pair is lower than
+    the start's, ``None`` when the rows do not have it)."""
+    best = max(rows, key=lambda r: r["criterion"])
+    if "pipeline_mind" not in rows[0]:
+        return best, None
+    checked = best if best["pipeline_mind"] < rows[0]["pipeline_mind"] else rows[0]
+    return best, checked
+
+
 def markdown(results: dict) -> str:
     """The sweep's curves: per recipe and pair, the pipeline's median TRE and the held-out
-    tiles' criterion at every checkpoint, and what keep-best by that criterion would keep."""
+    tiles' criterion at every checkpoint, and what keep-best keeps without and with the
+    registered pair's check."""
     lines = [
         "## Adapting the network stage on one real pair: recipes (issue 25, item 2)",
         "",
-        "Written by `python benchmarks/real_pair_recipes.py` (one process per pair, 1 torch "
-        "thread each, the two side by side; `--write` renders this table from their result "
-        "files). The default pipeline's median TRE (px, 448 px working size, human landmarks "
-        "read for this table only) after each checkpoint of a recipe run on the pair's own "
-        "192 px tiles, and in brackets the held-out tiles' MIND-SSC criterion (higher is "
-        'better) a keep-best run selects by. "kept": the checkpoint with the best criterion '
-        "(step 0 included) and its TRE. Start: the shipped `default` network (rat-kidney "
-        "1.19 px, lung-lesion 2.52 px); the pre-alignment alone gives 1.61 and 3.61 px, "
-        "which is where a run lands when the guard rejects the adapted network's field.",
+        "Written by runs of `python benchmarks/real_pair_recipes.py [--pairs P] [--recipes R "
+        "...] [--checkpoints N ...] --out FILE` (1 torch thread; the default checkpoints 10, "
+        "25, 50 and 100, the `distill`, `mind all`, `mind all +disc`, `mind G` and `tent all` runs also at 5) "
+        "and `--spread --out FILE`, rendered by `--write FILE ...` (a later file's run of a "
+        "recipe on a pair replaces an earlier one). The default pipeline's median TRE (px, "
+        "448 px working size, human landmarks read for this table only) at each checkpoint "
+        "of a recipe run on the pair's own 192 px tiles after the pre-alignment; in brackets "
+        "the held-out tiles' MIND-SSC criterion (higher is better) that keep-best selects "
+        "by, and the pipeline's own MIND-SSC distance on the whole pair (lower is better; "
+        "`network_stage_distance`, what `register()` reports as `quality['mind_after']`). "
+        '"tiles": what keep-best by the criterion alone keeps; "+ pair check": what the '
+        "product keeps since the registered pair judges the candidate "
+        "(`ArrayTargets.registered`: the start unless the pair matches better). Start: the "
+        "shipped `default` network (rat-kidney 1.19 px, lung-lesion 2.52 px); the "
+        "pre-alignment alone gives 1.61 and 3.61 px, where a run lands when the guard "
+        "rejects the adapted network's field.",
         "",
-        "| recipe | pair | TRE (criterion) at steps | kept: step, TRE | change |",
+        "| recipe | pair | TRE (criterion / pipeline distance) at steps | tiles: step, TRE, change | + pair check: step, TRE, change |",
         "|---|---|---|---|---|",
     ]
+    spreads = {k: v for k, v in results.items() if k.startswith("spread |")}
     for key, res in results.items():
+        if key in spreads:
+            continue
         pair, name = (part.strip() for part in key.split("|", 1))
         rows = res["rows"]
-        curve = ", ".join(
-            f"{r['step']}: {r['median_tre']:.2f} ({r['criterion']:.4f})" for r in rows
-        )
-        best = max(rows, key=lambda r: r["criterion"])
-        change = best["median_tre"] / rows[0]["median_tre"] - 1.0
-        lines.append(
-            f"| {name} | {pair} | {curve} | {best['step']}, {best['median_tre']:.2f} | "
-            f"{100 * change:+.1f} % |"
-        )
+
+        def point(r: dict) -> str:
+            extra = f" / {r['pipeline_mind']:.4f}" if "pipeline_mind" in r else ""
+            return f"{r['step']}: {r['median_tre']:.2f} ({r['criterion']:.4f}{extra})"
+
+        def kept(r: dict | None, start: float = rows[0]["median_tre"]) -> str:
+            if r is None:
+                return "-"
+            change = r["median_tre"] / start - 1.0
+            return f"{r['step']}, {r['median_tre']:.2f}, {100 * change:+.1f} %"
+
+        best, checked = keep_best(rows)
+        curve = ", ".join(point(r) for r in rows)
+        lines.append(f"| {name} | {pair} | {curve} | {kept(best)} | {kept(checked)} |")
+    changes = {"tiles": [], "check": []}
+    lowest: dict[str, tuple[float, str]] = {}
+    for key, res in results.items():
+        if key in spreads:
+            continue
+        pair, name = (part.strip() for part in key.split("|", 1))
+        rows = res["rows"]
+        best, checked = keep_best(rows)
+        start = rows[0]["median_tre"]
+        changes["tiles"].append((best["median_tre"] / start - 1.0, f"{name}, {pair}"))
+        if checked is not None:
+            changes["check"].append((checked["median_tre"] / start - 1.0, f"{name}, {pair}"))
+        low = min(rows, key=lambda r: r["median_tre"])
+        if pair not in lowest or low["median_tre"] < lowest[pair][0]:
+            lowest[pair] = (low["median_tre"], f"{name}, step {low['step']}")
+    worst = [("tiles alone", *max(changes["tiles"]))]
+    if changes["check"]:
+        worst.append(("with the pair check", *max(changes["check"])))
+    summary = [
+        f"{len(changes['tiles'])} runs. The worst change of what keep-best keeps: "
+        + "; ".join(f"{label} {100 * c:+.1f} % ({where})" for label, c, where in worst)
+        + ". The lowest TRE at any checkpoint (found with the landmarks, which no run may "
+        "use): "
+        + "; ".join(f"{pair} {tre:.2f} px ({where})" for pair, (tre, where) in lowest.items())
+        + "."
+    ]
+    lines += ["", *summary]
+    if spreads:
+        lines += [
+            "",
+            "What the TRE does when nothing is learned (`--spread`): the unchanged network "
+            "stage on the 8 rotations and mirrorings of the pre-aligned pair, each field "
+            "mapped back, and on their mean field (the teacher the `distill` recipes learn).",
+            "",
+            "| pair | pipeline | the 8 orientations: min - max (median) | mean field |",
+            "|---|---|---|---|",
+        ]
+        for key, sp in spreads.items():
+            v = sp["variants"]
+            lines.append(
+                f"| {key.split('|', 1)[1].strip()} | {sp['pipeline']:.2f} | {min(v):.2f} - "
+                f"{max(v):.2f} ({float(np.median(v)):.2f}) | {sp['mean_field']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -376,19 +480,40 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("/tmp/dev/real_recipes/results.json"))
     ap.add_argument(
+        "--spread",
+        action="store_true",
+        help="measure the unchanged network's TRE over the pair's 8 orientations (to --out)",
+    )
+    ap.add_argument(
         "--write",
         type=Path,
         nargs="*",
         default=None,
         help="write the 'real-pair-recipes' section of docs/benchmarks.md from these result "
-        "files (no run)",
+        "files (no run), and their union to docs/real_pair_recipes.json (--write "
+        "docs/real_pair_recipes.json redraws the table from it)",
     )
     args = ap.parse_args(argv)
     if args.write is not None:
         results: dict = {}
         for path in args.write:
             results.update(json.loads(path.read_text()))
+        merged = DOCS / "real_pair_recipes.json"  # what the table shows, in one file
+        if [p.resolve() for p in args.write] != [merged.resolve()]:
+            merged.write_text(json.dumps(results, indent=1))
         update_section(DOCS / "benchmarks.md", "real-pair-recipes", markdown(results))
+        return 0
+    if args.spread:
+        torch.set_num_threads(args.threads)
+        specs = [s for s in PAIRS if s.real and (args.pairs is None or s.name in args.pairs)]
+        base = nd.load_model("default", device="cpu")
+        out = {
+            f"spread | {p.name}": spread(p, base)
+            for p in load_pairs(default_data_dir(), 448, specs)
+        }
+        print(json.dumps(out, indent=1))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1))
         return 0
     if args.list:
         for k, v in RECIPES.items():
