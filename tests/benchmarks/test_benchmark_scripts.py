@@ -85,4 +85,24 @@ def test_real_pair_recipes_table_keeps_the_best_criterion(script):
     text = recipes.markdown({"rat-kidney | mind all": {"rows": rows}})
     # keep-best by the criterion keeps step 10 (TRE 1.5: -25 %), not the lowest TRE
     assert "| mind all | rat-kidney | 0: 2.00 (-0.1400), 10: 1.50 (-0.1300), " in text
-    assert "| 10, 1.50 | -25.0 % |" in text
+    assert "| 10, 1.50, -25.0 % | - |" in text
+    # the pair check keeps the candidate only where the pipeline matches the pair better
+    for r, distance in zip(rows, (0.10, 0.11, 0.09), strict=True):
+        r["pipeline_mind"] = distance
+    best, checked = recipes.keep_best(rows)
+    assert best["step"] == 10 and checked["step"] == 0
+    rows[1]["pipeline_mind"] = 0.095
+    assert recipes.keep_best(rows)[1]["step"] == 10
+    text = recipes.markdown(
+        {
+            "rat-kidney | mind all": {"rows": rows},
+            "spread | rat-kidney": {
+                "pipeline": 1.2,
+                "variants": [1.1, 1.2, 1.5],
+                "mean_field": 1.0,
+            },
+        }
+    )
+    assert "1 runs. The worst change of what keep-best keeps: tiles alone -25.0 %" in text
+    assert "with the pair check -25.0 % (mind all, rat-kidney)" in text
+    assert "| rat-kidney | 1.20 | 1.10 - 1.50 (1.20) | 1.00 |" in text
