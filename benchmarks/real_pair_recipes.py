@@ -230,7 +230,8 @@ def _tile_tensor(x: torch.Tensor, size: int = 192, overlap: float = 0.5) -> torc
 def distill_trainer(pair, result, model, opts: dict, seed: int):
     """Self-training whose pseudo-labels are the ensemble field of the pair (no
     refinement), on the pre-aligned pair's tiles (at ``scales``, as the coarse-to-fine
-    passes see it first)."""
+    passes see it first). It learns every tile, the criterion's held-out ones included:
+    its teacher has seen the whole pair anyway."""
     from napari_discreg.core.config import FOREGROUND_THRESHOLD
     from napari_discreg.core.learning.self_train import SelfTraining
     from napari_discreg.core.registration.label_grid import soft_labels
