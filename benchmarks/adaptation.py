@@ -118,8 +118,7 @@ def run(args) -> int:
             f"## Adaptation: T1 fixed vs {s['moving_contrast'].upper()}-like moving, "
             f"`{model_name}` model",
             "",
-            f"Written by `{args.command_line}` "
-            f"(or `python benchmarks/adaptation.py` with the same options). {s['n_test']} held-out test pairs (slices "
+            f"Written by `{args.command_line}`. {s['n_test']} held-out test pairs (slices "
             f"{tuple(s['data_config']['test_slices'])}), adaptation on {s['n_adapt']} unlabelled target pairs from "
             f"the training slices, seeds {s['seeds']}; {st_text}"
             f'"MCD-...": the paper\'s method, `AdaptConfig.mcd()`, {s["steps"]} iterations per run; '
