@@ -48,7 +48,11 @@ from napari_discreg.core.config import AdaptConfig
 from napari_discreg.core.learning.adapt import holdout_split
 from napari_discreg.core.learning.discrepancy import discrepancy_fn
 from napari_discreg.core.learning.model import clone_model, probabilities
-from napari_discreg.core.learning.self_train import registered_pair_tiles, trainable_parameters
+from napari_discreg.core.learning.self_train import (
+    registered_pair_tiles,
+    tile_starts,
+    trainable_parameters,
+)
 from napari_discreg.core.registration.label_grid import expected_displacement
 from napari_discreg.core.registration.mind import mind_ssc
 from napari_discreg.core.registration.prealign import tissue_image, to_gray
@@ -175,15 +179,14 @@ def ensemble_field(model, fi: torch.Tensor, mi: torch.Tensor) -> torch.Tensor:
     return torch.stack(dihedral_fields(model, fi, mi)).mean(0)
 
 
-def prealigned_inputs(pair, result) -> tuple[torch.Tensor, torch.Tensor]:
-    """The network's normalised (1, 1, H, W) inputs after the pre-alignment of ``result``."""
-    from napari_discreg.core.registration.prealign import resample
-    from napari_discreg.core.registration.preprocess import network_input
+def prealigned_inputs(pair, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pre-alignment's positions and the network's normalised (1, 1, H, W) inputs
+    after the pre-alignment of ``result``, as :func:`register` makes them."""
+    from napari_discreg.core.registration.register import _prealigned_pair
 
     f = tissue_image(to_gray(pair.fixed))
-    m = resample(tissue_image(to_gray(pair.moving)), result.affine, f.shape)
-    h, w = f.shape
-    return network_input(f, 1, "cpu")[..., :h, :w], network_input(m, 1, "cpu")[..., :h, :w]
+    m = tissue_image(to_gray(pair.moving))
+    return _prealigned_pair(f, m, result.affine, 1, "cpu")
 
 
 def spread(pair, base) -> dict:
@@ -191,12 +194,11 @@ def spread(pair, base) -> dict:
     of the unchanged model on each rotation/mirroring of the pre-aligned pair (the same
     information, another orientation), and on their mean field."""
     from napari_discreg.core.registration.register import _compose
-    from napari_discreg.core.registration.warp import affine_positions, pixel_grid
+    from napari_discreg.core.registration.warp import pixel_grid
 
     result = nd.register(pair.fixed, pair.moving, model=base)
-    fi, mi = prealigned_inputs(pair, result)
+    start, fi, mi = prealigned_inputs(pair, result)
     h, w = fi.shape[-2:]
-    start = affine_positions(result.affine, h, w)
 
     def tre(dense: torch.Tensor) -> float:
         disp = (_compose(start, result.affine, dense) - pixel_grid(h, w)[None])[0].numpy()
@@ -211,15 +213,12 @@ def spread(pair, base) -> dict:
 
 
 def _tile_tensor(x: torch.Tensor, size: int = 192, overlap: float = 0.5) -> torch.Tensor:
+    """(1, C, H, W) -> (N, C, size, size): the tiles of :func:`registered_pair_tiles`
+    (zero-padded where the image is smaller than a tile)."""
     h, w = x.shape[-2:]
-    step = max(1, round(size * (1 - overlap)))
-
-    def starts(n: int) -> list[int]:
-        return [0] if n <= size else sorted({*range(0, n - size, step), n - size})
-
     out = []
-    for r in starts(h):
-        for c in starts(w):
+    for r in tile_starts(h, size, overlap):
+        for c in tile_starts(w, size, overlap):
             t = x.new_zeros(x.shape[0], x.shape[1], size, size)
             p = x[..., r : r + size, c : c + size]
             t[..., : p.shape[-2], : p.shape[-1]] = p
@@ -238,7 +237,7 @@ def distill_trainer(pair, result, model, opts: dict, seed: int):
     from napari_discreg.core.registration.register import _downsample
     from napari_discreg.core.registration.warp import control_point_field
 
-    fi, mi = prealigned_inputs(pair, result)
+    _, fi, mi = prealigned_inputs(pair, result)
     teacher = ensemble_field(model, fi, mi)
     tf, tm, tt = [], [], []
     for fac in opts.get("scales", (1,)):
@@ -260,16 +259,11 @@ def distill_trainer(pair, result, model, opts: dict, seed: int):
 
 def registered_tiles(pair, result, size: int):
     """The fixed image and the moving image warped by the whole registration, in tiles."""
-    from scipy import ndimage as ndi
+    from napari_discreg.core.registration.review import warp_to_grid
 
     f = tissue_image(to_gray(pair.fixed))
-    m = tissue_image(to_gray(pair.moving))
-    h, w = f.shape
-    rr, cc = np.mgrid[0:h, 0:w].astype(np.float64)
-    u = result.displacement
-    warped = ndi.map_coordinates(m, [rr + u[0], cc + u[1]], order=1, mode="nearest")
-    identity = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
-    return registered_pair_tiles(f, warped.astype(np.float32), identity, size=size)
+    warped = warp_to_grid(tissue_image(to_gray(pair.moving)), result.displacement, order=1)
+    return registered_pair_tiles(f, warped, np.eye(3), size=size)
 
 
 def run(pair, base, name: str, opts: dict, steps: int, checkpoints: list[int], seed: int, log):

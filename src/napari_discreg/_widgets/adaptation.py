@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 import napari_discreg
 
 from ..core.config import ADAPT_METHODS, AdaptConfig, DataConfig, FolderConfig
+from ..core.learning.adapt import snapshot_weights
 from ..core.learning.discrepancy import DISPLAY_NAMES, Discrepancy
 from ..runs import AdaptationSpec, resolve_adaptation, run_adaptation
 from . import _notify
@@ -386,7 +387,7 @@ class AdaptationWidget(WorkerWidgetMixin, QWidget):
             self._previous = (
                 current,
                 current_name,
-                {k: v.detach().clone() for k, v in base.state_dict().items()},
+                snapshot_weights(base),
             )
             run_spec = spec if resume is not None else replace(spec, model=base)
             # stop checked between the passes inside an iteration: Stop answers in one pass

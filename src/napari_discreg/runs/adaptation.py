@@ -27,7 +27,7 @@ from ..core.data.folders import PairBatches, PairMaker, PairSet, evaluate_pairs
 from ..core.files.checkpoint import checkpoint_info
 from ..core.files.resume import load_adaptation_state, save_adaptation_state
 from ..core.files.transaction import make_dirs
-from ..core.learning.adapt import AdaptState, StopAdaptation, holdout_split
+from ..core.learning.adapt import AdaptState, StopAdaptation, holdout_split, snapshot_weights
 from ..core.learning.distributed import (
     DistContext,
     average_gradients,
@@ -388,9 +388,7 @@ def _adapt(
     registered = getattr(spec.targets, "registered", ())
     # the registered pairs judge the kept weights against these (a fresh run's start)
     start_weights = (
-        {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if registered and start_step == 0 and not ctx.distributed
-        else None
+        snapshot_weights(model) if registered and start_step == 0 and not ctx.distributed else None
     )
     # looked up here, not imported: napari_discreg.adapt_steps is the public name
     # (the command-line tests replace it)
@@ -571,7 +569,7 @@ def check_on_registered_pairs(
     (the run's best) and with ``start_weights``; the model ends on the best weights when
     they match the pairs better on average (:func:`network_stage_distance`), else on
     the start. Returns the :attr:`AdaptationResult.pair_check` record."""
-    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best = snapshot_weights(model)
 
     def distance() -> float:
         return float(np.mean([network_stage_distance(model, f, m, a) for f, m, a in registered]))

@@ -23,7 +23,8 @@ from .train import Batch, StepRecord, source_batches, source_cross_entropy
 # ----------------------------------------------------------------------- adaptation
 
 
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def snapshot_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state dict that later updates of the model leave alone."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -330,7 +331,7 @@ def _adapt_steps(
         best_state = state.best_weights
         best_score, best_iter = float(state.best_score), state.best_iteration
     else:
-        best_state = _snapshot(model)
+        best_state = snapshot_weights(model)
         best_score = first_score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
         best_iter = 0
     state.weights = None
@@ -348,7 +349,7 @@ def _adapt_steps(
         if state.step > start and state.step != best_iter:
             score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
             if score > best_score or not cfg.keep_best:
-                keep(state.step, score, _snapshot(model))
+                keep(state.step, score, snapshot_weights(model))
 
     def check_stop() -> None:
         """Between the passes of an iteration: a stop asked for ends it there."""
@@ -374,7 +375,7 @@ def _adapt_steps(
                 check_stop()
                 # to undo an iteration stopped half-way (weights and Adam moments)
                 undo = (
-                    _snapshot(model),
+                    snapshot_weights(model),
                     {k: copy.deepcopy(o.state_dict()) for k, o in state.optimizers.items()},
                 )
             busy = True
@@ -388,7 +389,7 @@ def _adapt_steps(
             if it % cfg.select_every == 0 or it == cfg.steps:
                 score = selection_criterion(model, sel_f, sel_m, sel_mask, cfg.criterion)
                 if score > best_score or not cfg.keep_best:
-                    keep(it, score, _snapshot(model))
+                    keep(it, score, snapshot_weights(model))
             state.step = it
             state.rng_state, state.torch_rng_state = dict(rng.bit_generator.state), gen.get_state()
             busy = False
@@ -414,7 +415,7 @@ def _adapt_steps(
             # the weights (and optimiser moments) of the last complete iteration, to
             # resume from: after an exception inside an iteration they are half-updated,
             # so then the state keeps no current weights (an earlier saved state can)
-            state.weights = None if busy else _snapshot(model)
+            state.weights = None if busy else snapshot_weights(model)
             model.load_state_dict(best_state)
             model.eval()
 

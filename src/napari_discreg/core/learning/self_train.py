@@ -158,6 +158,17 @@ class SelfTraining:
         return {"pseudo_label_ce": float(loss.detach())}
 
 
+def tile_starts(n: int, size: int, overlap: float) -> list[int]:
+    """Where ``size`` px tiles overlapping by ``overlap`` start along a side of ``n`` px:
+    every step from 0, and the last tile flush with the end (one tile at 0 when the side
+    is no longer than a tile)."""
+    if n <= size:
+        return [0]
+    step = max(1, round(size * (1.0 - overlap)))
+    last = n - size
+    return sorted({*range(0, last, step), last})
+
+
 def registered_pair_tiles(
     fixed, moving, matrix, *, size: int = 192, overlap: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -172,17 +183,9 @@ def registered_pair_tiles(
     f = tissue_image(to_gray(fixed))
     m = resample(tissue_image(to_gray(moving)), matrix, f.shape)
     h, w = f.shape
-    step = max(1, round(size * (1.0 - overlap)))
-
-    def starts(n: int) -> list[int]:
-        if n <= size:
-            return [0]
-        last = n - size
-        return sorted({*range(0, last, step), last})
-
     tiles_f, tiles_m = [], []
-    for r in starts(h):
-        for c in starts(w):
+    for r in tile_starts(h, size, overlap):
+        for c in tile_starts(w, size, overlap):
             tf = np.zeros((size, size), np.float32)
             tm = np.zeros((size, size), np.float32)
             pf, pm = f[r : r + size, c : c + size], m[r : r + size, c : c + size]
